@@ -1,0 +1,3 @@
+from imageprov.cli import main
+
+main()

@@ -1,0 +1,199 @@
+"""The imageprov command line. The only place that prints, and that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from imageprov import __version__
+from imageprov.copy import edit_in_place, staged
+from imageprov.errors import ImageprovError, UsageError
+from imageprov.golden import GoldenSpec, Scheme, build_golden
+from imageprov.image import Area, DiskImage, parse_mode, parse_owner, split_image_path
+from imageprov.layout import Overrides
+from imageprov.output import layout_dict, layout_text
+
+app = typer.Typer(
+    help="Stamp per-device Mender client certificates into disk images, in place and fast.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+
+DataPart = Annotated[Optional[int], typer.Option("--data-part", help="Number of the data partition, if not found.")]
+RootfsParts = Annotated[
+    Optional[str], typer.Option("--rootfs-parts", help="Numbers of rootfs A and B, e.g. 2,3, if not found.")
+]
+BootPart = Annotated[Optional[int], typer.Option("--boot-part", help="Number of the vfat boot partition.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"imageprov {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Log every command run, and show tracebacks.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s", stream=sys.stderr)
+
+
+def _open(image: Path, data_part: int | None, rootfs_parts: str | None, boot_part: int | None) -> DiskImage:
+    return DiskImage.open(image, Overrides.parse(data_part, rootfs_parts, boot_part))
+
+
+@app.command()
+def inspect(
+    image: Annotated[Path, typer.Argument(help="Disk image (.sdimg, .uefiimg, .gptimg, ...).")],
+    json_out: Json = False,
+    data_part: DataPart = None,
+    rootfs_parts: RootfsParts = None,
+    boot_part: BootPart = None,
+) -> None:
+    """Show the partition table and which partition is boot, rootfs A/B and data.
+
+    Example: imageprov inspect golden.sdimg --json
+    """
+    disk = _open(image, data_part, rootfs_parts, boot_part)
+    typer.echo(json.dumps(layout_dict(disk.layout), indent=2) if json_out else layout_text(disk.layout))
+
+
+@app.command()
+def ls(
+    spec: Annotated[str, typer.Argument(metavar="IMAGE:/PATH", help="Directory in the image, e.g. img.sdimg:/data.")],
+    json_out: Json = False,
+    data_part: DataPart = None,
+    rootfs_parts: RootfsParts = None,
+    boot_part: BootPart = None,
+) -> None:
+    """List a directory inside the image.
+
+    /data/... is the data partition, /uboot/... and /boot/efi/... the boot
+    partition, anything else rootfs A.
+    """
+    image, path = split_image_path(spec)
+    entries = _open(image, data_part, rootfs_parts, boot_part).listdir(path)
+    if json_out:
+        typer.echo(json.dumps([{"name": n, "mode": m, "size": s} for n, m, s in entries], indent=2))
+    else:
+        for name, mode, size in entries:
+            typer.echo(f"{mode}  {size:>10}  {name}")
+
+
+@app.command()
+def cat(
+    spec: Annotated[str, typer.Argument(metavar="IMAGE:/PATH", help="File in the image.")],
+    data_part: DataPart = None,
+    rootfs_parts: RootfsParts = None,
+    boot_part: BootPart = None,
+) -> None:
+    """Print a file from inside the image to stdout (rootfs paths are read from rootfs A)."""
+    image, path = split_image_path(spec)
+    data = _open(image, data_part, rootfs_parts, boot_part).read(path)
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+@app.command()
+def cp(
+    src: Annotated[str, typer.Argument(metavar="SRC", help="A local file, or IMAGE:/PATH.")],
+    dest: Annotated[str, typer.Argument(metavar="DEST", help="IMAGE:/PATH, or a local file.")],
+    mode: Annotated[str, typer.Option("--mode", "-m", help="Octal mode in the image: 600 and 0600 are the same.")]
+    = "0644",
+    owner: Annotated[str, typer.Option("--owner", help="UID:GID in the image.")] = "0:0",
+    data_part: DataPart = None,
+    rootfs_parts: RootfsParts = None,
+    boot_part: BootPart = None,
+) -> None:
+    """Copy a file into the image (in place, atomically) or out of it.
+
+    Into the image, a rootfs path is written to both rootfs A and B, and the
+    image changes only if every write succeeds and reads back right.
+
+    Example: imageprov cp device.key golden.sdimg:/data/mender/mender-cert-private.pem --mode 600
+    """
+    if _is_image_spec(dest):
+        image, path = split_image_path(dest)
+        content = _read_local(Path(src))
+        perm, (uid, gid) = parse_mode(mode), parse_owner(owner)
+        if path.area is Area.BOOT and (mode, owner) == ("0644", "0:0"):
+            perm, uid, gid = 0o644, 0, 0
+        disk = _open(image, data_part, rootfs_parts, boot_part)
+        with edit_in_place(image) as staging:
+            written = disk.at(staging).write(path, content, mode=perm, uid=uid, gid=gid)
+        where = ", ".join(f"partition {v.partition.number} ({v.role.value})" for v in written)
+        typer.echo(f"wrote {path.device_path} ({len(content)} bytes, mode 0{perm:o}, {uid}:{gid}) to {where}",
+                   err=True)
+    elif _is_image_spec(src):
+        image, path = split_image_path(src)
+        data = _open(image, data_part, rootfs_parts, boot_part).read(path)
+        target = Path(dest)
+        if target.is_dir():
+            target = target / path.device_path.name
+        with staged(target) as temp:
+            # What comes out may be a private key: never wider than 0600 until chmod by the user.
+            temp.chmod(0o600)
+            temp.write_bytes(data)
+    else:
+        raise UsageError(f"neither {src!r} nor {dest!r} is IMAGE:/PATH of an existing image",
+                         hint="e.g. imageprov cp mender.conf golden.sdimg:/etc/mender/mender.conf")
+
+
+def _is_image_spec(spec: str) -> bool:
+    image, sep, _ = spec.partition(":/")
+    return bool(sep) and Path(image).is_file()
+
+
+def _read_local(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+@app.command("golden")
+def golden(
+    out: Annotated[Path, typer.Argument(help="Where to write the image (.sdimg or .uefiimg).")],
+    layout: Annotated[Scheme, typer.Option("--layout", help="Partition table layout.")] = Scheme.MBR,
+    rootfs_mib: Annotated[int, typer.Option(help="Size of each rootfs partition.")] = 64,
+    data_mib: Annotated[int, typer.Option(help="Size of the data partition.")] = 32,
+    payload_mib: Annotated[int, typer.Option(help="Random payload in each rootfs, for benchmarks.")] = 0,
+) -> None:
+    """Build a demo Mender golden image with real tools (sfdisk, mkfs.vfat, mke2fs -d).
+
+    Example: imageprov golden demo/golden.sdimg --layout mbr-extended
+    """
+    spec = GoldenSpec(scheme=layout, rootfs_mib=rootfs_mib, data_mib=data_mib, payload_mib=payload_mib)
+    with staged(out) as temp:
+        build_golden(temp, spec)
+    typer.echo(f"built {out}", err=True)
+
+
+def main() -> None:
+    """Entry point: run the app and turn imageprov's errors into one line and an exit code."""
+    try:
+        app()
+    except ImageprovError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        typer.echo(f"imageprov: error: {exc}", err=True)
+        sys.exit(2 if isinstance(exc, UsageError) else 1)
+    except KeyboardInterrupt:
+        typer.echo("imageprov: interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,124 @@
+"""Copying disk images: reflink where the filesystem can, sparse where it cannot.
+
+A golden image is mostly holes (unused filesystem space). Copying it byte by
+byte allocates all of it and costs the full size in I/O; FICLONE shares the
+extents outright (btrfs, XFS), and SEEK_DATA/SEEK_HOLE with copy_file_range
+copies only the data and keeps the holes elsewhere. Outputs appear under
+their final name only once complete (``staged``).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from imageprov.errors import ImageprovError
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
+_CHUNK = 64 << 20
+# Errors that mean "this filesystem cannot clone", not "the copy failed".
+_NO_CLONE = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM}
+
+Progress = Callable[[int], None]
+
+
+class CopyError(ImageprovError):
+    """An image could not be copied."""
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    method: str  # "reflink" or "sparse"
+    bytes_copied: int
+
+
+def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of every data region of the open file ``fd``, holes left out."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole is left
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end
+        pos = end
+
+
+def copy_fd(src: int, dst: int, *, progress: Progress | None = None) -> CopyResult:
+    """Copy the open file ``src`` into the empty open file ``dst``."""
+    size = os.fstat(src).st_size
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return CopyResult("reflink", 0)
+    except OSError as exc:
+        if exc.errno not in _NO_CLONE:
+            raise
+    copied = 0
+    for start, end in data_ranges(src, size):
+        offset = start
+        while offset < end:
+            # copy_file_range takes explicit offsets, so neither file position matters.
+            n = os.copy_file_range(src, dst, min(_CHUNK, end - offset), offset, offset)
+            if n == 0:
+                raise CopyError("the golden image shrank while it was being copied")
+            offset += n
+            copied += n
+            if progress:
+                progress(n)
+    os.ftruncate(dst, size)
+    return CopyResult("sparse", copied)
+
+
+@contextmanager
+def staged(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it to ``final`` only on success.
+
+    A crash or an error leaves at most a hidden ``.NAME.*.partial`` file, never
+    a half-written image under the final name.
+    """
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    temp = Path(name)
+    try:
+        yield temp
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def copy_image(src: Path, dst: Path, *, progress: Progress | None = None) -> CopyResult:
+    """Copy the image ``src`` to the new file ``dst`` (reflink or sparse)."""
+    try:
+        with open(src, "rb") as s, open(dst, "wb") as d:
+            result = copy_fd(s.fileno(), d.fileno(), progress=progress)
+    except OSError as exc:
+        hint = "the output filesystem is full" if exc.errno == errno.ENOSPC else ""
+        raise CopyError(f"cannot copy {src} to {dst}: {exc.strerror}", hint=hint) from exc
+    os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))
+    return result
+
+
+@contextmanager
+def edit_in_place(image: Path) -> Iterator[Path]:
+    """Yield a staged copy of ``image`` to change; it replaces ``image`` only if no error is raised.
+
+    debugfs can fail halfway through a script and e2undo does not restore the
+    superblock's counters byte for byte (measured with e2fsprogs 1.47), so an
+    in-place edit goes to a reflink/sparse copy that is renamed over the image.
+    """
+    with staged(image) as temp:
+        copy_image(image, temp)
+        yield temp

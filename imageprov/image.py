@@ -1,0 +1,172 @@
+"""A Mender disk image and the files inside its partitions.
+
+Paths follow mender-artifact's convention, so that users of the manual recipe
+need to learn nothing new: ``/data/...`` is on the data partition,
+``/uboot/...`` and ``/boot/efi/...`` on the boot partition, and anything else
+on the root filesystem, which is written to both rootfs A and B.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from imageprov.errors import FilesystemError, UsageError
+from imageprov.ext4 import Ext4, NewFile, fs_path
+from imageprov.layout import Layout, Overrides, Volume, read_layout
+from imageprov.vfat import Vfat
+
+BOOT_PREFIXES = (PurePosixPath("/uboot"), PurePosixPath("/boot/efi"))
+DATA_PREFIX = PurePosixPath("/data")
+
+
+class Area(enum.Enum):
+    """Where a device path lives in the image."""
+
+    DATA = "data"
+    BOOT = "boot"
+    ROOTFS = "rootfs"
+
+
+@dataclass(frozen=True)
+class DevicePath:
+    """A path as the device sees it, split into the area and the path inside that filesystem."""
+
+    device_path: PurePosixPath
+    area: Area
+    inner: PurePosixPath
+
+    @classmethod
+    def parse(cls, path: str) -> DevicePath:
+        full = fs_path(path)
+        for prefix, area in [(DATA_PREFIX, Area.DATA), *((p, Area.BOOT) for p in BOOT_PREFIXES)]:
+            if full == prefix or prefix in full.parents:
+                return cls(full, area, PurePosixPath("/") / full.relative_to(prefix))
+        return cls(full, Area.ROOTFS, full)
+
+
+def split_image_path(spec: str) -> tuple[Path, DevicePath]:
+    """Split ``IMAGE:/PATH`` (mender-artifact's notation) into the image and the device path."""
+    image, sep, path = spec.partition(":/")
+    if not sep or not image:
+        raise UsageError(f"{spec!r} is not IMAGE:/PATH", hint="e.g. golden.sdimg:/etc/mender/mender.conf")
+    return Path(image), DevicePath.parse("/" + path)
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    path: Path
+    layout: Layout
+
+    @classmethod
+    def open(cls, path: Path, overrides: Overrides = Overrides()) -> DiskImage:
+        """Read the table and roles of the image at ``path``."""
+        if not path.exists():
+            raise UsageError(f"{path} does not exist")
+        if not path.is_file():
+            raise UsageError(f"{path} is not a regular file")
+        return cls(path, read_layout(path, overrides))
+
+    def at(self, path: Path) -> DiskImage:
+        """The same layout, for a copy of this image at ``path``."""
+        return DiskImage(path, self.layout)
+
+    def ext(self, volume: Volume) -> Ext4:
+        """The ext filesystem on ``volume``, checked to fit its partition."""
+        _check_fits(volume)
+        if not volume.filesystem.is_ext:
+            raise FilesystemError(f"{_name(volume)} holds {volume.filesystem.value}, not ext4")
+        return Ext4(self.path, volume.partition.offset, _name(volume))
+
+    def vfat(self, volume: Volume) -> Vfat:
+        _check_fits(volume)
+        return Vfat(self.path, volume.partition.offset, _name(volume))
+
+    def volumes_for(self, area: Area) -> tuple[Volume, ...]:
+        """The volumes a path in ``area`` lives on: two for the rootfs, one otherwise."""
+        if area is Area.DATA:
+            return (self.layout.data_partition,)
+        if area is Area.ROOTFS:
+            return self.layout.rootfs_partitions
+        boot = self.layout.boot_partition
+        if boot is None:
+            raise FilesystemError(f"{self.path} has no vfat boot partition", hint="name it with --boot-part N")
+        return (boot,)
+
+    def read(self, path: DevicePath) -> bytes:
+        """The content of a file, read from the first volume of its area (rootfs A for the rootfs)."""
+        volume = self.volumes_for(path.area)[0]
+        if path.area is Area.BOOT:
+            return self.vfat(volume).read(path.inner)
+        return self.ext(volume).read(path.inner)
+
+    def listdir(self, path: DevicePath) -> list[tuple[str, str, int]]:
+        """(name, "d" or "-" + mode, size) of each entry of a directory."""
+        volume = self.volumes_for(path.area)[0]
+        if path.area is Area.BOOT:
+            return [(e.name, "d" if e.is_dir else "-", e.size) for e in self.vfat(volume).listdir(path.inner)]
+        return [(e.name, _mode_string(e.mode), e.size) for e in self.ext(volume).listdir(path.inner)]
+
+    def write(self, path: DevicePath, content: bytes, *, mode: int, uid: int, gid: int) -> list[Volume]:
+        """Write a file on every volume of its area; return the volumes written."""
+        volumes = self.volumes_for(path.area)
+        if path.inner == PurePosixPath("/"):
+            raise UsageError(f"{path.device_path} is a directory; name the file to write")
+        for volume in volumes:
+            if path.area is Area.BOOT:
+                if (mode, uid, gid) != (0o644, 0, 0):
+                    raise UsageError("vfat has no modes or owners", hint="drop --mode/--owner for /uboot paths")
+                self.vfat(volume).write(path.inner, content)
+            else:
+                self.ext(volume).write_files([NewFile(path.inner, content, mode, uid, gid)])
+        return list(volumes)
+
+
+def _name(volume: Volume) -> str:
+    return f"partition {volume.partition.number} ({volume.role.value})"
+
+
+def _check_fits(volume: Volume) -> None:
+    if volume.filesystem_size > volume.partition.size:
+        raise FilesystemError(
+            f"the {volume.filesystem.value} filesystem on {_name(volume)} is {volume.filesystem_size} bytes, "
+            f"larger than its partition ({volume.partition.size} bytes)",
+            hint="the image is corrupt or was truncated; refusing to write past the partition",
+        )
+
+
+def _mode_string(mode: int) -> str:
+    kinds = {0o040000: "d", 0o120000: "l", 0o100000: "-"}
+    text = kinds.get(mode & 0o170000, "?")
+    for shift in (6, 3, 0):
+        bits = (mode >> shift) & 7
+        text += ("r" if bits & 4 else "-") + ("w" if bits & 2 else "-") + ("x" if bits & 1 else "-")
+    return text
+
+
+def parse_mode(text: str) -> int:
+    """Parse a permission mode, always as octal: ``600`` and ``0600`` are both rw-------.
+
+    mender-artifact 3.9 reads ``-m 600`` as decimal and writes mode 0130; we never do.
+    """
+    digits = text.removeprefix("0o")
+    if not digits or len(digits) > 4 or any(c not in "01234567" for c in digits):
+        raise UsageError(f"mode {text!r} is not an octal permission mode", hint="e.g. 0600 or 644")
+    value = int(digits, 8)
+    if value > 0o7777:
+        raise UsageError(f"mode {text!r} is out of range")
+    return value
+
+
+def parse_owner(text: str) -> tuple[int, int]:
+    """Parse ``UID:GID`` (numeric: the names of the device's users are not known here)."""
+    uid, sep, gid = text.partition(":")
+    if not sep or not uid.isdigit() or not gid.isdigit():
+        raise UsageError(f"owner {text!r} is not UID:GID", hint="e.g. 0:0")
+    return int(uid), int(gid)
+
+
+def image_size(path: Path) -> int:
+    return os.stat(path).st_size
