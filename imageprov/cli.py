@@ -114,8 +114,9 @@ def cat(
 def cp(
     src: Annotated[str, typer.Argument(metavar="SRC", help="A local file, or IMAGE:/PATH.")],
     dest: Annotated[str, typer.Argument(metavar="DEST", help="IMAGE:/PATH, or a local file.")],
-    mode: Annotated[str, typer.Option("--mode", "-m", help="Octal mode in the image: 600 and 0600 are the same.")]
-    = "0644",
+    mode: Annotated[
+        str, typer.Option("--mode", "-m", help="Octal mode in the image: 600 and 0600 are the same.")
+    ] = "0644",
     owner: Annotated[str, typer.Option("--owner", help="UID:GID in the image.")] = "0:0",
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
@@ -138,8 +139,7 @@ def cp(
         with edit_in_place(image) as staging:
             written = disk.at(staging).write(path, content, mode=perm, uid=uid, gid=gid)
         where = ", ".join(f"partition {v.partition.number} ({v.role.value})" for v in written)
-        typer.echo(f"wrote {path.device_path} ({len(content)} bytes, mode 0{perm:o}, {uid}:{gid}) to {where}",
-                   err=True)
+        typer.echo(f"wrote {path.device_path} ({len(content)} bytes, mode 0{perm:o}, {uid}:{gid}) to {where}", err=True)
     elif _is_image_spec(src):
         image, path = split_image_path(src)
         data = _open(image, data_part, rootfs_parts, boot_part).read(path)
@@ -151,8 +151,10 @@ def cp(
             temp.chmod(0o600)
             temp.write_bytes(data)
     else:
-        raise UsageError(f"neither {src!r} nor {dest!r} is IMAGE:/PATH of an existing image",
-                         hint="e.g. imageprov cp mender.conf golden.sdimg:/etc/mender/mender.conf")
+        raise UsageError(
+            f"neither {src!r} nor {dest!r} is IMAGE:/PATH of an existing image",
+            hint="e.g. imageprov cp mender.conf golden.sdimg:/etc/mender/mender.conf",
+        )
 
 
 def _is_image_spec(spec: str) -> bool:

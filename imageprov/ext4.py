@@ -43,7 +43,7 @@ def fs_path(path: str) -> PurePosixPath:
     return PurePosixPath("/", *parts)
 
 
-def _q(path: PurePosixPath | str) -> str:
+def _q(path: PurePosixPath | Path) -> str:
     return f'"{path}"'
 
 
@@ -164,8 +164,7 @@ class Ext4:
             fields = line.split("/")
             if len(fields) < 8 or fields[5] in (".", ".."):
                 continue
-            entries.append(Entry(fields[5], int(fields[2], 8), int(fields[3]), int(fields[4]),
-                                 int(fields[6] or 0)))
+            entries.append(Entry(fields[5], int(fields[2], 8), int(fields[3]), int(fields[4]), int(fields[6] or 0)))
         return entries
 
     def write_files(self, files: Sequence[NewFile], *, dir_mode: int = 0o755) -> None:
@@ -183,8 +182,12 @@ class Ext4:
         for parent in parents:
             inode = found[parent]
             if inode is None:
-                commands += [f"mkdir {_q(parent)}", f"sif {_q(parent)} mode 0{S_IFDIR | dir_mode:o}",
-                             f"sif {_q(parent)} uid 0", f"sif {_q(parent)} gid 0"]
+                commands += [
+                    f"mkdir {_q(parent)}",
+                    f"sif {_q(parent)} mode 0{S_IFDIR | dir_mode:o}",
+                    f"sif {_q(parent)} uid 0",
+                    f"sif {_q(parent)} gid 0",
+                ]
             elif inode.kind != "directory":
                 raise FilesystemError(f"{parent} on {self.name} is a {inode.kind}, not a directory")
         with tempfile.TemporaryDirectory(prefix="imageprov-") as tmp:
@@ -199,9 +202,12 @@ class Ext4:
                     handle.write(new.content)
                 if existing is not None:
                     commands.append(f"rm {_q(new.path)}")
-                commands += [f"write {_q(source)} {_q(new.path)}",
-                             f"sif {_q(new.path)} mode 0{S_IFREG | new.mode:o}",
-                             f"sif {_q(new.path)} uid {new.uid}", f"sif {_q(new.path)} gid {new.gid}"]
+                commands += [
+                    f"write {_q(source)} {_q(new.path)}",
+                    f"sif {_q(new.path)} mode 0{S_IFREG | new.mode:o}",
+                    f"sif {_q(new.path)} uid {new.uid}",
+                    f"sif {_q(new.path)} gid {new.gid}",
+                ]
             _, errors = self._debugfs(commands, write=True)
         self._check(errors, "writing")
         self._read_back(files)
@@ -231,5 +237,6 @@ def _parse_stat(path: PurePosixPath, chunk: str) -> Inode | None:
         return None
     if owner is None or size is None:
         raise FilesystemError(f"cannot read debugfs's stat of {path}")
-    return Inode(path, kind.group(1), int(kind.group(2), 8), int(owner.group(1)), int(owner.group(2)),
-                 int(size.group(1)))
+    return Inode(
+        path, kind.group(1), int(kind.group(2), 8), int(owner.group(1)), int(owner.group(2)), int(size.group(1))
+    )

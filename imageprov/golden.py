@@ -103,8 +103,11 @@ def _partition(path: Path, scheme: Scheme, starts: list[int], sizes: list[int]) 
             lines.append(f"start={start}, size={size}, type={kind}, name={name}")
     else:
         (b, bn), (a, an), (r, rn), *logical = sec
-        lines += [f"start={b}, size={bn}, type=c, bootable", f"start={a}, size={an}, type=83",
-                  f"start={r}, size={rn}, type=83"]
+        lines += [
+            f"start={b}, size={bn}, type=c, bootable",
+            f"start={a}, size={an}, type=83",
+            f"start={r}, size={rn}, type=83",
+        ]
         if scheme is Scheme.MBR:
             lines.append(f"start={logical[0][0]}, size={logical[0][1]}, type=83")
         else:
@@ -118,8 +121,23 @@ def _partition(path: Path, scheme: Scheme, starts: list[int], sizes: list[int]) 
 
 
 def _mke2fs(path: Path, offset: int, mib: int, label: str, tree: Path) -> None:
-    run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", label, "-E", f"offset={offset},root_owner=0:0",
-         "-d", str(tree), str(path), f"{mib * 1024}k"])
+    run(
+        [
+            "mke2fs",
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-L",
+            label,
+            "-E",
+            f"offset={offset},root_owner=0:0",
+            "-d",
+            str(tree),
+            str(path),
+            f"{mib * 1024}k",
+        ]
+    )
 
 
 def _rootfs_tree(root: Path, spec: GoldenSpec) -> Path:

@@ -25,8 +25,22 @@ _MAX_ARRAY = 1 << 20
 def _try_header(fd: int, lba: int, sector: int) -> tuple[PartitionTable | None, str]:
     """Parse the header at ``lba``; (table, "") or (None, why it is unusable)."""
     raw = pread_exact(fd, sector, lba * sector)
-    (sig, _rev, hsize, hcrc, _res, current, _backup, first, last, disk_guid,
-     entries_lba, count, entry_size, entries_crc) = _HEADER.unpack_from(raw)
+    (
+        sig,
+        _rev,
+        hsize,
+        hcrc,
+        _res,
+        current,
+        _backup,
+        first,
+        last,
+        disk_guid,
+        entries_lba,
+        count,
+        entry_size,
+        entries_crc,
+    ) = _HEADER.unpack_from(raw)
     if sig != SIGNATURE:
         return None, f"no GPT header at LBA {lba}"
     if not 92 <= hsize <= sector:

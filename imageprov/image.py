@@ -9,7 +9,6 @@ on the root filesystem, which is written to both rootfs A and B.
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -61,13 +60,13 @@ class DiskImage:
     layout: Layout
 
     @classmethod
-    def open(cls, path: Path, overrides: Overrides = Overrides()) -> DiskImage:
+    def open(cls, path: Path, overrides: Overrides | None = None) -> DiskImage:
         """Read the table and roles of the image at ``path``."""
         if not path.exists():
             raise UsageError(f"{path} does not exist")
         if not path.is_file():
             raise UsageError(f"{path} is not a regular file")
-        return cls(path, read_layout(path, overrides))
+        return cls(path, read_layout(path, overrides or Overrides()))
 
     def at(self, path: Path) -> DiskImage:
         """The same layout, for a copy of this image at ``path``."""
@@ -166,7 +165,3 @@ def parse_owner(text: str) -> tuple[int, int]:
     if not sep or not uid.isdigit() or not gid.isdigit():
         raise UsageError(f"owner {text!r} is not UID:GID", hint="e.g. 0:0")
     return int(uid), int(gid)
-
-
-def image_size(path: Path) -> int:
-    return os.stat(path).st_size

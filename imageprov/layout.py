@@ -16,7 +16,6 @@ from imageprov.errors import LayoutError
 from imageprov.probe import Filesystem, Probe, probe
 from imageprov.table import Partition, PartitionTable, read_table
 
-
 # MBR type 0x82 and the GPT Linux swap GUID: a swap partition may hold no
 # signature until the device first runs mkswap.
 SWAP_TYPES = frozenset({"82", "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"})
@@ -89,7 +88,7 @@ class Layout:
         return data
 
 
-def read_layout(path: str | os.PathLike[str], overrides: Overrides = Overrides()) -> Layout:
+def read_layout(path: str | os.PathLike[str], overrides: Overrides | None = None) -> Layout:
     """Read the table of the image at ``path`` and assign Mender's roles to its partitions."""
     table = read_table(path)
     fd = os.open(path, os.O_RDONLY)
@@ -97,7 +96,7 @@ def read_layout(path: str | os.PathLike[str], overrides: Overrides = Overrides()
         probes = {p.number: probe(fd, p) for p in table.filesystem_partitions}
     finally:
         os.close(fd)
-    roles = _assign(table, probes, overrides)
+    roles = _assign(table, probes, overrides or Overrides())
     volumes = []
     for part in table.partitions:
         found = probes.get(part.number, Probe(Filesystem.UNKNOWN))
@@ -111,8 +110,9 @@ def read_layout(path: str | os.PathLike[str], overrides: Overrides = Overrides()
 def _assign(table: PartitionTable, probes: dict[int, Probe], overrides: Overrides) -> dict[int, Role]:
     def fs(number: int) -> Filesystem:
         if number not in probes:
-            raise LayoutError(f"the image has no partition {number} that can hold a filesystem",
-                              hint=f"partitions: {table.numbers()}")
+            raise LayoutError(
+                f"the image has no partition {number} that can hold a filesystem", hint=f"partitions: {table.numbers()}"
+            )
         return probes[number].filesystem
 
     roles: dict[int, Role] = {}
@@ -160,5 +160,3 @@ def _ambiguous(probes: dict[int, Probe], why: str) -> LayoutError:
         f"cannot read the layout as boot + rootfs A + rootfs B + data: {why} ({seen})",
         hint="name them with --rootfs-parts A,B and --data-part N",
     )
-
-

@@ -55,8 +55,17 @@ def layout_text(layout: Layout) -> str:
     for v in layout.volumes:
         part = v.partition
         kind = part.type if table.type.name == "MBR" else (part.name or part.type)
-        rows.append((str(part.number), str(part.start_sector), human_size(part.size), kind,
-                     v.filesystem.value, v.label or "-", v.role.value))
+        rows.append(
+            (
+                str(part.number),
+                str(part.start_sector),
+                human_size(part.size),
+                kind,
+                v.filesystem.value,
+                v.label or "-",
+                v.role.value,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)

@@ -75,8 +75,9 @@ def run(
     try:
         proc = subprocess.run(
             full,
+            input=input,
             # stdin is closed unless we feed it: no tool may wait on a terminal.
-            **({"input": input} if input is not None else {"stdin": subprocess.DEVNULL}),
+            stdin=subprocess.DEVNULL if input is None else None,
             capture_output=True,
             env=environment,
             timeout=timeout,

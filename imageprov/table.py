@@ -7,6 +7,7 @@ tool, so it runs the same on a build host and on a flashing station.
 from __future__ import annotations
 
 import enum
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -96,7 +97,7 @@ def check_bounds(partitions: tuple[Partition, ...], image_size: int) -> None:
             )
     # The extended container overlaps its logical partitions by design.
     data = sorted((p for p in partitions if not p.is_extended), key=lambda p: p.offset)
-    for left, right in zip(data, data[1:]):
+    for left, right in itertools.pairwise(data):
         if right.offset < left.end:
             raise TableError(f"partitions {left.number} and {right.number} overlap", hint="the table is corrupt")
 

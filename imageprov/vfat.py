@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from fs.errors import FSError
-from pyfatfs.PyFatFS import PyFatFS
 from pyfatfs._exceptions import PyFATException
+from pyfatfs.PyFatFS import PyFatFS
 
 from imageprov.errors import FilesystemError
 
