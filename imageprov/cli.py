@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from imageprov import __version__
+from imageprov import __version__, cli_pki
 from imageprov.copy import edit_in_place, staged
 from imageprov.errors import ImageprovError, UsageError
 from imageprov.golden import GoldenSpec, Scheme, build_golden
@@ -185,6 +185,9 @@ def golden(
     with staged(out) as temp:
         build_golden(temp, spec)
     typer.echo(f"built {out}", err=True)
+
+
+cli_pki.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,262 @@
+"""PKI commands: the CA, the edge's server certificate, device certificates, revocation."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from imageprov.errors import UsageError
+from imageprov.pki import (
+    CA_CERT,
+    CA_KEY,
+    CertificateAuthority,
+    Curve,
+    Subject,
+    check_pair,
+    load_ca,
+    load_cert,
+    load_key,
+    write_atomic,
+)
+from imageprov.registry import Reason, Registry, Status
+from imageprov.revocation import build_crl, crl_bytes, denylist
+
+ca_app = typer.Typer(help="Create or import the fleet's certificate authority.", no_args_is_help=True)
+
+PASSPHRASE_ENV = "IMAGEPROV_CA_PASSPHRASE"
+Pki = Annotated[Path, typer.Option("--pki", help="The PKI directory (made by 'imageprov ca init').")]
+PassFile = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--passphrase-file", help=f"File holding the CA key's passphrase (else ${PASSPHRASE_ENV}, else a prompt)."
+    ),
+]
+CurveOpt = Annotated[Curve, typer.Option("--curve", help="EC curve of the new key.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
+
+
+def passphrase(file: Path | None, *, new: bool = False) -> bytes | None:
+    """The CA key's passphrase: --passphrase-file, then $IMAGEPROV_CA_PASSPHRASE, then a prompt on a terminal."""
+    if file is not None:
+        try:
+            text = file.read_text().rstrip("\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read {file}: {exc.strerror}") from exc
+    elif os.environ.get(PASSPHRASE_ENV):
+        text = os.environ[PASSPHRASE_ENV]
+    elif sys.stdin.isatty():
+        text = getpass.getpass("CA key passphrase: ")
+        if new and getpass.getpass("again: ") != text:
+            raise UsageError("the passphrases differ")
+    else:
+        return None
+    if new and len(text) < 8:
+        raise UsageError("the CA passphrase must be at least 8 characters")
+    return text.encode()
+
+
+def open_ca(pki: Path, passphrase_file: Path | None) -> CertificateAuthority:
+    """Load the CA of ``pki``, asking for the passphrase only if its key is encrypted."""
+    return load_ca(pki, passphrase(passphrase_file))
+
+
+def _require_passphrase(value: bytes | None, no_passphrase: bool) -> bytes | None:
+    if no_passphrase:
+        return None
+    if value is None:
+        raise UsageError(
+            "the CA key needs a passphrase",
+            hint=f"set ${PASSPHRASE_ENV}, pass --passphrase-file, run on a terminal, or --no-passphrase",
+        )
+    return value
+
+
+@ca_app.command("init")
+def ca_init(
+    pki: Annotated[Path, typer.Argument(help="Directory to create the PKI in.")],
+    cn: Annotated[Optional[str], typer.Option("--cn", help="CA common name.")] = None,
+    org: Annotated[Optional[str], typer.Option("--org")] = None,
+    ou: Annotated[Optional[str], typer.Option("--ou")] = None,
+    email: Annotated[Optional[str], typer.Option("--email")] = None,
+    country: Annotated[Optional[str], typer.Option("--country", help="Two-letter code.")] = None,
+    locality: Annotated[Optional[str], typer.Option("--locality")] = None,
+    state: Annotated[Optional[str], typer.Option("--state")] = None,
+    subject_file: Annotated[
+        Optional[Path], typer.Option("--subject-file", help="openssl req config with [req_distinguished_name].")
+    ] = None,
+    curve: CurveOpt = Curve.P256,
+    days: Annotated[int, typer.Option("--days", help="Validity of the CA certificate.")] = 3650,
+    passphrase_file: PassFile = None,
+    no_passphrase: Annotated[bool, typer.Option("--no-passphrase", help="Store the CA key unencrypted.")] = False,
+) -> None:
+    """Create a CA: PKI/ca-cert.pem and PKI/ca-private.key (encrypted PKCS#8, 0600).
+
+    Example: IMAGEPROV_CA_PASSPHRASE=... imageprov ca init pki --cn "Fleet CA" --org "ACME" --country NO
+    """
+    if (pki / CA_KEY).exists() or (pki / CA_CERT).exists():
+        raise UsageError(f"{pki} already holds a CA", hint="choose another directory; a CA is never overwritten")
+    if subject_file is not None:
+        subject = Subject.from_req_config(subject_file)
+    elif cn:
+        subject = Subject(cn, org, ou, email, country, locality, state)
+    else:
+        raise UsageError("the CA needs a name", hint="pass --cn NAME or --subject-file ca-cert.conf")
+    secret = _require_passphrase(passphrase(passphrase_file, new=True), no_passphrase)
+    ca = CertificateAuthority.create(subject, curve=curve, days=days)
+    ca.write_to(pki, secret)
+    Registry(pki).__exit__(None, None, None)
+    typer.echo(f"created CA {ca.cert.subject.rfc4514_string()} in {pki}", err=True)
+
+
+@ca_app.command("import")
+def ca_import(
+    pki: Annotated[Path, typer.Argument(help="Directory to create the PKI in.")],
+    cert: Annotated[Path, typer.Option("--cert", help="The CA certificate (PEM).")],
+    key: Annotated[Path, typer.Option("--key", help="The CA private key (PEM; encrypted or not).")],
+    key_passphrase_file: Annotated[
+        Optional[Path], typer.Option("--key-passphrase-file", help="Passphrase of the key being imported.")
+    ] = None,
+    passphrase_file: PassFile = None,
+    no_passphrase: Annotated[bool, typer.Option("--no-passphrase", help="Store the CA key unencrypted.")] = False,
+) -> None:
+    """Import a CA made elsewhere (e.g. with the manual recipe's openssl commands); the key is re-encrypted."""
+    if (pki / CA_KEY).exists():
+        raise UsageError(f"{pki} already holds a CA")
+    old = key_passphrase_file.read_text().rstrip("\n").encode() if key_passphrase_file else None
+    ca = check_pair(load_cert(cert), load_key(key, old), key)
+    ca.check_usable()
+    secret = _require_passphrase(passphrase(passphrase_file, new=True), no_passphrase)
+    ca.write_to(pki, secret)
+    Registry(pki).__exit__(None, None, None)
+    typer.echo(f"imported CA {ca.cert.subject.rfc4514_string()} into {pki}", err=True)
+
+
+def server_cert(
+    pki: Pki,
+    out: Annotated[Path, typer.Option("--out", help="Directory for server-cert.pem and server-private.key.")],
+    host: Annotated[Optional[list[str]], typer.Option("--host", help="DNS name of the edge (repeat).")] = None,
+    ip: Annotated[Optional[list[str]], typer.Option("--ip", help="IP address of the edge (repeat).")] = None,
+    days: Annotated[int, typer.Option("--days")] = 730,
+    curve: CurveOpt = Curve.P256,
+    passphrase_file: PassFile = None,
+) -> None:
+    """Issue the mTLS edge's server certificate, with every --host and --ip in subjectAltName."""
+    ca = open_ca(pki, passphrase_file)
+    issued = ca.issue_server(host or [], ips=ip or [], days=days, curve=curve)
+    with Registry(pki) as registry:
+        registry.record(issued, kind="server", delivered_to=str(out))
+    cert_path, key_path = issued.write_to(out, "server-cert.pem", "server-private.key")
+    typer.echo(f"wrote {cert_path} and {key_path} (serial {issued.serial_hex})", err=True)
+
+
+def device_cert(
+    pki: Pki,
+    device_id: Annotated[str, typer.Option("--device-id", help="The device's id: the certificate's CN.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for mender-cert.pem and mender-cert-private.pem.")],
+    days: Annotated[int, typer.Option("--days")] = 3650,
+    curve: CurveOpt = Curve.P256,
+    reissue: Annotated[bool, typer.Option("--reissue", help="Revoke the device's live certificate first.")] = False,
+    passphrase_file: PassFile = None,
+    json_out: Json = False,
+) -> None:
+    """Issue one device's key and certificate into a directory (stamp does this for images)."""
+    from imageprov.devices import check_device_ids
+
+    check_device_ids([device_id])
+    ca = open_ca(pki, passphrase_file)
+    issued = ca.issue_device(device_id, days=days, curve=curve)
+    with Registry(pki) as registry:
+        # Pending until the files are written, so that a failure leaves no
+        # certificate live that no device will ever hold.
+        registry.record(issued, status=Status.PENDING, reissue=reissue)
+        try:
+            cert_path, key_path = issued.write_to(out, "mender-cert.pem", "mender-cert-private.pem")
+        except OSError as exc:
+            registry.revoke(serial=issued.serial_hex, reason=Reason.CESSATION_OF_OPERATION)
+            raise UsageError(f"cannot write to {out}: {exc.strerror}") from exc
+        registry.deliver(issued.serial_hex, str(out))
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {
+                    "device_id": device_id,
+                    "serial": issued.serial_hex,
+                    "fingerprint": issued.fingerprint,
+                    "cert": str(cert_path),
+                    "key": str(key_path),
+                }
+            )
+        )
+    else:
+        typer.echo(f"wrote {cert_path} and {key_path} (serial {issued.serial_hex})", err=True)
+
+
+def revoke(
+    pki: Pki,
+    device_id: Annotated[Optional[str], typer.Argument(help="Device whose live certificates to revoke.")] = None,
+    serial: Annotated[Optional[str], typer.Option("--serial", help="Revoke one certificate by serial (hex).")] = None,
+    reason: Annotated[Reason, typer.Option("--reason")] = Reason.UNSPECIFIED,
+) -> None:
+    """Revoke a device's certificate; then publish a new CRL (imageprov crl) or denylist to the edge."""
+    with Registry(pki) as registry:
+        done = registry.revoke(device_id=device_id, serial=serial, reason=reason)
+    for record in done:
+        typer.echo(f"revoked {record.device_id} serial {record.serial} ({reason.value})", err=True)
+
+
+def crl(
+    pki: Pki,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the CRL.")],
+    days: Annotated[int, typer.Option("--days", help="Days until the CRL's nextUpdate.")] = 30,
+    der: Annotated[bool, typer.Option("--der", help="DER instead of PEM.")] = False,
+    passphrase_file: PassFile = None,
+) -> None:
+    """Write a CRL signed by the CA, listing every revoked certificate, for the edge (nginx ssl_crl)."""
+    ca = open_ca(pki, passphrase_file)
+    with Registry(pki) as registry:
+        revoked = registry.revoked()
+        number = registry.next_crl_number()
+    write_atomic(out, crl_bytes(build_crl(ca, revoked, number=number, days=days), der=der), 0o644)
+    typer.echo(f"wrote {out}: CRL number {number}, {len(revoked)} revoked", err=True)
+
+
+def denylist_cmd(
+    pki: Pki,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the denylist.")],
+) -> None:
+    """Write the revoked serials in hex, one per line (Mender Gateway's MTLS_BLACKLIST_PATH)."""
+    with Registry(pki) as registry:
+        revoked = registry.revoked()
+    write_atomic(out, denylist(revoked), 0o644)
+    typer.echo(f"wrote {out}: {len(revoked)} revoked serials", err=True)
+
+
+def devices(pki: Pki, json_out: Json = False) -> None:
+    """List every certificate the CA issued, with its status."""
+    with Registry(pki) as registry:
+        records = registry.all()
+    if json_out:
+        typer.echo(json.dumps([r.to_dict() for r in records], indent=2))
+        return
+    for r in records:
+        typer.echo(
+            f"{r.device_id:<24} {r.kind:<6} {r.status.value:<8} {r.serial:<40} until {r.not_after[:10]}"
+            + (f"  revoked {r.revoked_at} ({r.reason.value if r.reason else ''})" if r.revoked_at else "")
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the PKI commands to the main app."""
+    app.add_typer(ca_app, name="ca")
+    app.command("server-cert")(server_cert)
+    app.command("device-cert")(device_cert)
+    app.command("revoke")(revoke)
+    app.command("crl")(crl)
+    app.command("denylist")(denylist_cmd)
+    app.command("devices")(devices)
