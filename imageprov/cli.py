@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from imageprov import __version__, cli_pki
+from imageprov import __version__, cli_pki, cli_stamp
 from imageprov.copy import edit_in_place, staged
 from imageprov.errors import ImageprovError, UsageError
 from imageprov.golden import GoldenSpec, Scheme, build_golden
@@ -187,6 +187,7 @@ def golden(
     typer.echo(f"built {out}", err=True)
 
 
+cli_stamp.register(app)
 cli_pki.register(app)
 
 

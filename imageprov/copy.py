@@ -83,10 +83,11 @@ def copy_fd(src: int, dst: int, *, progress: Progress | None = None) -> CopyResu
 def staged(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it to ``final`` only on success.
 
-    A crash or an error leaves at most a hidden ``.NAME.*.partial`` file, never
-    a half-written image under the final name.
+    A crash or an error leaves at most a hidden ``.NAME.*.partial.SUFFIX``
+    file, never a half-written image under the final name. The suffix is
+    kept because tools such as mender-artifact tell image types by it.
     """
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".partial{final.suffix}", dir=final.parent)
     os.close(fd)
     temp = Path(name)
     try:
@@ -99,15 +100,15 @@ def staged(final: Path) -> Iterator[Path]:
         raise
 
 
-def copy_image(src: Path, dst: Path, *, progress: Progress | None = None) -> CopyResult:
-    """Copy the image ``src`` to the new file ``dst`` (reflink or sparse)."""
+def copy_image(src: Path, dst: Path, *, mode: int | None = None, progress: Progress | None = None) -> CopyResult:
+    """Copy the image ``src`` to the new file ``dst`` (reflink or sparse), with ``src``'s mode unless given."""
     try:
         with open(src, "rb") as s, open(dst, "wb") as d:
             result = copy_fd(s.fileno(), d.fileno(), progress=progress)
     except OSError as exc:
         hint = "the output filesystem is full" if exc.errno == errno.ENOSPC else ""
         raise CopyError(f"cannot copy {src} to {dst}: {exc.strerror}", hint=hint) from exc
-    os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))
+    os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode) if mode is None else mode)
     return result
 
 

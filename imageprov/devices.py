@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 from imageprov.errors import UsageError
 
@@ -27,3 +29,22 @@ def check_device_ids(ids: Iterable[str]) -> list[str]:
         seen.add(device_id)
         out.append(device_id)
     return out
+
+
+def read_device_ids(path: Path) -> list[str]:
+    """Ids from a file: one per line (blank lines and # comments skipped), or a CSV with a device_id column."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # spreadsheets write a BOM
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --device-ids {path}: {exc}") from exc
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise UsageError(f"--device-ids {path} holds no device id")
+    header = [cell.strip().lower() for cell in next(csv.reader([lines[0]]))]
+    if "device_id" in header:
+        column = header.index("device_id")
+        rows = list(csv.reader(lines[1:]))
+        return [row[column].strip() if len(row) > column else "" for row in rows]
+    if len(header) > 1:
+        raise UsageError(f"--device-ids {path} looks like a CSV without a device_id column")
+    return [line.strip() for line in lines]

@@ -113,16 +113,8 @@ class Ext4:
         if not wanted:
             return {}
         out, errors = self._debugfs([f"stat {_q(p)}" for p in wanted])
-        for line in errors:
-            if "File not found" not in line and "not found by ext2_lookup" not in line:
-                self._check([line], "stat")
-        # With -f, debugfs echoes each command as "debugfs: CMD" on stdout; a
-        # missing path leaves that command's chunk empty (its error is on stderr).
-        chunks = out.split("\n" + _ECHO)
-        chunks[0] = chunks[0].removeprefix(_ECHO)
-        if len(chunks) != len(wanted):
-            raise FilesystemError(f"unexpected debugfs output while reading {self.name}")
-        return {path: _parse_stat(path, chunk) for path, chunk in zip(wanted, chunks)}
+        self._check([e for e in errors if not _is_not_found(e)], "stat")
+        return self._parse_stats(wanted, out, len(wanted))
 
     def stat(self, path: PurePosixPath) -> Inode | None:
         """The inode at ``path``, or None."""
@@ -134,18 +126,41 @@ class Ext4:
 
     def read_many(self, paths: Sequence[PurePosixPath]) -> dict[PurePosixPath, bytes]:
         """The contents of several regular files, in one debugfs run."""
-        inodes = self.stat_many(paths)
-        for path, inode in inodes.items():
+        found = self.fetch(paths)
+        out = {}
+        for path, (inode, content) in found.items():
             if inode is None:
                 raise FilesystemError(f"{path} does not exist on {self.name}")
-            if inode.kind != "regular":
+            if content is None:
                 raise FilesystemError(f"{path} on {self.name} is a {inode.kind}, not a regular file")
+            out[path] = content
+        return out
+
+    def fetch(self, paths: Sequence[PurePosixPath]) -> dict[PurePosixPath, tuple[Inode | None, bytes | None]]:
+        """Stat and read several paths in one debugfs run: (inode or None, content of a regular file or None)."""
+        wanted = list(dict.fromkeys(paths))
         with tempfile.TemporaryDirectory(prefix="imageprov-") as tmp:
             # Dumped files may hold private keys: the directory is private (0700).
-            outs = {p: Path(tmp, f"f{i}") for i, p in enumerate(paths)}
-            _, errors = self._debugfs([f"dump {_q(p)} {_q(outs[p])}" for p in paths])
-            self._check(errors, "reading")
-            return {p: outs[p].read_bytes() for p in paths}
+            outs = {p: Path(tmp, f"f{i}") for i, p in enumerate(wanted)}
+            commands = [f"stat {_q(p)}" for p in wanted] + [f"dump {_q(p)} {_q(outs[p])}" for p in wanted]
+            out, errors = self._debugfs(commands)
+            inodes = self._parse_stats(wanted, out, len(commands))
+            self._check([e for e in errors if not _is_not_found(e)], "reading")
+            result: dict[PurePosixPath, tuple[Inode | None, bytes | None]] = {}
+            for path in wanted:
+                inode = inodes[path]
+                regular = inode is not None and inode.kind == "regular" and outs[path].exists()
+                result[path] = (inode, outs[path].read_bytes() if regular else None)
+            return result
+
+    def _parse_stats(self, wanted: list[PurePosixPath], out: str, commands: int) -> dict[PurePosixPath, Inode | None]:
+        # With -f, debugfs echoes each command as "debugfs: CMD" on stdout; a
+        # missing path leaves that command's chunk empty (its error is on stderr).
+        chunks = out.split("\n" + _ECHO)
+        chunks[0] = chunks[0].removeprefix(_ECHO)
+        if len(chunks) != commands:
+            raise FilesystemError(f"unexpected debugfs output while reading {self.name}")
+        return {path: _parse_stat(path, chunk) for path, chunk in zip(wanted, chunks)}
 
     def listdir(self, path: PurePosixPath) -> list[Entry]:
         """The entries of the directory at ``path`` ('.' and '..' left out)."""
@@ -167,8 +182,10 @@ class Ext4:
             entries.append(Entry(fields[5], int(fields[2], 8), int(fields[3]), int(fields[4]), int(fields[6] or 0)))
         return entries
 
-    def write_files(self, files: Sequence[NewFile], *, dir_mode: int = 0o755) -> None:
-        """Create or replace ``files``, creating missing parent directories (root-owned).
+    def write_files(
+        self, files: Sequence[NewFile], *, dirs: Sequence[PurePosixPath] = (), dir_mode: int = 0o755
+    ) -> None:
+        """Create or replace ``files``, creating ``dirs`` and missing parent directories (root-owned).
 
         Existing files are removed and written anew (debugfs cannot overwrite),
         then mode, uid and gid are set, and everything is read back and compared.
@@ -176,7 +193,8 @@ class Ext4:
         targets = [f.path for f in files]
         if len(set(targets)) != len(targets):
             raise UsageError("the same path is written twice")
-        parents = sorted({a for t in targets for a in t.parents if a != PurePosixPath("/")}, key=lambda p: len(p.parts))
+        wanted_dirs = {a for t in targets for a in t.parents} | {d for d in dirs} | {a for d in dirs for a in d.parents}
+        parents = sorted(wanted_dirs - {PurePosixPath("/")}, key=lambda p: len(p.parts))
         found = self.stat_many([*parents, *targets])
         commands: list[str] = []
         for parent in parents:
@@ -210,20 +228,24 @@ class Ext4:
                 ]
             _, errors = self._debugfs(commands, write=True)
         self._check(errors, "writing")
-        self._read_back(files)
+        if files:
+            self._read_back(files)
 
     def _read_back(self, files: Sequence[NewFile]) -> None:
-        contents = self.read_many([f.path for f in files])
-        inodes = self.stat_many(f.path for f in files)
+        found = self.fetch([f.path for f in files])
         for new in files:
-            inode = inodes[new.path]
-            if contents[new.path] != new.content or inode is None:
+            inode, content = found[new.path]
+            if content != new.content or inode is None:
                 raise FilesystemError(f"{new.path} on {self.name} does not read back as written")
             if (inode.mode, inode.uid, inode.gid) != (new.mode, new.uid, new.gid):
                 raise FilesystemError(
                     f"{new.path} on {self.name} reads back as mode 0{inode.mode:o} "
                     f"{inode.uid}:{inode.gid}, not 0{new.mode:o} {new.uid}:{new.gid}"
                 )
+
+
+def _is_not_found(line: str) -> bool:
+    return "File not found by ext2_lookup" in line
 
 
 _STAT_TYPE = re.compile(r"Type:\s+(\S+)\s+Mode:\s+([0-7]+)")

@@ -82,7 +82,10 @@ def build_golden(path: Path, spec: GoldenSpec = GoldenSpec()) -> Path:
     _partition(path, spec.scheme, starts, sizes)
     boot, rootfs_a, rootfs_b, *rest = starts
     data = rest[-1]
-    run(["mkfs.vfat", "--offset", str(boot // SECTOR), "-n", "BOOT", str(path), str(spec.boot_mib * 1024)])
+    # mkfs.vfat picks the FAT size from the whole file's size, not the
+    # partition's, and fails on a small partition in a large image: name it.
+    fat = "16" if spec.boot_mib < 512 else "32"
+    run(["mkfs.vfat", "-F", fat, "--offset", str(boot // SECTOR), "-n", "BOOT", str(path), str(spec.boot_mib * 1024)])
     Vfat(path, boot, "boot").write(PurePosixPath("/uboot.env"), b"bootcmd=run mender_setup\n")
     with tempfile.TemporaryDirectory(prefix="imageprov-golden-") as tmp:
         rootfs_tree = _rootfs_tree(Path(tmp, "rootfs"), spec)

@@ -113,3 +113,46 @@ def golden(request: pytest.FixtureRequest, make_golden: Callable[..., Path]) -> 
 
 def roles(image: Path) -> dict[str, int]:
     return {v.role.value: v.partition.number for v in read_layout(image).volumes}
+
+
+PASSPHRASE = "test passphrase 1"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "IMAGEPROV_CA_PASSPHRASE": PASSPHRASE, **extra}
+
+
+def imageprov_pki(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI with the test CA's passphrase in the environment."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "imageprov", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        stdin=subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"imageprov {' '.join(map(str, args))} failed:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """A PKI made by the real CLI, with an encrypted CA key."""
+    path = tmp_path / "pki"
+    imageprov_pki("ca", "init", path, "--cn", "Test Fleet CA", "--org", "imageprov tests", "--country", "NO")
+    return path
+
+
+def partition_bytes(image: Path, number: int) -> str:
+    """SHA-256 of one partition's bytes, located by sfdisk."""
+    part = next(p for p in sfdisk_json(image)["partitions"] if p["node"] == f"{image}{number}")
+    digest = hashlib.sha256()
+    with open(image, "rb") as handle:
+        handle.seek(part["start"] * 512)
+        left = part["size"] * 512
+        while left:
+            block = handle.read(min(left, 1 << 20))
+            digest.update(block)
+            left -= len(block)
+    return digest.hexdigest()

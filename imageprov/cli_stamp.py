@@ -1,0 +1,173 @@
+"""The main job's commands: stamp images per device, and verify an image."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from cryptography import x509
+
+from imageprov.cli_pki import CurveOpt, PassFile, Pki, open_ca
+from imageprov.devices import check_device_ids, read_device_ids
+from imageprov.errors import ImageprovError, PkiError, UsageError
+from imageprov.layout import Overrides
+from imageprov.menderconf import Settings
+from imageprov.pki import Curve, load_cert
+from imageprov.registry import Registry
+from imageprov.stamp import Batch, ConfTarget, Engine, StampOptions, check_outputs
+from imageprov.verify import verify_image
+
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts: one object per device on stdout.")]
+DataPart = Annotated[Optional[int], typer.Option("--data-part", help="Number of the data partition, if not found.")]
+RootfsParts = Annotated[
+    Optional[str], typer.Option("--rootfs-parts", help="Numbers of rootfs A and B, e.g. 2,3, if not found.")
+]
+
+
+class StampFailed(ImageprovError):
+    """Some devices of a batch failed; the others were delivered."""
+
+
+def stamp(
+    image: Annotated[Path, typer.Argument(help="The golden disk image (never modified).")],
+    pki: Pki,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the images: OUT/<ID>.sdimg.")],
+    device_id: Annotated[Optional[list[str]], typer.Option("--device-id", help="A device serial (repeat).")] = None,
+    device_ids: Annotated[
+        Optional[Path], typer.Option("--device-ids", help="File of ids: one per line, or CSV with device_id.")
+    ] = None,
+    server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
+    tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
+    conf_target: Annotated[
+        ConfTarget,
+        typer.Option(
+            "--conf-target",
+            help="rootfs: /etc/mender/mender.conf on both rootfs; "
+            "data: the data partition's fallback config, rootfs left byte-identical.",
+        ),
+    ] = ConfTarget.ROOTFS,
+    engine: Annotated[
+        Engine, typer.Option("--engine", help="debugfs (fast, in place) or mender-artifact.")
+    ] = Engine.DEBUGFS,
+    days: Annotated[int, typer.Option("--days", help="Validity of the device certificates.")] = 3650,
+    curve: CurveOpt = Curve.P256,
+    reissue: Annotated[
+        bool, typer.Option("--reissue", help="Revoke a device's live certificate and issue anew.")
+    ] = False,
+    passphrase_file: PassFile = None,
+    json_out: Json = False,
+    data_part: DataPart = None,
+    rootfs_parts: RootfsParts = None,
+) -> None:
+    """Write one ready, verified image per device: its own key and CA-signed certificate, and mender.conf.
+
+    Outputs appear under their final name only when complete and verified. A
+    device that fails does not stop the others. Rerunning the same command
+    after an interruption delivers the devices not yet done and leaves the
+    others as they are.
+
+    Example: imageprov stamp golden.sdimg --pki pki --out images --device-ids serials.txt --server-url https://edge
+    """
+    ids = list(device_id or [])
+    if device_ids is not None:
+        ids += read_device_ids(device_ids)
+    if not ids:
+        raise UsageError("no device ids", hint="pass --device-id ID (repeatable) or --device-ids FILE")
+    ids = check_device_ids(ids)
+    if not image.is_file():
+        raise UsageError(f"golden image {image} does not exist" if not image.exists() else f"{image} is not a file")
+    check_outputs(image, out, ids)
+    ca = open_ca(pki, passphrase_file)
+    ca.check_usable()
+    options = StampOptions(
+        settings=Settings(server_url=server_url, tenant_token=tenant_token),
+        conf_target=conf_target,
+        engine=engine,
+        days=days,
+        curve=curve,
+        reissue=reissue,
+        overrides=Overrides.parse(data_part, rootfs_parts, None),
+    )
+    failures: list[tuple[str, str]] = []
+    with Registry(pki) as registry, Batch(image, out, ca, registry, options) as batch:
+        prepared = batch.prepare()
+        for note in prepared.notes:
+            typer.echo(f"note: {note}", err=True)
+        show_bar = sys.stderr.isatty() and not json_out
+        with typer.progressbar(ids, label="stamping", file=sys.stderr, hidden=not show_bar) as progress:
+            for device in progress:
+                try:
+                    done = batch.stamp(device)
+                except (ImageprovError, OSError) as exc:
+                    message = str(exc) if isinstance(exc, ImageprovError) else f"{exc.strerror}: {exc.filename}"
+                    failures.append((device, message))
+                    if json_out:
+                        typer.echo(json.dumps({"device_id": device, "status": "failed", "error": message}))
+                    continue
+                for note in done.notes:
+                    typer.echo(f"{device}: {note}", err=True)
+                if json_out:
+                    typer.echo(json.dumps({"device_id": device, "status": done.status, "image": str(done.image),
+                                           "serial": done.serial, "fingerprint": done.fingerprint,
+                                           "seconds": round(done.seconds, 4)}))  # fmt: skip
+                elif not show_bar:
+                    typer.echo(f"{done.status} {device}: {done.image} (serial {done.serial})", err=True)
+    if failures:
+        detail = "; ".join(f"{d}: {m}" for d, m in failures)
+        raise StampFailed(f"{len(failures)} of {len(ids)} devices failed: {detail}")
+    if not json_out:
+        typer.echo(f"delivered {len(ids)} images to {out}", err=True)
+
+
+def verify(
+    image: Annotated[Path, typer.Argument(help="A stamped disk image.")],
+    ca: Annotated[Path, typer.Option("--ca", help="The CA certificate (PKI/ca-cert.pem).")],
+    device_id: Annotated[Optional[str], typer.Option("--device-id", help="The id the certificate must name.")] = None,
+    crl: Annotated[
+        Optional[Path], typer.Option("--crl", help="A CRL (PEM or DER): the device must not be on it.")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    data_part: DataPart = None,
+    rootfs_parts: RootfsParts = None,
+) -> None:
+    """Prove an image right before it is flashed; exit 0 only if every check holds.
+
+    Checks the partition table; the key (0600 root) and certificate (0644 root)
+    on the data partition; that the certificate chains to the CA, is valid, is
+    not revoked, names the device and allows clientAuth; that the key matches
+    it; that mender.conf on both rootfs (or the data partition's fallback)
+    points HttpsClient at exactly those files; and e2fsck -fn.
+    """
+    if not image.exists():
+        raise UsageError(f"{image} does not exist")
+    report = verify_image(image, load_cert(ca), device_id=device_id, crl=_load_crl(crl) if crl else None,
+                          overrides=Overrides.parse(data_part, rootfs_parts, None))  # fmt: skip
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for check in report.checks:
+            typer.echo(
+                f"{'ok  ' if check.ok else 'FAIL'}  {check.name}" + (f"  ({check.detail})" if check.detail else "")
+            )
+    if not report.ok:
+        names = ", ".join(c.name for c in report.failures)
+        raise StampFailed(f"{image}: {len(report.failures)} checks failed: {names}")
+
+
+def _load_crl(path: Path) -> x509.CertificateRevocationList:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        return x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----") else x509.load_der_x509_crl(data)
+    except ValueError as exc:
+        raise PkiError(f"{path} is not a CRL") from exc
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(stamp)
+    app.command()(verify)

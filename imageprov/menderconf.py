@@ -1,0 +1,81 @@
+"""Merging the client-certificate block into ``mender.conf``.
+
+Every other key and its order are kept; the output uses a 2-space indent
+like the files Mender's recipes install. The manual recipe's snippet pointed
+``Key`` at the certificate (a documentation bug fixed later upstream); we
+always point it at the private key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from imageprov.errors import ImageprovError
+
+CLIENT_CERT = "/data/mender/mender-cert.pem"
+CLIENT_KEY = "/data/mender/mender-cert-private.pem"
+ROOTFS_CONF = "/etc/mender/mender.conf"
+# The fallback configuration the client merges under /etc/mender/mender.conf
+# (/var/lib/mender is a link to /data/mender on Mender images).
+DATA_CONF = "/data/mender/mender.conf"
+
+
+class MenderConfError(ImageprovError):
+    """mender.conf is not a JSON object we can merge into."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What goes into mender.conf: the HttpsClient block, and optionally the server."""
+
+    certificate: str = CLIENT_CERT
+    key: str = CLIENT_KEY
+    server_url: str | None = None
+    tenant_token: str | None = None
+
+    @property
+    def https_client(self) -> dict[str, str]:
+        return {"Certificate": self.certificate, "Key": self.key}
+
+
+@dataclass(frozen=True)
+class Merge:
+    text: bytes
+    changed: bool
+    # The HttpsClient block that was there before and differed from ours.
+    replaced: dict[str, Any] | None
+
+
+def parse(text: bytes, where: str) -> dict[str, Any]:
+    """Parse mender.conf; refuse anything but a JSON object with an object (or no) HttpsClient."""
+    try:
+        value = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MenderConfError(f"{where} is not valid JSON: {exc}", hint="fix the golden image's mender.conf") from exc
+    if not isinstance(value, dict):
+        raise MenderConfError(f"{where} is a JSON {type(value).__name__}, not an object")
+    block = value.get("HttpsClient")
+    if block is not None and not isinstance(block, dict):
+        raise MenderConfError(f"{where} has an HttpsClient that is not an object")
+    return value
+
+
+def render(config: dict[str, Any]) -> bytes:
+    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def merge(text: bytes | None, settings: Settings, where: str) -> Merge:
+    """Merge ``settings`` into the mender.conf ``text`` (None: start from an empty object)."""
+    config = parse(text, where) if text is not None else {}
+    before = dict(config)
+    old = config.get("HttpsClient")
+    replaced = old if old is not None and old != settings.https_client else None
+    if settings.server_url is not None:
+        config["ServerURL"] = settings.server_url
+    if settings.tenant_token is not None:
+        config["TenantToken"] = settings.tenant_token
+    config["HttpsClient"] = settings.https_client
+    rendered = render(config)
+    return Merge(rendered, config != before or rendered != text, replaced)

@@ -1,0 +1,208 @@
+"""Proof that an image is right before it is flashed: every check that the device and the edge will make.
+
+``stamp`` runs these on every image before it gets its final name, and
+``imageprov verify`` runs them on any image. Each check is listed, passed or
+failed, so that a report shows everything that is wrong at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from imageprov.errors import ImageprovError
+from imageprov.ext4 import Inode
+from imageprov.image import DevicePath, DiskImage
+from imageprov.layout import Overrides, Volume
+from imageprov.menderconf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, parse
+from imageprov.run import run
+
+KEY_PATH = DevicePath.parse(CLIENT_KEY)
+CERT_PATH = DevicePath.parse(CLIENT_CERT)
+DATA_CONF_PATH = DevicePath.parse(DATA_CONF)
+ROOTFS_CONF_PATH = PurePosixPath(ROOTFS_CONF)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Report:
+    image: Path
+    checks: tuple[Check, ...]
+    device_id: str | None = None
+    serial: str | None = None
+    fingerprint: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image": str(self.image),
+            "ok": self.ok,
+            "device_id": self.device_id,
+            "serial": self.serial,
+            "fingerprint": self.fingerprint,
+            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
+        }
+
+
+@dataclass
+class _Checks:
+    items: list[Check] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.items.append(Check(name, ok, detail))
+        return ok
+
+
+def verify_image(
+    image: Path,
+    ca_cert: x509.Certificate,
+    *,
+    device_id: str | None = None,
+    crl: x509.CertificateRevocationList | None = None,
+    overrides: Overrides | None = None,
+    fsck_rootfs: bool = True,
+    now: dt.datetime | None = None,
+) -> Report:
+    """Check everything about the client credentials in ``image``; never raises for a bad image."""
+    checks = _Checks()
+    try:
+        disk = DiskImage.open(image, overrides)
+    except ImageprovError as exc:
+        checks.add("partition table and layout", False, str(exc))
+        return Report(image, tuple(checks.items), device_id)
+    checks.add("partition table and layout", True, disk.layout.table.type.name)
+    data = disk.layout.data_partition
+    try:
+        found = disk.ext(data).fetch([KEY_PATH.inner, CERT_PATH.inner, DATA_CONF_PATH.inner])
+    except ImageprovError as exc:
+        checks.add("data partition readable", False, str(exc))
+        return Report(image, tuple(checks.items), device_id)
+    key_inode, key_pem = found[KEY_PATH.inner]
+    cert_inode, cert_pem = found[CERT_PATH.inner]
+    _check_file(checks, CLIENT_KEY, key_inode, 0o600)
+    _check_file(checks, CLIENT_CERT, cert_inode, 0o644)
+    cert, serial, fingerprint = _check_credentials(checks, key_pem, cert_pem, ca_cert, device_id, crl, now)
+    fallback = found[DATA_CONF_PATH.inner][1]
+    for volume in disk.layout.rootfs_partitions:
+        _check_conf(checks, disk, volume, fallback)
+    to_fsck = [data, *(disk.layout.rootfs_partitions if fsck_rootfs else ())]
+    for volume in to_fsck:
+        _check_fsck(checks, image, volume)
+    cn = _cn(cert) if cert is not None else device_id
+    return Report(image, tuple(checks.items), cn, serial, fingerprint)
+
+
+def _check_file(checks: _Checks, path: str, inode: Inode | None, mode: int) -> None:
+    if inode is None:
+        checks.add(f"{path} present", False, "missing")
+        return
+    checks.add(f"{path} present", inode.kind == "regular", inode.kind)
+    checks.add(
+        f"{path} is 0{mode:o} root:root",
+        (inode.mode, inode.uid, inode.gid) == (mode, 0, 0),
+        f"0{inode.mode:o} {inode.uid}:{inode.gid}",
+    )
+
+
+def _check_credentials(
+    checks: _Checks,
+    key_pem: bytes | None,
+    cert_pem: bytes | None,
+    ca_cert: x509.Certificate,
+    device_id: str | None,
+    crl: x509.CertificateRevocationList | None,
+    now: dt.datetime | None,
+) -> tuple[x509.Certificate | None, str | None, str | None]:
+    if cert_pem is None:
+        return None, None, None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        checks.add("certificate parses", False, "not a PEM certificate")
+        return None, None, None
+    serial, fingerprint = f"{cert.serial_number:x}", cert.fingerprint(hashes.SHA256()).hex()
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+        checks.add("certificate signed by the CA", True, ca_cert.subject.rfc4514_string())
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        checks.add("certificate signed by the CA", False, str(exc) or "signature does not verify")
+    moment = now or dt.datetime.now(dt.UTC)
+    checks.add(
+        "certificate within its validity",
+        cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc,
+        f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}",
+    )
+    if crl is not None:
+        signed = crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
+        revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        checks.add("CRL signed by the CA", signed)
+        checks.add("certificate not revoked", revoked is None,
+                   f"revoked {revoked.revocation_date_utc:%Y-%m-%d}" if revoked else "")  # fmt: skip
+    if device_id is not None:
+        checks.add("certificate CN is the device id", _cn(cert) == device_id, _cn(cert))
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        client_auth = ExtendedKeyUsageOID.CLIENT_AUTH in eku
+    except x509.ExtensionNotFound:
+        client_auth = False
+    checks.add("certificate allows clientAuth", client_auth)
+    if key_pem is not None:
+        try:
+            key = serialization.load_pem_private_key(key_pem, None)
+            checks.add("key matches the certificate", key.public_key() == cert.public_key())
+        except (ValueError, TypeError):
+            checks.add("key matches the certificate", False, "the key is not an unencrypted PEM private key")
+    return cert, serial, fingerprint
+
+
+def _cn(cert: x509.Certificate) -> str:
+    found = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(found[0].value) if found else ""
+
+
+def _check_conf(checks: _Checks, disk: DiskImage, volume: Volume, fallback: bytes | None) -> None:
+    name = f"mender.conf on {volume.role.value}"
+    try:
+        main = parse(disk.ext(volume).read(ROOTFS_CONF_PATH), f"{ROOTFS_CONF} on {volume.role.value}")
+        extra = parse(fallback, DATA_CONF) if fallback is not None else {}
+    except ImageprovError as exc:
+        checks.add(name, False, str(exc))
+        return
+    # The client reads the data partition's fallback config first and the
+    # rootfs one over it: a key in /etc/mender/mender.conf wins.
+    block = {**extra, **main}.get("HttpsClient")
+    where = ROOTFS_CONF if "HttpsClient" in main else DATA_CONF
+    if not isinstance(block, dict):
+        checks.add(name, False, "no HttpsClient block")
+    elif block.get("Key") == CLIENT_CERT:
+        checks.add(name, False, f"HttpsClient.Key in {where} points at the certificate, not the key")
+    else:
+        wanted = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
+        got = {k: block.get(k) for k in wanted}
+        checks.add(name, got == wanted, f"HttpsClient in {where}: {got}")
+
+
+def _check_fsck(checks: _Checks, image: Path, volume: Volume) -> None:
+    done = run(["e2fsck", "-fn", f"{image}?offset={volume.partition.offset}"], check=False)
+    out = (done.stdout.decode("utf-8", "replace") + done.stderr).strip().splitlines()
+    checks.add(f"e2fsck -fn on {volume.role.value}", done.returncode == 0, "" if done.returncode == 0 else out[-1])
