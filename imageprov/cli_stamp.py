@@ -17,7 +17,7 @@ from imageprov.layout import Overrides
 from imageprov.menderconf import Settings
 from imageprov.pki import Curve, load_cert
 from imageprov.registry import Registry
-from imageprov.stamp import Batch, ConfTarget, Engine, StampOptions, check_outputs
+from imageprov.stamp import Batch, ConfTarget, Engine, Failed, Stamped, StampOptions, check_outputs
 from imageprov.verify import verify_image
 
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts: one object per device on stdout.")]
@@ -93,33 +93,42 @@ def stamp(
     )
     failures: list[tuple[str, str]] = []
     with Registry(pki) as registry, Batch(image, out, ca, registry, options) as batch:
-        prepared = batch.prepare()
-        for note in prepared.notes:
+        batch.prepare()
+        for note in batch.notes:
             typer.echo(f"note: {note}", err=True)
         show_bar = sys.stderr.isatty() and not json_out
-        with typer.progressbar(ids, label="stamping", file=sys.stderr, hidden=not show_bar) as progress:
-            for device in progress:
-                try:
-                    done = batch.stamp(device)
-                except (ImageprovError, OSError) as exc:
-                    message = str(exc) if isinstance(exc, ImageprovError) else f"{exc.strerror}: {exc.filename}"
-                    failures.append((device, message))
+        with typer.progressbar(length=len(ids), label="stamping", file=sys.stderr, hidden=not show_bar) as bar:
+            for outcome in batch.run(ids):
+                bar.update(1)
+                if isinstance(outcome, Failed):
+                    failures.append((outcome.device_id, outcome.error))
                     if json_out:
-                        typer.echo(json.dumps({"device_id": device, "status": "failed", "error": message}))
+                        typer.echo(json.dumps({"device_id": outcome.device_id, "status": "failed",
+                                               "error": outcome.error}))  # fmt: skip
                     continue
-                for note in done.notes:
-                    typer.echo(f"{device}: {note}", err=True)
+                for note in outcome.notes:
+                    typer.echo(f"{outcome.device_id}: {note}", err=True)
                 if json_out:
-                    typer.echo(json.dumps({"device_id": device, "status": done.status, "image": str(done.image),
-                                           "serial": done.serial, "fingerprint": done.fingerprint,
-                                           "seconds": round(done.seconds, 4)}))  # fmt: skip
+                    typer.echo(json.dumps(_stamped_dict(outcome)))
                 elif not show_bar:
-                    typer.echo(f"{done.status} {device}: {done.image} (serial {done.serial})", err=True)
+                    typer.echo(f"{outcome.status} {outcome.device_id}: {outcome.image} (serial {outcome.serial})",
+                               err=True)  # fmt: skip
     if failures:
         detail = "; ".join(f"{d}: {m}" for d, m in failures)
         raise StampFailed(f"{len(failures)} of {len(ids)} devices failed: {detail}")
     if not json_out:
         typer.echo(f"delivered {len(ids)} images to {out}", err=True)
+
+
+def _stamped_dict(done: Stamped) -> dict[str, object]:
+    return {
+        "device_id": done.device_id,
+        "status": done.status,
+        "image": str(done.image),
+        "serial": done.serial,
+        "fingerprint": done.fingerprint,
+        "seconds": round(done.seconds, 4),
+    }
 
 
 def verify(

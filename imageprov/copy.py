@@ -79,22 +79,56 @@ def copy_fd(src: int, dst: int, *, progress: Progress | None = None) -> CopyResu
     return CopyResult("sparse", copied)
 
 
-@contextmanager
-def staged(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it to ``final`` only on success.
+def stage(final: Path) -> Path:
+    """A new empty hidden file beside ``final`` to build it in.
 
     A crash or an error leaves at most a hidden ``.NAME.*.partial.SUFFIX``
-    file, never a half-written image under the final name. The suffix is
-    kept because tools such as mender-artifact tell image types by it.
+    file, never a half-written file under the final name. The suffix is kept
+    because tools such as mender-artifact tell image types by it.
     """
     fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".partial{final.suffix}", dir=final.parent)
     os.close(fd)
-    temp = Path(name)
+    return Path(name)
+
+
+def publish(temp: Path, final: Path, *, replace: bool = False) -> None:
+    """Give the complete file ``temp`` its final name, durably: data first, then the name.
+
+    Unless ``replace``, an existing ``final`` is never overwritten (another
+    process may have delivered it): link(2) fails rather than clobber.
+    """
+    with open(temp, "rb") as handle:
+        os.fsync(handle.fileno())
+    if replace:
+        os.replace(temp, final)
+    else:
+        try:
+            os.link(temp, final)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            # Filesystems without hard links: a plain rename, after checking.
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if final.exists():
+                raise FileExistsError(errno.EEXIST, "File exists", str(final)) from exc
+            os.rename(temp, final)
+        else:
+            temp.unlink()
+    directory = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+@contextmanager
+def staged(final: Path, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; publish it as ``final`` only if no error is raised."""
+    temp = stage(final)
     try:
         yield temp
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, final)
+        publish(temp, final, replace=replace)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

@@ -82,6 +82,46 @@ class NewFile:
 
 
 @dataclass(frozen=True)
+class PlannedFile:
+    path: PurePosixPath
+    mode: int
+    uid: int
+    gid: int
+    replace: bool  # it exists and is removed first: debugfs's write never overwrites
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """debugfs commands that write files into a filesystem in a known state."""
+
+    mkdirs: tuple[PurePosixPath, ...]
+    files: tuple[PlannedFile, ...]
+    dir_mode: int = 0o755
+
+    def commands(self, sources: dict[PurePosixPath, Path]) -> list[str]:
+        """The script, with each file's content read from ``sources``."""
+        commands = []
+        for directory in self.mkdirs:
+            commands += [
+                f"mkdir {_q(directory)}",
+                f"sif {_q(directory)} mode 0{S_IFDIR | self.dir_mode:o}",
+                f"sif {_q(directory)} uid 0",
+                f"sif {_q(directory)} gid 0",
+            ]
+        for planned in self.files:
+            path = _q(planned.path)
+            if planned.replace:
+                commands.append(f"rm {path}")
+            commands += [
+                f"write {_q(sources[planned.path])} {path}",
+                f"sif {path} mode 0{S_IFREG | planned.mode:o}",
+                f"sif {path} uid {planned.uid}",
+                f"sif {path} gid {planned.gid}",
+            ]
+        return commands
+
+
+@dataclass(frozen=True)
 class Ext4:
     """One ext filesystem at a byte offset of an image file."""
 
@@ -190,46 +230,54 @@ class Ext4:
         Existing files are removed and written anew (debugfs cannot overwrite),
         then mode, uid and gid are set, and everything is read back and compared.
         """
+        self.apply(self.plan(files, dirs=dirs, dir_mode=dir_mode), files)
+        if files:
+            self._read_back(files)
+
+    def plan(self, files: Sequence[NewFile], *, dirs: Sequence[PurePosixPath] = (), dir_mode: int = 0o755) -> WritePlan:
+        """Look at this filesystem once and decide the debugfs commands that write ``files`` (contents ignored).
+
+        The plan holds for every byte-identical copy of this filesystem, which is
+        how stamp writes a thousand images with one look.
+        """
         targets = [f.path for f in files]
         if len(set(targets)) != len(targets):
             raise UsageError("the same path is written twice")
-        wanted_dirs = {a for t in targets for a in t.parents} | {d for d in dirs} | {a for d in dirs for a in d.parents}
-        parents = sorted(wanted_dirs - {PurePosixPath("/")}, key=lambda p: len(p.parts))
+        wanted = {a for t in targets for a in t.parents} | set(dirs) | {a for d in dirs for a in d.parents}
+        parents = sorted(wanted - {PurePosixPath("/")}, key=lambda p: len(p.parts))
         found = self.stat_many([*parents, *targets])
-        commands: list[str] = []
+        mkdirs = []
         for parent in parents:
             inode = found[parent]
             if inode is None:
-                commands += [
-                    f"mkdir {_q(parent)}",
-                    f"sif {_q(parent)} mode 0{S_IFDIR | dir_mode:o}",
-                    f"sif {_q(parent)} uid 0",
-                    f"sif {_q(parent)} gid 0",
-                ]
+                mkdirs.append(parent)
             elif inode.kind != "directory":
                 raise FilesystemError(f"{parent} on {self.name} is a {inode.kind}, not a directory")
+        planned = []
+        for new in files:
+            existing = found[new.path]
+            if existing is not None and existing.kind not in ("regular", "symlink"):
+                raise FilesystemError(f"{new.path} on {self.name} is a {existing.kind}; not replacing it")
+            planned.append(PlannedFile(new.path, new.mode, new.uid, new.gid, replace=existing is not None))
+        return WritePlan(tuple(mkdirs), tuple(planned), dir_mode)
+
+    def apply(self, plan: WritePlan, files: Sequence[NewFile]) -> None:
+        """Run ``plan`` with the contents of ``files`` (one debugfs run; no read-back)."""
+        contents = {f.path: f.content for f in files}
+        if set(contents) != {p.path for p in plan.files}:
+            raise UsageError("the files to write are not the ones planned")
+        if not plan.files and not plan.mkdirs:
+            return
         with tempfile.TemporaryDirectory(prefix="imageprov-") as tmp:
-            for i, new in enumerate(files):
-                existing = found[new.path]
-                if existing is not None and existing.kind not in ("regular", "symlink"):
-                    raise FilesystemError(f"{new.path} on {self.name} is a {existing.kind}; not replacing it")
-                source = Path(tmp, f"f{i}")
+            sources = {}
+            for i, planned in enumerate(plan.files):
+                source = sources[planned.path] = Path(tmp, f"f{i}")
                 # The source may be a private key: created 0600 in a 0700 directory.
                 fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as handle:
-                    handle.write(new.content)
-                if existing is not None:
-                    commands.append(f"rm {_q(new.path)}")
-                commands += [
-                    f"write {_q(source)} {_q(new.path)}",
-                    f"sif {_q(new.path)} mode 0{S_IFREG | new.mode:o}",
-                    f"sif {_q(new.path)} uid {new.uid}",
-                    f"sif {_q(new.path)} gid {new.gid}",
-                ]
-            _, errors = self._debugfs(commands, write=True)
+                    handle.write(contents[planned.path])
+            _, errors = self._debugfs(plan.commands(sources), write=True)
         self._check(errors, "writing")
-        if files:
-            self._read_back(files)
 
     def _read_back(self, files: Sequence[NewFile]) -> None:
         found = self.fetch([f.path for f in files])

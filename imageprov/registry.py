@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import os
+import socket
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +42,8 @@ CREATE TABLE IF NOT EXISTS certificates (
     revoked_at   TEXT,
     reason       TEXT,
     delivered_to TEXT,
-    delivered_at TEXT
+    delivered_at TEXT,
+    owner        TEXT                       -- host:pid of the process that issued it
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_live_certificate_per_device
     ON certificates (device_id) WHERE kind = 'device' AND status IN ('pending', 'active');
@@ -86,6 +89,7 @@ class Record:
     reason: Reason | None
     delivered_to: str | None
     delivered_at: str | None
+    owner: str | None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Record:
@@ -100,6 +104,28 @@ class Record:
             "status": self.status.value,
             "reason": self.reason.value if self.reason else None,
         }
+
+
+# Who issues: lets a rerun tell a pending certificate of a crashed run from
+# one that another process on this station is still delivering.
+def current_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(owner: str | None) -> bool:
+    """True if ``owner`` is a process on this host that is still running."""
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _now() -> str:
@@ -120,6 +146,9 @@ class Registry:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(certificates)")}
+            if "owner" not in columns:  # registries made by imageprov 0.1.0 before owners were kept
+                self._db.execute("ALTER TABLE certificates ADD COLUMN owner TEXT")
         except sqlite3.Error as exc:
             raise PkiError(f"cannot open the registry {self.path}: {exc}") from exc
 
@@ -177,11 +206,11 @@ class Registry:
                         (now, device_id),
                     )
                 db.execute(
-                    "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
+                    "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
                     (
                         issued.serial_hex, device_id, kind, issued.fingerprint, public_key.decode(),
                         cert.not_valid_before_utc.isoformat(), cert.not_valid_after_utc.isoformat(), now,
-                        status.value, delivered_to, now if delivered_to else None,
+                        status.value, delivered_to, now if delivered_to else None, current_owner(),
                     ),
                 )  # fmt: skip
         except sqlite3.IntegrityError as exc:

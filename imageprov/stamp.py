@@ -1,17 +1,21 @@
 """The stamping pipeline: one complete, checked image per device.
 
 What is the same for every device (mender.conf on both rootfs partitions, or
-the data partition's fallback config) is done once per batch, on a private
-copy of the golden image (``prepare``). Per device, that copy is copied again
-(reflink or sparse), the device's key and certificate are written into the
-data partition, everything is verified, and only then does the image get its
-final name. The golden image is only ever opened read-only.
+the data partition's fallback config) is done and checked once per batch, on
+a private copy of the golden image (``prepare``). Per device, that copy is
+copied again (reflink or sparse), the device's key and certificate are
+written into the data partition with a write plan made once, the data
+partition is checked, and the image is published under its final name only
+once its data are on disk. Publishing runs in a second thread, so that one
+device's fsync overlaps the next device's copy. The golden image is only ever
+opened read-only.
 
 Registry states make reruns safe: a certificate is ``pending`` from issue
 until its image has its final name, then ``active``. On a rerun, a device
 whose image exists is left as it is (a pending certificate that matches its
-image becomes active); a pending certificate whose image never got its final
-name is revoked (``superseded``) and a new one is issued.
+image becomes active); a pending certificate of a process that is gone, and
+whose image never got its final name, is revoked (``superseded``) and a new
+one is issued.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from __future__ import annotations
 import enum
 import os
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -26,15 +33,25 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from imageprov import mender_artifact
-from imageprov.copy import copy_image, staged
+from imageprov.copy import copy_image, publish, stage
 from imageprov.errors import ImageprovError, UsageError
-from imageprov.ext4 import NewFile
+from imageprov.ext4 import NewFile, WritePlan
 from imageprov.image import DiskImage
 from imageprov.layout import Overrides, Volume
 from imageprov.menderconf import DATA_CONF, ROOTFS_CONF, Settings, merge, parse
 from imageprov.pki import CertificateAuthority, Curve, Issued
-from imageprov.registry import Reason, Registry, Status
-from imageprov.verify import CERT_PATH, DATA_CONF_PATH, KEY_PATH, ROOTFS_CONF_PATH, verify_image
+from imageprov.registry import Reason, Registry, Status, owner_alive
+from imageprov.verify import (
+    CERT_PATH,
+    DATA_CONF_PATH,
+    KEY_PATH,
+    ROOTFS_CONF_PATH,
+    Checks,
+    check_data_partition,
+    check_fsck,
+    check_mender_confs,
+    verify_image,
+)
 
 # A stamped image holds the device's private key: readable by its owner only.
 IMAGE_MODE = 0o600
@@ -59,6 +76,8 @@ class StampOptions:
     curve: Curve = Curve.P256
     reissue: bool = False
     overrides: Overrides = field(default_factory=Overrides)
+    # Images built at once; the work is mostly waiting on the kernel and disk.
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -73,11 +92,27 @@ class Stamped:
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """The batch's source image and what preparing it did."""
+class Failed:
+    device_id: str
+    error: str
 
-    source: Path
-    notes: tuple[str, ...] = field(default=())
+
+Outcome = Stamped | Failed
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A device whose certificate is issued (pending) and whose image is to be built."""
+
+    device_id: str
+    final: Path
+    issued: Issued
+    started: float
+    notes: tuple[str, ...]
+
+
+# A partition, files to write on it and directories to make.
+Change = tuple[Volume, list[NewFile], list[PurePosixPath]]
 
 
 def output_path(golden: Path, out_dir: Path, device_id: str) -> Path:
@@ -89,18 +124,19 @@ def check_outputs(golden: Path, out_dir: Path, device_ids: list[str]) -> None:
     """Refuse an output directory that is not one, or an output that would be the golden image."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {out_dir}: {exc.strerror}") from exc
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out_dir} is not writable")
     for device_id in device_ids:
         target = output_path(golden, out_dir, device_id)
         if target.exists() and os.path.samefile(target, golden):
-            raise UsageError(f"the output for {device_id} would overwrite the golden image {golden}",
-                             hint="choose another --out directory")  # fmt: skip
-
-
-# A partition, files to write on it and directories to make.
-Change = tuple[Volume, list[NewFile], list[PurePosixPath]]
+            raise UsageError(
+                f"the output for {device_id} would overwrite the golden image {golden}",
+                hint="choose another --out directory",
+            )
 
 
 class Batch:
@@ -115,7 +151,9 @@ class Batch:
         self.registry = registry
         self.options = options
         self.disk = DiskImage.open(golden, options.overrides)
-        self._prepared: Prepared | None = None
+        self.notes: tuple[str, ...] = ()
+        self._source: Path | None = None
+        self._plan: WritePlan | None = None
         self._scratch: Path | None = None
 
     def __enter__(self) -> Batch:
@@ -125,38 +163,54 @@ class Batch:
         if self._scratch is not None:
             self._scratch.unlink(missing_ok=True)
 
-    def prepare(self) -> Prepared:
-        """Do what is the same for every device, once: on a private copy, or not at all if already done."""
-        if self._prepared is not None:
-            return self._prepared
-        if self.options.engine is Engine.MENDER_ARTIFACT:
-            self._prepared = Prepared(self.golden)
-            return self._prepared
-        changes, notes = self._batch_changes(self.disk)
-        if not changes:
-            self._prepared = Prepared(self.golden, (*notes, "golden image already prepared: copying it as it is"))
-            return self._prepared
-        scratch = self.out_dir / f".imageprov-batch-{os.getpid()}.partial{self.golden.suffix}"
-        self._scratch = scratch
-        copy_image(self.golden, scratch, mode=IMAGE_MODE)
-        prepared = self.disk.at(scratch)
-        for volume, files, dirs in changes:
-            prepared.ext(volume).write_files(files, dirs=dirs)
-        self._prepared = Prepared(scratch, tuple(notes))
-        return self._prepared
+    # -- once per batch -------------------------------------------------------
 
-    def _batch_changes(self, disk: DiskImage) -> tuple[list[Change], list[str]]:
+    def prepare(self) -> Path:
+        """Do and check what is the same for every device, once; return the image to copy per device."""
+        if self._source is not None:
+            return self._source
+        if self.options.engine is Engine.MENDER_ARTIFACT:
+            self._source = self.golden
+            return self._source
+        changes, notes = self._batch_changes()
+        source = self.golden
+        if changes:
+            self._scratch = stage(self.out_dir / f"imageprov-batch{self.golden.suffix}")
+            copy_image(self.golden, self._scratch, mode=IMAGE_MODE)
+            source = self._scratch
+            prepared = self.disk.at(source)
+            for volume, files, dirs in changes:
+                prepared.ext(volume).write_files(files, dirs=dirs)
+        else:
+            notes.append("golden image already prepared: only the data partition changes per device")
+        disk = self.disk.at(source)
+        self._check_prepared(disk)
+        placeholder = [NewFile(KEY_PATH.inner, b"", 0o600), NewFile(CERT_PATH.inner, b"", 0o644)]
+        self._plan = disk.ext(disk.layout.data_partition).plan(placeholder)
+        self.notes = tuple(notes)
+        self._source = source
+        return source
+
+    def _check_prepared(self, disk: DiskImage) -> None:
+        # Every device's rootfs partitions are byte copies of these: checked
+        # here once, rather than once per device.
+        checks = Checks()
+        fallback = disk.ext(disk.layout.data_partition).fetch([DATA_CONF_PATH.inner])[DATA_CONF_PATH.inner][1]
+        check_mender_confs(checks, disk, fallback)
+        if checks.failures:
+            failed = checks.failures[0]
+            raise ImageprovError(f"the prepared image fails '{failed.name}': {failed.detail}")
+
+    def _batch_changes(self) -> tuple[list[Change], list[str]]:
         """The writes every device's image needs, and notes for the user; none if the golden is prepared."""
-        settings, layout = self.options.settings, disk.layout
+        settings, layout, disk = self.options.settings, self.disk.layout, self.disk
         notes: list[str] = []
         changes: list[Change] = []
-        mender_dir = PurePosixPath("/mender")
         data_fs = disk.ext(layout.data_partition)
         if self.options.conf_target is ConfTarget.ROOTFS:
             for volume in layout.rootfs_partitions:
                 where = f"{ROOTFS_CONF} on {volume.role.value}"
-                current = disk.ext(volume).read(ROOTFS_CONF_PATH)
-                merged = merge(current, settings, where)
+                merged = merge(disk.ext(volume).read(ROOTFS_CONF_PATH), settings, where)
                 if merged.replaced is not None:
                     notes.append(f"{where}: replaced HttpsClient {merged.replaced}")
                 if merged.changed:
@@ -166,21 +220,62 @@ class Batch:
                 where = f"{ROOTFS_CONF} on {volume.role.value}"
                 main = parse(disk.ext(volume).read(ROOTFS_CONF_PATH), where)
                 if "HttpsClient" in main and main["HttpsClient"] != settings.https_client:
-                    raise UsageError(f"{where} has its own HttpsClient, which overrides the data partition's",
-                                     hint="use --conf-target rootfs, or remove it from the golden image")  # fmt: skip
+                    raise UsageError(
+                        f"{where} has its own HttpsClient, which overrides the data partition's",
+                        hint="use --conf-target rootfs, or remove it from the golden image",
+                    )
             inode, fallback = data_fs.fetch([DATA_CONF_PATH.inner])[DATA_CONF_PATH.inner]
             merged = merge(fallback, settings, DATA_CONF)
             if merged.replaced is not None:
                 notes.append(f"{DATA_CONF}: replaced HttpsClient {merged.replaced}")
             if merged.changed or inode is None:
                 changes.append((layout.data_partition, [NewFile(DATA_CONF_PATH.inner, merged.text, 0o644)], []))
-        if data_fs.stat(mender_dir) is None:
+        if data_fs.stat(KEY_PATH.inner.parent) is None:
             # Made once here rather than once per device.
-            changes.append((layout.data_partition, [], [mender_dir]))
+            changes.append((layout.data_partition, [], [KEY_PATH.inner.parent]))
         return changes, notes
 
+    # -- per device -----------------------------------------------------------
+
+    def run(self, device_ids: Iterable[str]) -> Iterator[Outcome]:
+        """Stamp each device, yielding outcomes in the order of ``device_ids``.
+
+        The registry and the CA are used from this thread only; building and
+        publishing images (copies, debugfs, fsync: all waiting on the kernel)
+        runs on ``workers`` threads, so one device's disk writes overlap the
+        next one's work.
+        """
+        self.prepare()
+        workers = max(1, self.options.workers)
+        queue: deque[Outcome | tuple[_Job, Future[None]]] = deque()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imageprov-build") as pool:
+            try:
+                for device_id in device_ids:
+                    try:
+                        job = self._begin(device_id)
+                    except (ImageprovError, OSError) as exc:
+                        queue.append(Failed(device_id, _message(exc)))
+                    else:
+                        queue.append(job if isinstance(job, Stamped) else (job, pool.submit(self._build, job)))
+                    while len(queue) > workers:
+                        yield self._finish(queue.popleft())
+                while queue:
+                    yield self._finish(queue.popleft())
+            finally:
+                # Interrupted: finish what is being built, so that the
+                # registry says what the output directory holds.
+                while queue:
+                    self._finish(queue.popleft())
+
     def stamp(self, device_id: str) -> Stamped:
-        """Deliver one device's image, or leave an already delivered one as it is."""
+        """Stamp one device; raise on failure."""
+        [outcome] = self.run([device_id])
+        if isinstance(outcome, Failed):
+            raise ImageprovError(outcome.error)
+        return outcome
+
+    def _begin(self, device_id: str) -> _Job | Stamped:
+        """Registry side of a device, before its image is built: issue a pending certificate."""
         started = time.perf_counter()
         final = output_path(self.golden, self.out_dir, device_id)
         if final.exists():
@@ -188,30 +283,56 @@ class Batch:
         notes = self._revoke_undelivered(device_id)
         issued = self.ca.issue_device(device_id, days=self.options.days, curve=self.options.curve)
         self.registry.record(issued, status=Status.PENDING, reissue=self.options.reissue)
-        try:
-            with staged(final) as temp:
-                self._write(temp, issued)
-                report = verify_image(temp, self.ca.cert, device_id=device_id, overrides=self.options.overrides,
-                                      fsck_rootfs=False)  # fmt: skip
-                if not report.ok:
-                    failed = report.failures[0]
-                    raise ImageprovError(f"the stamped image fails '{failed.name}': {failed.detail}")
-        except BaseException:
-            # The certificate will never reach a device: it must not stay live.
-            self.registry.revoke(serial=issued.serial_hex, reason=Reason.CESSATION_OF_OPERATION)
-            raise
-        self.registry.deliver(issued.serial_hex, str(final))
-        seconds = time.perf_counter() - started
-        return Stamped(device_id, final, issued.serial_hex, issued.fingerprint, "stamped", seconds, tuple(notes))
+        return _Job(device_id, final, issued, started, tuple(notes))
 
-    def _write(self, temp: Path, issued: Issued) -> None:
-        settings, target = self.options.settings, self.options.conf_target
+    def _build(self, job: _Job) -> None:
+        """Worker side: build, check and publish the image (no registry, no CA key here)."""
+        temp = stage(job.final)
+        try:
+            self._write_and_check(temp, job.device_id, job.issued)
+            publish(temp, job.final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+
+    def _write_and_check(self, temp: Path, device_id: str, issued: Issued) -> None:
         if self.options.engine is Engine.MENDER_ARTIFACT:
-            mender_artifact.stamp(self.golden, temp, issued, settings, data_conf=target is ConfTarget.DATA)
-            return
-        copy_image(self.prepare().source, temp, mode=IMAGE_MODE)
-        files = [NewFile(KEY_PATH.inner, issued.key_pem(), 0o600), NewFile(CERT_PATH.inner, issued.cert_pem(), 0o644)]
-        self.disk.at(temp).ext(self.disk.layout.data_partition).write_files(files)
+            mender_artifact.stamp(
+                self.golden, temp, issued, self.options.settings, data_conf=self.options.conf_target is ConfTarget.DATA
+            )
+            report = verify_image(temp, self.ca.cert, device_id=device_id, overrides=self.options.overrides)
+            failures = report.failures
+        else:
+            assert self._source is not None and self._plan is not None
+            copy_image(self._source, temp, mode=IMAGE_MODE)
+            disk = self.disk.at(temp)
+            data = disk.layout.data_partition
+            files = [NewFile(KEY_PATH.inner, issued.key_pem(), 0o600), NewFile(CERT_PATH.inner, issued.cert_pem())]
+            disk.ext(data).apply(self._plan, files)
+            checks = Checks()
+            expected = {f.path: f.content for f in files}
+            check_data_partition(checks, disk, self.ca.cert, device_id=device_id, expected=expected)
+            check_fsck(checks, temp, [data])
+            failures = checks.failures
+        if failures:
+            raise ImageprovError(f"the stamped image fails '{failures[0].name}': {failures[0].detail}")
+
+    def _finish(self, item: Outcome | tuple[_Job, Future[None]]) -> Outcome:
+        if not isinstance(item, tuple):
+            return item
+        job, built = item
+        try:
+            built.result()
+        except BaseException as exc:
+            # The certificate will never reach a device: it must not stay live.
+            self.registry.revoke(serial=job.issued.serial_hex, reason=Reason.CESSATION_OF_OPERATION)
+            if not isinstance(exc, (ImageprovError, OSError)):
+                raise
+            return Failed(job.device_id, _message(exc))
+        self.registry.deliver(job.issued.serial_hex, str(job.final))
+        issued = job.issued
+        seconds = time.perf_counter() - job.started
+        return Stamped(job.device_id, job.final, issued.serial_hex, issued.fingerprint, "stamped", seconds, job.notes)
 
     def _already_delivered(self, device_id: str, final: Path, started: float) -> Stamped:
         found = self.disk.at(final).ext(self.disk.layout.data_partition).fetch([CERT_PATH.inner])
@@ -223,18 +344,28 @@ class Batch:
         notes = []
         live = self.registry.live(device_id)
         if live is not None and live.serial == serial and live.status is Status.PENDING:
-            # Interrupted between the rename and the registry update: the image is complete.
+            # Stopped between publishing the image and recording it: the image is complete.
             self.registry.deliver(serial, str(final))
-            notes.append("marked delivered: the previous run stopped after writing the image")
+            notes.append("marked delivered: the previous run stopped after publishing the image")
         elif live is None or live.serial != serial:
             notes.append("warning: this image's certificate is not the device's live certificate in the registry")
         fingerprint = cert.fingerprint(hashes.SHA256()).hex()
-        return Stamped(device_id, final, serial, fingerprint, "already-delivered", time.perf_counter() - started,
-                       tuple(notes))  # fmt: skip
+        seconds = time.perf_counter() - started
+        return Stamped(device_id, final, serial, fingerprint, "already-delivered", seconds, tuple(notes))
 
     def _revoke_undelivered(self, device_id: str) -> list[str]:
         live = self.registry.live(device_id)
         if live is None or live.status is not Status.PENDING:
             return []
+        if owner_alive(live.owner):
+            raise ImageprovError(f"device {device_id} is being stamped by another process ({live.owner})")
         self.registry.revoke(serial=live.serial, reason=Reason.SUPERSEDED)
         return [f"revoked certificate {live.serial}, issued by an interrupted run for an image never delivered"]
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, ImageprovError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+    return str(exc)

@@ -65,12 +65,27 @@ class Report:
 
 
 @dataclass
-class _Checks:
+class Checks:
+    """Checks as they are made, in order."""
+
     items: list[Check] = field(default_factory=list)
 
     def add(self, name: str, ok: bool, detail: str = "") -> bool:
         self.items.append(Check(name, ok, detail))
         return ok
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.items if not c.ok]
+
+
+@dataclass(frozen=True)
+class DataFindings:
+    """What the data partition holds: the certificate and the fallback mender.conf."""
+
+    cert: x509.Certificate | None = None
+    fallback: bytes | None = None
+    readable: bool = True
 
 
 def verify_image(
@@ -84,35 +99,72 @@ def verify_image(
     now: dt.datetime | None = None,
 ) -> Report:
     """Check everything about the client credentials in ``image``; never raises for a bad image."""
-    checks = _Checks()
+    checks = Checks()
     try:
         disk = DiskImage.open(image, overrides)
     except ImageprovError as exc:
         checks.add("partition table and layout", False, str(exc))
         return Report(image, tuple(checks.items), device_id)
     checks.add("partition table and layout", True, disk.layout.table.type.name)
-    data = disk.layout.data_partition
+    found = check_data_partition(checks, disk, ca_cert, device_id=device_id, crl=crl, now=now)
+    if not found.readable:
+        return Report(image, tuple(checks.items), device_id)
+    check_mender_confs(checks, disk, found.fallback)
+    touched = [disk.layout.data_partition, *(disk.layout.rootfs_partitions if fsck_rootfs else ())]
+    check_fsck(checks, image, touched)
+    cert = found.cert
+    return Report(
+        image,
+        tuple(checks.items),
+        _cn(cert) if cert else device_id,
+        f"{cert.serial_number:x}" if cert else None,
+        cert.fingerprint(hashes.SHA256()).hex() if cert else None,
+    )
+
+
+def check_data_partition(
+    checks: Checks,
+    disk: DiskImage,
+    ca_cert: x509.Certificate,
+    *,
+    device_id: str | None = None,
+    crl: x509.CertificateRevocationList | None = None,
+    now: dt.datetime | None = None,
+    expected: dict[PurePosixPath, bytes] | None = None,
+) -> DataFindings:
+    """Check the key and certificate on the data partition, in one debugfs run.
+
+    ``expected``, when given, are contents just written, which must read back
+    byte for byte.
+    """
     try:
-        found = disk.ext(data).fetch([KEY_PATH.inner, CERT_PATH.inner, DATA_CONF_PATH.inner])
+        found = disk.ext(disk.layout.data_partition).fetch([KEY_PATH.inner, CERT_PATH.inner, DATA_CONF_PATH.inner])
     except ImageprovError as exc:
         checks.add("data partition readable", False, str(exc))
-        return Report(image, tuple(checks.items), device_id)
+        return DataFindings(readable=False)
     key_inode, key_pem = found[KEY_PATH.inner]
     cert_inode, cert_pem = found[CERT_PATH.inner]
+    for path, want in (expected or {}).items():
+        checks.add(f"{path} reads back as written", found[path][1] == want)
     _check_file(checks, CLIENT_KEY, key_inode, 0o600)
     _check_file(checks, CLIENT_CERT, cert_inode, 0o644)
-    cert, serial, fingerprint = _check_credentials(checks, key_pem, cert_pem, ca_cert, device_id, crl, now)
-    fallback = found[DATA_CONF_PATH.inner][1]
+    cert = _check_credentials(checks, key_pem, cert_pem, ca_cert, device_id, crl, now)
+    return DataFindings(cert, found[DATA_CONF_PATH.inner][1])
+
+
+def check_mender_confs(checks: Checks, disk: DiskImage, fallback: bytes | None) -> None:
+    """Check the HttpsClient the client will see when booted from rootfs A and from rootfs B."""
     for volume in disk.layout.rootfs_partitions:
         _check_conf(checks, disk, volume, fallback)
-    to_fsck = [data, *(disk.layout.rootfs_partitions if fsck_rootfs else ())]
-    for volume in to_fsck:
+
+
+def check_fsck(checks: Checks, image: Path, volumes: list[Volume]) -> None:
+    """``e2fsck -fn`` on each volume: read-only, and it must find nothing to fix."""
+    for volume in volumes:
         _check_fsck(checks, image, volume)
-    cn = _cn(cert) if cert is not None else device_id
-    return Report(image, tuple(checks.items), cn, serial, fingerprint)
 
 
-def _check_file(checks: _Checks, path: str, inode: Inode | None, mode: int) -> None:
+def _check_file(checks: Checks, path: str, inode: Inode | None, mode: int) -> None:
     if inode is None:
         checks.add(f"{path} present", False, "missing")
         return
@@ -125,22 +177,21 @@ def _check_file(checks: _Checks, path: str, inode: Inode | None, mode: int) -> N
 
 
 def _check_credentials(
-    checks: _Checks,
+    checks: Checks,
     key_pem: bytes | None,
     cert_pem: bytes | None,
     ca_cert: x509.Certificate,
     device_id: str | None,
     crl: x509.CertificateRevocationList | None,
     now: dt.datetime | None,
-) -> tuple[x509.Certificate | None, str | None, str | None]:
+) -> x509.Certificate | None:
     if cert_pem is None:
-        return None, None, None
+        return None
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
         checks.add("certificate parses", False, "not a PEM certificate")
-        return None, None, None
-    serial, fingerprint = f"{cert.serial_number:x}", cert.fingerprint(hashes.SHA256()).hex()
+        return None
     try:
         cert.verify_directly_issued_by(ca_cert)
         checks.add("certificate signed by the CA", True, ca_cert.subject.rfc4514_string())
@@ -172,7 +223,7 @@ def _check_credentials(
             checks.add("key matches the certificate", key.public_key() == cert.public_key())
         except (ValueError, TypeError):
             checks.add("key matches the certificate", False, "the key is not an unencrypted PEM private key")
-    return cert, serial, fingerprint
+    return cert
 
 
 def _cn(cert: x509.Certificate) -> str:
@@ -180,7 +231,7 @@ def _cn(cert: x509.Certificate) -> str:
     return str(found[0].value) if found else ""
 
 
-def _check_conf(checks: _Checks, disk: DiskImage, volume: Volume, fallback: bytes | None) -> None:
+def _check_conf(checks: Checks, disk: DiskImage, volume: Volume, fallback: bytes | None) -> None:
     name = f"mender.conf on {volume.role.value}"
     try:
         main = parse(disk.ext(volume).read(ROOTFS_CONF_PATH), f"{ROOTFS_CONF} on {volume.role.value}")
@@ -202,7 +253,7 @@ def _check_conf(checks: _Checks, disk: DiskImage, volume: Volume, fallback: byte
         checks.add(name, got == wanted, f"HttpsClient in {where}: {got}")
 
 
-def _check_fsck(checks: _Checks, image: Path, volume: Volume) -> None:
+def _check_fsck(checks: Checks, image: Path, volume: Volume) -> None:
     done = run(["e2fsck", "-fn", f"{image}?offset={volume.partition.offset}"], check=False)
     out = (done.stdout.decode("utf-8", "replace") + done.stderr).strip().splitlines()
     checks.add(f"e2fsck -fn on {volume.role.value}", done.returncode == 0, "" if done.returncode == 0 else out[-1])
