@@ -102,6 +102,7 @@ def stamp(
                 bar.update(1)
                 if isinstance(outcome, Failed):
                     failures.append((outcome.device_id, outcome.error))
+                    typer.echo(f"failed {outcome.device_id}: {outcome.error}", err=True)
                     if json_out:
                         typer.echo(json.dumps({"device_id": outcome.device_id, "status": "failed",
                                                "error": outcome.error}))  # fmt: skip
@@ -114,8 +115,11 @@ def stamp(
                     typer.echo(f"{outcome.status} {outcome.device_id}: {outcome.image} (serial {outcome.serial})",
                                err=True)  # fmt: skip
     if failures:
-        detail = "; ".join(f"{d}: {m}" for d, m in failures)
-        raise StampFailed(f"{len(failures)} of {len(ids)} devices failed: {detail}")
+        names = ", ".join(d for d, _ in failures[:10]) + (", ..." if len(failures) > 10 else "")
+        raise StampFailed(
+            f"{len(failures)} of {len(ids)} devices failed: {names}",
+            hint="the others were delivered; fix the cause and rerun the same command",
+        )
     if not json_out:
         typer.echo(f"delivered {len(ids)} images to {out}", err=True)
 

@@ -1,0 +1,143 @@
+"""verify: accepts what stamp produced and rejects each tampered variant, naming the failed check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from imageprov.golden import Scheme
+from imageprov.pki import CertificateAuthority, Subject
+from tests.conftest import imageprov, imageprov_pki, offset_of, roles, tool
+
+
+@pytest.fixture
+def stamped(make_golden: Callable[..., Path], pki: Path, tmp_path: Path) -> Path:
+    golden = make_golden(Scheme.MBR_EXTENDED)
+    imageprov_pki("stamp", golden, "--pki", pki, "--out", tmp_path / "out", "--device-id", "v-1")
+    return tmp_path / "out" / "v-1.sdimg"
+
+
+def _debugfs_write(image: Path, role: str, commands: str, tmp_path: Path) -> None:
+    script = tmp_path / "tamper"
+    script.write_text(commands)
+    number = roles(image)[role]
+    proc = tool("debugfs", "-w", "-f", script, f"{image}?offset={offset_of(image, number)}")
+    assert b"error" not in proc.stderr.lower() and b"failed" not in proc.stderr.lower(), proc.stderr
+
+
+def _replace(image: Path, role: str, path: str, content: bytes, tmp_path: Path, mode: str = "0100644") -> None:
+    source = tmp_path / "replacement"
+    source.write_bytes(content)
+    _debugfs_write(image, role, f"rm {path}\nwrite {source} {path}\nsif {path} mode {mode}\n", tmp_path)
+
+
+def _verify(image: Path, pki: Path, *extra: str | Path) -> tuple[int, dict[str, bool]]:
+    proc = imageprov("verify", image, "--ca", pki / "ca-cert.pem", "--json", *extra, check=False)
+    report = json.loads(proc.stdout)
+    assert report["ok"] == (proc.returncode == 0)
+    return proc.returncode, {c["name"]: c["ok"] for c in report["checks"]}
+
+
+def _failed(image: Path, pki: Path, *extra: str | Path) -> set[str]:
+    code, checks = _verify(image, pki, *extra)
+    assert code == 1
+    return {name for name, ok in checks.items() if not ok}
+
+
+def test_stamped_image_passes(stamped: Path, pki: Path) -> None:
+    code, checks = _verify(stamped, pki, "--device-id", "v-1")
+    assert code == 0 and all(checks.values())
+    assert len(checks) >= 15  # every check ran
+    text = imageprov("verify", stamped, "--ca", pki / "ca-cert.pem", "--device-id", "v-1").stdout
+    assert text.count("ok  ") == len(checks) and "FAIL" not in text
+
+
+def test_key_swapped(stamped: Path, pki: Path, tmp_path: Path) -> None:
+    other = CertificateAuthority.create(Subject("x")).issue_device("v-1")
+    _replace(stamped, "data", "/mender/mender-cert-private.pem", other.key_pem(), tmp_path, "0100600")
+    assert _failed(stamped, pki) == {"key matches the certificate"}
+
+
+def test_certificate_from_another_ca(stamped: Path, pki: Path, tmp_path: Path) -> None:
+    other = CertificateAuthority.create(Subject("Test Fleet CA")).issue_device("v-1")
+    _replace(stamped, "data", "/mender/mender-cert.pem", other.cert_pem(), tmp_path)
+    _replace(stamped, "data", "/mender/mender-cert-private.pem", other.key_pem(), tmp_path, "0100600")
+    assert _failed(stamped, pki) == {"certificate signed by the CA"}
+
+
+def test_mode_changed(stamped: Path, pki: Path, tmp_path: Path) -> None:
+    _debugfs_write(stamped, "data", "sif /mender/mender-cert-private.pem mode 0100644\n", tmp_path)
+    assert _failed(stamped, pki) == {"/data/mender/mender-cert-private.pem is 0600 root:root"}
+
+
+def test_owner_changed(stamped: Path, pki: Path, tmp_path: Path) -> None:
+    _debugfs_write(stamped, "data", "sif /mender/mender-cert.pem uid 1000\n", tmp_path)
+    assert _failed(stamped, pki) == {"/data/mender/mender-cert.pem is 0644 root:root"}
+
+
+def test_key_missing(stamped: Path, pki: Path, tmp_path: Path) -> None:
+    _debugfs_write(stamped, "data", "rm /mender/mender-cert-private.pem\n", tmp_path)
+    assert _failed(stamped, pki) == {"/data/mender/mender-cert-private.pem present"}
+
+
+def test_recipe_snippet_key_pointing_at_the_certificate(stamped: Path, pki: Path, tmp_path: Path) -> None:
+    conf = {"ServerURL": "https://x", "HttpsClient": {"Certificate": "/data/mender/mender-cert.pem",
+                                                      "Key": "/data/mender/mender-cert.pem"}}  # fmt: skip
+    for role in ("rootfs-a", "rootfs-b"):
+        _replace(stamped, role, "/etc/mender/mender.conf", json.dumps(conf).encode(), tmp_path)
+    proc = imageprov("verify", stamped, "--ca", pki / "ca-cert.pem", check=False)
+    assert proc.returncode == 1 and "points at the certificate, not the key" in proc.stdout
+    assert _failed(stamped, pki) == {"mender.conf on rootfs-a", "mender.conf on rootfs-b"}
+
+
+def test_https_client_missing(stamped: Path, pki: Path, tmp_path: Path) -> None:
+    for role in ("rootfs-a", "rootfs-b"):
+        _replace(stamped, role, "/etc/mender/mender.conf", b'{"ServerURL": "https://x"}', tmp_path)
+    assert _failed(stamped, pki) == {"mender.conf on rootfs-a", "mender.conf on rootfs-b"}
+
+
+def test_one_rootfs_not_patched(stamped: Path, pki: Path, tmp_path: Path) -> None:
+    _replace(stamped, "rootfs-b", "/etc/mender/mender.conf", b'{"ServerURL": "https://x"}', tmp_path)
+    assert _failed(stamped, pki) == {"mender.conf on rootfs-b"}
+
+
+def test_mender_conf_not_json(stamped: Path, pki: Path, tmp_path: Path) -> None:
+    _replace(stamped, "rootfs-a", "/etc/mender/mender.conf", b"{ not json", tmp_path)
+    assert _failed(stamped, pki) == {"mender.conf on rootfs-a"}
+
+
+def test_revoked_certificate(stamped: Path, pki: Path, tmp_path: Path) -> None:
+    imageprov_pki("revoke", "--pki", pki, "v-1")
+    imageprov_pki("crl", "--pki", pki, "--out", tmp_path / "crl.der", "--der")
+    assert _failed(stamped, pki, "--crl", tmp_path / "crl.der") == {"certificate not revoked"}
+    assert _verify(stamped, pki)[0] == 0  # without the CRL nothing says it is revoked
+
+
+def test_wrong_device_id(stamped: Path, pki: Path) -> None:
+    assert _failed(stamped, pki, "--device-id", "v-2") == {"certificate CN is the device id"}
+
+
+def test_filesystem_damage_is_found(stamped: Path, pki: Path, tmp_path: Path) -> None:
+    # Mark a used block free in the data partition's bitmap: e2fsck -fn must complain.
+    _debugfs_write(stamped, "data", "freeb 1\n", tmp_path)
+    assert "e2fsck -fn on data" in _failed(stamped, pki)
+
+
+def test_not_an_image(pki: Path, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.sdimg"
+    junk.write_bytes(b"\0" * 4096)
+    code, checks = _verify(junk, pki)
+    assert code == 1 and checks == {"partition table and layout": False}
+    missing = imageprov("verify", tmp_path / "absent.sdimg", "--ca", pki / "ca-cert.pem", check=False)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_verify_leaves_the_image_unchanged(stamped: Path, pki: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.sdimg"
+    shutil.copyfile(stamped, copy)
+    _verify(stamped, pki)
+    assert copy.read_bytes() == stamped.read_bytes()
