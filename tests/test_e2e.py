@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -33,9 +34,9 @@ def _free_port() -> int:
 
 
 class _Recorder(BaseHTTPRequestHandler):
-    seen: list[dict[str, str | None]] = []
+    seen: ClassVar[list[dict[str, str | None]]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         self.rfile.read(length)
         _Recorder.seen.append(
