@@ -31,13 +31,15 @@ def test_merge_is_idempotent() -> None:
     assert twice.text == once.text and not twice.changed
 
 
-def test_recipe_snippet_with_key_pointing_at_the_cert_is_replaced_and_reported() -> None:
-    recipe = {"ServerURL": "https://hosted.mender.io/", "HttpsClient": {"Certificate": CLIENT_CERT, "Key": CLIENT_CERT}}
-    merged = merge(json.dumps(recipe).encode(), Settings(), "m")
+@pytest.mark.datafiles(Path(__file__).parent.parent / "fixtures" / "mender.conf.recipe")
+def test_recipe_snippet_with_key_pointing_at_the_cert_is_replaced_and_reported(datafiles: Path) -> None:
+    text = (datafiles / "mender.conf.recipe").read_bytes()
+    recipe = json.loads(text)
+    merged = merge(text, Settings(), "m")
     assert merged.replaced == recipe["HttpsClient"]
     assert json.loads(merged.text)["HttpsClient"] == BLOCK
     # The block stays where it was.
-    assert list(json.loads(merged.text)) == ["ServerURL", "HttpsClient"]
+    assert list(json.loads(merged.text)) == ["ServerURL", "TenantToken", "HttpsClient"]
 
 
 def test_merge_from_nothing() -> None:

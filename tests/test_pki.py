@@ -19,19 +19,7 @@ from imageprov.pki import CertificateAuthority, Curve, Subject, load_ca
 from tests.conftest import tool
 
 PASSPHRASE = b"correct horse battery"
-RECIPE_CONF = """[req]
-distinguished_name = req_distinguished_name
-prompt = no
-
-[req_distinguished_name]
-commonName=My CA
-organizationName=My Organization
-organizationalUnitName=My Unit
-emailAddress=myusername@example.com
-countryName=NO
-localityName=Oslo
-stateOrProvinceName=Oslo
-"""
+FIXTURES = Path(__file__).parent.parent / "fixtures"
 
 
 def cli(*args: str | Path, passphrase: str | None = PASSPHRASE.decode()) -> subprocess.CompletedProcess[str]:
@@ -243,9 +231,9 @@ def test_passphrase_file(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_subject_file_from_the_manual_recipe(tmp_path: Path) -> None:
-    conf = tmp_path / "ca-cert.conf"
-    conf.write_text(RECIPE_CONF)
+@pytest.mark.datafiles(FIXTURES / "ca-cert.conf")
+def test_subject_file_from_the_manual_recipe(datafiles: Path, tmp_path: Path) -> None:
+    conf = datafiles / "ca-cert.conf"
     subject = Subject.from_req_config(conf)
     assert subject == Subject("My CA", "My Organization", "My Unit", "myusername@example.com", "NO", "Oslo", "Oslo")
     pki = tmp_path / "pki"
@@ -255,10 +243,9 @@ def test_subject_file_from_the_manual_recipe(tmp_path: Path) -> None:
         assert part in text.stdout.decode()
 
 
-def test_import_ca_made_with_the_manual_recipe(tmp_path: Path) -> None:
-    recipe = tmp_path / "recipe"
-    recipe.mkdir()
-    (recipe / "ca-cert.conf").write_text(RECIPE_CONF)
+@pytest.mark.datafiles(FIXTURES / "ca-cert.conf")
+def test_import_ca_made_with_the_manual_recipe(datafiles: Path, tmp_path: Path) -> None:
+    recipe = datafiles
     # The recipe's exact commands.
     subprocess.run(
         ["openssl", "ecparam", "-genkey", "-name", "P-256", "-noout", "-out", "ca-private.key"], cwd=recipe, check=True

@@ -24,6 +24,7 @@ from tests.conftest import (
 
 KEY = "/mender/mender-cert-private.pem"
 CERT = "/mender/mender-cert.pem"
+FIXTURES = Path(__file__).parent.parent / "fixtures"
 HTTPS_CLIENT = {"Certificate": "/data/mender/mender-cert.pem", "Key": "/data/mender/mender-cert-private.pem"}
 
 
@@ -101,6 +102,20 @@ def test_stamp_on_every_layout(golden: Path, pki: Path, tmp_path: Path) -> None:
     # Our own verify agrees.
     for line in lines:
         imageprov("verify", line["image"], "--ca", pki / "ca-cert.pem", "--device-id", line["device_id"])
+
+
+@pytest.mark.datafiles(FIXTURES / "mender.conf.production")
+def test_production_conf_keeps_its_keys(
+    make_golden: Callable[..., Path], pki: Path, tmp_path: Path, datafiles: Path
+) -> None:
+    original = (datafiles / "mender.conf.production").read_text()
+    golden = make_golden(Scheme.GPT, mender_conf=original)
+    proc = imageprov_pki("stamp", golden, "--pki", pki, "--out", tmp_path / "out", "--device-id", "p1")
+    assert "replaced HttpsClient" in proc.stderr and "SSLEngine" in proc.stderr
+    for conf in _rootfs_confs(tmp_path / "out/p1.uefiimg"):
+        expected = json.loads(original)
+        expected["HttpsClient"] = HTTPS_CLIENT
+        assert conf == expected and list(conf) == list(expected)
 
 
 def test_two_spaces_and_the_mender_conf_rendering(make_golden: Callable[..., Path], pki: Path, tmp_path: Path) -> None:
