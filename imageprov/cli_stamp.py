@@ -11,19 +11,31 @@ import typer
 from cryptography import x509
 
 from imageprov.cli_pki import CurveOpt, PassFile, Pki, open_ca
+from imageprov.compress import Compression
 from imageprov.devices import check_device_ids, read_device_ids
 from imageprov.errors import ImageprovError, PkiError, UsageError
 from imageprov.layout import Overrides
 from imageprov.menderconf import Settings
 from imageprov.pki import Curve, load_cert
+from imageprov.prepare import ConfTarget, prepare_in_place
 from imageprov.registry import Registry
-from imageprov.stamp import Batch, ConfTarget, Engine, Failed, Stamped, StampOptions, check_outputs
+from imageprov.stamp import Batch, Engine, Failed, Stamped, StampOptions, check_outputs
 from imageprov.verify import verify_image
 
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts: one object per device on stdout.")]
 DataPart = Annotated[Optional[int], typer.Option("--data-part", help="Number of the data partition, if not found.")]
 RootfsParts = Annotated[
     Optional[str], typer.Option("--rootfs-parts", help="Numbers of rootfs A and B, e.g. 2,3, if not found.")
+]
+
+
+ConfTargetOpt = Annotated[
+    ConfTarget,
+    typer.Option(
+        "--conf-target",
+        help="rootfs: /etc/mender/mender.conf on both rootfs; "
+        "data: the data partition's fallback config, rootfs left byte-identical.",
+    ),
 ]
 
 
@@ -59,6 +71,10 @@ def stamp(
     ] = False,
     passphrase_file: PassFile = None,
     json_out: Json = False,
+    bmap: Annotated[bool, typer.Option("--bmap", help="Write <ID>.bmap beside each image, for bmaptool copy.")] = False,
+    compress: Annotated[
+        Optional[Compression], typer.Option("--compress", help="Compress each image (gz, xz, bz2, zst).")
+    ] = None,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
 ) -> None:
@@ -79,7 +95,7 @@ def stamp(
     ids = check_device_ids(ids)
     if not image.is_file():
         raise UsageError(f"golden image {image} does not exist" if not image.exists() else f"{image} is not a file")
-    check_outputs(image, out, ids)
+    check_outputs(image, out, ids, compress)
     ca = open_ca(pki, passphrase_file)
     ca.check_usable()
     options = StampOptions(
@@ -90,6 +106,8 @@ def stamp(
         curve=curve,
         reissue=reissue,
         overrides=Overrides.parse(data_part, rootfs_parts, None),
+        bmap=bmap,
+        compress=compress,
     )
     failures: list[tuple[str, str]] = []
     with Registry(pki) as registry, Batch(image, out, ca, registry, options) as batch:
@@ -181,6 +199,32 @@ def _load_crl(path: Path) -> x509.CertificateRevocationList:
         raise PkiError(f"{path} is not a CRL") from exc
 
 
+def prepare(
+    image: Annotated[Path, typer.Argument(help="The build's own image, changed in place.")],
+    server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
+    tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
+    conf_target: ConfTargetOpt = ConfTarget.ROOTFS,
+    data_part: DataPart = None,
+    rootfs_parts: RootfsParts = None,
+) -> None:
+    """Do, once and in place, the part of stamping that is the same for every device.
+
+    Merges the HttpsClient block (and --server-url/--tenant-token) into
+    mender.conf and creates /data/mender. Idempotent: a prepared image is not
+    written to. Atomic: a failure leaves the image as it was. stamp on a
+    prepared image touches only the data partition. For Yocto, see
+    scripts/yocto/imageprov-prepare.bbclass.
+    """
+    if not image.is_file():
+        raise UsageError(f"{image} does not exist" if not image.exists() else f"{image} is not a file")
+    settings = Settings(server_url=server_url, tenant_token=tenant_token)
+    done = prepare_in_place(image, settings, conf_target, Overrides.parse(data_part, rootfs_parts, None))
+    for note in done.notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(f"prepared {image}" if done.changed else f"{image} was already prepared: not changed", err=True)
+
+
 def register(app: typer.Typer) -> None:
+    app.command()(prepare)
     app.command()(stamp)
     app.command()(verify)

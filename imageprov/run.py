@@ -33,6 +33,7 @@ PACKAGES = {
     "mender": "mender-client",
     "nginx": "nginx-light",
     "bmaptool": "bmap-tools",
+    "zstd": "zstd",
 }
 
 # Debian keeps e2fsprogs and dosfstools in /sbin, which is not on a normal

@@ -27,25 +27,27 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from imageprov import mender_artifact
-from imageprov.copy import copy_image, publish, stage
+from imageprov.bmap import bmap_for
+from imageprov.compress import Compression, compress, decompress_sparse, inner_name
+from imageprov.copy import copy_image, publish, stage, staged
 from imageprov.errors import ImageprovError, UsageError
 from imageprov.ext4 import NewFile, WritePlan
 from imageprov.image import DiskImage
-from imageprov.layout import Overrides, Volume
-from imageprov.menderconf import DATA_CONF, ROOTFS_CONF, Settings, merge, parse
+from imageprov.layout import Overrides
+from imageprov.menderconf import Settings
 from imageprov.pki import CertificateAuthority, Curve, Issued
+from imageprov.prepare import ConfTarget, apply_changes, plan_changes
 from imageprov.registry import Reason, Registry, Status, owner_alive
 from imageprov.verify import (
     CERT_PATH,
     DATA_CONF_PATH,
     KEY_PATH,
-    ROOTFS_CONF_PATH,
     Checks,
     check_data_partition,
     check_fsck,
@@ -55,11 +57,6 @@ from imageprov.verify import (
 
 # A stamped image holds the device's private key: readable by its owner only.
 IMAGE_MODE = 0o600
-
-
-class ConfTarget(enum.Enum):
-    ROOTFS = "rootfs"  # /etc/mender/mender.conf on both rootfs partitions
-    DATA = "data"  # the fallback config on the data partition: rootfs stay byte-identical
 
 
 class Engine(enum.Enum):
@@ -76,6 +73,8 @@ class StampOptions:
     curve: Curve = Curve.P256
     reissue: bool = False
     overrides: Overrides = field(default_factory=Overrides)
+    bmap: bool = False  # write <ID>.bmap beside each image
+    compress: Compression | None = None
     # Images built at once; the work is mostly waiting on the kernel and disk.
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
 
@@ -111,16 +110,13 @@ class _Job:
     notes: tuple[str, ...]
 
 
-# A partition, files to write on it and directories to make.
-Change = tuple[Volume, list[NewFile], list[PurePosixPath]]
+def output_path(golden: Path, out_dir: Path, device_id: str, compression: Compression | None = None) -> Path:
+    """``OUT_DIR/<ID><golden's image suffix>[.COMPRESSION]``, e.g. dev-0001.sdimg or dev-0001.sdimg.zst."""
+    suffix = Path(inner_name(golden)).suffix or ".img"
+    return out_dir / f"{device_id}{suffix}{compression.suffix if compression else ''}"
 
 
-def output_path(golden: Path, out_dir: Path, device_id: str) -> Path:
-    """``OUT_DIR/<ID><golden's suffix>``, e.g. dev-0001.sdimg."""
-    return out_dir / f"{device_id}{golden.suffix or '.img'}"
-
-
-def check_outputs(golden: Path, out_dir: Path, device_ids: list[str]) -> None:
+def check_outputs(golden: Path, out_dir: Path, device_ids: list[str], compression: Compression | None = None) -> None:
     """Refuse an output directory that is not one, or an output that would be the golden image."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is not a directory")
@@ -131,7 +127,7 @@ def check_outputs(golden: Path, out_dir: Path, device_ids: list[str]) -> None:
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out_dir} is not writable")
     for device_id in device_ids:
-        target = output_path(golden, out_dir, device_id)
+        target = output_path(golden, out_dir, device_id, compression)
         if target.exists() and os.path.samefile(target, golden):
             raise UsageError(
                 f"the output for {device_id} would overwrite the golden image {golden}",
@@ -150,18 +146,29 @@ class Batch:
         self.ca = ca
         self.registry = registry
         self.options = options
-        self.disk = DiskImage.open(golden, options.overrides)
         self.notes: tuple[str, ...] = ()
         self._source: Path | None = None
         self._plan: WritePlan | None = None
         self._scratch: Path | None = None
+        # The image every copy starts from: the golden image, or its decompressed copy.
+        self.plain = golden
+        self._decompressed: Path | None = None
+        try:
+            if Compression.of(golden) is not None:
+                self._decompressed = self.plain = stage(out_dir / inner_name(golden))
+                decompress_sparse(golden, self.plain)
+            self.disk = DiskImage.open(self.plain, options.overrides)
+        except BaseException:
+            self.__exit__()
+            raise
 
     def __enter__(self) -> Batch:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._scratch is not None:
-            self._scratch.unlink(missing_ok=True)
+        for scratch in (self._scratch, self._decompressed):
+            if scratch is not None:
+                scratch.unlink(missing_ok=True)
 
     # -- once per batch -------------------------------------------------------
 
@@ -170,17 +177,15 @@ class Batch:
         if self._source is not None:
             return self._source
         if self.options.engine is Engine.MENDER_ARTIFACT:
-            self._source = self.golden
+            self._source = self.plain
             return self._source
-        changes, notes = self._batch_changes()
-        source = self.golden
+        changes, notes = plan_changes(self.disk, self.options.settings, self.options.conf_target)
+        source = self.plain
         if changes:
-            self._scratch = stage(self.out_dir / f"imageprov-batch{self.golden.suffix}")
-            copy_image(self.golden, self._scratch, mode=IMAGE_MODE)
+            self._scratch = stage(self.out_dir / f"imageprov-batch{self.plain.suffix}")
+            copy_image(self.plain, self._scratch, mode=IMAGE_MODE)
             source = self._scratch
-            prepared = self.disk.at(source)
-            for volume, files, dirs in changes:
-                prepared.ext(volume).write_files(files, dirs=dirs)
+            apply_changes(self.disk.at(source), changes)
         else:
             notes.append("golden image already prepared: only the data partition changes per device")
         disk = self.disk.at(source)
@@ -200,40 +205,6 @@ class Batch:
         if checks.failures:
             failed = checks.failures[0]
             raise ImageprovError(f"the prepared image fails '{failed.name}': {failed.detail}")
-
-    def _batch_changes(self) -> tuple[list[Change], list[str]]:
-        """The writes every device's image needs, and notes for the user; none if the golden is prepared."""
-        settings, layout, disk = self.options.settings, self.disk.layout, self.disk
-        notes: list[str] = []
-        changes: list[Change] = []
-        data_fs = disk.ext(layout.data_partition)
-        if self.options.conf_target is ConfTarget.ROOTFS:
-            for volume in layout.rootfs_partitions:
-                where = f"{ROOTFS_CONF} on {volume.role.value}"
-                merged = merge(disk.ext(volume).read(ROOTFS_CONF_PATH), settings, where)
-                if merged.replaced is not None:
-                    notes.append(f"{where}: replaced HttpsClient {merged.replaced}")
-                if merged.changed:
-                    changes.append((volume, [NewFile(ROOTFS_CONF_PATH, merged.text, 0o644)], []))
-        else:
-            for volume in layout.rootfs_partitions:
-                where = f"{ROOTFS_CONF} on {volume.role.value}"
-                main = parse(disk.ext(volume).read(ROOTFS_CONF_PATH), where)
-                if "HttpsClient" in main and main["HttpsClient"] != settings.https_client:
-                    raise UsageError(
-                        f"{where} has its own HttpsClient, which overrides the data partition's",
-                        hint="use --conf-target rootfs, or remove it from the golden image",
-                    )
-            inode, fallback = data_fs.fetch([DATA_CONF_PATH.inner])[DATA_CONF_PATH.inner]
-            merged = merge(fallback, settings, DATA_CONF)
-            if merged.replaced is not None:
-                notes.append(f"{DATA_CONF}: replaced HttpsClient {merged.replaced}")
-            if merged.changed or inode is None:
-                changes.append((layout.data_partition, [NewFile(DATA_CONF_PATH.inner, merged.text, 0o644)], []))
-        if data_fs.stat(KEY_PATH.inner.parent) is None:
-            # Made once here rather than once per device.
-            changes.append((layout.data_partition, [], [KEY_PATH.inner.parent]))
-        return changes, notes
 
     # -- per device -----------------------------------------------------------
 
@@ -277,7 +248,7 @@ class Batch:
     def _begin(self, device_id: str) -> _Job | Stamped:
         """Registry side of a device, before its image is built: issue a pending certificate."""
         started = time.perf_counter()
-        final = output_path(self.golden, self.out_dir, device_id)
+        final = output_path(self.golden, self.out_dir, device_id, self.options.compress)
         if final.exists():
             return self._already_delivered(device_id, final, started)
         notes = self._revoke_undelivered(device_id)
@@ -287,18 +258,33 @@ class Batch:
 
     def _build(self, job: _Job) -> None:
         """Worker side: build, check and publish the image (no registry, no CA key here)."""
-        temp = stage(job.final)
+        kind = self.options.compress
+        image = job.final.with_name(job.final.name.removesuffix(kind.suffix)) if kind else job.final
+        temp = stage(image)
+        packed: Path | None = None
         try:
             self._write_and_check(temp, job.device_id, job.issued)
-            publish(temp, job.final)
-        except BaseException:
+            if self.options.bmap:
+                # The map goes out first, so that a published image always has one beside it.
+                bmap = job.final.parent / f"{job.device_id}.bmap"
+                with staged(bmap) as bmap_temp:
+                    bmap_temp.write_bytes(bmap_for(temp, self.disk.layout))
+                    bmap_temp.chmod(0o644)
+            if kind is not None:
+                packed = stage(job.final)
+                compress(temp, packed, kind)
+                publish(packed, job.final)
+            else:
+                publish(temp, job.final)
+        finally:
             temp.unlink(missing_ok=True)
-            raise
+            if packed is not None:
+                packed.unlink(missing_ok=True)
 
     def _write_and_check(self, temp: Path, device_id: str, issued: Issued) -> None:
         if self.options.engine is Engine.MENDER_ARTIFACT:
             mender_artifact.stamp(
-                self.golden, temp, issued, self.options.settings, data_conf=self.options.conf_target is ConfTarget.DATA
+                self.plain, temp, issued, self.options.settings, data_conf=self.options.conf_target is ConfTarget.DATA
             )
             report = verify_image(temp, self.ca.cert, device_id=device_id, overrides=self.options.overrides)
             failures = report.failures
@@ -335,6 +321,16 @@ class Batch:
         return Stamped(job.device_id, job.final, issued.serial_hex, issued.fingerprint, "stamped", seconds, job.notes)
 
     def _already_delivered(self, device_id: str, final: Path, started: float) -> Stamped:
+        live = self.registry.live(device_id)
+        if self.options.compress is not None:
+            # A compressed image cannot be read in place: the registry's word is taken.
+            if live is None:
+                raise ImageprovError(f"{final} exists but the registry has no live certificate for {device_id}",
+                                     hint="move it away to stamp the device again")  # fmt: skip
+            if live.status is Status.PENDING:
+                self.registry.deliver(live.serial, str(final))
+            seconds = time.perf_counter() - started
+            return Stamped(device_id, final, live.serial, live.fingerprint, "already-delivered", seconds)
         found = self.disk.at(final).ext(self.disk.layout.data_partition).fetch([CERT_PATH.inner])
         pem = found[CERT_PATH.inner][1]
         if pem is None:
@@ -342,7 +338,6 @@ class Batch:
         cert = x509.load_pem_x509_certificate(pem)
         serial = f"{cert.serial_number:x}"
         notes = []
-        live = self.registry.live(device_id)
         if live is not None and live.serial == serial and live.status is Status.PENDING:
             # Stopped between publishing the image and recording it: the image is complete.
             self.registry.deliver(serial, str(final))

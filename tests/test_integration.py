@@ -1,0 +1,274 @@
+"""Build and line integration: prepare, the Yocto hook, bmap files with bmaptool, compressed images, the line script."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from imageprov.golden import Scheme
+from tests.conftest import (
+    IN_CI,
+    cli_env,
+    debugfs,
+    e2fsck_clean,
+    fsck_vfat_clean,
+    imageprov,
+    imageprov_pki,
+    need,
+    partition_bytes,
+    roles,
+    sfdisk_json,
+    sha256,
+    tool,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+HTTPS_CLIENT = {"Certificate": "/data/mender/mender-cert.pem", "Key": "/data/mender/mender-cert-private.pem"}
+
+
+def _conf(image: Path, role: str = "rootfs-a") -> dict[str, object]:
+    return json.loads(debugfs(image, roles(image)[role], "cat /etc/mender/mender.conf"))  # type: ignore[no-any-return]
+
+
+# -- prepare -------------------------------------------------------------------
+
+
+def test_prepare_is_idempotent(golden: Path) -> None:
+    imageprov("prepare", golden, "--server-url", "https://edge.example.com")
+    once = sha256(golden)
+    mtime = golden.stat().st_mtime_ns
+    proc = imageprov("prepare", golden, "--server-url", "https://edge.example.com")
+    assert "already prepared" in proc.stderr
+    assert sha256(golden) == once and golden.stat().st_mtime_ns == mtime
+    for role in ("rootfs-a", "rootfs-b"):
+        conf = _conf(golden, role)
+        assert conf["HttpsClient"] == HTTPS_CLIENT and conf["ServerURL"] == "https://edge.example.com"
+        e2fsck_clean(golden, roles(golden)[role])
+
+
+def test_prepare_failure_leaves_the_image_as_it_was(make_golden: Callable[..., Path]) -> None:
+    golden = make_golden(Scheme.MBR, mender_conf="[1, 2]")
+    before = sha256(golden)
+    proc = imageprov("prepare", golden, check=False)
+    assert proc.returncode == 1 and "not an object" in proc.stderr
+    assert sha256(golden) == before
+
+
+def test_stamp_on_a_prepared_image_touches_only_the_data_partition(
+    make_golden: Callable[..., Path], pki: Path, tmp_path: Path
+) -> None:
+    golden = make_golden(Scheme.GPT)
+    imageprov("prepare", golden, "--server-url", "https://edge")
+    out = tmp_path / "out"
+    proc = imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "p1", "--server-url",
+                         "https://edge")  # fmt: skip
+    assert "already prepared" in proc.stderr
+    image = out / "p1.uefiimg"
+    layout = roles(image)
+    for role in ("boot", "rootfs-a", "rootfs-b"):
+        assert partition_bytes(image, layout[role]) == partition_bytes(golden, layout[role])
+    assert partition_bytes(image, layout["data"]) != partition_bytes(golden, layout["data"])
+    imageprov("verify", image, "--ca", pki / "ca-cert.pem", "--device-id", "p1")
+
+
+# -- the Yocto hook ------------------------------------------------------------
+
+
+def _bbclass_function(name: str) -> tuple[str, dict[str, str]]:
+    text = (ROOT / "scripts/yocto/imageprov-prepare.bbclass").read_text()
+    defaults = dict(re.findall(r'^(\w+) \?= "(.*)"$', text, re.M))
+    body = re.search(rf"^{name}\(\) \{{\n(.*?)^\}}$", text, re.M | re.S)
+    assert body is not None
+    assert f'IMAGE_POSTPROCESS_COMMAND += "{name}; "' in text
+    return f"{name}() {{\n{body.group(1)}}}\n", defaults
+
+
+def _bitbake_expand(script: str, variables: dict[str, str]) -> str:
+    """Expand ${VAR} as bitbake does for the variables it knows; shell variables stay."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: variables.get(m.group(1), m.group(0)), script)
+
+
+def test_yocto_hook_prepares_the_deployed_image(make_golden: Callable[..., Path], tmp_path: Path) -> None:
+    # A build-like tree: the image recipe's IMGDEPLOYDIR with the image and its link.
+    deploy = tmp_path / "build/tmp/work/qemux86_64-poky-linux/core-image-acme/1.0/deploy-core-image-acme-image-complete"
+    deploy.mkdir(parents=True)
+    image_name = "core-image-acme-qemux86-64"
+    image = make_golden(Scheme.MBR, name="golden.sdimg").rename(deploy / f"{image_name}.rootfs.sdimg")
+    (deploy / f"{image_name}.sdimg").symlink_to(image.name)  # IMAGE_LINK_NAME
+    function, variables = _bbclass_function("imageprov_prepare_images")
+    variables.update(
+        IMGDEPLOYDIR=str(deploy),
+        IMAGE_NAME=image_name,
+        IMAGE_LINK_NAME=image_name,
+        IMAGEPROV=f"{sys.executable} -m imageprov",
+        IMAGEPROV_SERVER_URL="https://edge.acme.example",
+        IMAGEPROV_TENANT_TOKEN="tenant-token",
+    )
+    script = (
+        'set -e\nbbnote() { echo "NOTE: $*"; }\nbbwarn() { echo "WARNING: $*"; }\n'
+        + _bitbake_expand(function, variables)
+        + f"cd {tmp_path / 'build'}\nimageprov_prepare_images\n"
+    )
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("NOTE: imageprov: preparing") == 1  # the link was skipped
+    conf = _conf(image, "rootfs-b")
+    assert conf["ServerURL"] == "https://edge.acme.example" and conf["TenantToken"] == "tenant-token"
+    assert conf["HttpsClient"] == HTTPS_CLIENT
+    # Run again, as a rebuild would: nothing changes.
+    before = sha256(image)
+    assert subprocess.run(["bash", "-c", script], capture_output=True).returncode == 0
+    assert sha256(image) == before
+
+
+def test_yocto_hook_warns_when_there_is_no_image(tmp_path: Path) -> None:
+    function, variables = _bbclass_function("imageprov_prepare_images")
+    variables.update(IMGDEPLOYDIR=str(tmp_path), IMAGE_NAME="nothing", IMAGEPROV="false")
+    script = (
+        'set -e\nbbnote() { :; }\nbbwarn() { echo "WARNING: $*"; }\n'
+        + _bitbake_expand(function, variables)
+        + "imageprov_prepare_images\n"
+    )
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0 and "WARNING: imageprov: no sdimg" in proc.stdout
+
+
+# -- bmap and bmaptool ----------------------------------------------------------
+
+
+@contextmanager
+def _card(size: int, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A reused card: a loop device over a file full of stale bytes."""
+    backing = tmp_path / "card.img"
+    with open(backing, "wb") as handle:
+        for _ in range(size // (1 << 20)):
+            handle.write(b"\xa5" * (1 << 20))
+    need("losetup")
+    proc = tool("losetup", "--find", "--show", backing, check=False)
+    if proc.returncode != 0:
+        message = f"no loop device for the bmaptool test: {proc.stderr.decode().strip()}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    device = Path(proc.stdout.decode().strip())
+    try:
+        yield device, backing
+    finally:
+        tool("losetup", "-d", device, check=False)
+
+
+@pytest.mark.parametrize("scheme", list(Scheme), ids=[s.value for s in Scheme])
+def test_bmaptool_flashes_a_stamped_image_over_stale_data(
+    make_golden: Callable[..., Path], pki: Path, tmp_path: Path, scheme: Scheme
+) -> None:
+    need("bmaptool")
+    golden = make_golden(scheme)
+    out = tmp_path / "out"
+    imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "b1", "--bmap")
+    image, bmap = out / f"b1{golden.suffix}", out / "b1.bmap"
+    assert b'<bmap version="2.0">' in bmap.read_bytes()
+    size = image.stat().st_size
+    with _card(size, tmp_path) as (device, backing):
+        tool("bmaptool", "copy", "--bmap", bmap, image, device)
+        tool("sync")
+    flashed = tmp_path / f"flashed{golden.suffix}"
+    with open(backing, "rb") as src, open(flashed, "wb") as dst:
+        dst.write(src.read(size))
+    # Mapped less than all: stale bytes remain in ext4 holes, and the card is still right.
+    assert sha256(flashed) != sha256(image)
+    assert sfdisk_json(flashed)["partitions"] == [
+        {**p, "node": p["node"].replace(str(image), str(flashed))} for p in sfdisk_json(image)["partitions"]
+    ]
+    layout = roles(flashed)
+    for role in ("rootfs-a", "rootfs-b", "data"):
+        e2fsck_clean(flashed, layout[role])
+    fsck_vfat_clean(flashed, layout["boot"], tmp_path)
+    assert partition_bytes(flashed, layout["boot"]) == partition_bytes(image, layout["boot"])
+    imageprov("verify", flashed, "--ca", pki / "ca-cert.pem", "--device-id", "b1")
+
+
+# -- compressed images ----------------------------------------------------------
+
+
+def _compress(path: Path, kind: str) -> Path:
+    target = path.with_name(path.name + "." + kind)
+    data = path.read_bytes()
+    if kind == "gz":
+        target.write_bytes(gzip.compress(data, 1))
+    elif kind == "xz":
+        target.write_bytes(lzma.compress(data, preset=0))
+    elif kind == "bz2":
+        target.write_bytes(bz2.compress(data, 1))
+    else:
+        tool("zstd", "-q", "-1", "-o", target, path)
+    return target
+
+
+@pytest.mark.parametrize("kind", ["gz", "xz", "bz2", "zst"])
+def test_compressed_golden_images(make_golden: Callable[..., Path], pki: Path, tmp_path: Path, kind: str) -> None:
+    golden = make_golden(Scheme.MBR)
+    packed = _compress(golden, kind)
+    golden.unlink()
+    out = tmp_path / "out"
+    imageprov_pki("stamp", packed, "--pki", pki, "--out", out, "--device-id", f"c-{kind}")
+    image = out / f"c-{kind}.sdimg"
+    assert sorted(p.name for p in out.iterdir()) == [image.name]  # the decompressed copy is gone
+    imageprov("verify", image, "--ca", pki / "ca-cert.pem", "--device-id", f"c-{kind}")
+    # Decompressed sparse: it allocates far less than its size.
+    assert image.stat().st_blocks * 512 < image.stat().st_size // 4
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+def test_compressed_outputs(make_golden: Callable[..., Path], pki: Path, tmp_path: Path, kind: str) -> None:
+    golden = make_golden(Scheme.MBR)
+    out = tmp_path / "out"
+    imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "z1", "--compress", kind, "--bmap")
+    assert sorted(p.name for p in out.iterdir()) == ["z1.bmap", f"z1.sdimg.{kind}"]
+    plain = tmp_path / "z1.sdimg"
+    if kind == "gz":
+        plain.write_bytes(gzip.decompress((out / "z1.sdimg.gz").read_bytes()))
+    else:
+        tool("zstd", "-q", "-d", "-o", plain, out / "z1.sdimg.zst")
+    imageprov("verify", plain, "--ca", pki / "ca-cert.pem", "--device-id", "z1")
+    # A rerun leaves the delivered compressed image alone.
+    proc = imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "z1", "--compress", kind,
+                         "--json")  # fmt: skip
+    assert json.loads(proc.stdout)["status"] == "already-delivered"
+
+
+def test_damaged_compressed_golden_is_one_line(make_golden: Callable[..., Path], pki: Path, tmp_path: Path) -> None:
+    golden = make_golden(Scheme.MBR)
+    packed = _compress(golden, "gz")
+    packed.write_bytes(packed.read_bytes()[:2000])
+    proc = imageprov_pki("stamp", packed, "--pki", pki, "--out", tmp_path / "out", "--device-id", "x", check=False)
+    assert proc.returncode == 1 and "cannot decompress" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# -- the line script ------------------------------------------------------------
+
+
+def test_line_example_stamps_verifies_and_flashes(make_golden: Callable[..., Path], pki: Path, tmp_path: Path) -> None:
+    golden = make_golden(Scheme.MBR)
+    serials = tmp_path / "serials.txt"
+    serials.write_text("L-1\n")
+    target = tmp_path / "card.img"
+    env = cli_env(IMAGEPROV=f"{sys.executable} -m imageprov", LINE_NO_PROMPT="1",
+                  PATH=f"/usr/sbin:/sbin:{os.environ['PATH']}")  # fmt: skip
+    proc = subprocess.run(["bash", str(ROOT / "scripts/line-example.sh"), golden, serials, target, pki,
+                           tmp_path / "images"], capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "flashed L-1" in proc.stdout
+    imageprov("verify", target, "--ca", pki / "ca-cert.pem", "--device-id", "L-1")
