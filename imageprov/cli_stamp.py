@@ -112,6 +112,8 @@ def stamp(
     failures: list[tuple[str, str]] = []
     with Registry(pki) as registry, Batch(image, out, ca, registry, options) as batch:
         batch.prepare()
+        for stale in batch.removed:
+            typer.echo(f"note: removed {stale.name}, left by an interrupted run", err=True)
         for note in batch.notes:
             typer.echo(f"note: {note}", err=True)
         show_bar = sys.stderr.isatty() and not json_out
@@ -120,7 +122,8 @@ def stamp(
                 bar.update(1)
                 if isinstance(outcome, Failed):
                     failures.append((outcome.device_id, outcome.error))
-                    typer.echo(f"failed {outcome.device_id}: {outcome.error}", err=True)
+                    if len(ids) > 1:  # one device: the error line below says it all
+                        typer.echo(f"failed {outcome.device_id}: {outcome.error}", err=True)
                     if json_out:
                         typer.echo(json.dumps({"device_id": outcome.device_id, "status": "failed",
                                                "error": outcome.error}))  # fmt: skip
@@ -133,6 +136,8 @@ def stamp(
                     typer.echo(f"{outcome.status} {outcome.device_id}: {outcome.image} (serial {outcome.serial})",
                                err=True)  # fmt: skip
     if failures:
+        if len(ids) == 1:
+            raise StampFailed(f"{failures[0][0]}: {failures[0][1]}")
         names = ", ".join(d for d, _ in failures[:10]) + (", ..." if len(failures) > 10 else "")
         raise StampFailed(
             f"{len(failures)} of {len(ids)} devices failed: {names}",

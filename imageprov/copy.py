@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -64,11 +65,23 @@ def copy_fd(src: int, dst: int, *, progress: Progress | None = None) -> CopyResu
         if exc.errno not in _NO_CLONE:
             raise
     copied = 0
+    in_kernel = True
     for start, end in data_ranges(src, size):
         offset = start
         while offset < end:
-            # copy_file_range takes explicit offsets, so neither file position matters.
-            n = os.copy_file_range(src, dst, min(_CHUNK, end - offset), offset, offset)
+            length = min(_CHUNK, end - offset)
+            if in_kernel:
+                try:
+                    # Explicit offsets: neither file position matters.
+                    n = os.copy_file_range(src, dst, length, offset, offset)
+                except OSError as exc:
+                    # Across filesystems (EXDEV since Linux 5.19) or where unsupported.
+                    if exc.errno not in _NO_CLONE:
+                        raise
+                    in_kernel = False
+                    continue
+            else:
+                n = os.pwrite(dst, os.pread(src, length, offset), offset)
             if n == 0:
                 raise CopyError("the golden image shrank while it was being copied")
             offset += n
@@ -76,7 +89,7 @@ def copy_fd(src: int, dst: int, *, progress: Progress | None = None) -> CopyResu
             if progress:
                 progress(n)
     os.ftruncate(dst, size)
-    return CopyResult("sparse", copied)
+    return CopyResult("sparse" if in_kernel else "sparse (read/write)", copied)
 
 
 def stage(final: Path) -> Path:
@@ -86,9 +99,37 @@ def stage(final: Path) -> Path:
     file, never a half-written file under the final name. The suffix is kept
     because tools such as mender-artifact tell image types by it.
     """
-    fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".partial{final.suffix}", dir=final.parent)
+    # The pid in the name lets a later run tell a killed process's leftovers
+    # from the files of a process still at work (remove_stale).
+    prefix = f".{final.stem}.{os.getpid()}."
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=f".partial{final.suffix}", dir=final.parent)
     os.close(fd)
     return Path(name)
+
+
+_PARTIAL = re.compile(r"^\..*\.(\d+)\.[^.]+\.partial(\.[^.]*)?$")
+
+
+def remove_stale(directory: Path) -> list[Path]:
+    """Remove the partial files that processes no longer running left in ``directory``."""
+    removed = []
+    for path in directory.glob(".*.partial*"):
+        match = _PARTIAL.match(path.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def publish(temp: Path, final: Path, *, replace: bool = False) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,9 +43,10 @@ def read_device_ids(path: Path) -> list[str]:
         raise UsageError(f"--device-ids {path} holds no device id")
     header = [cell.strip().lower() for cell in next(csv.reader([lines[0]]))]
     if "device_id" in header:
-        column = header.index("device_id")
-        rows = list(csv.reader(lines[1:]))
-        return [row[column].strip() if len(row) > column else "" for row in rows]
+        # Parsed as a whole: a quoted cell may hold a comma or a line break.
+        rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
+        column = [cell.strip().lower() for cell in rows[0]].index("device_id")
+        return [row[column].strip() if len(row) > column else "" for row in rows[1:]]
     if len(header) > 1:
         raise UsageError(f"--device-ids {path} looks like a CSV without a device_id column")
     return [line.strip() for line in lines]

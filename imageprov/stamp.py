@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from imageprov import mender_artifact
 from imageprov.bmap import bmap_for
 from imageprov.compress import Compression, compress, decompress_sparse, inner_name
-from imageprov.copy import copy_image, publish, stage, staged
+from imageprov.copy import copy_image, publish, remove_stale, stage, staged
 from imageprov.errors import ImageprovError, UsageError
 from imageprov.ext4 import NewFile, WritePlan
 from imageprov.image import DiskImage
@@ -143,6 +143,8 @@ class Batch:
     ) -> None:
         self.golden = golden
         self.out_dir = out_dir
+        # Leftovers of a killed run: never under a final name, but not to be kept either.
+        self.removed = remove_stale(out_dir)
         self.ca = ca
         self.registry = registry
         self.options = options

@@ -1,0 +1,236 @@
+"""Property tests: the table parser against an independent writer, random bytes, and the mender.conf merge."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imageprov.errors import ImageprovError, TableError
+from imageprov.menderconf import CLIENT_CERT, CLIENT_KEY, Settings, merge
+from imageprov.table import read_table
+
+SECTOR = 512
+DISK_SECTORS = 4096  # a 2 MiB image: tables only, no filesystems needed
+
+# -- an independent MBR writer ---------------------------------------------------------
+
+
+def _entry(status: int, ptype: int, lba: int, count: int) -> bytes:
+    return struct.pack("<B3sB3sII", status, b"\xfe\xff\xff", ptype, b"\xfe\xff\xff", lba, count)
+
+
+@st.composite
+def mbr_layouts(draw: st.DrawFn) -> dict[str, Any]:
+    """Up to 3 primaries, then maybe an extended partition with 1 to 5 logical ones, all disjoint."""
+    cursor = 1 + draw(st.integers(0, 64))
+    primaries = []
+    for _ in range(draw(st.integers(1, 3))):
+        size = draw(st.integers(1, 300))
+        ptype = draw(st.sampled_from([0x0C, 0x83, 0x82, 0x0B, 0xDA]))
+        primaries.append((draw(st.booleans()), ptype, cursor, size))
+        cursor += size + draw(st.integers(0, 16))
+    logicals = []
+    extended = None
+    if draw(st.booleans()):
+        start = cursor
+        for index in range(draw(st.integers(1, 5))):
+            # The first EBR opens the extended partition; each later one may follow a gap.
+            ebr = start if index == 0 else cursor + draw(st.integers(0, 8))
+            lba = ebr + 1 + draw(st.integers(0, 8))
+            size = draw(st.integers(1, 120))
+            logicals.append((ebr, lba, size, draw(st.sampled_from([0x83, 0x82]))))
+            cursor = lba + size
+        extended = (draw(st.sampled_from([0x05, 0x0F])), start, cursor - start)
+    return {
+        "primaries": primaries,
+        "extended": extended,
+        "logicals": logicals,
+        "disk_id": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+def _write_mbr(path: Path, layout: dict[str, Any]) -> None:
+    image = bytearray(DISK_SECTORS * SECTOR)
+    entries = [_entry(0x80 if boot else 0, ptype, lba, count) for boot, ptype, lba, count in layout["primaries"]]
+    if layout["extended"]:
+        kind, start, size = layout["extended"]
+        entries.append(_entry(0, kind, start, size))
+        logicals = layout["logicals"]
+        for i, (ebr, lba, size_l, ptype) in enumerate(logicals):
+            record = bytearray(SECTOR)
+            record[446:462] = _entry(0, ptype, lba - ebr, size_l)
+            if i + 1 < len(logicals):
+                record[462:478] = _entry(0, 0x05, logicals[i + 1][0] - start, 1)
+            record[510:512] = b"\x55\xaa"
+            image[ebr * SECTOR : (ebr + 1) * SECTOR] = record
+    for i, entry in enumerate(entries):
+        image[446 + 16 * i : 462 + 16 * i] = entry
+    image[440:444] = struct.pack("<I", layout["disk_id"])
+    image[510:512] = b"\x55\xaa"
+    path.write_bytes(bytes(image))
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=mbr_layouts())
+def test_mbr_round_trip(tmp_path: Path, layout: dict[str, Any]) -> None:
+    image = tmp_path / "mbr.img"
+    _write_mbr(image, layout)
+    table = read_table(image)
+    assert table.disk_id == f"0x{layout['disk_id']:08x}"
+    expected = [
+        (i + 1, lba, count, f"{ptype:x}", boot) for i, (boot, ptype, lba, count) in enumerate(layout["primaries"])
+    ]
+    if layout["extended"]:
+        kind, start, size = layout["extended"]
+        expected.append((len(layout["primaries"]) + 1, start, size, f"{kind:x}", False))
+        expected += [
+            (5 + i, lba, size_l, f"{ptype:x}", False) for i, (_, lba, size_l, ptype) in enumerate(layout["logicals"])
+        ]
+    got = [(p.number, p.start_sector, p.size_sectors, p.type, p.bootable) for p in table.partitions]
+    assert got == expected
+
+
+# -- an independent GPT writer ---------------------------------------------------------
+
+
+@st.composite
+def gpt_layouts(draw: st.DrawFn) -> list[tuple[int, int, str, str, str, int]]:
+    cursor = 34 + draw(st.integers(0, 30))
+    parts = []
+    for _ in range(draw(st.integers(1, 8))):
+        size = draw(st.integers(1, 200))
+        if cursor + size > DISK_SECTORS - 34:
+            break
+        name = draw(st.text(st.characters(codec="utf-16", exclude_categories=("Cs", "Cc")), max_size=20))
+        parts.append(
+            (
+                cursor,
+                cursor + size - 1,
+                str(uuid.UUID(int=draw(st.integers(1, 2**128 - 1)))).upper(),
+                str(uuid.uuid4()).upper(),
+                name,
+                draw(st.integers(0, 2**64 - 1)),
+            )
+        )
+        cursor += size + draw(st.integers(0, 10))
+    return parts
+
+
+def _write_gpt(path: Path, parts: list[tuple[int, int, str, str, str, int]], disk: uuid.UUID) -> None:
+    image = bytearray(DISK_SECTORS * SECTOR)
+    image[446:462] = _entry(0, 0xEE, 1, DISK_SECTORS - 1)
+    image[510:512] = b"\x55\xaa"
+    array = bytearray(128 * 128)
+    for i, (first, last, kind, unique, name, attrs) in enumerate(parts):
+        encoded = name.encode("utf-16-le")[:72]
+        array[i * 128 : (i + 1) * 128] = struct.pack(
+            "<16s16sQQQ72s", uuid.UUID(kind).bytes_le, uuid.UUID(unique).bytes_le, first, last, attrs, encoded
+        )
+    last_lba = DISK_SECTORS - 1
+    for current, backup, entries_lba in ((1, last_lba, 2), (last_lba, 1, last_lba - 32)):
+        header = bytearray(
+            struct.pack(
+                "<8sIIIIQQQQ16sQIII",
+                b"EFI PART",
+                0x10000,
+                92,
+                0,
+                0,
+                current,
+                backup,
+                34,
+                last_lba - 33,
+                disk.bytes_le,
+                entries_lba,
+                128,
+                128,
+                zlib.crc32(array),
+            )
+        )
+        header[16:20] = struct.pack("<I", zlib.crc32(bytes(header)))
+        image[current * SECTOR : current * SECTOR + 92] = header
+        image[entries_lba * SECTOR : entries_lba * SECTOR + len(array)] = array
+    path.write_bytes(bytes(image))
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=gpt_layouts(), disk=st.uuids(), damage_primary=st.booleans())
+def test_gpt_round_trip(
+    tmp_path: Path, parts: list[tuple[int, int, str, str, str, int]], disk: uuid.UUID, damage_primary: bool
+) -> None:
+    image = tmp_path / "gpt.img"
+    _write_gpt(image, parts, disk)
+    if damage_primary:
+        with open(image, "r+b") as handle:
+            handle.seek(SECTOR + 24)  # current LBA: breaks the header CRC
+            handle.write(b"\xff")
+    table = read_table(image)
+    assert table.from_backup == damage_primary
+    assert table.disk_id == str(disk).upper()
+    got = [
+        (p.start_sector, p.start_sector + p.size_sectors - 1, p.type, p.uuid, p.name, p.attributes)
+        for p in table.partitions
+    ]
+    want = [
+        (f, last, k, u, n.encode("utf-16-le")[:72].decode("utf-16-le", "ignore").split("\0")[0], a)
+        for f, last, k, u, n, a in parts
+    ]
+    assert got == want
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=0, max_size=8 * SECTOR), signed=st.booleans(), gpt=st.booleans())
+def test_random_bytes_raise_only_our_error(tmp_path: Path, data: bytes, signed: bool, gpt: bool) -> None:
+    raw = bytearray(data.ljust(4 * SECTOR, b"\0") if signed else data)
+    if signed:
+        raw[510:512] = b"\x55\xaa"
+        if gpt:
+            raw[446 + 4] = 0xEE
+            raw[SECTOR : SECTOR + 8] = b"EFI PART"
+    image = tmp_path / "random.img"
+    image.write_bytes(bytes(raw))
+    with contextlib.suppress(TableError):
+        read_table(image)
+
+
+# -- the mender.conf merge ---------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200)
+@given(
+    config=st.dictionaries(
+        st.text(min_size=1, max_size=12).filter(lambda k: k != "HttpsClient"), json_values, max_size=10
+    ),
+    server=st.none() | st.text(min_size=1, max_size=30),
+)
+def test_merge_keeps_everything_else(config: dict[str, Any], server: str | None) -> None:
+    text = json.dumps(config).encode()
+    merged = merge(text, Settings(server_url=server), "m")
+    value = json.loads(merged.text)
+    assert value["HttpsClient"] == {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
+    for key, item in config.items():
+        if key != "ServerURL" or server is None:
+            assert value[key] == item
+    assert [k for k in value if k in config] == list(config)
+    assert merge(merged.text, Settings(server_url=server), "m").text == merged.text  # idempotent
+
+
+@settings(max_examples=200)
+@given(text=st.binary(max_size=200))
+def test_merge_of_garbage_raises_only_our_error(text: bytes) -> None:
+    with contextlib.suppress(ImageprovError):
+        merge(text, Settings(), "m")
