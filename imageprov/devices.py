@@ -21,8 +21,9 @@ def check_device_ids(ids: Iterable[str]) -> list[str]:
     out = []
     for device_id in ids:
         if not _SAFE.fullmatch(device_id) or device_id in (".", ".."):
+            shown = repr(device_id) if len(device_id) <= 64 else f"{device_id[:40]!r}... ({len(device_id)} characters)"
             raise UsageError(
-                f"device id {device_id!r} is not allowed",
+                f"device id {shown} is not allowed",
                 hint="use 1 to 64 letters, digits, '.', '_', '-' or ':'",
             )
         if device_id in seen:

@@ -145,7 +145,9 @@ class Ext4:
 
     def _check(self, errors: list[str], doing: str) -> None:
         if errors:
-            raise FilesystemError(f"{doing} on {self.name} failed: {errors[0].strip()}")
+            first = errors[0].strip()
+            hint = next((h for needle, h in _HINTS.items() if needle in first), "")
+            raise FilesystemError(f"{doing} on {self.name} failed: {first}", hint=hint)
 
     def stat_many(self, paths: Iterable[PurePosixPath]) -> dict[PurePosixPath, Inode | None]:
         """Stat several paths in one debugfs run; None for a path that does not exist."""
@@ -290,6 +292,14 @@ class Ext4:
                     f"{new.path} on {self.name} reads back as mode 0{inode.mode:o} "
                     f"{inode.uid}:{inode.gid}, not 0{new.mode:o} {new.uid}:{new.gid}"
                 )
+
+
+# What debugfs's messages mean for the user.
+_HINTS = {
+    "Could not allocate block": "the filesystem is full",
+    "Could not allocate inode": "the filesystem has no free inodes",
+    "Read-only file system": "the image file is read-only",
+}
 
 
 def _is_not_found(line: str) -> bool:

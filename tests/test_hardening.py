@@ -59,6 +59,7 @@ def _expect_refused(case: Case, message: str) -> str:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("imageprov: error: ") and "Traceback" not in proc.stderr
     assert message in lines[0], lines[0]
+    print(f"\nuser sees: {lines[0]}")
     if golden_before is not None:
         assert sha256(case.golden) == golden_before
     if case.out.is_dir():
