@@ -118,17 +118,22 @@ def roles(image: Path) -> dict[str, int]:
 PASSPHRASE = "test passphrase 1"
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "IMAGEPROV_CA_PASSPHRASE": PASSPHRASE, **extra}
+def cli_env(passphrase: str | None = PASSPHRASE, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "IMAGEPROV_CA_PASSPHRASE"}
+    if passphrase is not None:
+        env["IMAGEPROV_CA_PASSPHRASE"] = passphrase
+    return {**env, **extra}
 
 
-def imageprov_pki(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI with the test CA's passphrase in the environment."""
+def imageprov_pki(
+    *args: str | Path, check: bool = True, passphrase: str | None = PASSPHRASE
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI with the test CA's passphrase (or none) in the environment, no terminal."""
     proc = subprocess.run(
         [sys.executable, "-m", "imageprov", *map(str, args)],
         capture_output=True,
         text=True,
-        env=cli_env(),
+        env=cli_env(passphrase),
         stdin=subprocess.DEVNULL,
     )
     if check and proc.returncode != 0:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from imageprov.golden import GoldenSpec, Scheme, build_golden
-from tests.conftest import IN_CI, PASSPHRASE, imageprov_pki, offset_of, roles, sha256, tool
+from tests.conftest import IN_CI, PASSPHRASE, cli_env, imageprov_pki, offset_of, roles, sha256, tool
 
 MIB = 1 << 20
 
@@ -35,7 +35,7 @@ class Case:
 
 
 def _run(case: Case) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "IMAGEPROV_CA_PASSPHRASE": PASSPHRASE, **case.env}
+    env = {**cli_env(), **case.env}
     args = ["stamp", str(case.golden), "--pki", str(case.pki), "--out", str(case.out), *case.extra]
     for device_id in case.ids:
         args += ["--device-id", device_id]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,23 +14,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from imageprov.errors import PkiError, UsageError
 from imageprov.pki import CertificateAuthority, Curve, Subject, load_ca
-from tests.conftest import tool
+from tests.conftest import PASSPHRASE as TEST_PASSPHRASE
+from tests.conftest import imageprov_pki, tool
 
-PASSPHRASE = b"correct horse battery"
+PASSPHRASE = TEST_PASSPHRASE.encode()
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
 
 def cli(*args: str | Path, passphrase: str | None = PASSPHRASE.decode()) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "IMAGEPROV_CA_PASSPHRASE"}
-    if passphrase is not None:
-        env["IMAGEPROV_CA_PASSPHRASE"] = passphrase
-    return subprocess.run(
-        [sys.executable, "-m", "imageprov", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
+    return imageprov_pki(*args, check=False, passphrase=passphrase)
 
 
 @pytest.fixture(scope="module")

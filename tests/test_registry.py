@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,18 +14,11 @@ from cryptography import x509
 from imageprov.errors import PkiError
 from imageprov.pki import CertificateAuthority, Subject, load_ca
 from imageprov.registry import Reason, Registry, Status
-from tests.conftest import tool
+from tests.conftest import PASSPHRASE, imageprov_pki, tool
 
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "IMAGEPROV_CA_PASSPHRASE": "registry tests"}
-    return subprocess.run(
-        [sys.executable, "-m", "imageprov", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
+    return imageprov_pki(*args, check=False)
 
 
 @pytest.fixture
@@ -128,7 +119,7 @@ def test_revoke_crl_and_denylist(pki: Path, tmp_path: Path) -> None:
 
 
 def _issue_many(pki: str, ids: list[str], queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    ca = load_ca(Path(pki), b"registry tests")
+    ca = load_ca(Path(pki), PASSPHRASE.encode())
     ok, refused = 0, 0
     with Registry(Path(pki)) as registry:
         for device in ids:
