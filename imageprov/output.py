@@ -61,7 +61,7 @@ def layout_text(layout: Layout) -> str:
                 str(part.start_sector),
                 human_size(part.size),
                 kind,
-                v.filesystem.value,
+                "-" if part.is_extended else v.filesystem.value,
                 v.label or "-",
                 v.role.value,
             )
