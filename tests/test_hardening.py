@@ -214,8 +214,7 @@ def test_data_partition_without_free_inodes(case: Case, tmp_path: Path) -> None:
 
 
 def test_output_is_a_file(case: Case) -> None:
-    case.out.write_text("x")
-    case.out = case.out  # a file where the directory should be
+    case.out.write_text("x")  # a file where the directory should be
     golden = sha256(case.golden)
     proc = _run(case)
     assert proc.returncode == 2 and "is not a directory" in proc.stderr
