@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,13 @@ KEY = "/mender/mender-cert-private.pem"
 CERT = "/mender/mender-cert.pem"
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 HTTPS_CLIENT = {"Certificate": "/data/mender/mender-cert.pem", "Key": "/data/mender/mender-cert-private.pem"}
+
+
+def _stamp(
+    golden: Path, pki: Path, out: Path, ids: list[str], *extra: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    id_args = [arg for device_id in ids for arg in ("--device-id", device_id)]
+    return imageprov_pki("stamp", golden, "--pki", pki, "--out", out, *id_args, *extra, check=check)
 
 
 def _stat(image: Path, number: int, path: str) -> tuple[str, str, str]:
@@ -62,21 +70,7 @@ def _rootfs_confs(image: Path) -> list[dict[str, object]]:
 def test_stamp_on_every_layout(golden: Path, pki: Path, tmp_path: Path) -> None:
     before = sha256(golden)
     out = tmp_path / "out"
-    proc = imageprov_pki(
-        "stamp",
-        golden,
-        "--pki",
-        pki,
-        "--out",
-        out,
-        "--device-id",
-        "dev-0001",
-        "--device-id",
-        "dev-0002",
-        "--server-url",
-        "https://edge.example.com",
-        "--json",
-    )
+    proc = _stamp(golden, pki, out, ["dev-0001", "dev-0002"], "--server-url", "https://edge.example.com", "--json")
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["device_id"] for line in lines] == ["dev-0001", "dev-0002"]
     assert {line["status"] for line in lines} == {"stamped"}
@@ -233,22 +227,7 @@ def test_a_failing_device_does_not_stop_the_others(make_golden: Callable[..., Pa
     golden = make_golden(Scheme.MBR)
     imageprov_pki("device-cert", "--pki", pki, "--device-id", "taken", "--out", tmp_path / "elsewhere")
     out = tmp_path / "out"
-    proc = imageprov_pki(
-        "stamp",
-        golden,
-        "--pki",
-        pki,
-        "--out",
-        out,
-        "--device-id",
-        "first",
-        "--device-id",
-        "taken",
-        "--device-id",
-        "last",
-        "--json",
-        check=False,
-    )
+    proc = _stamp(golden, pki, out, ["first", "taken", "last"], "--json", check=False)
     assert proc.returncode == 1
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [(line["device_id"], line["status"]) for line in lines] == [
