@@ -1,3 +1,3 @@
-from imageprov.cli import main
+from imageprov.cli.main import main
 
 main()

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from imageprov.golden import GoldenSpec, Scheme, build_golden
-from imageprov.layout import read_layout
+from imageprov.disk.golden import GoldenSpec, Scheme, build_golden
+from imageprov.disk.layout import read_layout
 
 SBIN = os.pathsep.join(["/usr/local/sbin", "/usr/sbin", "/sbin"])
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

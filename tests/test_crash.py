@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from imageprov.golden import Scheme
-from imageprov.image import DiskImage
-from imageprov.pki import load_cert
-from imageprov.verify import verify_image
+from imageprov.disk.golden import Scheme
+from imageprov.disk.image import DiskImage
+from imageprov.mender.verify import verify_image
+from imageprov.pki.ca import load_cert
 from tests.conftest import cli_env, imageprov_pki
 
 CERT = Path("/mender/mender-cert.pem")

@@ -21,8 +21,8 @@ from typing import ClassVar
 
 import pytest
 
-from imageprov.golden import Scheme
-from tests.conftest import cli_env, imageprov, imageprov_pki, need
+from imageprov.disk.golden import Scheme
+from tests.conftest import imageprov, imageprov_pki, need
 
 IDENTITY = Path("/usr/share/mender/identity/mender-device-identity")
 
@@ -162,12 +162,8 @@ def test_good_device_accepted_revoked_and_foreign_refused(
     imageprov_pki("crl", "--pki", pki, "--out", tmp_path / "crl.pem")
     # A device of another fleet, with a CA of the same name.
     other = tmp_path / "other-pki"
-    subprocess.run([*map(str, ("python3", "-m", "imageprov", "ca", "init", other, "--cn", "Test Fleet CA",
-                               "--org", "imageprov tests", "--country", "NO"))], env=cli_env(), check=True,
-                   capture_output=True)  # fmt: skip
-    subprocess.run([*map(str, ("python3", "-m", "imageprov", "stamp", golden, "--pki", other, "--out", out,
-                               "--device-id", "alien-1", "--server-url", url))], env=cli_env(), check=True,
-                   capture_output=True)  # fmt: skip
+    imageprov_pki("ca", "init", other, "--cn", "Test Fleet CA", "--org", "imageprov tests", "--country", "NO")
+    imageprov_pki("stamp", golden, "--pki", other, "--out", out, "--device-id", "alien-1", "--server-url", url)
 
     upstream_url, seen = edge["upstream"]  # type: ignore[misc]
     conf = imageprov_pki("edge", "nginx", "--pki", pki, "--server-cert", edge["server"], "--upstream", upstream_url,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from imageprov.disk.golden import Scheme
+from imageprov.disk.image import Area, DevicePath, parse_mode
 from imageprov.errors import UsageError
-from imageprov.golden import Scheme
-from imageprov.image import Area, DevicePath, parse_mode
 from tests.conftest import debugfs, e2fsck_clean, fsck_vfat_clean, imageprov, roles, sha256
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from imageprov.golden import GoldenSpec, Scheme, build_golden
+from imageprov.disk.golden import GoldenSpec, Scheme, build_golden
 from tests.conftest import IN_CI, PASSPHRASE, cli_env, imageprov_pki, offset_of, roles, sha256, tool
 
 MIB = 1 << 20
@@ -119,7 +119,7 @@ def test_corrupt_gpt_crcs(make_golden: Callable[..., Path], case: Case) -> None:
 
 def test_ebr_loop(make_golden: Callable[..., Path], case: Case) -> None:
     case.golden = make_golden(Scheme.MBR_EXTENDED)
-    from imageprov.table import read_table
+    from imageprov.disk.partitions import read_table
 
     extended = next(p for p in read_table(case.golden).partitions if p.is_extended)
     with open(case.golden, "r+b") as handle:
@@ -324,7 +324,7 @@ def test_expired_ca(case: Case, tmp_path: Path) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
 
-    from imageprov.pki import load_ca
+    from imageprov.pki.ca import load_ca
 
     ca = load_ca(case.pki, PASSPHRASE.encode())
     past = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)

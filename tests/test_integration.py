@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from imageprov.golden import Scheme
+from imageprov.disk.golden import Scheme
 from tests.conftest import (
     IN_CI,
     cli_env,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from imageprov.disk.golden import Scheme
+from imageprov.disk.layout import Overrides, read_layout
+from imageprov.disk.probe import Filesystem
 from imageprov.errors import LayoutError
-from imageprov.golden import Scheme
-from imageprov.layout import Overrides, read_layout
-from imageprov.probe import Filesystem
 from tests.conftest import imageprov, roles, tool
 
 
@@ -52,7 +52,7 @@ def _extra_ext_partition(tmp_path: Path) -> Path:
     script += "size=8MiB, type=83\nsize=8MiB, type=83\n"
     tool("sfdisk", "--quiet", image, input=script.encode())
     tool("mkfs.vfat", "--offset", "2048", image, str(8 * 1024))
-    from imageprov.table import read_table
+    from imageprov.disk.partitions import read_table
 
     for part in read_table(image).filesystem_partitions[1:]:
         tool("mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={part.offset}", image, f"{part.size // 1024}k")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from imageprov.devices import check_device_ids, read_device_ids
 from imageprov.errors import UsageError
-from imageprov.menderconf import CLIENT_CERT, CLIENT_KEY, MenderConfError, Settings, merge
+from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, MenderConfError, Settings, merge
+from imageprov.pki.devices import check_device_ids, read_device_ids
 
 BLOCK = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
 

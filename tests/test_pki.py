@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from imageprov.errors import PkiError, UsageError
-from imageprov.pki import CertificateAuthority, Curve, Subject, load_ca
+from imageprov.pki.ca import CertificateAuthority, Curve, Subject, load_ca
 from tests.conftest import PASSPHRASE as TEST_PASSPHRASE
 from tests.conftest import imageprov_pki, tool
 

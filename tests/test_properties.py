@@ -13,9 +13,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imageprov.disk.partitions import read_table
 from imageprov.errors import ImageprovError, TableError
-from imageprov.menderconf import CLIENT_CERT, CLIENT_KEY, Settings, merge
-from imageprov.table import read_table
+from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, Settings, merge
 
 SECTOR = 512
 DISK_SECTORS = 4096  # a 2 MiB image: tables only, no filesystems needed

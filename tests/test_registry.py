@@ -12,8 +12,8 @@ import pytest
 from cryptography import x509
 
 from imageprov.errors import PkiError
-from imageprov.pki import CertificateAuthority, Subject, load_ca
-from imageprov.registry import Reason, Registry, Status
+from imageprov.pki.ca import CertificateAuthority, Subject, load_ca
+from imageprov.pki.registry import Reason, Registry, Status
 from tests.conftest import PASSPHRASE, imageprov_pki, tool
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imageprov.golden import DEFAULT_MENDER_CONF, Scheme
+from imageprov.disk.golden import DEFAULT_MENDER_CONF, Scheme
 from tests.conftest import (
     debugfs,
     e2fsck_clean,

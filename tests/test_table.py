@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from imageprov.disk.golden import Scheme
+from imageprov.disk.partitions import read_table
+from imageprov.disk.table import TableType
 from imageprov.errors import TableError
-from imageprov.golden import Scheme
-from imageprov.table import TableType, read_table
 from tests.conftest import sfdisk_json, tool
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from imageprov.pki import CertificateAuthority, Issued, Subject
-from imageprov.registry import Reason, Registry, Status
-from imageprov.revocation import build_crl, crl_bytes
+from imageprov.pki.ca import CertificateAuthority, Issued, Subject
+from imageprov.pki.registry import Reason, Registry, Status
+from imageprov.pki.revocation import build_crl, crl_bytes
 
 
 def _files(tmp: Path, name: str, issued: Issued) -> tuple[Path, Path]:

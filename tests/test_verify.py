@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from imageprov.golden import Scheme
-from imageprov.pki import CertificateAuthority, Subject
+from imageprov.disk.golden import Scheme
+from imageprov.pki.ca import CertificateAuthority, Subject
 from tests.conftest import imageprov, imageprov_pki, offset_of, roles, tool
 
 

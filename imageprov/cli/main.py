@@ -11,13 +11,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from imageprov import __version__, cli_pki, cli_stamp
-from imageprov.copy import edit_in_place, staged
+from imageprov import __version__
+from imageprov.cli import pki as cli_pki
+from imageprov.cli import stamp as cli_stamp
+from imageprov.cli.output import layout_dict, layout_text
+from imageprov.disk.copy import edit_in_place, staged
+from imageprov.disk.golden import GoldenSpec, Scheme, build_golden
+from imageprov.disk.image import Area, DiskImage, parse_mode, parse_owner, split_image_path
+from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
-from imageprov.golden import GoldenSpec, Scheme, build_golden
-from imageprov.image import Area, DiskImage, parse_mode, parse_owner, split_image_path
-from imageprov.layout import Overrides
-from imageprov.output import layout_dict, layout_text
 
 app = typer.Typer(
     help="Stamp per-device Mender client certificates into disk images, in place and fast.",

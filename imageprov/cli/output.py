@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imageprov.layout import Layout
+from imageprov.disk.layout import Layout
 
 
 def layout_dict(layout: Layout) -> dict[str, Any]:

@@ -11,9 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from imageprov.edge import EdgeConfig, render_nginx
+from imageprov.edge.nginx import EdgeConfig, render_nginx
 from imageprov.errors import UsageError
-from imageprov.pki import (
+from imageprov.pki.ca import (
     CA_CERT,
     CA_KEY,
     CertificateAuthority,
@@ -25,8 +25,8 @@ from imageprov.pki import (
     load_key,
     write_atomic,
 )
-from imageprov.registry import Reason, Registry, Status
-from imageprov.revocation import build_crl, crl_bytes, denylist
+from imageprov.pki.registry import Reason, Registry, Status
+from imageprov.pki.revocation import build_crl, crl_bytes, denylist
 
 ca_app = typer.Typer(help="Create or import the fleet's certificate authority.", no_args_is_help=True)
 
@@ -167,7 +167,7 @@ def device_cert(
     json_out: Json = False,
 ) -> None:
     """Issue one device's key and certificate into a directory (stamp does this for images)."""
-    from imageprov.devices import check_device_ids
+    from imageprov.pki.devices import check_device_ids
 
     check_device_ids([device_id])
     ca = open_ca(pki, passphrase_file)

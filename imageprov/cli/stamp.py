@@ -10,17 +10,17 @@ from typing import Annotated, Optional
 import typer
 from cryptography import x509
 
-from imageprov.cli_pki import CurveOpt, PassFile, Pki, open_ca
-from imageprov.compress import Compression
-from imageprov.devices import check_device_ids, read_device_ids
+from imageprov.cli.pki import CurveOpt, PassFile, Pki, open_ca
+from imageprov.disk.compress import Compression
+from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, PkiError, UsageError
-from imageprov.layout import Overrides
-from imageprov.menderconf import Settings
-from imageprov.pki import Curve, load_cert
-from imageprov.prepare import ConfTarget, prepare_in_place
-from imageprov.registry import Registry
-from imageprov.stamp import Batch, Engine, Failed, Stamped, StampOptions, check_outputs
-from imageprov.verify import verify_image
+from imageprov.line.stamp import Batch, Engine, Failed, Stamped, StampOptions, check_outputs
+from imageprov.mender.conf import Settings
+from imageprov.mender.prepare import ConfTarget, prepare_in_place
+from imageprov.mender.verify import verify_image
+from imageprov.pki.ca import Curve, load_cert
+from imageprov.pki.devices import check_device_ids, read_device_ids
+from imageprov.pki.registry import Registry
 
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts: one object per device on stdout.")]
 DataPart = Annotated[Optional[int], typer.Option("--data-part", help="Number of the data partition, if not found.")]

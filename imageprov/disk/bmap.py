@@ -13,10 +13,10 @@ import hashlib
 import os
 from pathlib import Path
 
-from imageprov.copy import data_ranges
-from imageprov.layout import Layout
-from imageprov.probe import Filesystem
-from imageprov.table import TableType
+from imageprov.disk.copy import data_ranges
+from imageprov.disk.layout import Layout
+from imageprov.disk.probe import Filesystem
+from imageprov.disk.table import TableType
 
 BLOCK = 4096
 

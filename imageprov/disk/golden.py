@@ -15,9 +15,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from imageprov.disk.vfat import Vfat
 from imageprov.errors import UsageError
 from imageprov.run import run
-from imageprov.vfat import Vfat
 
 MIB = 1 << 20
 ALIGN = 8 * MIB

@@ -11,8 +11,8 @@ import struct
 import uuid
 import zlib
 
+from imageprov.disk.table import Partition, PartitionTable, TableType, pread_exact
 from imageprov.errors import TableError
-from imageprov.table import Partition, PartitionTable, TableType, pread_exact
 
 SIGNATURE = b"EFI PART"
 _HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")

@@ -12,10 +12,10 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from imageprov.disk.ext4 import Ext4, NewFile, fs_path
+from imageprov.disk.layout import Layout, Overrides, Volume, read_layout
+from imageprov.disk.vfat import Vfat
 from imageprov.errors import FilesystemError, UsageError
-from imageprov.ext4 import Ext4, NewFile, fs_path
-from imageprov.layout import Layout, Overrides, Volume, read_layout
-from imageprov.vfat import Vfat
 
 BOOT_PREFIXES = (PurePosixPath("/uboot"), PurePosixPath("/boot/efi"))
 DATA_PREFIX = PurePosixPath("/data")

@@ -12,9 +12,10 @@ import enum
 import os
 from dataclasses import dataclass
 
+from imageprov.disk.partitions import read_table
+from imageprov.disk.probe import Filesystem, Probe, probe
+from imageprov.disk.table import Partition, PartitionTable
 from imageprov.errors import LayoutError
-from imageprov.probe import Filesystem, Probe, probe
-from imageprov.table import Partition, PartitionTable, read_table
 
 # MBR type 0x82 and the GPT Linux swap GUID: a swap partition may hold no
 # signature until the device first runs mkswap.

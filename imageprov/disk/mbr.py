@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 
+from imageprov.disk.table import EXTENDED_TYPES, Partition, PartitionTable, TableType, pread_exact
 from imageprov.errors import TableError
-from imageprov.table import EXTENDED_TYPES, Partition, PartitionTable, TableType, pread_exact
 
 SECTOR = 512
 SIGNATURE = b"\x55\xaa"

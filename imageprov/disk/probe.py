@@ -12,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from imageprov.table import Partition
+from imageprov.disk.table import Partition
 
 EXT_MAGIC = 0xEF53
 _EXT_INCOMPAT_EXTENTS = 0x40

@@ -1,4 +1,4 @@
-"""Partition tables: the data model and the reader that picks MBR or GPT.
+"""Partition tables: the data model shared by the MBR and GPT readers.
 
 Pure Python over ``os.pread``: nothing here needs root, a loop device or a
 tool, so it runs the same on a build host and on a flashing station.
@@ -100,25 +100,6 @@ def check_bounds(partitions: tuple[Partition, ...], image_size: int) -> None:
     for left, right in itertools.pairwise(data):
         if right.offset < left.end:
             raise TableError(f"partitions {left.number} and {right.number} overlap", hint="the table is corrupt")
-
-
-def read_table(path: str | os.PathLike[str]) -> PartitionTable:
-    """Read the partition table of the disk image at ``path``."""
-    from imageprov import gpt, mbr  # the formats import this module's model
-
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise TableError(f"cannot open {os.fspath(path)}: {exc.strerror}") from exc
-    try:
-        size = os.fstat(fd).st_size
-        if size < 512:
-            raise TableError(f"{os.fspath(path)} is {size} bytes, too small to be a disk image")
-        table = gpt.read(fd, size) if mbr.is_protective(fd) else mbr.read(fd, size)
-    finally:
-        os.close(fd)
-    check_bounds(table.partitions, size)
-    return table
 
 
 def pread_exact(fd: int, length: int, offset: int) -> bytes:

@@ -32,19 +32,17 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from imageprov import mender_artifact
-from imageprov.bmap import bmap_for
-from imageprov.compress import Compression, compress, decompress_sparse, inner_name
-from imageprov.copy import copy_image, publish, remove_stale, stage, staged
+from imageprov.disk.bmap import bmap_for
+from imageprov.disk.compress import Compression, compress, decompress_sparse, inner_name
+from imageprov.disk.copy import copy_image, publish, remove_stale, stage, staged
+from imageprov.disk.ext4 import NewFile, WritePlan
+from imageprov.disk.image import DiskImage
+from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
-from imageprov.ext4 import NewFile, WritePlan
-from imageprov.image import DiskImage
-from imageprov.layout import Overrides
-from imageprov.menderconf import Settings
-from imageprov.pki import CertificateAuthority, Curve, Issued
-from imageprov.prepare import ConfTarget, apply_changes, plan_changes
-from imageprov.registry import Reason, Registry, Status, owner_alive
-from imageprov.verify import (
+from imageprov.mender import mender_artifact
+from imageprov.mender.conf import Settings
+from imageprov.mender.prepare import ConfTarget, apply_changes, plan_changes
+from imageprov.mender.verify import (
     CERT_PATH,
     DATA_CONF_PATH,
     KEY_PATH,
@@ -54,6 +52,8 @@ from imageprov.verify import (
     check_mender_confs,
     verify_image,
 )
+from imageprov.pki.ca import CertificateAuthority, Curve, Issued
+from imageprov.pki.registry import Reason, Registry, Status, owner_alive
 
 # A stamped image holds the device's private key: readable by its owner only.
 IMAGE_MODE = 0o600

@@ -12,10 +12,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from imageprov.copy import copy_image
+from imageprov.disk.copy import copy_image
 from imageprov.errors import ToolError
-from imageprov.menderconf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, Settings, merge
-from imageprov.pki import Issued, write_private
+from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, Settings, merge
+from imageprov.pki.ca import Issued, write_private
 from imageprov.run import run
 
 # Partition copies out and back take a while on large images.

@@ -12,13 +12,13 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from imageprov.copy import edit_in_place
+from imageprov.disk.copy import edit_in_place
+from imageprov.disk.ext4 import NewFile
+from imageprov.disk.image import DiskImage
+from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import UsageError
-from imageprov.ext4 import NewFile
-from imageprov.image import DiskImage
-from imageprov.layout import Overrides, Volume
-from imageprov.menderconf import DATA_CONF, ROOTFS_CONF, Settings, merge, parse
-from imageprov.verify import DATA_CONF_PATH, KEY_PATH, ROOTFS_CONF_PATH
+from imageprov.mender.conf import DATA_CONF, ROOTFS_CONF, Settings, merge, parse
+from imageprov.mender.verify import DATA_CONF_PATH, KEY_PATH, ROOTFS_CONF_PATH
 
 # A partition, files to write on it and directories to make.
 Change = tuple[Volume, list[NewFile], list[PurePosixPath]]

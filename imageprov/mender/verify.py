@@ -17,11 +17,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from imageprov.disk.ext4 import Inode
+from imageprov.disk.image import DevicePath, DiskImage
+from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import ImageprovError
-from imageprov.ext4 import Inode
-from imageprov.image import DevicePath, DiskImage
-from imageprov.layout import Overrides, Volume
-from imageprov.menderconf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, parse
+from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, parse
 from imageprov.run import run
 
 KEY_PATH = DevicePath.parse(CLIENT_KEY)

@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from imageprov.errors import PkiError, UsageError
-from imageprov.pki import Issued
+from imageprov.pki.ca import Issued
 
 REGISTRY = "registry.sqlite"
 

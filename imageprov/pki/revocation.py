@@ -8,8 +8,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from imageprov.errors import UsageError
-from imageprov.pki import CertificateAuthority
-from imageprov.registry import Record
+from imageprov.pki.ca import CertificateAuthority
+from imageprov.pki.registry import Record
 
 
 def build_crl(

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from imageprov.golden import GoldenSpec, Scheme, build_golden
+from imageprov.disk.golden import GoldenSpec, Scheme, build_golden
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGEPROV = [sys.executable, "-m", "imageprov"]

@@ -1,0 +1,1 @@
+"""The mTLS edge in front of the Mender server."""

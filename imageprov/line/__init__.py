@@ -1,0 +1,1 @@
+"""The production line's jobs: stamping per-device images from a golden image."""

@@ -1,0 +1,1 @@
+"""The fleet's PKI: the CA, certificates, the registry of issued certificates, revocation."""
