@@ -64,8 +64,8 @@ class DiskImage:
         """Read the table and roles of the image at ``path``."""
         if not path.exists():
             raise UsageError(f"{path} does not exist")
-        if not path.is_file():
-            raise UsageError(f"{path} is not a regular file")
+        if not path.is_file() and not path.is_block_device():  # a flashed card is read in place
+            raise UsageError(f"{path} is not a regular file or a block device")
         return cls(path, read_layout(path, overrides or Overrides()))
 
     def at(self, path: Path) -> DiskImage:

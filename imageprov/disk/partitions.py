@@ -22,7 +22,8 @@ def read_table(path: str | os.PathLike[str]) -> PartitionTable:
     except OSError as exc:
         raise TableError(f"cannot open {os.fspath(path)}: {exc.strerror}") from exc
     try:
-        size = os.fstat(fd).st_size
+        # A block device's st_size is 0: its end is where seeking to the end lands.
+        size = os.lseek(fd, 0, os.SEEK_END)
         if size < 512:
             raise TableError(f"{os.fspath(path)} is {size} bytes, too small to be a disk image")
         table = gpt.read(fd, size) if mbr.is_protective(fd) else mbr.read(fd, size)

@@ -41,7 +41,7 @@ from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
 from imageprov.mender import mender_artifact
 from imageprov.mender.conf import Settings
-from imageprov.mender.prepare import ConfTarget, apply_changes, plan_changes
+from imageprov.mender.prepare import Change, ConfTarget, apply_changes, plan_changes
 from imageprov.mender.verify import (
     CERT_PATH,
     DATA_CONF_PATH,
@@ -182,28 +182,42 @@ class Batch:
             self._source = self.plain
             return self._source
         changes, notes = plan_changes(self.disk, self.options.settings, self.options.conf_target)
-        source = self.plain
+        source = rootfs_source = self.plain
         if changes:
             self._scratch = stage(self.out_dir / f"imageprov-batch{self.plain.suffix}")
-            copy_image(self.plain, self._scratch, mode=IMAGE_MODE)
+            if self._copy_for_batch(self._scratch, changes):
+                rootfs_source = self._scratch
             source = self._scratch
             apply_changes(self.disk.at(source), changes)
         else:
             notes.append("golden image already prepared: only the data partition changes per device")
         disk = self.disk.at(source)
-        self._check_prepared(disk)
+        self._check_prepared(disk, self.disk.at(rootfs_source))
         placeholder = [NewFile(KEY_PATH.inner, b"", 0o600), NewFile(CERT_PATH.inner, b"", 0o644)]
         self._plan = disk.ext(disk.layout.data_partition).plan(placeholder)
         self.notes = tuple(notes)
         self._source = source
         return source
 
-    def _check_prepared(self, disk: DiskImage) -> None:
+    def _copy_for_batch(self, scratch: Path, changes: list[Change]) -> bool:
+        """Copy what the batch's ``changes`` are made in to ``scratch``; True if its rootfs can be read there.
+
+        stamp copies the whole image; flash overrides this to copy only the partitions that change.
+        """
+        copy_image(self.plain, scratch, mode=IMAGE_MODE)
+        return True
+
+    def _copy_for_device(self, temp: Path) -> None:
+        """Copy the prepared image to ``temp``, where one device's credentials are written."""
+        assert self._source is not None
+        copy_image(self._source, temp, mode=IMAGE_MODE)
+
+    def _check_prepared(self, disk: DiskImage, rootfs_disk: DiskImage) -> None:
         # Every device's rootfs partitions are byte copies of these: checked
         # here once, rather than once per device.
         checks = Checks()
         fallback = disk.ext(disk.layout.data_partition).fetch([DATA_CONF_PATH.inner])[DATA_CONF_PATH.inner][1]
-        check_mender_confs(checks, disk, fallback)
+        check_mender_confs(checks, rootfs_disk, fallback)
         if checks.failures:
             failed = checks.failures[0]
             raise ImageprovError(f"the prepared image fails '{failed.name}': {failed.detail}")
@@ -291,8 +305,8 @@ class Batch:
             report = verify_image(temp, self.ca.cert, device_id=device_id, overrides=self.options.overrides)
             failures = report.failures
         else:
-            assert self._source is not None and self._plan is not None
-            copy_image(self._source, temp, mode=IMAGE_MODE)
+            assert self._plan is not None
+            self._copy_for_device(temp)
             disk = self.disk.at(temp)
             data = disk.layout.data_partition
             files = [NewFile(KEY_PATH.inner, issued.key_pem(), 0o600), NewFile(CERT_PATH.inner, issued.cert_pem())]

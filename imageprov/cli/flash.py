@@ -1,0 +1,295 @@
+"""The line station's command: flash per-device cards straight from the golden image."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Optional
+
+import typer
+
+from imageprov.cli.output import human_size
+from imageprov.cli.pki import CurveOpt, PassFile, Pki, open_ca
+from imageprov.cli.stamp import ConfTargetOpt, DataPart, RootfsParts
+from imageprov.disk.blockdev import removable_disks
+from imageprov.disk.layout import Overrides
+from imageprov.errors import ImageprovError, UsageError
+from imageprov.line.flash import Assignment, FlashBatch, Flashed, FlashOptions, Progress, Result
+from imageprov.line.stamp import StampOptions
+from imageprov.mender.conf import Settings
+from imageprov.mender.prepare import ConfTarget
+from imageprov.pki.ca import Curve
+from imageprov.pki.devices import check_device_ids, read_device_ids
+from imageprov.pki.registry import Registry
+
+POLL_SECONDS = 0.5  # how often /sys/block is looked at while waiting for a card
+
+
+class FlashFailed(ImageprovError):
+    """Some cards were not delivered."""
+
+
+def read_targets(path: Path) -> list[tuple[str, str]]:
+    """(device id, target) pairs from a CSV with ``device_id`` and ``target`` columns."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --targets {path}: {exc}") from exc
+    rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    if "device_id" not in header or "target" not in header:
+        raise UsageError(f"--targets {path} must be a CSV with device_id and target columns")
+    id_col, target_col = header.index("device_id"), header.index("target")
+    pairs = []
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) <= max(id_col, target_col) or not row[target_col].strip():
+            raise UsageError(f"--targets {path}, row {number}: needs a device_id and a target")
+        pairs.append((row[id_col].strip(), row[target_col].strip()))
+    if not pairs:
+        raise UsageError(f"--targets {path} names no target")
+    return pairs
+
+
+def _parse_target(text: str) -> tuple[str, str]:
+    device, sep, device_id = text.rpartition("=")
+    if not sep or not device or not device_id:
+        raise UsageError(f"--target {text!r} is not DEVICE=ID", hint="e.g. --target /dev/sdb=SN-0001")
+    return device_id, device
+
+
+class _Lines:
+    """One progress line per card on a terminal, redrawn in place."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.drawn = 0
+
+    def __call__(self, progress: list[Progress]) -> None:
+        if not self.enabled:
+            return
+        out = [f"\x1b[{self.drawn}F"] if self.drawn else []
+        for p in progress:
+            share = f"{100 * p.written // p.total:3d}%" if p.total else "    "
+            line = f"{p.target}  {p.device_id}  {p.phase:<12} {share}  {human_size(p.written)}"
+            out.append(f"\x1b[2K{line}\n")
+        sys.stderr.write("".join(out))
+        sys.stderr.flush()
+        self.drawn = len(progress)
+
+    def done(self) -> None:
+        self.drawn = 0
+
+
+def _report(flashed: Flashed, json_out: bool, lines: _Lines) -> None:
+    for note in flashed.notes:
+        typer.echo(f"{flashed.device_id}: {note}", err=True)
+    if json_out:
+        typer.echo(json.dumps(flashed.to_dict()))
+    elif flashed.result is Result.DELIVERED:
+        typer.echo(f"delivered {flashed.device_id} to {flashed.target} ({flashed.card}; certificate {flashed.serial}, "
+                   f"{human_size(flashed.bytes_written)} in {flashed.seconds:.1f} s)", err=True)  # fmt: skip
+    else:
+        typer.echo(f"FAILED {flashed.device_id} on {flashed.target}: {flashed.error}", err=True)
+
+
+@contextmanager
+def _finish_card_on_ctrl_c() -> Iterator[dict[str, bool]]:
+    """While a card is written, Ctrl-C asks to stop after it instead of leaving it half-written."""
+    asked = {"stop": False}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        asked["stop"] = True
+        typer.echo("\nstopping after the card in progress", err=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def flash(
+    image: Annotated[Path, typer.Argument(help="The golden disk image (never modified).")],
+    pki: Pki,
+    target: Annotated[
+        Optional[list[str]], typer.Option("--target", help="DEVICE=ID: flash device ID onto DEVICE (repeat).")
+    ] = None,
+    targets: Annotated[Optional[Path], typer.Option("--targets", help="CSV with device_id and target columns.")] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for each new card and flash the next id onto it, until Ctrl-C.")
+    ] = False,
+    device_id: Annotated[Optional[list[str]], typer.Option("--device-id", help="With --wait: an id (repeat).")] = None,
+    device_ids: Annotated[
+        Optional[Path], typer.Option("--device-ids", help="With --wait: ids, one per line or CSV with device_id.")
+    ] = None,
+    wait_for: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--wait-for",
+            help="With --wait: kernel names to watch (e.g. 'sd?', 'mmcblk0'); default: every removable disk.",
+        ),
+    ] = None,
+    server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
+    tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
+    conf_target: ConfTargetOpt = ConfTarget.ROOTFS,
+    days: Annotated[int, typer.Option("--days", help="Validity of the device certificates.")] = 3650,
+    curve: CurveOpt = Curve.P256,
+    reissue: Annotated[
+        bool, typer.Option("--reissue", help="Flash a device already delivered: its old certificate is revoked.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Allow targets that are not removable disks.")] = False,
+    log: Annotated[
+        Optional[Path], typer.Option("--log", help="The line log, appended to (default: PKI/line-log.jsonl).")
+    ] = None,
+    scratch: Annotated[
+        Optional[Path], typer.Option("--scratch", help="Directory for the small per-device scratch (default: TMPDIR).")
+    ] = None,
+    passphrase_file: PassFile = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per card on stdout.")] = False,
+    data_part: DataPart = None,
+    rootfs_parts: RootfsParts = None,
+) -> None:
+    """Flash cards straight from the golden image, each with its own key and certificate: no image files.
+
+    The golden image is read once for all cards of a batch, and every card is
+    written at once; each card is then read back and verified on the device
+    itself before its device is marked delivered. Targets must be whole,
+    unmounted, removable disks (loop devices too; --force for fixed disks). A
+    device already delivered is refused unless --reissue. A card that fails
+    does not stop the others, and its certificate is revoked. Every card is
+    recorded in the line log.
+
+    Examples:
+
+      imageprov flash golden.sdimg --pki pki --target /dev/sdb=SN-0001 --target /dev/sdc=SN-0002
+
+      imageprov flash golden.sdimg --pki pki --device-ids serials.txt --wait
+    """
+    pairs = [_parse_target(t) for t in target or []]
+    if targets is not None:
+        pairs += read_targets(targets)
+    ids = list(device_id or [])
+    if device_ids is not None:
+        ids += read_device_ids(device_ids)
+    if wait:
+        if pairs and not targets:
+            raise UsageError("--wait finds the cards itself: give ids (--device-ids, --device-id), not --target")
+        ids += [i for i, _ in pairs]
+        if not ids:
+            raise UsageError("--wait needs the ids to flash", hint="pass --device-ids FILE or --device-id ID")
+        ids = check_device_ids(ids)
+    else:
+        if ids:
+            raise UsageError("--device-id/--device-ids go with --wait", hint="without it, name cards: --target DEV=ID")
+        if not pairs:
+            raise UsageError("no target", hint="pass --target /dev/sdX=ID (repeatable), --targets FILE, or --wait")
+        check_device_ids([i for i, _ in pairs])
+        devices = [d for _, d in pairs]
+        if len(set(devices)) != len(devices):
+            raise UsageError("the same target is named twice")
+    if not image.is_file():
+        raise UsageError(f"golden image {image} does not exist" if not image.exists() else f"{image} is not a file")
+    ca = open_ca(pki, passphrase_file)
+    ca.check_usable()
+    options = FlashOptions(
+        stamp=StampOptions(
+            settings=Settings(server_url=server_url, tenant_token=tenant_token),
+            conf_target=conf_target,
+            days=days,
+            curve=curve,
+            reissue=reissue,
+            overrides=Overrides.parse(data_part, rootfs_parts, None),
+        ),
+        force=force,
+        scratch_dir=scratch,
+        log=log,
+    )
+    lines = _Lines(sys.stderr.isatty() and not json_out)
+    with Registry(pki) as registry, FlashBatch(image, pki, ca, registry, options) as batch:
+        batch.prepare()
+        for note in batch.notes:
+            typer.echo(f"note: {note}", err=True)
+        if wait:
+            _wait_loop(batch, ids, list(wait_for or []), json_out, lines)
+            return
+        results = batch.flash([Assignment(i, Path(d)) for i, d in pairs], on_progress=lines)
+        lines.done()
+        for flashed in results:
+            _report(flashed, json_out, lines)
+    failed = [f for f in results if f.result is not Result.DELIVERED]
+    if failed:
+        if len(results) == 1:
+            raise FlashFailed(f"{failed[0].device_id}: {failed[0].error}")
+        raise FlashFailed(
+            f"{len(failed)} of {len(results)} cards failed: "
+            + ", ".join(f"{f.device_id} on {f.target}" for f in failed[:10]),
+            hint="their certificates are revoked; the others were delivered",
+        )
+    if not json_out:
+        typer.echo(
+            f"delivered {len(results)} cards; read {human_size(batch.golden_bytes_read)} of the golden image", err=True
+        )
+
+
+def _wait_loop(batch: FlashBatch, ids: list[str], patterns: list[str], json_out: bool, lines: _Lines) -> None:
+    """The operator's loop: each new card gets the next id not yet delivered; Ctrl-C ends it."""
+    todo = deque(ids)
+    delivered: list[str] = []
+    failed: dict[str, str] = {}
+    present = set(removable_disks(patterns))
+    if present:
+        typer.echo(f"left alone (present before the start): {', '.join(sorted(present))}", err=True)
+    stopped = False
+    try:
+        while todo:
+            typer.echo(f"waiting for a card ({len(todo)} ids to go; Ctrl-C to stop)", err=True)
+            new: list[str] = []
+            while not new:
+                now = set(removable_disks(patterns))
+                present &= now  # a card taken out may come back as a new one
+                new = sorted(now - present)
+                if not new:
+                    time.sleep(POLL_SECONDS)
+            present |= set(new)
+            assignments = []
+            for name in new:
+                while todo and batch.delivered(todo[0]) is not None:
+                    typer.echo(f"{todo[0]}: already delivered, skipped", err=True)
+                    todo.popleft()
+                if todo:
+                    assignments.append(Assignment(todo.popleft(), Path("/dev") / name))
+            if not assignments:
+                break
+            with _finish_card_on_ctrl_c() as asked:
+                results = batch.flash(assignments, on_progress=lines)
+            lines.done()
+            for flashed in results:
+                _report(flashed, json_out, lines)
+                if flashed.result is Result.DELIVERED:
+                    delivered.append(flashed.device_id)
+                    failed.pop(flashed.device_id, None)
+                else:
+                    failed[flashed.device_id] = flashed.error
+                    if batch.delivered(flashed.device_id) is None:
+                        todo.appendleft(flashed.device_id)  # not delivered: the next card gets it
+            typer.echo(f"done: remove card{'s' if len(results) > 1 else ''} "
+                       + ", ".join(str(f.target) for f in results), err=True)  # fmt: skip
+            if asked["stop"]:
+                stopped = True
+                break
+    except KeyboardInterrupt:
+        stopped = True
+    typer.echo(f"delivered {len(delivered)} cards; {len(todo)} ids not delivered", err=True)
+    if failed:
+        raise FlashFailed(f"{len(failed)} devices failed and were not delivered: {', '.join(sorted(failed))}")
+    if stopped:
+        raise KeyboardInterrupt

@@ -1,0 +1,447 @@
+"""The line station: stamp straight onto cards, many at once, with no image file per device.
+
+Per batch, what is the same for every device is prepared once, as ``stamp``
+does (the same code: :class:`imageprov.line.stamp.Batch`), but in a sparse
+scratch file that holds only the partitions that change. Per device, a key
+and certificate are issued and written into a private sparse copy of the
+data partition only, which is checked as ``stamp`` checks an image. Then
+every card is written at once from one pass over the golden image
+(:mod:`imageprov.disk.fanout`): the blocks a bmap covers, each card's data
+partition from its own scratch copy. Each card is then read back (checksums)
+and verified on the device node itself, and only then is the device marked
+delivered in the registry, with the card's identity.
+
+The line never clones an identity: a device id already delivered is refused
+unless ``reissue`` (which revokes the old certificate), and a card that fails
+at any step has its certificate revoked. Every attempt is appended to the
+line log.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from imageprov.disk.blockdev import BlockDevice, TargetError, check_target, open_exclusive
+from imageprov.disk.bmap import BLOCK, mapped_blocks, must_map
+from imageprov.disk.copy import data_ranges, stage
+from imageprov.disk.fanout import Outcome, Span, Target, fan_out, read_back
+from imageprov.disk.layout import Role, Volume
+from imageprov.errors import ImageprovError
+from imageprov.line.stamp import Batch, Engine, StampOptions, _message
+from imageprov.mender.prepare import Change
+from imageprov.mender.verify import verify_image
+from imageprov.pki.ca import CertificateAuthority, Issued
+from imageprov.pki.registry import Reason, Record, Registry, Status
+
+LOG_NAME = "line-log.jsonl"
+
+
+class Result(enum.Enum):
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class AlreadyDelivered(ImageprovError):
+    """The device's identity is already on a card."""
+
+
+@dataclass(frozen=True)
+class FlashOptions:
+    stamp: StampOptions = field(default_factory=StampOptions)
+    force: bool = False  # allow targets that are not removable disks
+    scratch_dir: Path | None = None  # where the small per-device scratch files go (default: $TMPDIR)
+    log: Path | None = None  # the line log (default: PKI/line-log.jsonl)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    device_id: str
+    target: Path
+
+
+@dataclass(frozen=True)
+class Flashed:
+    """What happened to one card."""
+
+    device_id: str
+    target: Path
+    result: Result
+    card: str | None = None
+    card_serial: str | None = None
+    serial: str | None = None  # the certificate's
+    fingerprint: str | None = None
+    bytes_written: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "device_id": self.device_id,
+            "target": str(self.target),
+            "result": self.result.value,
+            "card": self.card,
+            "card_serial": self.card_serial,
+            "serial": self.serial,
+            "fingerprint": self.fingerprint,
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+@dataclass
+class Progress:
+    """One card's state, for a progress line (updated while the batch runs)."""
+
+    device_id: str
+    target: Path
+    phase: str = "waiting"
+    written: int = 0
+    total: int = 0
+
+
+@dataclass
+class _Card:
+    index: int
+    assignment: Assignment
+    device: BlockDevice
+    issued: Issued
+    started: float
+    progress: Progress
+    notes: tuple[str, ...] = ()
+    scratch: Path | None = None
+    fd: int | None = None
+    direct: bool = False
+    checked: bool = False
+    outcome: Outcome | None = None
+    error: str | None = None
+
+
+def _spans_in(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    return [(max(a, start), min(b, end)) for a, b in ranges if max(a, start) < min(b, end)]
+
+
+def _outside(ranges: list[tuple[int, int]], regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    for a, b in ranges:
+        pieces = [(a, b)]
+        for s, e in regions:
+            pieces = [p for x, y in pieces for p in ((x, min(y, s)), (max(x, e), y)) if p[0] < p[1]]
+        out += pieces
+    return out
+
+
+def _byte_ranges(path: Path, extra: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    return [(first * BLOCK, min((last + 1) * BLOCK, size)) for first, last in mapped_blocks(path, extra)]
+
+
+def copy_spans(src: Path, dst: Path, spans: Sequence[tuple[int, int]]) -> int:
+    """Copy the data of ``src`` inside ``spans`` to the same offsets of ``dst`` (holes elsewhere); bytes copied.
+
+    ``dst`` ends up as large as ``src``: a sparse file that is the image
+    wherever a span is, and a hole everywhere else.
+    """
+    copied = 0
+    with open(src, "rb") as source, open(dst, "r+b") as target:
+        size = os.fstat(source.fileno()).st_size
+        data = list(data_ranges(source.fileno(), size))
+        for start, end in spans:
+            for a, b in _spans_in(data, start, end):
+                while a < b:
+                    try:
+                        n = os.copy_file_range(source.fileno(), target.fileno(), b - a, a, a)
+                    except OSError:  # across filesystems, or not supported
+                        n = os.pwrite(target.fileno(), os.pread(source.fileno(), min(b - a, 1 << 20), a), a)
+                    if n == 0:
+                        raise ImageprovError(f"{src} ended while it was being copied")
+                    a += n
+                    copied += n
+        os.ftruncate(target.fileno(), size)
+    return copied
+
+
+class FlashBatch(Batch):
+    """Flash many cards from one golden image. Use as a context manager."""
+
+    def __init__(
+        self, golden: Path, pki_dir: Path, ca: CertificateAuthority, registry: Registry, options: FlashOptions
+    ) -> None:
+        self.flash_options = options
+        self.pki_dir = pki_dir
+        self.batch_volumes: tuple[Volume, ...] = ()
+        self._data_source: Path | None = None
+        self._data_scratch: Path | None = None
+        self.golden_bytes_read = 0
+        # Private (0700): the per-device scratch files hold private keys.
+        self.workdir = Path(tempfile.mkdtemp(prefix="imageprov-flash-", dir=options.scratch_dir))
+        self.log = options.log or pki_dir / LOG_NAME
+        super().__init__(golden, self.workdir, ca, registry, replace(options.stamp, engine=Engine.DEBUGFS))
+        self.image_size = os.stat(self.plain).st_size
+
+    def __enter__(self) -> FlashBatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- the per-batch and per-device copies: partitions only -------------------
+
+    def _copy_for_batch(self, scratch: Path, changes: list[Change]) -> bool:
+        layout = self.disk.layout
+        rootfs_changed = any(volume.role in (Role.ROOTFS_A, Role.ROOTFS_B) for volume, _, _ in changes)
+        volumes = (layout.data_partition, *(layout.rootfs_partitions if rootfs_changed else ()))
+        self.batch_volumes = volumes
+        self.golden_bytes_read += copy_spans(
+            self.plain, scratch, [(v.partition.offset, v.partition.end) for v in volumes]
+        )
+        return rootfs_changed
+
+    def prepare(self) -> Path:
+        source = super().prepare()
+        if self._data_source is None:
+            if source == self.plain:
+                # A prepared golden image: the data partition is still copied
+                # once, so that the golden image is read once per batch.
+                data = self.disk.layout.data_partition.partition
+                self._data_scratch = stage(self.workdir / f"imageprov-data{self.plain.suffix}")
+                self.golden_bytes_read += copy_spans(self.plain, self._data_scratch, [(data.offset, data.end)])
+                self._data_source = self._data_scratch
+            else:
+                self._data_source = source
+        return source
+
+    def _copy_for_device(self, temp: Path) -> None:
+        assert self._data_source is not None
+        data = self.disk.layout.data_partition.partition
+        copy_spans(self._data_source, temp, [(data.offset, data.end)])
+
+    # -- the registry side --------------------------------------------------------
+
+    def delivered(self, device_id: str) -> Record | None:
+        """The device's certificate if it is already on a card or in an image."""
+        live = self.registry.live(device_id)
+        return live if live is not None and live.status is Status.ACTIVE else None
+
+    def _issue(self, device_id: str) -> tuple[Issued, list[str]]:
+        done = self.delivered(device_id)
+        if done is not None and not self.options.reissue:
+            raise AlreadyDelivered(
+                f"{device_id} was already delivered ({done.delivered_to or 'unknown'}, {done.delivered_at or '?'}):"
+                " a second card would clone its identity",
+                hint="pass --reissue to revoke its certificate and flash a new one",
+            )
+        notes = self._revoke_undelivered(device_id)
+        if done is not None:
+            notes.append(f"revoked certificate {done.serial} (superseded): delivered before to {done.delivered_to}")
+        issued = self.ca.issue_device(device_id, days=self.options.days, curve=self.options.curve)
+        self.registry.record(issued, status=Status.PENDING, reissue=self.options.reissue)
+        return issued, notes
+
+    # -- the batch ---------------------------------------------------------------------
+
+    def flash(
+        self, assignments: Sequence[Assignment], on_progress: Callable[[list[Progress]], None] | None = None
+    ) -> list[Flashed]:
+        """Flash each assignment's device onto its target; one result per assignment, in order.
+
+        A target that fails (refused, write error, read-back or verify
+        mismatch) does not stop the others, and its certificate is revoked.
+        """
+        self.prepare()
+        progress = [Progress(a.device_id, a.target) for a in assignments]
+        results: dict[int, Flashed] = {}
+        cards: list[_Card] = []
+        shown = [0.0]
+
+        def report(force: bool = False) -> None:
+            now = time.monotonic()
+            if on_progress is not None and (force or now - shown[0] >= 0.5):
+                shown[0] = now
+                on_progress(progress)
+
+        try:
+            cards = self._claim(assignments, progress, results)
+            live = self._stamp_all(cards, report)
+            live = self._open_all(live)
+            self._write_all(live, report)
+            self._check_all([c for c in live if c.error is None], report)
+        finally:
+            for card in cards:
+                if card.fd is not None:
+                    os.close(card.fd)
+                if card.scratch is not None:
+                    card.scratch.unlink(missing_ok=True)
+                if card.index not in results:
+                    results[card.index] = self._settle(card)
+                    card.progress.phase = results[card.index].result.value
+            for _, flashed in sorted(results.items()):
+                self._log(flashed)
+            report(force=True)
+        return [results[i] for i in range(len(assignments))]
+
+    def _claim(
+        self, assignments: Sequence[Assignment], progress: list[Progress], results: dict[int, Flashed]
+    ) -> list[_Card]:
+        cards: list[_Card] = []
+        claimed: dict[int, Path] = {}
+        for index, assignment in enumerate(assignments):
+            started = time.perf_counter()
+            try:
+                device = check_target(
+                    assignment.target,
+                    image_size=self.image_size,
+                    protected=[self.golden, self.pki_dir],
+                    force=self.flash_options.force,
+                )
+                if device.rdev in claimed:
+                    raise TargetError(f"target {assignment.target} is the same disk as {claimed[device.rdev]}")
+                claimed[device.rdev] = assignment.target
+                issued, notes = self._issue(assignment.device_id)
+            except (ImageprovError, OSError) as exc:
+                progress[index].phase = Result.FAILED.value
+                results[index] = Flashed(assignment.device_id, assignment.target, Result.FAILED, error=_message(exc))
+                continue
+            cards.append(_Card(index, assignment, device, issued, started, progress[index], tuple(notes)))
+        return cards
+
+    def _stamp_all(self, cards: list[_Card], report: Callable[..., None]) -> list[_Card]:
+        def stamp(card: _Card) -> None:
+            card.progress.phase = "stamping"
+            card.scratch = stage(self.workdir / f"{card.assignment.device_id}.data")
+            self._write_and_check(card.scratch, card.assignment.device_id, card.issued)
+
+        with ThreadPoolExecutor(max_workers=max(1, self.options.workers), thread_name_prefix="imageprov-stamp") as pool:
+            futures = [(card, pool.submit(stamp, card)) for card in cards]
+            report(force=True)
+            for card, future in futures:
+                try:
+                    future.result()
+                except (ImageprovError, OSError) as exc:
+                    card.error = _message(exc)
+        return [c for c in cards if c.error is None]
+
+    def _open_all(self, cards: list[_Card]) -> list[_Card]:
+        for card in cards:
+            try:
+                card.fd, card.direct = open_exclusive(card.device)
+            except ImageprovError as exc:
+                card.error = str(exc)
+        return [c for c in cards if c.error is None]
+
+    def _write_all(self, cards: list[_Card], report: Callable[..., None]) -> None:
+        if not cards:
+            return
+        layout = self.disk.layout
+        data = layout.data_partition.partition
+        own = (data.offset, data.end)
+        changed = [(v.partition.offset, v.partition.end) for v in self.batch_volumes if v.role is not Role.DATA]
+        golden_map = _byte_ranges(self.plain, must_map(layout, self.image_size), self.image_size)
+        spans = [Span(a, b, self.plain) for a, b in _outside(golden_map, [own, *changed])]
+        if changed:
+            assert self._source is not None
+            batch_map = _byte_ranges(self._source, [], self.image_size)
+            spans += [Span(a, b, self._source) for s, e in changed for a, b in _spans_in(batch_map, s, e)]
+        spans.append(Span(*own, None))
+        targets = []
+        for card in cards:
+            assert card.scratch is not None and card.fd is not None
+            name = f"{card.assignment.target} ({card.device.name})"
+            ranges = tuple(_spans_in(_byte_ranges(card.scratch, [], self.image_size), *own))
+            targets.append(Target(name, card.assignment.target, card.fd, card.direct, card.device.logical_block,
+                                  card.scratch, ranges))  # fmt: skip
+            card.progress.phase = "writing"
+
+        def on_chunk(outcomes: list[Outcome]) -> None:
+            for card, outcome in zip(cards, outcomes):
+                card.progress.written, card.progress.total = outcome.written, outcome.total
+            report()
+
+        outcomes, read = fan_out(spans, targets, on_chunk=on_chunk)
+        self.golden_bytes_read += read.get(self.plain, 0)
+        for card, outcome in zip(cards, outcomes):
+            card.outcome = outcome
+            card.progress.written, card.progress.total = outcome.written, outcome.total
+            card.error = outcome.error
+            assert card.fd is not None
+            os.close(card.fd)
+            card.fd = None
+
+    def _check_all(self, cards: list[_Card], report: Callable[..., None]) -> None:
+        def check(card: _Card) -> None:
+            assert card.outcome is not None
+            card.progress.phase = "reading back"
+            card.error = read_back(card.outcome.target, card.outcome.chunks)
+            if card.error is not None:
+                return
+            card.progress.phase = "verifying"
+            checked = verify_image(card.assignment.target, self.ca.cert, device_id=card.assignment.device_id,
+                                   overrides=self.options.overrides)  # fmt: skip
+            if not checked.ok:
+                failed = checked.failures[0]
+                card.error = f"{card.outcome.target.name}: the card fails '{failed.name}': {failed.detail}".rstrip(": ")
+            elif checked.serial != card.issued.serial_hex:
+                card.error = f"{card.outcome.target.name}: the card holds certificate {checked.serial}, not ours"
+            else:
+                card.checked = True
+
+        with ThreadPoolExecutor(max_workers=max(1, len(cards)), thread_name_prefix="imageprov-check") as pool:
+            futures = [(card, pool.submit(check, card)) for card in cards]
+            report(force=True)
+            for card, future in futures:
+                try:
+                    future.result()
+                except (ImageprovError, OSError) as exc:
+                    card.error = f"{card.assignment.target}: {_message(exc)}"
+
+    def _settle(self, card: _Card) -> Flashed:
+        """Deliver a card that passed every step; revoke the certificate of one that did not."""
+        done = card.checked and card.error is None
+        issued, device = card.issued, card.device
+        if done:
+            self.registry.deliver(issued.serial_hex, f"card {card.assignment.target}: {device.identity}")
+        else:
+            # The certificate will never be used by a device: it must not stay live.
+            self.registry.revoke(serial=issued.serial_hex, reason=Reason.CESSATION_OF_OPERATION)
+        error = card.error or ("" if done else "interrupted before the card was written and checked")
+        return Flashed(
+            card.assignment.device_id,
+            card.assignment.target,
+            Result.DELIVERED if done else Result.FAILED,
+            device.identity,
+            device.serial,
+            issued.serial_hex,
+            issued.fingerprint,
+            card.outcome.written if card.outcome else 0,
+            time.perf_counter() - card.started,
+            error,
+            card.notes,
+        )
+
+    def _log(self, flashed: Flashed) -> None:
+        """Append one line to the line log: who, which card, when, what came of it (never rewritten)."""
+        entry = {
+            "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "station": f"{socket.gethostname()}:{os.getpid()}",
+            "golden": str(self.golden),
+            **flashed.to_dict(),
+        }
+        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            # One write per line: O_APPEND keeps lines of several stations whole.
+            os.write(fd, (json.dumps(entry) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
