@@ -1,0 +1,163 @@
+"""imageprov flash on loop devices: four stale cards at once per layout, a card failing mid-write, reissue.
+
+Each card is checked with other tools than imageprov's readers: sfdisk --json,
+e2fsck -fn, fsck.vfat -n, debugfs for modes and owners, openssl for the
+certificate read off the card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from imageprov.disk.golden import Scheme
+from tests.conftest import imageprov_pki, roles, tool
+from tests.flashdev import MIB, STALE, Loops, debugfs, loop_devices, offset, partitions, read_span
+
+SMALL = {"rootfs_mib": 16, "data_mib": 16}
+
+
+@pytest.fixture
+def loops(tmp_path: Path) -> Iterator[Loops]:
+    yield from loop_devices(tmp_path)
+
+
+def _flash(golden: Path, pki: Path, *args: str | Path, check: bool = True) -> tuple[int, list[dict[str, object]], str]:
+    proc = imageprov_pki("flash", golden, "--pki", pki, "--json", *args, check=check)
+    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
+
+
+def _registry(pki: Path) -> dict[str, dict[str, object]]:
+    records = json.loads(imageprov_pki("devices", "--pki", pki, "--json").stdout)
+    return {r["serial"]: r for r in records}
+
+
+def check_card(card: Path, golden: Path, pki: Path, device_id: str, tmp: Path) -> None:
+    """The card holds the golden image's table and filesystems, and this device's credentials, by other tools."""
+    want = [(p["start"], p["size"], p["type"]) for p in partitions(golden)]
+    assert [(p["start"], p["size"], p["type"]) for p in partitions(card)] == want
+    # Boot loaders live before the first partition: it must read as in the image, holes included.
+    first = min(p["start"] for p in partitions(golden)) * 512
+    assert read_span(card, 0, first) == read_span(golden, 0, first)
+    role = roles(golden)
+    for name in ("rootfs-a", "rootfs-b", "data"):
+        fsck = tool("e2fsck", "-fn", f"{card}?offset={offset(card, role[name])}", check=False)
+        assert fsck.returncode == 0, f"{name}: {fsck.stdout.decode()}"
+    boot = next(p for p in partitions(card) if p["number"] == role["boot"])
+    vfat = tmp / f"{device_id}-boot.img"
+    vfat.write_bytes(read_span(card, boot["start"] * 512, boot["size"] * 512))
+    assert vfat.read_bytes() == read_span(golden, boot["start"] * 512, boot["size"] * 512)
+    assert tool("fsck.vfat", "-n", vfat, check=False).returncode == 0
+    for path, mode in (("/mender/mender-cert-private.pem", "0600"), ("/mender/mender-cert.pem", "0644")):
+        stat = debugfs(card, role["data"], f"stat {path}")
+        assert f"Mode:  {mode}" in stat and "User:     0   Group:     0" in stat, stat
+    cert, key = tmp / f"{device_id}.pem", tmp / f"{device_id}.key"
+    debugfs(card, role["data"], f"dump /mender/mender-cert.pem {cert}")
+    debugfs(card, role["data"], f"dump /mender/mender-cert-private.pem {key}")
+    assert tool("openssl", "verify", "-CAfile", pki / "ca-cert.pem", cert).returncode == 0
+    subject = tool("openssl", "x509", "-in", cert, "-noout", "-subject").stdout.decode()
+    assert f"CN = {device_id}" in subject or f"CN={device_id}" in subject
+    from_cert = tool("openssl", "x509", "-in", cert, "-noout", "-pubkey").stdout
+    assert tool("openssl", "pkey", "-in", key, "-pubout").stdout == from_cert
+
+
+@pytest.mark.parametrize("scheme", list(Scheme), ids=[s.value for s in Scheme])
+def test_four_stale_cards_at_once(
+    scheme: Scheme, make_golden: Callable[..., Path], pki: Path, loops: Loops, tmp_path: Path
+) -> None:
+    golden = make_golden(scheme, **SMALL)
+    # Zero blocks as holes, as in a golden image decompressed sparse: what a
+    # card must read as zeros (the vfat root directory, the gap before the
+    # first partition) is then a hole, and must be written all the same.
+    tool("fallocate", "--dig-holes", golden)
+    size = golden.stat().st_size
+    # One card larger than the image, as real cards are.
+    cards = [loops.card(size + (8 * MIB if i == 3 else 0)) for i in range(4)]
+    ids = [f"{scheme.value}-{i}" for i in range(4)]
+    code, results, stderr = _flash(golden, pki, *(a for c, i in zip(cards, ids) for a in ("--target", f"{c}={i}")))
+    assert code == 0, stderr
+    assert [r["result"] for r in results] == ["delivered"] * 4
+    assert [r["device_id"] for r in results] == ids and [r["target"] for r in results] == [str(c) for c in cards]
+    registry = _registry(pki)
+    for card, device_id, result in zip(cards, ids, results):
+        check_card(card, golden, pki, device_id, tmp_path)
+        record = registry[str(result["serial"])]
+        assert record["status"] == "active" and str(card) in str(record["delivered_to"])
+        assert int(str(result["bytes_written"])) > 0
+    # Every card got the same bytes outside the data partition, and its own inside it.
+    data = roles(golden)["data"]
+    keys = {debugfs(c, data, "cat /mender/mender-cert-private.pem") for c in cards}
+    assert len(keys) == 4
+    log = [json.loads(line) for line in (pki / "line-log.jsonl").read_text().splitlines()]
+    assert [(e["device_id"], e["target"], e["result"]) for e in log] == [
+        (i, str(c), "delivered") for c, i in zip(cards, ids)
+    ]
+    assert all(e["time"] and e["serial"] for e in log)
+
+
+def test_card_failing_mid_write_fails_alone(
+    make_golden: Callable[..., Path], pki: Path, loops: Loops, tmp_path: Path
+) -> None:
+    golden = make_golden(Scheme.MBR, **SMALL)
+    size = golden.stat().st_size
+    good = [loops.card(size), loops.card(size)]
+    # A card that takes 4 MiB and then fails: a loop device over a sparse file on a 4 MiB tmpfs.
+    small = loops.mount("tmpfs", tmp_path / "small", "-t", "tmpfs", "-o", "size=4m")
+    sparse = small / "card.img"
+    with open(sparse, "wb") as handle:
+        handle.truncate(size)
+    bad = loops.attach(sparse)
+    code, results, stderr = _flash(golden, pki, "--target", f"{good[0]}=ok-0", "--target", f"{bad}=bad-1",
+                                   "--target", f"{good[1]}=ok-2", check=False)  # fmt: skip
+    assert code == 1
+    assert [r["result"] for r in results] == ["delivered", "failed", "delivered"]
+    failed = results[1]
+    assert str(bad) in str(failed["error"]) and "byte" in str(failed["error"]), failed["error"]
+    assert "bad-1 on " + str(bad) in stderr
+    registry = _registry(pki)
+    assert registry[str(failed["serial"])]["status"] == "revoked"
+    for card, device_id in zip(good, ("ok-0", "ok-2")):
+        check_card(card, golden, pki, device_id, tmp_path)
+    log = [json.loads(line) for line in (pki / "line-log.jsonl").read_text().splitlines()]
+    assert [e["result"] for e in log] == ["delivered", "failed", "delivered"]
+
+
+def test_delivered_id_never_goes_on_a_second_card(
+    make_golden: Callable[..., Path], pki: Path, loops: Loops, tmp_path: Path
+) -> None:
+    golden = make_golden(Scheme.GPT, **SMALL)
+    size = golden.stat().st_size
+    first, second = loops.card(size), loops.card(size)
+    code, [done], _ = _flash(golden, pki, "--target", f"{first}=SN-1")
+    assert code == 0
+    code, [refused], stderr = _flash(golden, pki, "--target", f"{second}=SN-1", check=False)
+    assert code == 1 and refused["result"] == "failed"
+    assert "already delivered" in stderr and "--reissue" in stderr
+    assert read_span(second, 0, 1 << 20) == bytes([STALE]) * (1 << 20)  # not touched
+    code, [again], _ = _flash(golden, pki, "--target", f"{second}=SN-1", "--reissue")
+    assert code == 0 and again["result"] == "delivered"
+    registry = _registry(pki)
+    assert registry[str(done["serial"])]["status"] == "revoked"
+    assert registry[str(done["serial"])]["reason"] == "superseded"
+    assert registry[str(again["serial"])]["status"] == "active"
+    check_card(second, golden, pki, "SN-1", tmp_path)
+    log = [json.loads(line)["result"] for line in (pki / "line-log.jsonl").read_text().splitlines()]
+    assert log == ["delivered", "failed", "delivered"]
+
+
+def test_verify_reads_a_card(make_golden: Callable[..., Path], pki: Path, loops: Loops) -> None:
+    golden = make_golden(Scheme.MBR_EXTENDED, **SMALL)
+    card = loops.card(golden.stat().st_size)
+    _flash(golden, pki, "--target", f"{card}=V-1")
+    proc = imageprov_pki("verify", card, "--ca", pki / "ca-cert.pem", "--device-id", "V-1")
+    assert "e2fsck -fn on data" in proc.stdout
+    # A card with the key gone fails verify.
+    data = roles(golden)["data"]
+    tool("debugfs", "-w", "-R", "rm /mender/mender-cert-private.pem", f"{card}?offset={offset(card, data)}")
+    os.sync()
+    proc = imageprov_pki("verify", card, "--ca", pki / "ca-cert.pem", "--device-id", "V-1", check=False)
+    assert proc.returncode == 1 and "mender-cert-private.pem present" in proc.stdout
