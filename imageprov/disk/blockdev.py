@@ -19,7 +19,6 @@ import errno
 import fcntl
 import os
 import stat
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,6 @@ from pathlib import Path
 from imageprov.errors import ImageprovError
 
 SYS = Path("/sys")
-_BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t), linux/fs.h
 _BLKFLSBUF = 0x1261  # _IO(0x12, 97): write out and drop the device's buffer cache
 
 
@@ -61,17 +59,6 @@ class BlockDevice:
             return f"{self.name} (loop over {self.backing_file})"
         parts = [self.name, *(p for p in (self.model, self.serial and f"serial {self.serial}") if p)]
         return " ".join(parts)
-
-
-def size_of(fd: int) -> int:
-    """Bytes in the open file or block device ``fd`` (a block device's st_size is 0)."""
-    if stat.S_ISBLK(os.fstat(fd).st_mode):
-        try:
-            buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
-            return int(struct.unpack("<Q", buf)[0])
-        except OSError:
-            pass
-    return os.lseek(fd, 0, os.SEEK_END)
 
 
 def flush_buffers(fd: int) -> None:
@@ -178,11 +165,8 @@ def identify(path: Path) -> BlockDevice:
             hint="name the card's device, e.g. /dev/sdb; images are written to files by 'imageprov stamp'",
         )
     sysdir = _sysdir(info.st_rdev).resolve()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = size_of(fd)
-    finally:
-        os.close(fd)
+    # sysfs counts 512-byte sectors whatever the device's; the device is not even opened.
+    size = int(_read(sysdir / "size") or 0) * 512
     model = " ".join(filter(None, (_read(sysdir / "device" / n) for n in ("vendor", "model")))) or None
     return BlockDevice(
         path=path,

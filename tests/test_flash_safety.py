@@ -1,0 +1,171 @@
+"""Which targets the line station refuses: one test per refusal of ``check_target``, and the CLI's refusals.
+
+A refused card is never written: every CLI test checks that the card still
+holds its stale bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from imageprov.disk.blockdev import TargetError, check_target
+from imageprov.disk.golden import Scheme
+from tests.conftest import imageprov_pki, tool
+from tests.flashdev import MIB, STALE, Loops, loop_devices, read_span
+
+SIZE = 64 * MIB
+
+
+@pytest.fixture
+def loops(tmp_path: Path) -> Iterator[Loops]:
+    yield from loop_devices(tmp_path)
+
+
+def _refused(path: Path, why: str, **kwargs: object) -> None:
+    with pytest.raises(TargetError) as caught:
+        check_target(path, image_size=kwargs.pop("image_size", SIZE), **kwargs)  # type: ignore[arg-type]
+    assert why in str(caught.value), str(caught.value)
+
+
+def _partition(loops: Loops, card: Path) -> Path:
+    # BLKPG: a partition without the kernel's table parsers (the card is attached with -P).
+    tool("addpart", card, "1", "2048", str(SIZE // 512 - 4096))
+    return Path(f"{card}p1")
+
+
+def test_a_loop_device_of_the_right_size_is_accepted(loops: Loops) -> None:
+    card = loops.card(SIZE)
+    device = check_target(card, image_size=SIZE)
+    assert device.is_loop and device.size == SIZE and "loop over" in device.identity
+
+
+def test_refuses_what_is_not_a_block_device(tmp_path: Path) -> None:
+    plain = tmp_path / "card.img"
+    plain.write_bytes(b"\0" * 4096)
+    _refused(plain, "not a block device but a regular file")
+    _refused(tmp_path / "sdx-typo", "does not exist")
+
+
+def test_refuses_a_partition(loops: Loops) -> None:
+    partition = _partition(loops, loops.card(SIZE, None, "-P"))
+    _refused(partition, "is partition 1 of /dev/loop")
+
+
+def test_refuses_the_disk_holding_root() -> None:
+    source = tool("findmnt", "-no", "SOURCE", "/").stdout.decode().strip()
+    if not source.startswith("/dev/"):
+        pytest.skip(f"/ is on {source}, not a block device")
+    disk = tool("lsblk", "-no", "PKNAME", source).stdout.decode().strip()
+    _refused(Path(f"/dev/{disk}") if disk else Path(source), "holds the root filesystem /", image_size=0)
+
+
+def test_refuses_the_loop_device_holding_the_golden_image(loops: Loops, tmp_path: Path) -> None:
+    golden = tmp_path / "golden.sdimg"
+    golden.write_bytes(bytes(SIZE))
+    _refused(loops.attach(golden), f"holds {golden}", protected=[golden])
+
+
+def test_refuses_the_disk_holding_the_pki(loops: Loops, tmp_path: Path) -> None:
+    card = loops.card(SIZE)
+    tool("mkfs.ext4", "-q", card)
+    pki = loops.mount(card, tmp_path / "mnt") / "pki"
+    pki.mkdir()
+    _refused(card, f"holds {pki}", protected=[pki])
+
+
+def test_refuses_a_mounted_disk(loops: Loops, tmp_path: Path) -> None:
+    card = loops.card(SIZE)
+    tool("mkfs.ext4", "-q", card)
+    loops.mount(card, tmp_path / "mnt")
+    _refused(card, "is mounted")
+
+
+def test_refuses_a_disk_with_a_mounted_partition(loops: Loops, tmp_path: Path) -> None:
+    card = loops.card(SIZE, None, "-P")
+    partition = _partition(loops, card)
+    tool("mkfs.ext4", "-q", partition)
+    loops.mount(partition, tmp_path / "mnt")
+    _refused(card, "or holds a mounted partition")
+
+
+def test_refuses_a_read_only_disk(loops: Loops, tmp_path: Path) -> None:
+    locked = tmp_path / "locked.img"
+    locked.write_bytes(bytes(SIZE))
+    _refused(loops.attach(locked, "-r"), "is read-only")
+
+
+def test_refuses_a_disk_smaller_than_the_image(loops: Loops) -> None:
+    _refused(loops.card(SIZE), "less than the image's", image_size=SIZE + 512)
+
+
+@pytest.fixture
+def fixed_disk() -> Iterator[Path]:
+    """zram0 set up as a small disk: a real block device that is neither removable nor a loop device."""
+    zram = Path("/sys/block/zram0")
+    if not zram.exists() or (zram / "disksize").read_text().strip() != "0":
+        pytest.skip("no unused zram0 to stand for a fixed disk")
+    (zram / "disksize").write_text(str(SIZE))
+    try:
+        yield Path("/dev/zram0")
+    finally:
+        (zram / "reset").write_text("1")
+
+
+def test_refuses_a_fixed_disk_unless_forced(fixed_disk: Path) -> None:
+    _refused(fixed_disk, "is not a removable disk")
+    assert check_target(fixed_disk, image_size=SIZE, force=True).name == "zram0"
+
+
+# -- the CLI: refused cards are not written, and the others are ------------------------
+
+
+def _flash(golden: Path, pki: Path, *args: str | Path) -> tuple[int, list[dict[str, object]], str]:
+    proc = imageprov_pki("flash", golden, "--pki", pki, "--json", *args, check=False)
+    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
+
+
+def _stale(card: Path) -> bool:
+    return read_span(card, 0, MIB) == bytes([STALE]) * MIB
+
+
+def test_cli_refuses_mounted_partition_and_golden_loop_but_flashes_the_good_card(
+    make_golden: Callable[..., Path], pki: Path, loops: Loops, tmp_path: Path
+) -> None:
+    golden = make_golden(Scheme.MBR, rootfs_mib=16, data_mib=16)
+    size = golden.stat().st_size
+    mounted = loops.card(size)
+    tool("mkfs.ext4", "-q", mounted)
+    loops.mount(mounted, tmp_path / "mnt")
+    holder = loops.card(size + 8 * MIB, None, "-P")
+    partition = _partition(loops, holder)
+    of_golden = loops.attach(golden)
+    good = loops.card(size)
+    code, results, _ = _flash(golden, pki, "--target", f"{mounted}=m-1", "--target", f"{partition}=p-1",
+                                   "--target", f"{of_golden}=g-1", "--target", f"{good}=ok-1")  # fmt: skip
+    assert code == 1
+    assert [r["result"] for r in results] == ["failed", "failed", "failed", "delivered"]
+    errors = [str(r["error"]) for r in results[:3]]
+    assert "is mounted" in errors[0] and "is partition 1" in errors[1] and f"holds {golden}" in errors[2]
+    assert _stale(holder) and not _stale(good)
+    # Refused before any certificate was issued: only the good card's is in the registry.
+    records = json.loads(imageprov_pki("devices", "--pki", pki, "--json").stdout)
+    assert [(r["device_id"], r["status"]) for r in records] == [("ok-1", "active")]
+
+
+def test_cli_refuses_a_plain_file_and_the_same_disk_twice(
+    make_golden: Callable[..., Path], pki: Path, loops: Loops, tmp_path: Path
+) -> None:
+    golden = make_golden(Scheme.GPT, rootfs_mib=16, data_mib=16)
+    card = loops.card(golden.stat().st_size)
+    alias = tmp_path / "alias"
+    alias.symlink_to(card)
+    code, results, _ = _flash(golden, pki, "--target", f"{tmp_path / 'card.img'}=f-1", "--target", f"{card}=a-1",
+                              "--target", f"{alias}=a-2")  # fmt: skip
+    assert code == 1
+    assert [r["result"] for r in results] == ["failed", "delivered", "failed"]
+    assert "does not exist" in str(results[0]["error"]) and "same disk" in str(results[2]["error"])
+    assert not (tmp_path / "card.img").exists()
