@@ -1,44 +1,42 @@
 #!/usr/bin/env bash
-# A production-line example: stamp one image per serial, verify each, and flash it.
+# A production-line example: one card per serial, flashed straight from the golden image.
 #
-#   scripts/line-example.sh GOLDEN.sdimg SERIALS.txt TARGET [PKI] [OUT]
+#   scripts/line-example.sh GOLDEN SERIALS [WRITER] [PKI]
 #
-# TARGET is what the operator names: a block device (/dev/sdX, an SD card in a
-# USB writer) or a file. Each device's image is flashed in turn; the script
-# waits for Enter before each one so that the operator can change cards. Set
-# LINE_NO_PROMPT=1 to flash without waiting (one target, e.g. in a test).
+# WRITER is the card writer's whole-disk device (/dev/sdb, /dev/mmcblk0), or
+# "any" (the default) for every removable disk. The operator inserts a card;
+# imageprov flash writes the next serial not yet delivered onto it, reads it
+# back, verifies the card itself, and says "done: remove card"; then it waits
+# for the next card. A card already in the writer when the script starts is
+# left alone (take it out and put it back to flash it). Ctrl-C stops after the
+# card in progress.
+#
+# What makes this safe to rerun: a serial already delivered is never written
+# to another card (revoking and reissuing is a deliberate act: imageprov flash
+# --reissue); a card that fails has its certificate revoked and its serial
+# goes to the next card; the exit status is 0 only when every serial was
+# delivered. Every card is recorded in PKI/line-log.jsonl.
+#
 # The CA passphrase comes from IMAGEPROV_CA_PASSPHRASE or --passphrase-file
 # through IMAGEPROV_ARGS, never from this script.
 set -euo pipefail
 
-usage() { echo "usage: $0 GOLDEN SERIALS TARGET [PKI] [OUT]" >&2; exit 2; }
-[ $# -ge 3 ] || usage
-golden=$1 serials=$2 target=$3 pki=${4:-pki} out=${5:-images}
+usage() { echo "usage: $0 GOLDEN SERIALS [WRITER|any] [PKI]" >&2; exit 2; }
+[ $# -ge 2 ] || usage
+golden=$1 serials=$2 writer=${3:-any} pki=${4:-pki}
 imageprov=${IMAGEPROV:-imageprov}
 read -r -a extra <<< "${IMAGEPROV_ARGS:-}"
 
 [ -f "$golden" ] || { echo "line: no golden image $golden" >&2; exit 2; }
 [ -f "$serials" ] || { echo "line: no serials file $serials" >&2; exit 2; }
 
-# 1. Stamp every device; reruns finish what an interruption left.
-$imageprov stamp "$golden" --pki "$pki" --out "$out" --device-ids "$serials" --bmap --json "${extra[@]}" \
-  > "$out.stamped.jsonl" || echo "line: some devices failed (see above); flashing the others" >&2
+watch=()
+if [ "$writer" != any ]; then
+  # Never a file, never a typo: a card writer is a whole-disk block device.
+  [ -b "$writer" ] || { echo "line: $writer is not a block device (name the card writer, e.g. /dev/sdb)" >&2; exit 2; }
+  name=$(basename "$(readlink -f "$writer")")
+  [ -e "/sys/block/$name" ] || { echo "line: $writer is a partition; name the whole card writer" >&2; exit 2; }
+  watch=(--wait-for "$name")
+fi
 
-# 2. Verify and flash each delivered image.
-while IFS= read -r line; do
-  read -r id status image < <(python3 -c 'import json,sys; d=json.loads(sys.argv[1]);
-print(d["device_id"], d["status"], d.get("image", "-"))' "$line")
-  [ "$status" != failed ] || continue
-  $imageprov verify "$image" --ca "$pki/ca-cert.pem" --device-id "$id" > /dev/null \
-    || { echo "line: $image fails verification; not flashing it" >&2; exit 1; }
-  if [ -z "${LINE_NO_PROMPT:-}" ]; then
-    read -r -p "Insert the card for $id into $target and press Enter " _ < /dev/tty
-  fi
-  if command -v bmaptool > /dev/null; then
-    bmaptool copy --bmap "$out/$id.bmap" "$image" "$target"
-  else
-    # Without a block map every byte is written; conv=fsync flushes the card.
-    dd if="$image" of="$target" bs=4M conv=fsync status=progress
-  fi
-  echo "line: flashed $id to $target"
-done < "$out.stamped.jsonl"
+exec $imageprov flash "$golden" --pki "$pki" --device-ids "$serials" --wait "${watch[@]}" "${extra[@]}"

@@ -19,7 +19,6 @@ import pytest
 from imageprov.disk.golden import Scheme
 from tests.conftest import (
     IN_CI,
-    cli_env,
     debugfs,
     e2fsck_clean,
     fsck_vfat_clean,
@@ -255,20 +254,3 @@ def test_damaged_compressed_golden_is_one_line(make_golden: Callable[..., Path],
     assert proc.returncode == 1 and "cannot decompress" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert list((tmp_path / "out").iterdir()) == []
-
-
-# -- the line script ------------------------------------------------------------
-
-
-def test_line_example_stamps_verifies_and_flashes(make_golden: Callable[..., Path], pki: Path, tmp_path: Path) -> None:
-    golden = make_golden(Scheme.MBR)
-    serials = tmp_path / "serials.txt"
-    serials.write_text("L-1\n")
-    target = tmp_path / "card.img"
-    env = cli_env(IMAGEPROV=f"{sys.executable} -m imageprov", LINE_NO_PROMPT="1",
-                  PATH=f"/usr/sbin:/sbin:{os.environ['PATH']}")  # fmt: skip
-    proc = subprocess.run(["bash", str(ROOT / "scripts/line-example.sh"), golden, serials, target, pki,
-                           tmp_path / "images"], capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "flashed L-1" in proc.stdout
-    imageprov("verify", target, "--ca", pki / "ca-cert.pem", "--device-id", "L-1")

@@ -250,25 +250,24 @@ def _wait_loop(batch: FlashBatch, ids: list[str], patterns: list[str], json_out:
         typer.echo(f"left alone (present before the start): {', '.join(sorted(present))}", err=True)
     stopped = False
     try:
-        while todo:
+        while True:
+            while todo and batch.delivered(todo[0]) is not None:
+                typer.echo(f"{todo[0]}: already delivered, skipped", err=True)
+                todo.popleft()
+            if not todo:
+                break
             typer.echo(f"waiting for a card ({len(todo)} ids to go; Ctrl-C to stop)", err=True)
             new: list[str] = []
             while not new:
                 now = set(removable_disks(patterns))
+                for gone in sorted(present - now):
+                    typer.echo(f"{gone}: card removed", err=True)
                 present &= now  # a card taken out may come back as a new one
                 new = sorted(now - present)
                 if not new:
                     time.sleep(POLL_SECONDS)
             present |= set(new)
-            assignments = []
-            for name in new:
-                while todo and batch.delivered(todo[0]) is not None:
-                    typer.echo(f"{todo[0]}: already delivered, skipped", err=True)
-                    todo.popleft()
-                if todo:
-                    assignments.append(Assignment(todo.popleft(), Path("/dev") / name))
-            if not assignments:
-                break
+            assignments = [Assignment(todo.popleft(), Path("/dev") / name) for name in new[: len(todo)]]
             with _finish_card_on_ctrl_c() as asked:
                 results = batch.flash(assignments, on_progress=lines)
             lines.done()
