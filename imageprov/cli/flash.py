@@ -234,10 +234,8 @@ def flash(
             + ", ".join(f"{f.device_id} on {f.target}" for f in failed[:10]),
             hint="their certificates are revoked; the others were delivered",
         )
-    if not json_out:
-        typer.echo(
-            f"delivered {len(results)} cards; read {human_size(batch.golden_bytes_read)} of the golden image", err=True
-        )
+    read = batch.golden_bytes_read
+    typer.echo(f"delivered {len(results)} cards; read {human_size(read)} ({read} bytes) of the golden image", err=True)
 
 
 def _wait_loop(batch: FlashBatch, ids: list[str], patterns: list[str], json_out: bool, lines: _Lines) -> None:

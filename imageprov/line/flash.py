@@ -187,6 +187,11 @@ class FlashBatch(Batch):
         # Private (0700): the per-device scratch files hold private keys.
         self.workdir = Path(tempfile.mkdtemp(prefix="imageprov-flash-", dir=options.scratch_dir))
         self.log = options.log or pki_dir / LOG_NAME
+        try:  # before any card is written: a line log that cannot be written stops the line
+            os.close(os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+        except OSError as exc:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise ImageprovError(f"cannot write the line log {self.log}: {exc.strerror}", hint="use --log") from exc
         super().__init__(golden, self.workdir, ca, registry, replace(options.stamp, engine=Engine.DEBUGFS))
         self.image_size = os.stat(self.plain).st_size
 
@@ -273,7 +278,7 @@ class FlashBatch(Batch):
                 on_progress(progress)
 
         try:
-            cards = self._claim(assignments, progress, results)
+            self._claim(assignments, progress, results, cards)
             live = self._stamp_all(cards, report)
             live = self._open_all(live)
             self._write_all(live, report)
@@ -293,9 +298,13 @@ class FlashBatch(Batch):
         return [results[i] for i in range(len(assignments))]
 
     def _claim(
-        self, assignments: Sequence[Assignment], progress: list[Progress], results: dict[int, Flashed]
-    ) -> list[_Card]:
-        cards: list[_Card] = []
+        self,
+        assignments: Sequence[Assignment],
+        progress: list[Progress],
+        results: dict[int, Flashed],
+        cards: list[_Card],
+    ) -> None:
+        # Cards are added to ``cards`` as their certificates are issued, so that an interruption revokes them.
         claimed: dict[int, Path] = {}
         for index, assignment in enumerate(assignments):
             started = time.perf_counter()
@@ -315,7 +324,6 @@ class FlashBatch(Batch):
                 results[index] = Flashed(assignment.device_id, assignment.target, Result.FAILED, error=_message(exc))
                 continue
             cards.append(_Card(index, assignment, device, issued, started, progress[index], tuple(notes)))
-        return cards
 
     def _stamp_all(self, cards: list[_Card], report: Callable[..., None]) -> list[_Card]:
         def stamp(card: _Card) -> None:
