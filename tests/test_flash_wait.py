@@ -65,10 +65,16 @@ class Operator:
             env=cli_env(IMAGEPROV=f"{sys.executable} -m imageprov", PATH=f"/usr/sbin:/sbin:{os.environ['PATH']}"),
         )
         self.lines: queue.Queue[str] = queue.Queue()
+        self.out: list[str]
         self.seen: list[str] = []
         assert self.proc.stderr is not None
         stderr = self.proc.stderr
-        threading.Thread(target=lambda: [self.lines.put(line) for line in stderr], daemon=True).start()
+        self.reader = threading.Thread(target=lambda: [self.lines.put(line) for line in stderr], daemon=True)
+        self.reader.start()
+        assert self.proc.stdout is not None
+        stdout, self.out = self.proc.stdout, []
+        self.out_reader = threading.Thread(target=lambda: self.out.extend(stdout), daemon=True)
+        self.out_reader.start()
 
     def expect(self, text: str, timeout: float = 120) -> str:
         deadline = time.monotonic() + timeout
@@ -83,8 +89,10 @@ class Operator:
         raise AssertionError(f"no {text!r} within {timeout} s; stderr so far:\n{''.join(self.seen)}")
 
     def finish(self, timeout: float = 120) -> tuple[int, list[dict[str, object]]]:
-        out, _ = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, [json.loads(line) for line in out.splitlines()]
+        self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=timeout)
+        self.out_reader.join(timeout=timeout)
+        return self.proc.returncode, [json.loads(line) for line in self.out]
 
     def kill(self) -> None:
         if self.proc.poll() is None:
