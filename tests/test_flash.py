@@ -111,8 +111,9 @@ def test_card_failing_mid_write_fails_alone(
     with open(sparse, "wb") as handle:
         handle.truncate(size)
     bad = loops.attach(sparse)
-    code, results, stderr = _flash(golden, pki, "--target", f"{good[0]}=ok-0", "--target", f"{bad}=bad-1",
-                                   "--target", f"{good[1]}=ok-2", check=False)  # fmt: skip
+    targets = tmp_path / "cards.csv"
+    targets.write_text(f"target,device_id\n{good[0]},ok-0\n{bad},bad-1\n{good[1]},ok-2\n")
+    code, results, stderr = _flash(golden, pki, "--targets", targets, check=False)
     assert code == 1
     assert [r["result"] for r in results] == ["delivered", "failed", "delivered"]
     failed = results[1]
@@ -161,3 +162,32 @@ def test_verify_reads_a_card(make_golden: Callable[..., Path], pki: Path, loops:
     os.sync()
     proc = imageprov_pki("verify", card, "--ca", pki / "ca-cert.pem", "--device-id", "V-1", check=False)
     assert proc.returncode == 1 and "mender-cert-private.pem present" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target", "/dev/loop0"], "is not DEVICE=ID"),
+        (["--target", "/dev/loop0=bad id"], "is not allowed"),
+        (["--target", "/dev/loop0=A", "--target", "/dev/loop0=B"], "the same target is named twice"),
+        (["--device-id", "A"], "go with --wait"),
+        (["--wait"], "--wait needs the ids"),
+        ([], "no target"),
+    ],
+)
+def test_bad_input_is_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    golden = tmp_path / "golden.sdimg"
+    golden.write_bytes(bytes(4096))
+    proc = imageprov_pki("flash", golden, "--pki", tmp_path, *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_targets_csv_without_its_columns_is_refused(pki: Path, tmp_path: Path) -> None:
+    golden = tmp_path / "golden.sdimg"
+    golden.write_bytes(bytes(4096))
+    targets = tmp_path / "cards.csv"
+    targets.write_text("serial,device\nA,/dev/loop0\n")
+    proc = imageprov_pki("flash", golden, "--pki", pki, "--targets", targets, check=False)
+    assert proc.returncode == 2 and "device_id and target columns" in proc.stderr
+    assert not (pki / "line-log.jsonl").exists()

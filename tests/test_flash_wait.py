@@ -139,6 +139,28 @@ def test_wait_flashes_each_new_card_skips_delivered_and_stops_on_ctrl_c(
         check_card(writer.device, golden, pki, device_id, tmp_path)
 
 
+def test_ctrl_c_during_a_card_finishes_it_first(
+    make_golden: Callable[..., Path], pki: Path, loops: Loops, tmp_path: Path
+) -> None:
+    golden = make_golden(Scheme.GPT, **SMALL)
+    slot = Writer(loops, tmp_path / "slot")
+    operator = Operator([sys.executable, "-m", "imageprov", "flash", golden, "--pki", pki, "--device-id", "C-1",
+                         "--device-id", "C-2", "--wait", "--wait-for", slot.device.name, "--json"])  # fmt: skip
+    try:
+        operator.expect("waiting for a card (2 ids")
+        slot.put_in(golden.stat().st_size)
+        operator.expect(f"flashing C-1 onto {slot.device}")
+        operator.proc.send_signal(signal.SIGINT)
+        operator.expect("stopping after the card in progress")
+        operator.expect(f"done: remove card {slot.device}")
+        code, results = operator.finish()
+    finally:
+        operator.kill()
+    assert code == 130
+    assert [(r["device_id"], r["result"]) for r in results] == [("C-1", "delivered")]
+    check_card(slot.device, golden, pki, "C-1", tmp_path)
+
+
 # -- scripts/line-example.sh --------------------------------------------------------------
 
 

@@ -267,6 +267,8 @@ def _wait_loop(batch: FlashBatch, ids: list[str], patterns: list[str], json_out:
             present |= set(new)
             assignments = [Assignment(todo.popleft(), Path("/dev") / name) for name in new[: len(todo)]]
             with _finish_card_on_ctrl_c() as asked:
+                for assignment in assignments:
+                    typer.echo(f"flashing {assignment.device_id} onto {assignment.target}", err=True)
                 results = batch.flash(assignments, on_progress=lines)
             lines.done()
             for flashed in results:
