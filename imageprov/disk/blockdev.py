@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import os
 import stat
 from collections.abc import Iterable
@@ -278,8 +279,6 @@ def removable_disks(names: Iterable[str] = ()) -> dict[str, int]:
     Without ``names`` (fnmatch patterns of kernel names), removable disks only;
     with them, exactly the disks they match, loop devices included.
     """
-    import fnmatch
-
     patterns = list(names)
     found = {}
     for entry in (SYS / "block").iterdir():

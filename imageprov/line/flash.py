@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from imageprov.disk.blockdev import BlockDevice, TargetError, check_target, open_exclusive
+from imageprov.disk.blockdev import BlockDevice, TargetError, check_target, flush_buffers, open_exclusive
 from imageprov.disk.bmap import BLOCK, mapped_blocks, must_map
 from imageprov.disk.copy import data_ranges, stage
 from imageprov.disk.fanout import Outcome, Span, Target, fan_out, read_back
@@ -395,6 +395,11 @@ class FlashBatch(Batch):
             if card.error is not None:
                 return
             card.progress.phase = "verifying"
+            fd = os.open(card.assignment.target, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                flush_buffers(fd)  # what verify reads comes from the card, not from the page cache
+            finally:
+                os.close(fd)
             checked = verify_image(card.assignment.target, self.ca.cert, device_id=card.assignment.device_id,
                                    overrides=self.options.overrides)  # fmt: skip
             if not checked.ok:
