@@ -312,7 +312,7 @@ class FlashBatch(Batch):
                 device = check_target(
                     assignment.target,
                     image_size=self.image_size,
-                    protected=[self.golden, self.pki_dir],
+                    protected=[self.golden, self.pki_dir, self.workdir, self.log],
                     force=self.flash_options.force,
                 )
                 if device.rdev in claimed:
