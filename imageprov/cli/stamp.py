@@ -159,7 +159,7 @@ def _stamped_dict(done: Stamped) -> dict[str, object]:
 
 
 def verify(
-    image: Annotated[Path, typer.Argument(help="A stamped disk image.")],
+    image: Annotated[Path, typer.Argument(help="A stamped disk image, or a flashed card (a block device).")],
     ca: Annotated[Path, typer.Option("--ca", help="The CA certificate (PKI/ca-cert.pem).")],
     device_id: Annotated[Optional[str], typer.Option("--device-id", help="The id the certificate must name.")] = None,
     crl: Annotated[
