@@ -122,6 +122,8 @@ class _Writer(threading.Thread):
                     self.outcome.error = (
                         f"{self.target.name}: write failed at byte {failed.offset}: {failed.exc.strerror or failed.exc}"
                     )
+            if not self.stop:
+                self._flush()  # in this thread: the cards' flushes overlap
         finally:
             if self._buffered is not None:
                 os.close(self._buffered)
@@ -165,8 +167,8 @@ class _Writer(threading.Thread):
             self._buffered = os.open(self.target.path, os.O_WRONLY | os.O_CLOEXEC)
         return self._buffered
 
-    def flush(self) -> None:
-        """Make everything written durable on the device (its volatile cache included)."""
+    def _flush(self) -> None:
+        # Everything written made durable on the device, its volatile cache included.
         if self.outcome.error is not None:
             return
         try:
@@ -185,8 +187,8 @@ def fan_out(
 ) -> tuple[list[Outcome], dict[Path, int]]:
     """Write ``spans`` to every target; return each target's outcome and the bytes read from each source.
 
-    Shared spans are read once whatever the number of targets. The targets'
-    file descriptors are flushed (fsync) but not closed.
+    Shared spans are read once whatever the number of targets. Each target is
+    flushed (fsync) by its writer at the end; its file descriptor is not closed.
     """
     ordered = sorted(spans, key=lambda s: s.start)
     outcomes = []
@@ -232,8 +234,6 @@ def fan_out(
             writer.queue.put(None)
         for writer in writers:
             writer.join()
-    for writer in writers:
-        writer.flush()
     return outcomes, read
 
 
