@@ -7,6 +7,7 @@ certificate read off the card.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -191,3 +192,13 @@ def test_targets_csv_without_its_columns_is_refused(pki: Path, tmp_path: Path) -
     proc = imageprov_pki("flash", golden, "--pki", pki, "--targets", targets, check=False)
     assert proc.returncode == 2 and "device_id and target columns" in proc.stderr
     assert not (pki / "line-log.jsonl").exists()
+
+
+def test_compressed_golden_image(make_golden: Callable[..., Path], pki: Path, loops: Loops, tmp_path: Path) -> None:
+    golden = make_golden(Scheme.MBR, **SMALL)
+    packed = tmp_path / "golden.sdimg.gz"
+    packed.write_bytes(gzip.compress(golden.read_bytes(), compresslevel=1))
+    card = loops.card(golden.stat().st_size)
+    code, [result], _ = _flash(packed, pki, "--target", f"{card}=Z-1")
+    assert code == 0 and result["result"] == "delivered"
+    check_card(card, golden, pki, "Z-1", tmp_path)

@@ -89,16 +89,17 @@ class _Lines:
         self.drawn = 0
 
 
-def _report(flashed: Flashed, json_out: bool, lines: _Lines) -> None:
+def _report(flashed: Flashed, json_out: bool) -> None:
     for note in flashed.notes:
         typer.echo(f"{flashed.device_id}: {note}", err=True)
     if json_out:
         typer.echo(json.dumps(flashed.to_dict()))
-    elif flashed.result is Result.DELIVERED:
+    if flashed.result is not Result.DELIVERED:
+        # On stderr even with --json: the operator must see which card to put aside.
+        typer.echo(f"FAILED {flashed.device_id} on {flashed.target}: {flashed.error}", err=True)
+    elif not json_out:
         typer.echo(f"delivered {flashed.device_id} to {flashed.target} ({flashed.card}; certificate {flashed.serial}, "
                    f"{human_size(flashed.bytes_written)} in {flashed.seconds:.1f} s)", err=True)  # fmt: skip
-    else:
-        typer.echo(f"FAILED {flashed.device_id} on {flashed.target}: {flashed.error}", err=True)
 
 
 @contextmanager
@@ -224,7 +225,7 @@ def flash(
         results = batch.flash([Assignment(i, Path(d)) for i, d in pairs], on_progress=lines)
         lines.done()
         for flashed in results:
-            _report(flashed, json_out, lines)
+            _report(flashed, json_out)
     failed = [f for f in results if f.result is not Result.DELIVERED]
     if failed:
         if len(results) == 1:
@@ -272,7 +273,7 @@ def _wait_loop(batch: FlashBatch, ids: list[str], patterns: list[str], json_out:
                 results = batch.flash(assignments, on_progress=lines)
             lines.done()
             for flashed in results:
-                _report(flashed, json_out, lines)
+                _report(flashed, json_out)
                 if flashed.result is Result.DELIVERED:
                     delivered.append(flashed.device_id)
                     failed.pop(flashed.device_id, None)
