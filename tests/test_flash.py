@@ -153,8 +153,10 @@ def test_delivered_id_never_goes_on_a_second_card(
 
 def test_verify_reads_a_card(make_golden: Callable[..., Path], pki: Path, loops: Loops) -> None:
     golden = make_golden(Scheme.MBR_EXTENDED, **SMALL)
+    imageprov_pki("prepare", golden)  # a prepared golden image: per batch, nothing changes
     card = loops.card(golden.stat().st_size)
-    _flash(golden, pki, "--target", f"{card}=V-1")
+    code, [result], _ = _flash(golden, pki, "--target", f"{card}=V-1")
+    assert code == 0 and result["result"] == "delivered"
     proc = imageprov_pki("verify", card, "--ca", pki / "ca-cert.pem", "--device-id", "V-1")
     assert "e2fsck -fn on data" in proc.stdout
     # A card with the key gone fails verify.
@@ -199,6 +201,6 @@ def test_compressed_golden_image(make_golden: Callable[..., Path], pki: Path, lo
     packed = tmp_path / "golden.sdimg.gz"
     packed.write_bytes(gzip.compress(golden.read_bytes(), compresslevel=1))
     card = loops.card(golden.stat().st_size)
-    code, [result], _ = _flash(packed, pki, "--target", f"{card}=Z-1")
+    code, [result], _ = _flash(packed, pki, "--target", f"{card}=Z-1", "--conf-target", "data")
     assert code == 0 and result["result"] == "delivered"
     check_card(card, golden, pki, "Z-1", tmp_path)
