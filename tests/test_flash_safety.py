@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from imageprov.disk.blockdev import TargetError, check_target
+from imageprov.disk.blockdev import TargetError, check_target, removable_disks
 from imageprov.disk.golden import Scheme
 from tests.conftest import imageprov_pki, tool
 from tests.flashdev import MIB, STALE, Loops, loop_devices, read_span
@@ -169,3 +169,10 @@ def test_cli_refuses_a_plain_file_and_the_same_disk_twice(
     assert [r["result"] for r in results] == ["failed", "delivered", "failed"]
     assert "does not exist" in str(results[0]["error"]) and "same disk" in str(results[2]["error"])
     assert not (tmp_path / "card.img").exists()
+
+
+def test_wait_takes_only_removable_disks_unless_named(loops: Loops) -> None:
+    # A loop device (like a USB backup drive) is never taken for a new card unless its writer is named.
+    card = loops.card(SIZE)
+    assert card.name not in removable_disks()
+    assert removable_disks([card.name]) == {card.name: SIZE}

@@ -276,8 +276,9 @@ def open_exclusive(device: BlockDevice) -> tuple[int, bool]:
 def removable_disks(names: Iterable[str] = ()) -> dict[str, int]:
     """Whole disks with a medium in them, by kernel name, with their size in bytes.
 
-    Without ``names`` (fnmatch patterns of kernel names), removable disks only;
-    with them, exactly the disks they match, loop devices included.
+    Without ``names`` (fnmatch patterns of kernel names), disks with the
+    removable flag and SD/MMC slots only; with them, exactly the disks they
+    match, loop devices included.
     """
     patterns = list(names)
     found = {}
@@ -285,7 +286,8 @@ def removable_disks(names: Iterable[str] = ()) -> dict[str, int]:
         if patterns:
             if not any(fnmatch.fnmatchcase(entry.name, p) for p in patterns):
                 continue
-        elif not (_read(entry / "removable") == "1" or _on_removable_bus(entry)):
+        elif not (_read(entry / "removable") == "1" or entry.name.startswith("mmcblk")):
+            # Not every USB disk: a backup drive plugged in at the station must not be taken for a card.
             continue
         sectors = _read(entry / "size")
         if sectors and sectors.isdigit() and int(sectors) > 0:
