@@ -17,7 +17,15 @@ from imageprov.cli import stamp as cli_stamp
 from imageprov.cli.output import layout_dict, layout_text
 from imageprov.disk.copy import edit_in_place, staged
 from imageprov.disk.golden import GoldenSpec, Scheme, build_golden
-from imageprov.disk.image import Area, DiskImage, parse_mode, parse_owner, split_image_path
+from imageprov.disk.image import (
+    EMPTY_ROOTFS_B_NOTE,
+    Area,
+    DiskImage,
+    parse_mode,
+    parse_owner,
+    split_image_path,
+    volume_name,
+)
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
 
@@ -35,7 +43,7 @@ DataPart = Annotated[Optional[int], typer.Option("--data-part", help="Number of 
 RootfsParts = Annotated[
     Optional[str], typer.Option("--rootfs-parts", help="Numbers of rootfs A and B, e.g. 2,3, if not found.")
 ]
-BootPart = Annotated[Optional[int], typer.Option("--boot-part", help="Number of the vfat boot partition.")]
+BootPart = Annotated[Optional[int], typer.Option("--boot-part", help="Number of the boot partition (vfat or ext4).")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
 
 
@@ -140,8 +148,10 @@ def cp(
         disk = _open(image, data_part, rootfs_parts, boot_part)
         with edit_in_place(image) as staging:
             written = disk.at(staging).write(path, content, mode=perm, uid=uid, gid=gid)
-        where = ", ".join(f"partition {v.partition.number} ({v.role.value})" for v in written)
+        where = ", ".join(volume_name(v) for v in written)
         typer.echo(f"wrote {path.device_path} ({len(content)} bytes, mode 0{perm:o}, {uid}:{gid}) to {where}", err=True)
+        if path.area is Area.ROOTFS and disk.rootfs_b_empty:
+            typer.echo(f"note: {EMPTY_ROOTFS_B_NOTE}", err=True)
     elif _is_image_spec(src):
         image, path = split_image_path(src)
         data = _open(image, data_part, rootfs_parts, boot_part).read(path)
