@@ -199,6 +199,10 @@ def _by_position(table: PartitionTable, probes: dict[int, Probe], overrides: Ove
         flags[Role.ROOTFS_A] = flags[Role.ROOTFS_B] = "--rootfs-parts"
     if overrides.data_part is not None:
         chosen[Role.DATA], flags[Role.DATA] = overrides.data_part, "--data-part"
+    if Role.BOOT not in flags and chosen[Role.BOOT] in [chosen[r] for r in flags]:
+        # The boot partition is optional (MENDER_BOOT_PART_SIZE_MB = 0): a
+        # partition named for another role is not also taken for boot.
+        del chosen[Role.BOOT]
     roles: dict[int, Role] = {}
     for role, number in chosen.items():
         if number in roles:
@@ -214,10 +218,10 @@ def _by_position(table: PartitionTable, probes: dict[int, Probe], overrides: Ove
     if Role.ROOTFS_A not in flags and not fs[Role.ROOTFS_A].is_ext:
         wrong.append(f"partition {rootfs_a} (rootfs A) holds {fs[Role.ROOTFS_A].value}, not ext4")
     if Role.ROOTFS_B not in flags and not (fs[Role.ROOTFS_B].is_ext or fs[Role.ROOTFS_B] is Filesystem.EMPTY):
-        wrong.append(f"partition {rootfs_b} (rootfs B) holds {fs[Role.ROOTFS_B].value}, not ext4 or nothing")
+        wrong.append(f"partition {rootfs_b} (rootfs B) holds {fs[Role.ROOTFS_B].value}, not ext4 or empty")
     if Role.DATA not in flags and not fs[Role.DATA].is_ext:
         wrong.append(f"partition {data} (data) holds {fs[Role.DATA].value}, not ext4")
-    if Role.BOOT not in flags and fs[Role.BOOT] is Filesystem.SWAP:
+    if Role.BOOT in fs and Role.BOOT not in flags and fs[Role.BOOT] is Filesystem.SWAP:
         wrong.append(f"partition {boot} (boot) holds swap")
     if wrong:
         raise LayoutError(
