@@ -17,7 +17,8 @@ from tests.conftest import imageprov, imageprov_pki, offset_of, roles, tool
 @pytest.fixture
 def stamped(make_golden: Callable[..., Path], pki: Path, tmp_path: Path) -> Path:
     golden = make_golden(Scheme.MBR_EXTENDED)
-    imageprov_pki("stamp", golden, "--pki", pki, "--out", tmp_path / "out", "--device-id", "v-1")
+    imageprov_pki("stamp", golden, "--pki", pki, "--out", tmp_path / "out", "--device-id", "v-1",
+                  "--conf-target", "rootfs")  # fmt: skip
     return tmp_path / "out" / "v-1.sdimg"
 
 
