@@ -44,12 +44,15 @@ class Prepared:
 
 
 def _rootfs_confs(disk: DiskImage) -> list[tuple[Volume, str, dict[str, Any]]]:
-    """Each populated rootfs's mender.conf, parsed; {} where a split configuration left none."""
+    """Each populated rootfs's mender.conf, parsed.
+
+    A rootfs without one is refused even though the client could run on the
+    fallback alone: it is the sign of a wrong partition or not a Mender image.
+    """
     confs = []
     for volume in disk.rootfs_volumes:
         where = f"{ROOTFS_CONF} on {volume.role.value}"
-        text = disk.ext(volume).fetch([ROOTFS_CONF_PATH])[ROOTFS_CONF_PATH][1]
-        confs.append((volume, where, parse(text, where) if text is not None else {}))
+        confs.append((volume, where, parse(disk.ext(volume).read(ROOTFS_CONF_PATH), where)))
     return confs
 
 
