@@ -153,3 +153,13 @@ def test_a_missing_data_conf_is_created_private(tmp_path: Path) -> None:
     path = rootfs / "data/mender/mender.conf"
     assert json.loads(path.read_text()) == {"HttpsClient": BLOCK}
     assert path.stat().st_mode & 0o7777 == 0o600
+
+
+def test_a_device_key_in_the_build_is_refused(tmp_path: Path) -> None:
+    bb = _bb()
+    rootfs = _rootfs(tmp_path)
+    before = (rootfs / "data/mender/mender.conf").read_bytes()
+    (rootfs / "data/mender/mender-cert-private.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    with pytest.raises(bb.BBHandledException):
+        _postprocess(_parse(tmp_path, rootfs))
+    assert (rootfs / "data/mender/mender.conf").read_bytes() == before

@@ -54,6 +54,13 @@ python imageprov_mender_conf() {
             bb.fatal("imageprov: %s in the image is not a JSON object" % device_path)
         return path, value
 
+    for device_path in (block["Key"], block["Certificate"]):
+        # Per-device credentials belong to the line: in a build they would land in
+        # sstate and the deploy directory, and every device would share them.
+        if os.path.lexists(os.path.join(rootfs, device_path.lstrip("/"))):
+            bb.fatal("imageprov: the image holds %s: per-device credentials must not be built in; "
+                     "they are stamped on the production line" % device_path)
+
     if target != main_conf:
         # The client reads /etc/mender/mender.conf over the fallback, field by
         # field: a block there would silently win over the one written here.
