@@ -101,11 +101,8 @@ def effective(main: dict[str, Any], fallback: dict[str, Any]) -> dict[str, Any]:
 
 def conflicts(main: dict[str, Any], settings: Settings) -> list[str]:
     """The settings that ``main`` overrides when they are written to the fallback config, as ``Key: value``."""
-    wanted: dict[str, Any] = {"HttpsClient": settings.https_client}
-    if settings.server_url is not None:
-        wanted["ServerURL"] = settings.server_url
-    if settings.tenant_token is not None:
-        wanted["TenantToken"] = settings.tenant_token
+    # Every key the merge writes, whatever settings come to hold.
+    wanted: dict[str, Any] = json.loads(merge(None, settings, "the fallback").text)
     used = effective(main, wanted)
     found = [f"{key}: {json.dumps(main[key])}" for key in wanted if used.get(key) != wanted[key]]
     if settings.server_url is not None and main.get("Servers") is not None:

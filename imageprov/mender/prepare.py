@@ -90,6 +90,7 @@ def plan_changes(disk: DiskImage, settings: Settings, target: ConfTarget) -> tup
     if target is ConfTarget.ROOTFS:
         if disk.rootfs_b_empty:
             notes.append(EMPTY_ROOTFS_B_NOTE)
+        notes.append(f"HttpsClient goes to {ROOTFS_CONF}: an update built without it removes it")
         for volume in disk.rootfs_volumes:
             where = f"{ROOTFS_CONF} on {volume.role.value}"
             fs = disk.ext(volume)
