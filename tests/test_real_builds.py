@@ -131,6 +131,19 @@ def test_no_boot_partition_and_swap_need_the_overrides(tmp_path: Path) -> None:
     }
 
 
+def test_extended_layout_keeps_signature_rules_and_takes_an_empty_b_by_flag(
+    make_golden: Callable[..., Path], pki: Path, tmp_path: Path
+) -> None:
+    golden = make_golden(Scheme.MBR_EXTENDED, rootfs_b=RootfsB.UNFORMATTED)
+    _one_line_error(imageprov("inspect", golden, check=False), 1, "2 ext partitions", "--rootfs-parts A,B")
+    flags = ("--rootfs-parts", "2,3", "--data-part", "6")
+    assert _roles(golden, *flags)["rootfs-b"] == (3, "empty")
+    _stamp(golden, pki, tmp_path / "out", "x-1", *flags)
+    image = tmp_path / "out" / "x-1.sdimg"
+    assert _conf(image, 6, "/mender/mender.conf") == {"HttpsClient": BLOCK}
+    imageprov("verify", image, "--ca", pki / "ca-cert.pem", *flags)
+
+
 def test_ext4_boot_partition_is_read_and_written_as_ext4(real_sdimg: Path, tmp_path: Path) -> None:
     assert imageprov("cat", f"{real_sdimg}:/uboot/uboot.env").stdout == "bootcmd=run mender_setup\n"
     script = tmp_path / "boot.scr"
