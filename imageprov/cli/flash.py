@@ -19,7 +19,7 @@ import typer
 
 from imageprov.cli.output import human_size
 from imageprov.cli.pki import CurveOpt, PassFile, Pki, open_ca
-from imageprov.cli.stamp import ConfTargetOpt, DataPart, RootfsParts
+from imageprov.cli.stamp import BootPart, ConfTargetOpt, DataPart, RootfsParts
 from imageprov.disk.blockdev import removable_disks
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
@@ -141,7 +141,7 @@ def flash(
     ] = None,
     server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
     tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
-    conf_target: ConfTargetOpt = ConfTarget.ROOTFS,
+    conf_target: ConfTargetOpt = ConfTarget.AUTO,
     days: Annotated[int, typer.Option("--days", help="Validity of the device certificates.")] = 3650,
     curve: CurveOpt = Curve.P256,
     reissue: Annotated[
@@ -158,6 +158,7 @@ def flash(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per card on stdout.")] = False,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
+    boot_part: BootPart = None,
 ) -> None:
     """Flash cards straight from the golden image, each with its own key and certificate: no image files.
 
@@ -208,7 +209,7 @@ def flash(
             days=days,
             curve=curve,
             reissue=reissue,
-            overrides=Overrides.parse(data_part, rootfs_parts, None),
+            overrides=Overrides.parse(data_part, rootfs_parts, boot_part),
         ),
         force=force,
         scratch_dir=scratch,
