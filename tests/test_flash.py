@@ -79,13 +79,19 @@ def test_four_stale_cards_at_once(
     # One card larger than the image, as real cards are.
     cards = [loops.card(size + (8 * MIB if i == 3 else 0)) for i in range(4)]
     ids = [f"{scheme.value}-{i}" for i in range(4)]
-    code, results, stderr = _flash(golden, pki, *(a for c, i in zip(cards, ids) for a in ("--target", f"{c}={i}")))
+    # The rootfs configuration too (the batch's scratch then holds both rootfs partitions).
+    conf = ["--conf-target", "rootfs"] if scheme is Scheme.MBR_EXTENDED else []
+    targets = [a for c, i in zip(cards, ids) for a in ("--target", f"{c}={i}")]
+    code, results, stderr = _flash(golden, pki, *conf, *targets)
     assert code == 0, stderr
     assert [r["result"] for r in results] == ["delivered"] * 4
     assert [r["device_id"] for r in results] == ids and [r["target"] for r in results] == [str(c) for c in cards]
     registry = _registry(pki)
+    where = ("rootfs-a", "/etc/mender/mender.conf") if conf else ("data", "/mender/mender.conf")
     for card, device_id, result in zip(cards, ids, results):
         check_card(card, golden, pki, device_id, tmp_path)
+        settings = json.loads(debugfs(card, roles(golden)[where[0]], f"cat {where[1]}"))
+        assert settings["HttpsClient"]["Key"] == "/data/mender/mender-cert-private.pem"
         record = registry[str(result["serial"])]
         assert record["status"] == "active" and str(card) in str(record["delivered_to"])
         assert int(str(result["bytes_written"])) > 0

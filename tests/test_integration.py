@@ -1,4 +1,4 @@
-"""Build and line integration: prepare, the Yocto hook, bmap files with bmaptool, compressed images, the line script."""
+"""Build and line integration: prepare, the Yocto hook, bmap files with bmaptool, compressed images."""
 
 from __future__ import annotations
 
