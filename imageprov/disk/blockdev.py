@@ -108,28 +108,55 @@ def _underlying(sysdir: Path, seen: set[Path] | None = None) -> set[Path]:
     return seen
 
 
+def _mounts() -> list[tuple[str, str, str]]:
+    """(``major:minor``, mount point, source) of every mount, from /proc/self/mountinfo."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    mounts = []
+    for line in lines:
+        fields, _, tail = line.partition(" - ")
+        left, right = fields.split(), tail.split()
+        if len(left) >= 5 and len(right) >= 2:
+            mounts.append((left[2], left[4].replace("\\040", " "), right[1]))
+    return mounts
+
+
+def _disks_of_mount(dev_id: str, source: str) -> set[Path]:
+    major, _, minor = dev_id.partition(":")
+    sysdir = SYS / "dev" / "block" / f"{major}:{minor}"
+    if major != "0" and sysdir.exists():
+        return _underlying(sysdir)
+    # btrfs (and other filesystems on anonymous device numbers) name their disk only as the mount's source.
+    if not source.startswith("/dev/"):
+        return set()
+    try:
+        info = os.stat(source)
+    except OSError:
+        return set()
+    return _underlying(_sysdir(info.st_rdev)) if stat.S_ISBLK(info.st_mode) else set()
+
+
 def disks_holding(path: Path) -> set[Path]:
     """The sysfs directories of the whole disks that the file or directory ``path`` is stored on."""
     dev = os.stat(path).st_dev
-    if os.major(dev) == 0 or not _sysdir(dev).exists():  # tmpfs, overlay, NFS: no disk of ours
-        return set()
-    return _underlying(_sysdir(dev))
+    if os.major(dev) != 0 and _sysdir(dev).exists():
+        return _underlying(_sysdir(dev))
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    found: set[Path] = set()
+    for dev_id, _, source in _mounts():  # tmpfs, overlay, NFS: no disk; btrfs: its source
+        if dev_id == wanted:
+            found |= _disks_of_mount(dev_id, source)
+    return found
 
 
 def _mounted_disks() -> dict[Path, str]:
     """Whole disks under a mounted filesystem or an active swap area, with the mount point."""
     found: dict[Path, str] = {}
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        fields = line.split()
-        major, _, minor = fields[2].partition(":")
-        sysdir = SYS / "dev" / "block" / f"{major}:{minor}"
-        if major != "0" and sysdir.exists():
-            for disk in _underlying(sysdir):
-                found.setdefault(disk, fields[4].replace("\\040", " "))
+    for dev_id, where, source in _mounts():
+        for disk in _disks_of_mount(dev_id, source):
+            found.setdefault(disk, where)
     for line in (_read(Path("/proc/swaps")) or "").splitlines()[1:]:
         device = line.split()[0] if line.split() else ""
         try:
