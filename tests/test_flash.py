@@ -7,16 +7,22 @@ certificate read off the card.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import pty
+import re
+import select
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from imageprov.disk.golden import Scheme
-from tests.conftest import imageprov_pki, roles, tool
+from tests.conftest import cli_env, imageprov_pki, roles, tool
 from tests.flashdev import MIB, STALE, Loops, debugfs, loop_devices, offset, partitions, read_span
 
 SMALL = {"rootfs_mib": 16, "data_mib": 16}
@@ -210,3 +216,25 @@ def test_compressed_golden_image(make_golden: Callable[..., Path], pki: Path, lo
     code, [result], _ = _flash(packed, pki, "--target", f"{card}=Z-1", "--conf-target", "data")
     assert code == 0 and result["result"] == "delivered"
     check_card(card, golden, pki, "Z-1", tmp_path)
+
+
+def test_progress_line_per_card_on_a_terminal(make_golden: Callable[..., Path], pki: Path, loops: Loops) -> None:
+    golden = make_golden(Scheme.MBR, **SMALL)
+    cards = [loops.card(golden.stat().st_size) for _ in range(2)]
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imageprov", "flash", golden, "--pki", pki,
+         *(a for i, c in enumerate(cards) for a in ("--target", f"{c}=T-{i}"))],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary, env=cli_env(),
+    )  # fmt: skip
+    os.close(secondary)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the process has closed the terminal
+        while select.select([primary], [], [], 120)[0] and (chunk := os.read(primary, 4096)):
+            shown += chunk
+    os.close(primary)
+    assert proc.wait(timeout=120) == 0, shown.decode()
+    text = shown.decode()
+    for i, card in enumerate(cards):
+        assert re.search(rf"\x1b\[2K{card}  T-{i}  delivered +100%", text), text
+    assert "\x1b[2F" in text  # redrawn in place
