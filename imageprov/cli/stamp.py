@@ -226,6 +226,8 @@ def prepare(
     done = prepare_in_place(image, settings, conf_target, Overrides.parse(data_part, rootfs_parts, None))
     for note in done.notes:
         typer.echo(f"note: {note}", err=True)
+    if done.changed and image.is_symlink():
+        typer.echo(f"note: {image} is a link: edited its target {image.resolve()}", err=True)
     typer.echo(f"prepared {image}" if done.changed else f"{image} was already prepared: not changed", err=True)
 
 

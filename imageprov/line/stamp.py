@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from imageprov.disk.bmap import bmap_for
 from imageprov.disk.compress import Compression, compress, decompress_sparse, inner_name
 from imageprov.disk.copy import copy_image, publish, remove_stale, stage, staged
-from imageprov.disk.ext4 import NewFile, WritePlan
+from imageprov.disk.ext4 import NewFile, WritePlan, fsck
 from imageprov.disk.image import DiskImage
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
@@ -178,15 +178,23 @@ class Batch:
         """Do and check what is the same for every device, once; return the image to copy per device."""
         if self._source is not None:
             return self._source
-        if self.options.engine is Engine.MENDER_ARTIFACT:
-            self._source = self.plain
-            return self._source
-        changes, notes = plan_changes(self.disk, self.options.settings, self.options.conf_target)
+        notes: list[str] = []
         source = self.plain
+        if self.disk.unreplayed():
+            # Never written behind: the kernel would replay it over the device's key at first mount.
+            source = self._private_copy()
+            names = self.disk.at(source).replay_journals()
+            notes.append(f"replayed the journal of {', '.join(names)} on a private copy; the golden image "
+                         "still needs it (e2fsck -E journal_only, or unmount before dd)")  # fmt: skip
+        self._check_golden(self.disk.at(source))
+        if self.options.engine is Engine.MENDER_ARTIFACT:
+            self.notes = tuple(notes)
+            self._source = source
+            return self._source
+        changes, more = plan_changes(self.disk.at(source), self.options.settings, self.options.conf_target)
+        notes += more
         if changes:
-            self._scratch = stage(self.out_dir / f"imageprov-batch{self.plain.suffix}")
-            copy_image(self.plain, self._scratch, mode=IMAGE_MODE)
-            source = self._scratch
+            source = self._private_copy()
             apply_changes(self.disk.at(source), changes)
         else:
             notes.append("golden image already prepared: only the data partition changes per device")
@@ -197,6 +205,24 @@ class Batch:
         self.notes = tuple(notes)
         self._source = source
         return source
+
+    def _check_golden(self, disk: DiskImage) -> None:
+        # Once, before any certificate is issued: a data partition that no
+        # device image could pass with is refused here, not per device.
+        data = disk.ext(disk.layout.data_partition)
+        data.check_writable()
+        clean, findings = fsck(disk.path, data.offset)
+        if not clean:
+            raise ImageprovError(
+                f"the golden image's {data.name} fails e2fsck -fn: {findings}",
+                hint="repair the golden image (e2fsck -f on the partition), then stamp again",
+            )
+
+    def _private_copy(self) -> Path:
+        if self._scratch is None:
+            self._scratch = stage(self.out_dir / f"imageprov-batch{self.plain.suffix}")
+            copy_image(self.plain, self._scratch, mode=IMAGE_MODE)
+        return self._scratch
 
     def _check_prepared(self, disk: DiskImage) -> None:
         # Every device's rootfs partitions are byte copies of these: checked
@@ -285,8 +311,9 @@ class Batch:
 
     def _write_and_check(self, temp: Path, device_id: str, issued: Issued) -> None:
         if self.options.engine is Engine.MENDER_ARTIFACT:
+            assert self._source is not None
             mender_artifact.stamp(
-                self.plain, temp, issued, self.options.settings, data_conf=self.options.conf_target is ConfTarget.DATA
+                self._source, temp, issued, self.options.settings, data_conf=self.options.conf_target is ConfTarget.DATA
             )
             report = verify_image(temp, self.ca.cert, device_id=device_id, overrides=self.options.overrides)
             failures = report.failures

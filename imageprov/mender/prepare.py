@@ -80,9 +80,17 @@ def prepare_in_place(
 ) -> Prepared:
     """Prepare ``image`` in place, atomically; an image already prepared is not written to at all."""
     disk = DiskImage.open(image, overrides)
-    changes, notes = plan_changes(disk, settings, target)
-    if not changes:
-        return Prepared(False, tuple(notes))
+    replayed: list[str] = []
+    if not disk.unreplayed():
+        changes, notes = plan_changes(disk, settings, target)
+        if not changes:
+            return Prepared(False, tuple(notes))
     with edit_in_place(image) as staging:
-        apply_changes(disk.at(staging), changes)
+        copy = disk.at(staging)
+        # What the build left unreplayed is replayed before anything is read or written.
+        replayed = copy.replay_journals()
+        changes, notes = plan_changes(copy, settings, target)
+        apply_changes(copy, changes)
+    if replayed:
+        notes.insert(0, f"replayed the journal of {', '.join(replayed)}")
     return Prepared(True, tuple(notes))
