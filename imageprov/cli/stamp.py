@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -117,34 +118,51 @@ def stamp(
         for note in batch.notes:
             typer.echo(f"note: {note}", err=True)
         show_bar = sys.stderr.isatty() and not json_out
-        with typer.progressbar(length=len(ids), label="stamping", file=sys.stderr, hidden=not show_bar) as bar:
-            for outcome in batch.run(ids):
-                bar.update(1)
-                if isinstance(outcome, Failed):
-                    failures.append((outcome.device_id, outcome.error))
-                    if len(ids) > 1:  # one device: the error line below says it all
-                        typer.echo(f"failed {outcome.device_id}: {outcome.error}", err=True)
-                    if json_out:
-                        typer.echo(json.dumps({"device_id": outcome.device_id, "status": "failed",
-                                               "error": outcome.error}))  # fmt: skip
-                    continue
-                for note in outcome.notes:
-                    typer.echo(f"{outcome.device_id}: {note}", err=True)
-                if json_out:
-                    typer.echo(json.dumps(_stamped_dict(outcome)))
-                elif not show_bar:
-                    typer.echo(f"{outcome.status} {outcome.device_id}: {outcome.image} (serial {outcome.serial})",
-                               err=True)  # fmt: skip
+        try:
+            _stamp_all(batch, ids, show_bar, json_out, failures)
+        except KeyboardInterrupt:
+            # One line (typer would exit 130 silently): what is done, and what to do.
+            left = len(ids) - len(batch.delivered)
+            typer.echo(f"imageprov: interrupted: delivered {len(batch.delivered)} of {len(ids)} devices; "
+                       f"rerun the same command to stamp the other {left}", err=True)  # fmt: skip
+            raise typer.Exit(130) from None
     if failures:
         if len(ids) == 1:
             raise StampFailed(f"{failures[0][0]}: {failures[0][1]}")
         names = ", ".join(d for d, _ in failures[:10]) + (", ..." if len(failures) > 10 else "")
+        delivered = len(batch.delivered)
         raise StampFailed(
             f"{len(failures)} of {len(ids)} devices failed: {names}",
-            hint="the others were delivered; fix the cause and rerun the same command",
+            hint=f"{'the other ' + str(delivered) if delivered else 'none'} were delivered; "
+            "fix the cause and rerun the same command",
         )
     if not json_out:
         typer.echo(f"delivered {len(ids)} images to {out}", err=True)
+
+
+def _stamp_all(batch: Batch, ids: list[str], show_bar: bool, json_out: bool, failures: list[tuple[str, str]]) -> None:
+    # closing(): an interrupt here also stops the batch, before the one line about it is printed.
+    with (
+        typer.progressbar(length=len(ids), label="stamping", file=sys.stderr, hidden=not show_bar) as bar,
+        contextlib.closing(batch.run(ids)) as outcomes,
+    ):
+        for outcome in outcomes:
+            bar.update(1)
+            if isinstance(outcome, Failed):
+                failures.append((outcome.device_id, outcome.error))
+                if len(ids) > 1:  # one device: the error line below says it all
+                    typer.echo(f"failed {outcome.device_id}: {outcome.error}", err=True)
+                if json_out:
+                    typer.echo(json.dumps({"device_id": outcome.device_id, "status": "failed",
+                                           "error": outcome.error}))  # fmt: skip
+                continue
+            for note in outcome.notes:
+                typer.echo(f"{outcome.device_id}: {note}", err=True)
+            if json_out:
+                typer.echo(json.dumps(_stamped_dict(outcome)))
+            elif not show_bar:
+                typer.echo(f"{outcome.status} {outcome.device_id}: {outcome.image} (serial {outcome.serial})",
+                           err=True)  # fmt: skip
 
 
 def _stamped_dict(done: Stamped) -> dict[str, object]:
