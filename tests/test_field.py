@@ -7,7 +7,9 @@ result with other real tools: debugfs, e2fsck, dumpe2fs, openssl.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import re
 import shutil
 import signal
@@ -18,12 +20,16 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from imageprov.disk.ext4 import NewFile
 from imageprov.disk.golden import Scheme
 from imageprov.disk.image import DiskImage
 from imageprov.errors import FilesystemError
-from tests.conftest import cli_env, imageprov, imageprov_pki, offset_of, roles, sfdisk_json, sha256, tool
+from imageprov.pki.ca import CA_KEY
+from imageprov.pki.devices import read_device_ids
+from tests.conftest import PASSPHRASE, cli_env, imageprov, imageprov_pki, offset_of, roles, sfdisk_json, sha256, tool
 
 KEY = "/mender/mender-cert-private.pem"
 CERT = "/mender/mender-cert.pem"
@@ -251,3 +257,219 @@ def test_an_image_of_another_live_certificate_is_not_replaced_without_reissue(
     err = _stamp(golden, pki, tmp_path / "b", "r-3", check=False)
     assert "but the device's live certificate is" in err and "pass --reissue" in err, err
     assert _serial(tmp_path / "b/r-3.sdimg") == _serial(tmp_path / "a/r-3.sdimg")
+
+
+# -- 7. a symlinked image (Yocto's IMAGE_LINK_NAME) -----------------------------------------
+
+
+def test_prepare_and_cp_edit_the_target_of_a_linked_image(make_golden: Callable[..., Path], tmp_path: Path) -> None:
+    built = make_golden(Scheme.MBR, data_mib=8, name="core-image-20261127.sdimg")
+    link = tmp_path / "core-image.sdimg"
+    link.symlink_to(built.name)  # relative, as Yocto's deploy directory has it
+    err = imageprov("prepare", link, "--server-url", "https://edge.example").stderr
+    assert f"{link} is a link: edited its target {built}" in err, err
+    assert link.is_symlink() and link.readlink() == Path(built.name)
+    conf = json.loads(_cat(_fs(built, roles(built)["rootfs-a"]), "/etc/mender/mender.conf"))
+    assert conf["ServerURL"] == "https://edge.example"
+
+    local = tmp_path / "hello.txt"
+    local.write_text("hello\n")
+    err = imageprov("cp", local, f"{link}:/data/hello.txt").stderr
+    assert f"{link} is a link: edited its target {built}" in err, err
+    assert link.is_symlink()
+    assert _cat(_fs(built, roles(built)["data"]), "/hello.txt") == b"hello\n"
+
+
+# -- crashes and paths that break debugfs -------------------------------------------------
+
+
+def test_csv_comment_lines_anywhere_are_skipped(tmp_path: Path) -> None:
+    ids = tmp_path / "ids.csv"
+    ids.write_text("# exported from the MES\n# 2026-11-27\ndevice_id,mac\nd-1,aa:bb\n# a line taken out\nd-2,cc:dd\n")
+    assert read_device_ids(ids) == ["d-1", "d-2"]
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ('{"ServerURL": "\\ud83d"}', "lone UTF-16 surrogate"),
+        ('{"UpdatePollIntervalSeconds": 1e400}', "1e400 is out of range"),
+        ('{"UpdatePollIntervalSeconds": NaN}', "NaN is not a JSON number"),
+        ('{"UpdatePollIntervalSeconds": -Infinity}', "-Infinity is not a JSON number"),
+    ],
+    ids=["surrogate", "1e400", "nan", "infinity"],
+)
+def test_non_standard_json_in_mender_conf_is_refused(make_golden: Callable[..., Path], conf: str, message: str) -> None:
+    image = make_golden(Scheme.MBR, data_mib=8, mender_conf=conf)
+    before = sha256(image)
+    proc = imageprov("prepare", image, "--server-url", "https://edge.example", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("imageprov: error: /etc/mender/mender.conf on rootfs-a") and message in line, line
+    assert sha256(image) == before
+
+
+def _ca_cert(tmp_path: Path) -> Path:
+    cert = tmp_path / "ca.pem"
+    tool("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", tmp_path / "ca.key", "-out", cert, "-subj", "/CN=field test CA", "-days", "2")  # fmt: skip
+    return cert
+
+
+@pytest.mark.parametrize(
+    ("script", "detail"),
+    [("exit 8", "e2fsck -fn on data  (no output)"), ("kill -INT $$", "e2fsck was interrupted")],
+    ids=["silent", "interrupted"],
+)
+def test_verify_survives_an_e2fsck_that_prints_nothing(
+    make_golden: Callable[..., Path], tmp_path: Path, script: str, detail: str
+) -> None:
+    image = make_golden(Scheme.MBR, data_mib=8)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "e2fsck").write_text(f"#!/bin/sh\n{script}\n")
+    (fake / "e2fsck").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "-m", "imageprov", "verify", str(image), "--ca", str(_ca_cert(tmp_path))],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert detail in proc.stdout, proc.stdout
+
+
+def _in(cwd: Path, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "imageprov", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=cli_env(), stdin=subprocess.DEVNULL)  # fmt: skip
+    assert not check or proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_image_names_with_a_dash_or_a_question_mark_reach_debugfs(
+    make_golden: Callable[..., Path], pki: Path, tmp_path: Path
+) -> None:
+    image = make_golden(Scheme.GPT, data_mib=8).rename(tmp_path / "-g?x.uefiimg")
+    name = "./-g?x.uefiimg"  # what a user types; pathlib drops the ./
+    alias = tmp_path / "alias.uefiimg"  # for the checks here, with debugfs
+    alias.symlink_to(image)
+    _in(tmp_path, "prepare", name, "--server-url", "https://edge.example")
+    assert b"https://edge.example" in _cat(_fs(alias, roles(alias)["rootfs-b"]), "/etc/mender/mender.conf")
+    (tmp_path / "n.txt").write_text("n\n")
+    _in(tmp_path, "cp", "n.txt", f"{name}:/data/n.txt")
+    assert _in(tmp_path, "cat", f"{name}:/data/n.txt").stdout == "n\n"
+    assert "n.txt" in _in(tmp_path, "ls", f"{name}:/data").stdout
+    _in(tmp_path, "stamp", name, "--pki", pki, "--out", "out", "--device-id", "q-1")
+    report = json.loads(_in(tmp_path, "verify", name, "--ca", pki / "ca-cert.pem", "--json", check=False).stdout)
+    assert [c["name"] for c in report["checks"] if not c["ok"]] == ["/data/mender/mender-cert-private.pem present",
+                                                                    "/data/mender/mender-cert.pem present"]  # fmt: skip
+    imageprov("verify", tmp_path / "out/q-1.uefiimg", "--ca", pki / "ca-cert.pem", "--device-id", "q-1")
+
+
+# -- messages that mislead -----------------------------------------------------------------
+
+
+def _one_error_line(proc: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def _stamp_proc(golden: Path, pki: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    ids = [a for i in range(3) for a in ("--device-id", f"m-{i}")]
+    return imageprov_pki("stamp", golden, "--pki", pki, "--out", out, *ids, *args, check=False)
+
+
+def test_a_golden_data_partition_failing_e2fsck_is_refused_once_with_its_findings(
+    make_golden: Callable[..., Path], pki: Path, tmp_path: Path
+) -> None:
+    golden = make_golden(Scheme.MBR, data_mib=8)
+    tool("debugfs", "-w", "-R", "sif /mender/device_type links_count 5", _fs(golden, roles(golden)["data"]))
+    line = _one_error_line(_stamp_proc(golden, pki, tmp_path / "out"))
+    assert "the golden image's partition 4 (data) fails e2fsck -fn:" in line, line
+    assert re.search(r"Inode \d+ ref count is 5, should be 1", line), line
+    assert "e2fsck 1.4" not in line  # the findings, not the banner
+    assert _registry(pki) == {}
+
+
+def test_a_golden_data_partition_with_quota_is_refused_before_issuing(
+    make_golden: Callable[..., Path], pki: Path, tmp_path: Path
+) -> None:
+    golden = make_golden(Scheme.MBR, data_mib=8)
+    tool("tune2fs", "-O", "quota", _fs(golden, roles(golden)["data"]))
+    line = _one_error_line(_stamp_proc(golden, pki, tmp_path / "out"))
+    assert "partition 4 (data) has the quota feature" in line and "tune2fs -O ^quota" in line, line
+    assert _registry(pki) == {}
+
+
+def test_zero_days_is_a_usage_error_before_any_work(
+    make_golden: Callable[..., Path], pki: Path, tmp_path: Path
+) -> None:
+    golden = make_golden(Scheme.MBR, data_mib=8)
+    proc = _stamp_proc(golden, pki, tmp_path / "out", "--days", "0")
+    assert proc.returncode == 2 and "--days" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists() and _registry(pki) == {}
+
+
+def test_a_full_tmpdir_is_named(make_golden: Callable[..., Path], tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    image = make_golden(Scheme.MBR, data_mib=8, rootfs_mib=16, payload_mib=1)
+    small = tmp_path / "small-tmp"
+    small.mkdir()
+    tool("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", small)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "imageprov", "cat", f"{image}:/payload.bin"],
+                              capture_output=True, env={**os.environ, "TMPDIR": str(small)})  # fmt: skip
+    finally:
+        tool("umount", small)
+    line = _one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", proc.stderr.decode()))
+    assert "No space left on device" in line and f"in {small}, the temporary directory" in line, line
+
+
+def test_a_symlinked_mender_conf_is_named_as_such(make_golden: Callable[..., Path]) -> None:
+    image = make_golden(Scheme.MBR, data_mib=8)
+    for role in ("rootfs-a", "rootfs-b"):
+        tool("debugfs", "-w", "-f", "-", _fs(image, roles(image)[role]),
+             input=b"rm /etc/mender/mender.conf\nsymlink /etc/mender/mender.conf /data/etc/mender.conf\n")  # fmt: skip
+    line = _one_error_line(imageprov("prepare", image, check=False))
+    assert "/etc/mender/mender.conf on partition 2 (rootfs-a) is a symbolic link to /data/etc/mender.conf" in line
+    assert "short read" not in line
+
+
+def test_data_mender_as_a_file_is_named_as_such(make_golden: Callable[..., Path], tmp_path: Path) -> None:
+    image = make_golden(Scheme.MBR, data_mib=8)
+    (tmp_path / "f").write_text("not a directory\n")
+    tool("debugfs", "-w", "-f", "-", _fs(image, roles(image)["data"]),
+         input=f"rm /mender/device_type\nrmdir /mender\nwrite {tmp_path / 'f'} /mender\n".encode())  # fmt: skip
+    line = _one_error_line(imageprov("prepare", image, check=False))
+    assert "/data/mender in the image is a regular file, not a directory" in line, line
+    assert "inode is not a directory" not in line
+
+
+def test_verify_warns_about_an_expired_crl_and_fails_with_strict(
+    make_golden: Callable[..., Path], pki: Path, tmp_path: Path
+) -> None:
+    golden = make_golden(Scheme.MBR, data_mib=8)
+    _stamp(golden, pki, tmp_path / "out", "x-1")
+    key = serialization.load_pem_private_key((pki / CA_KEY).read_bytes(), PASSPHRASE.encode())
+    ca = x509.load_pem_x509_certificate((pki / "ca-cert.pem").read_bytes())
+    now = dt.datetime.now(dt.UTC)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
+           .last_update(now - dt.timedelta(days=8)).next_update(now - dt.timedelta(days=1))
+           .sign(key, hashes.SHA256()))  # type: ignore[arg-type]  # fmt: skip
+    (tmp_path / "crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    args = ("verify", tmp_path / "out/x-1.sdimg", "--ca", pki / "ca-cert.pem", "--crl", tmp_path / "crl.pem")
+    lenient = imageprov(*args)
+    assert re.search(r"^WARN  CRL is current  \(its nextUpdate was .* the edge refuses every device", lenient.stdout,
+                     re.M), lenient.stdout  # fmt: skip
+    strict = imageprov(*args, "--strict", check=False)
+    assert strict.returncode == 1 and "FAIL  CRL is current" in strict.stdout, strict.stdout
+
+
+def test_a_gpt_without_its_backup_header_warns(make_golden: Callable[..., Path], tmp_path: Path) -> None:
+    image = make_golden(Scheme.GPT, data_mib=8)
+    size = image.stat().st_size
+    os.truncate(image, size - 512 * 33)  # the backup entries and header are gone; the partitions are not
+    report = imageprov("verify", image, "--ca", _ca_cert(tmp_path), check=False).stdout
+    assert re.search(r"^WARN  partition table  \(the image ends at \d+ bytes, before its backup GPT header", report,
+                     re.M), report  # fmt: skip
+    assert "warning: the image ends at" in imageprov("inspect", image).stdout

@@ -65,7 +65,9 @@ def stamp(
     engine: Annotated[
         Engine, typer.Option("--engine", help="debugfs (fast, in place) or mender-artifact.")
     ] = Engine.DEBUGFS,
-    days: Annotated[int, typer.Option("--days", help="Validity of the device certificates.")] = 3650,
+    days: Annotated[
+        int, typer.Option("--days", min=1, max=36500, help="Validity of the device certificates, in days.")
+    ] = 3650,
     curve: CurveOpt = Curve.P256,
     reissue: Annotated[
         bool, typer.Option("--reissue", help="Revoke a device's live certificate and issue anew.")
@@ -186,6 +188,7 @@ def verify(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too (a CRL past its nextUpdate).")] = False,
 ) -> None:
     """Prove an image right before it is flashed; exit 0 only if every check holds.
 
@@ -198,14 +201,13 @@ def verify(
     if not image.exists():
         raise UsageError(f"{image} does not exist")
     report = verify_image(image, load_cert(ca), device_id=device_id, crl=_load_crl(crl) if crl else None,
-                          overrides=Overrides.parse(data_part, rootfs_parts, None))  # fmt: skip
+                          overrides=Overrides.parse(data_part, rootfs_parts, None), strict=strict)  # fmt: skip
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         for check in report.checks:
-            typer.echo(
-                f"{'ok  ' if check.ok else 'FAIL'}  {check.name}" + (f"  ({check.detail})" if check.detail else "")
-            )
+            status = "FAIL" if not check.ok else "WARN" if check.warning else "ok  "
+            typer.echo(f"{status}  {check.name}" + (f"  ({check.detail})" if check.detail else ""))
     if not report.ok:
         names = ", ".join(c.name for c in report.failures)
         raise StampFailed(f"{image}: {len(report.failures)} checks failed: {names}")

@@ -91,6 +91,7 @@ class Inode:
     uid: int
     gid: int
     size: int
+    link: str = ""  # a fast symlink's target
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,14 @@ class Ext4:
         if errors:
             first = errors[0].strip()
             hint = next((h for needle, h in _HINTS.items() if needle in first), "")
+            if "No space left on device" in first:
+                # debugfs names no path: reads fill the temporary directory, writes the image's filesystem.
+                if doing == "reading":
+                    first += f" (in {tempfile.gettempdir()}, the temporary directory)"
+                    hint = "free space there, or point TMPDIR at a directory with room"
+                else:
+                    first += f" (on the filesystem holding {self.image})"
+                    hint = "free space there"
             raise FilesystemError(f"{doing} on {self.name} failed: {first}", hint=hint)
 
     def stat_many(self, paths: Iterable[PurePosixPath]) -> dict[PurePosixPath, Inode | None]:
@@ -265,6 +274,12 @@ class Ext4:
         for path, (inode, content) in found.items():
             if inode is None:
                 raise FilesystemError(f"{path} does not exist on {self.name}")
+            if content is None and inode.kind == "symlink":
+                raise FilesystemError(
+                    f"{path} on {self.name} is a symbolic link{f' to {inode.link}' if inode.link else ''}, "
+                    "not a file: imageprov reads and writes the files themselves, never through links",
+                    hint="replace the link with the file it points to in the golden image",
+                )
             if content is None:
                 raise FilesystemError(f"{path} on {self.name} is a {inode.kind}, not a regular file")
             out[path] = content
@@ -279,7 +294,15 @@ class Ext4:
             commands = [f"stat {_q(p)}" for p in wanted] + [f"dump {_q(p)} {_q(outs[p])}" for p in wanted]
             out, errors = self._debugfs(commands)
             inodes = self._parse_stats(wanted, out, len(commands))
-            self._check([e for e in errors if not _is_not_found(e)], "reading")
+            errors = [e for e in errors if not _is_not_found(e)]
+            files = [p for p in wanted if (found := inodes[p]) is not None and found.kind == "regular"]
+            if errors and len(files) < len([p for p in wanted if inodes[p] is not None]):
+                # dump of a symlink or a directory fails with "short read", which
+                # names no path: the regular files are dumped again on their own.
+                for dumped in outs.values():
+                    dumped.unlink(missing_ok=True)
+                _, errors = self._debugfs([f"dump {_q(p)} {_q(outs[p])}" for p in files]) if files else ("", [])
+            self._check(errors, "reading")
             result: dict[PurePosixPath, tuple[Inode | None, bytes | None]] = {}
             for path in wanted:
                 inode = inodes[path]
@@ -346,7 +369,10 @@ class Ext4:
             if inode is None:
                 mkdirs.append(parent)
             elif inode.kind != "directory":
-                raise FilesystemError(f"{parent} on {self.name} is a {inode.kind}, not a directory")
+                raise FilesystemError(
+                    f"{parent} on {self.name} is a {_kind(inode.kind)} where a directory must be",
+                    hint="fix the golden image: make it a directory",
+                )
         planned = []
         for new in files:
             existing = found[new.path]
@@ -415,13 +441,19 @@ def fsck(image: Path, offset: int) -> tuple[bool, str]:
     return False, _findings(output)
 
 
+def _kind(kind: str) -> str:
+    return {"regular": "regular file", "symlink": "symbolic link"}.get(kind, kind)
+
+
 def _is_not_found(line: str) -> bool:
-    return "File not found by ext2_lookup" in line
+    # A path under a file ("/mender/x" with /mender a file) does not exist either.
+    return "File not found by ext2_lookup" in line or "Ext2 inode is not a directory" in line
 
 
 _STAT_TYPE = re.compile(r"Type:\s+(\S+)\s+Mode:\s+([0-7]+)")
 _STAT_OWNER = re.compile(r"User:\s+(\d+)\s+Group:\s+(\d+)")
 _STAT_SIZE = re.compile(r"\bSize:\s+(\d+)")
+_STAT_LINK = re.compile(r'Fast link dest: "(.*)"')
 
 
 def _parse_stat(path: PurePosixPath, chunk: str) -> Inode | None:
@@ -430,6 +462,8 @@ def _parse_stat(path: PurePosixPath, chunk: str) -> Inode | None:
         return None
     if owner is None or size is None:
         raise FilesystemError(f"cannot read debugfs's stat of {path}")
+    link = _STAT_LINK.search(chunk)
     return Inode(
-        path, kind.group(1), int(kind.group(2), 8), int(owner.group(1)), int(owner.group(2)), int(size.group(1))
-    )
+        path, kind.group(1), int(kind.group(2), 8), int(owner.group(1)), int(owner.group(2)), int(size.group(1)),
+        link.group(1) if link else "",
+    )  # fmt: skip

@@ -85,6 +85,10 @@ class StampOptions:
     # Images built at once; the work is mostly waiting on the kernel and disk.
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
 
+    def __post_init__(self) -> None:
+        if self.days < 1:
+            raise UsageError(f"a certificate valid for {self.days} days is never valid", hint="give --days 1 or more")
+
 
 @dataclass(frozen=True)
 class Stamped:
@@ -213,7 +217,7 @@ class Batch:
         """Do and check what is the same for every device, once; return the image to copy per device."""
         if self._source is not None:
             return self._source
-        notes: list[str] = []
+        notes = [f"golden image: {warning}" for warning in self.disk.layout.table.warnings]
         source = self.plain
         if self.disk.unreplayed():
             # Never written behind: the kernel would replay it over the device's key at first mount.

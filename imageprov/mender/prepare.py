@@ -16,7 +16,7 @@ from imageprov.disk.copy import edit_in_place
 from imageprov.disk.ext4 import NewFile
 from imageprov.disk.image import DiskImage
 from imageprov.disk.layout import Overrides, Volume
-from imageprov.errors import UsageError
+from imageprov.errors import FilesystemError, UsageError
 from imageprov.mender.conf import DATA_CONF, ROOTFS_CONF, Settings, merge, parse
 from imageprov.mender.verify import DATA_CONF_PATH, KEY_PATH, ROOTFS_CONF_PATH
 
@@ -41,6 +41,14 @@ def plan_changes(disk: DiskImage, settings: Settings, target: ConfTarget) -> tup
     notes: list[str] = []
     changes: list[Change] = []
     data_fs = disk.ext(layout.data_partition)
+    mender_dir = data_fs.stat(KEY_PATH.inner.parent)
+    if mender_dir is not None and mender_dir.kind != "directory":
+        kind = "regular file" if mender_dir.kind == "regular" else mender_dir.kind
+        raise FilesystemError(
+            f"{KEY_PATH.device_path.parent} in the image is a {kind}, not a directory: "
+            "the Mender client keeps its state, key and certificate in that directory",
+            hint="fix the golden image: make /mender on the data partition a directory",
+        )
     for volume in layout.rootfs_partitions:
         where = f"{ROOTFS_CONF} on {volume.role.value}"
         current = disk.ext(volume).read(ROOTFS_CONF_PATH)
@@ -65,7 +73,7 @@ def plan_changes(disk: DiskImage, settings: Settings, target: ConfTarget) -> tup
             notes.append(f"{DATA_CONF}: replaced HttpsClient {merged.replaced}")
         if merged.changed or inode is None:
             changes.append((layout.data_partition, [NewFile(DATA_CONF_PATH.inner, merged.text, 0o644)], []))
-    if data_fs.stat(KEY_PATH.inner.parent) is None:
+    if mender_dir is None:
         changes.append((layout.data_partition, [], [KEY_PATH.inner.parent]))
     return changes, notes
 

@@ -34,6 +34,7 @@ class Check:
     name: str
     ok: bool
     detail: str = ""
+    warning: bool = False  # passed, but something the user must know (a stale CRL, a truncated GPT)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Report:
             "device_id": self.device_id,
             "serial": self.serial,
             "fingerprint": self.fingerprint,
-            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
+            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "warning": c.warning} for c in self.checks],
         }
 
 
@@ -69,8 +70,8 @@ class Checks:
 
     items: list[Check] = field(default_factory=list)
 
-    def add(self, name: str, ok: bool, detail: str = "") -> bool:
-        self.items.append(Check(name, ok, detail))
+    def add(self, name: str, ok: bool, detail: str = "", *, warning: bool = False) -> bool:
+        self.items.append(Check(name, ok, detail, warning and ok))
         return ok
 
     @property
@@ -96,8 +97,12 @@ def verify_image(
     overrides: Overrides | None = None,
     fsck_rootfs: bool = True,
     now: dt.datetime | None = None,
+    strict: bool = False,
 ) -> Report:
-    """Check everything about the client credentials in ``image``; never raises for a bad image."""
+    """Check everything about the client credentials in ``image``; never raises for a bad image.
+
+    ``strict`` fails what is otherwise a warning: a CRL past its nextUpdate.
+    """
     checks = Checks()
     try:
         disk = DiskImage.open(image, overrides)
@@ -105,7 +110,9 @@ def verify_image(
         checks.add("partition table and layout", False, str(exc))
         return Report(image, tuple(checks.items), device_id)
     checks.add("partition table and layout", True, disk.layout.table.type.name)
-    found = check_data_partition(checks, disk, ca_cert, device_id=device_id, crl=crl, now=now)
+    for warning in disk.layout.table.warnings:
+        checks.add("partition table", True, warning, warning=True)
+    found = check_data_partition(checks, disk, ca_cert, device_id=device_id, crl=crl, now=now, strict=strict)
     if not found.readable:
         return Report(image, tuple(checks.items), device_id)
     check_mender_confs(checks, disk, found.fallback)
@@ -130,6 +137,7 @@ def check_data_partition(
     crl: x509.CertificateRevocationList | None = None,
     now: dt.datetime | None = None,
     expected: dict[PurePosixPath, bytes] | None = None,
+    strict: bool = False,
 ) -> DataFindings:
     """Check the key and certificate on the data partition, in one debugfs run.
 
@@ -147,7 +155,7 @@ def check_data_partition(
         checks.add(f"{path} reads back as written", found[path][1] == want)
     _check_file(checks, CLIENT_KEY, key_inode, 0o600)
     _check_file(checks, CLIENT_CERT, cert_inode, 0o644)
-    cert = _check_credentials(checks, key_pem, cert_pem, ca_cert, device_id, crl, now)
+    cert = _check_credentials(checks, key_pem, cert_pem, ca_cert, device_id, crl, now, strict)
     return DataFindings(cert, found[DATA_CONF_PATH.inner][1])
 
 
@@ -183,6 +191,7 @@ def _check_credentials(
     device_id: str | None,
     crl: x509.CertificateRevocationList | None,
     now: dt.datetime | None,
+    strict: bool = False,
 ) -> x509.Certificate | None:
     if cert_pem is None:
         return None
@@ -206,6 +215,11 @@ def _check_credentials(
         signed = crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
         revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
         checks.add("CRL signed by the CA", signed)
+        next_update = crl.next_update_utc
+        if next_update is not None and moment > next_update:
+            # nginx (ssl_crl) refuses every client certificate once the CRL has expired.
+            stale = f"its nextUpdate was {next_update:%Y-%m-%d %H:%M} UTC: the edge refuses every device with it"
+            checks.add("CRL is current", not strict, stale, warning=True)
         checks.add("certificate not revoked", revoked is None,
                    f"revoked {revoked.revocation_date_utc:%Y-%m-%d}" if revoked else "")  # fmt: skip
     if device_id is not None:
