@@ -346,7 +346,7 @@ def _in(cwd: Path, *args: str | Path, check: bool = True) -> subprocess.Complete
 def test_image_names_with_a_dash_or_a_question_mark_reach_debugfs(
     make_golden: Callable[..., Path], pki: Path, tmp_path: Path
 ) -> None:
-    image = make_golden(Scheme.GPT, data_mib=8).rename(tmp_path / "-g?x.uefiimg")
+    image = make_golden(Scheme.GPT, data_mib=8, rootfs_mib=16).rename(tmp_path / "-g?x.uefiimg")
     name = "./-g?x.uefiimg"  # what a user types; pathlib drops the ./
     alias = tmp_path / "alias.uefiimg"  # for the checks here, with debugfs
     alias.symlink_to(image)
@@ -361,6 +361,9 @@ def test_image_names_with_a_dash_or_a_question_mark_reach_debugfs(
     assert [c["name"] for c in report["checks"] if not c["ok"]] == ["/data/mender/mender-cert-private.pem present",
                                                                     "/data/mender/mender-cert.pem present"]  # fmt: skip
     imageprov("verify", tmp_path / "out/q-1.uefiimg", "--ca", pki / "ca-cert.pem", "--device-id", "q-1")
+    tool("zstd", "-q", "-o", tmp_path / "-z.uefiimg.zst", "--", image)
+    _in(tmp_path, "stamp", "./-z.uefiimg.zst", "--pki", pki, "--out", "out", "--device-id", "q-2")
+    imageprov("verify", tmp_path / "out/q-2.uefiimg", "--ca", pki / "ca-cert.pem", "--device-id", "q-2")
 
 
 # -- messages that mislead -----------------------------------------------------------------
