@@ -370,7 +370,7 @@ class Ext4:
                 mkdirs.append(parent)
             elif inode.kind != "directory":
                 raise FilesystemError(
-                    f"{parent} on {self.name} is a {_kind(inode.kind)} where a directory must be",
+                    f"{parent} on {self.name} is a {_kind(inode.kind)}, not a directory",
                     hint="fix the golden image: make it a directory",
                 )
         planned = []

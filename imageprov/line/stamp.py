@@ -352,11 +352,17 @@ class Batch:
         """Move an image that is not delivered (and its bmap) into OUT/superseded/; say where."""
         aside = self.out_dir / SUPERSEDED
         aside.mkdir(mode=0o700, exist_ok=True)
-        stamp_ = time.strftime("%Y%m%dT%H%M%S")
+        paths = (final, final.parent / f"{device_id}.bmap")
+        prefix = when = time.strftime("%Y%m%dT%H%M%S")
+        for n in range(2, 1000):
+            # rename(2) replaces silently: never over another image moved aside in the same second.
+            if not any((aside / f"{prefix}-{path.name}").exists() for path in paths):
+                break
+            prefix = f"{when}.{n}"
         moved = []
-        for path in (final, final.parent / f"{device_id}.bmap"):
+        for path in paths:
             if path.exists():
-                target = aside / f"{stamp_}-{path.name}"
+                target = aside / f"{prefix}-{path.name}"
                 os.rename(path, target)
                 moved.append(target)
         return f"moved it to {moved[0]}"
@@ -454,19 +460,21 @@ class Batch:
             try:
                 found = self.disk.at(final).ext(self.disk.layout.data_partition).fetch([CERT_PATH.inner])
                 cert = x509.load_pem_x509_certificate(found[CERT_PATH.inner][1] or b"")
+                serial, fingerprint = f"{cert.serial_number:x}", cert.fingerprint(hashes.SHA256()).hex()
+                holds = f"{final.name} holds certificate {serial}"
             except (ImageprovError, ValueError):
-                return f"{final.name} exists but holds no readable certificate:"
-            serial, fingerprint = f"{cert.serial_number:x}", cert.fingerprint(hashes.SHA256()).hex()
+                serial, fingerprint, holds = "", "", f"{final.name} holds no readable certificate"
             if live is None:
-                return f"{final.name} holds certificate {serial}, which is revoked or unknown to the registry:"
+                return f"{holds}, which is revoked or unknown to the registry:" if serial else f"{holds}:"
             if live.serial != serial:
                 if live.status is Status.ACTIVE and not self.options.reissue:
+                    # Another image holds the live certificate: revoking it is the user's call.
                     raise ImageprovError(
-                        f"{final} holds certificate {serial}, but the device's live certificate is "
-                        f"{live.serial} (delivered to {live.delivered_to})",
+                        f"{holds}, but the device's live certificate is {live.serial} "
+                        f"(delivered to {live.delivered_to})",
                         hint="pass --reissue to revoke it and stamp a new image, or move this image away",
                     )
-                return f"{final.name} holds certificate {serial}, not the device's live one:"
+                return f"{holds}, not the device's live one:"
         if self.options.reissue:
             return f"--reissue: {final.name}'s certificate {serial} is revoked as superseded;"
         notes = []
