@@ -462,7 +462,7 @@ def test_verify_warns_about_an_expired_crl_and_fails_with_strict(
     (tmp_path / "crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
     args = ("verify", tmp_path / "out/x-1.sdimg", "--ca", pki / "ca-cert.pem", "--crl", tmp_path / "crl.pem")
     lenient = imageprov(*args)
-    assert re.search(r"^WARN  CRL is current  \(its nextUpdate was .* the edge refuses every device", lenient.stdout,
+    assert re.search(r"^warn  CRL is current  \(its nextUpdate was .* the edge refuses every device", lenient.stdout,
                      re.M), lenient.stdout  # fmt: skip
     strict = imageprov(*args, "--strict", check=False)
     assert strict.returncode == 1 and "FAIL  CRL is current" in strict.stdout, strict.stdout
@@ -473,6 +473,6 @@ def test_a_gpt_without_its_backup_header_warns(make_golden: Callable[..., Path],
     size = image.stat().st_size
     os.truncate(image, size - 512 * 33)  # the backup entries and header are gone; the partitions are not
     report = imageprov("verify", image, "--ca", _ca_cert(tmp_path), check=False).stdout
-    assert re.search(r"^WARN  partition table  \(the image ends at \d+ bytes, before its backup GPT header", report,
+    assert re.search(r"^warn  partition table  \(the image ends at \d+ bytes, before its backup GPT header", report,
                      re.M), report  # fmt: skip
     assert "warning: the image ends at" in imageprov("inspect", image).stdout

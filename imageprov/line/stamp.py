@@ -46,7 +46,7 @@ from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
 from imageprov.mender import mender_artifact
 from imageprov.mender.conf import Settings
-from imageprov.mender.prepare import ConfTarget, apply_changes, plan_changes
+from imageprov.mender.prepare import ConfTarget, apply_changes, plan_changes, resolve_target
 from imageprov.mender.verify import (
     CERT_PATH,
     DATA_CONF_PATH,
@@ -74,7 +74,7 @@ class Engine(enum.Enum):
 @dataclass(frozen=True)
 class StampOptions:
     settings: Settings = field(default_factory=Settings)
-    conf_target: ConfTarget = ConfTarget.ROOTFS
+    conf_target: ConfTarget = ConfTarget.AUTO
     engine: Engine = Engine.DEBUGFS
     days: int = 3650
     curve: Curve = Curve.P256
@@ -189,6 +189,7 @@ class Batch:
         # Devices being stamped by this run: issued a certificate (their job, once made), not yet finished.
         self._open: dict[str, _Job | None] = {}
         self._source: Path | None = None
+        self._conf_target = options.conf_target
         self._plan: WritePlan | None = None
         self._scratch: Path | None = None
         # The image every copy starts from: the golden image, or its decompressed copy.
@@ -199,6 +200,8 @@ class Batch:
                 self._decompressed = self.plain = stage(out_dir / inner_name(golden))
                 decompress_sparse(golden, self.plain)
             self.disk = DiskImage.open(self.plain, options.overrides)
+            if self.disk.layout.is_bare:
+                raise UsageError(f"{golden} is a bare filesystem image", hint="stamp needs the whole disk image")
         except BaseException:
             self.__exit__()
             raise
@@ -226,11 +229,12 @@ class Batch:
             notes.append(f"replayed the journal of {', '.join(names)} on a private copy; the golden image "
                          "still needs it (e2fsck -E journal_only, or unmount before dd)")  # fmt: skip
         self._check_golden(self.disk.at(source))
+        self._conf_target = resolve_target(self.disk.at(source), self.options.conf_target)
         if self.options.engine is Engine.MENDER_ARTIFACT:
             self.notes = tuple(notes)
             self._source = source
             return self._source
-        changes, more = plan_changes(self.disk.at(source), self.options.settings, self.options.conf_target)
+        changes, more = plan_changes(self.disk.at(source), self.options.settings, self._conf_target)
         notes += more
         if changes:
             source = self._private_copy()
@@ -268,7 +272,7 @@ class Batch:
         # here once, rather than once per device.
         checks = Checks()
         fallback = disk.ext(disk.layout.data_partition).fetch([DATA_CONF_PATH.inner])[DATA_CONF_PATH.inner][1]
-        check_mender_confs(checks, disk, fallback)
+        check_mender_confs(checks, disk, fallback, self.options.settings)
         if checks.failures:
             failed = checks.failures[0]
             raise ImageprovError(f"the prepared image fails '{failed.name}': {failed.detail}")
@@ -400,7 +404,7 @@ class Batch:
         if self.options.engine is Engine.MENDER_ARTIFACT:
             assert self._source is not None
             mender_artifact.stamp(
-                self._source, temp, issued, self.options.settings, data_conf=self.options.conf_target is ConfTarget.DATA
+                self._source, temp, issued, self.options.settings, data_conf=self._conf_target is ConfTarget.DATA
             )
             report = verify_image(temp, self.ca.cert, device_id=device_id, overrides=self.options.overrides)
             failures = report.failures
