@@ -125,7 +125,7 @@ def test_prepare_and_cp_replay_the_journal_first(make_golden: Callable[..., Path
     rootfs_a, data = roles(image)["rootfs-a"], roles(image)["data"]
     _leave_journal_unreplayed(image, rootfs_a, "/etc/mender")
     _leave_journal_unreplayed(image, data, "/mender")
-    err = imageprov("prepare", image, "--server-url", "https://edge.example").stderr
+    err = imageprov("prepare", image, "--server-url", "https://edge.example", "--conf-target", "rootfs").stderr
     assert "replayed the journal of partition 2 (rootfs-a), partition 4 (data)" in err, err
     for number in (rootfs_a, data):
         assert "needs_recovery" not in _features(image, number)
@@ -266,7 +266,7 @@ def test_prepare_and_cp_edit_the_target_of_a_linked_image(make_golden: Callable[
     built = make_golden(Scheme.MBR, data_mib=8, name="core-image-20261127.sdimg")
     link = tmp_path / "core-image.sdimg"
     link.symlink_to(built.name)  # relative, as Yocto's deploy directory has it
-    err = imageprov("prepare", link, "--server-url", "https://edge.example").stderr
+    err = imageprov("prepare", link, "--server-url", "https://edge.example", "--conf-target", "rootfs").stderr
     assert f"{link} is a link: edited its target {built}" in err, err
     assert link.is_symlink() and link.readlink() == Path(built.name)
     conf = json.loads(_cat(_fs(built, roles(built)["rootfs-a"]), "/etc/mender/mender.conf"))
@@ -302,7 +302,7 @@ def test_csv_comment_lines_anywhere_are_skipped(tmp_path: Path) -> None:
 def test_non_standard_json_in_mender_conf_is_refused(make_golden: Callable[..., Path], conf: str, message: str) -> None:
     image = make_golden(Scheme.MBR, data_mib=8, mender_conf=conf)
     before = sha256(image)
-    proc = imageprov("prepare", image, "--server-url", "https://edge.example", check=False)
+    proc = imageprov("prepare", image, "--server-url", "https://edge.example", "--conf-target", "rootfs", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith("imageprov: error: /etc/mender/mender.conf on rootfs-a") and message in line, line
@@ -350,19 +350,31 @@ def test_image_names_with_a_dash_or_a_question_mark_reach_debugfs(
     name = "./-g?x.uefiimg"  # what a user types; pathlib drops the ./
     alias = tmp_path / "alias.uefiimg"  # for the checks here, with debugfs
     alias.symlink_to(image)
-    _in(tmp_path, "prepare", name, "--server-url", "https://edge.example")
+    _in(tmp_path, "prepare", name, "--server-url", "https://edge.example", "--conf-target", "rootfs")
     assert b"https://edge.example" in _cat(_fs(alias, roles(alias)["rootfs-b"]), "/etc/mender/mender.conf")
     (tmp_path / "n.txt").write_text("n\n")
     _in(tmp_path, "cp", "n.txt", f"{name}:/data/n.txt")
     assert _in(tmp_path, "cat", f"{name}:/data/n.txt").stdout == "n\n"
     assert "n.txt" in _in(tmp_path, "ls", f"{name}:/data").stdout
-    _in(tmp_path, "stamp", name, "--pki", pki, "--out", "out", "--device-id", "q-1")
+    _in(tmp_path, "stamp", name, "--pki", pki, "--out", "out", "--device-id", "q-1", "--conf-target", "rootfs")
     report = json.loads(_in(tmp_path, "verify", name, "--ca", pki / "ca-cert.pem", "--json", check=False).stdout)
     assert [c["name"] for c in report["checks"] if not c["ok"]] == ["/data/mender/mender-cert-private.pem present",
                                                                     "/data/mender/mender-cert.pem present"]  # fmt: skip
     imageprov("verify", tmp_path / "out/q-1.uefiimg", "--ca", pki / "ca-cert.pem", "--device-id", "q-1")
     tool("zstd", "-q", "-o", tmp_path / "-z.uefiimg.zst", "--", image)
-    _in(tmp_path, "stamp", "./-z.uefiimg.zst", "--pki", pki, "--out", "out", "--device-id", "q-2")
+    _in(
+        tmp_path,
+        "stamp",
+        "./-z.uefiimg.zst",
+        "--pki",
+        pki,
+        "--out",
+        "out",
+        "--device-id",
+        "q-2",
+        "--conf-target",
+        "rootfs",
+    )
     imageprov("verify", tmp_path / "out/q-2.uefiimg", "--ca", pki / "ca-cert.pem", "--device-id", "q-2")
 
 

@@ -199,8 +199,9 @@ def verify(
     it; that the configuration the client uses (each rootfs's
     /etc/mender/mender.conf over the data partition's /data/mender/mender.conf,
     field by field) points HttpsClient at exactly those files, warning when
-    only a rootfs holds it; and e2fsck -fn. Takes a bare rootfs.ext4 or
-    .dataimg too, and checks what it holds.
+    only a rootfs holds it; that no journal is left unreplayed; and e2fsck
+    -fn. With --crl, a CRL past its nextUpdate is a warning (a failure with
+    --strict). Takes a bare rootfs.ext4 or .dataimg too, and checks what it holds.
     """
     if not image.exists():
         raise UsageError(f"{image} does not exist")
