@@ -251,7 +251,7 @@ def _wait_loop(batch: FlashBatch, ids: list[str], patterns: list[str], json_out:
     stopped = False
     try:
         while True:
-            while todo and batch.delivered(todo[0]) is not None:
+            while todo and batch.delivery(todo[0]) is not None:
                 typer.echo(f"{todo[0]}: already delivered, skipped", err=True)
                 todo.popleft()
             if not todo:
@@ -280,7 +280,7 @@ def _wait_loop(batch: FlashBatch, ids: list[str], patterns: list[str], json_out:
                     failed.pop(flashed.device_id, None)
                 else:
                     failed[flashed.device_id] = flashed.error
-                    if batch.delivered(flashed.device_id) is None:
+                    if batch.delivery(flashed.device_id) is None:
                         todo.appendleft(flashed.device_id)  # not delivered: the next card gets it
             typer.echo(f"done: remove card{'s' if len(results) > 1 else ''} "
                        + ", ".join(str(f.target) for f in results), err=True)  # fmt: skip

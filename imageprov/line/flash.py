@@ -36,10 +36,10 @@ from imageprov.disk.blockdev import BlockDevice, TargetError, check_target, flus
 from imageprov.disk.bmap import BLOCK, mapped_blocks, must_map
 from imageprov.disk.copy import data_ranges, stage
 from imageprov.disk.fanout import Outcome, Span, Target, fan_out, read_back
+from imageprov.disk.image import DiskImage
 from imageprov.disk.layout import Role, Volume
 from imageprov.errors import ImageprovError
 from imageprov.line.stamp import Batch, Engine, StampOptions, _message
-from imageprov.mender.prepare import Change
 from imageprov.mender.verify import verify_image
 from imageprov.pki.ca import CertificateAuthority, Issued
 from imageprov.pki.registry import Reason, Record, Registry, Status
@@ -204,15 +204,23 @@ class FlashBatch(Batch):
 
     # -- the per-batch and per-device copies: partitions only -------------------
 
-    def _copy_for_batch(self, scratch: Path, changes: list[Change]) -> bool:
+    def _private_copy(self, rootfs: bool = True) -> Path:
+        # The data partition, and the rootfs partitions only if they change
+        # (or hold a journal to replay): a sparse file of the image's size with
+        # holes everywhere else. The write pass reads what is here from here.
         layout = self.disk.layout
-        rootfs_changed = any(volume.role in (Role.ROOTFS_A, Role.ROOTFS_B) for volume, _, _ in changes)
-        volumes = (layout.data_partition, *(layout.rootfs_partitions if rootfs_changed else ()))
-        self.batch_volumes = volumes
-        self.golden_bytes_read += copy_spans(
-            self.plain, scratch, [(v.partition.offset, v.partition.end) for v in volumes]
-        )
-        return rootfs_changed
+        if self._scratch is None:
+            self._scratch = stage(self.out_dir / f"imageprov-batch{self.plain.suffix}")
+        wanted = (layout.data_partition, *(layout.rootfs_partitions if rootfs else ()))
+        new = tuple(v for v in wanted if v not in self.batch_volumes)
+        spans = [(v.partition.offset, v.partition.end) for v in new]
+        self.golden_bytes_read += copy_spans(self.plain, self._scratch, spans)
+        self.batch_volumes += new
+        return self._scratch
+
+    def _rootfs_view(self, disk: DiskImage) -> DiskImage:
+        rootfs_copied = any(v.role in (Role.ROOTFS_A, Role.ROOTFS_B) for v in self.batch_volumes)
+        return disk if rootfs_copied else self.disk
 
     def prepare(self) -> Path:
         source = super().prepare()
@@ -235,13 +243,13 @@ class FlashBatch(Batch):
 
     # -- the registry side --------------------------------------------------------
 
-    def delivered(self, device_id: str) -> Record | None:
+    def delivery(self, device_id: str) -> Record | None:
         """The device's certificate if it is already on a card or in an image."""
         live = self.registry.live(device_id)
         return live if live is not None and live.status is Status.ACTIVE else None
 
     def _issue(self, device_id: str) -> tuple[Issued, list[str]]:
-        done = self.delivered(device_id)
+        done = self.delivery(device_id)
         if done is not None and not self.options.reissue:
             raise AlreadyDelivered(
                 f"{device_id} was already delivered ({done.delivered_to or 'unknown'}, {done.delivered_at or '?'}):"
