@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from imageprov.disk.golden import Scheme
-from tests.conftest import cli_env, imageprov_pki, roles, tool
+from tests.conftest import cli_env, imageprov_pki, roles, sha256, tool
 from tests.flashdev import MIB, STALE, Loops, debugfs, loop_devices, offset, partitions, read_span
+from tests.test_field import _leave_journal_unreplayed as leave_journal_unreplayed
 
 SMALL = {"rootfs_mib": 16, "data_mib": 16}
 
@@ -238,3 +239,21 @@ def test_progress_line_per_card_on_a_terminal(make_golden: Callable[..., Path], 
     for i, card in enumerate(cards):
         assert re.search(rf"\x1b\[2K{card}  T-{i}  delivered +100%", text), text
     assert "\x1b[2F" in text  # redrawn in place
+
+
+def test_golden_with_unreplayed_journals(make_golden: Callable[..., Path], pki: Path, loops: Loops) -> None:
+    # A golden image made with dd of a running device: the journals are replayed
+    # on the batch's private copy, and the cards get the replayed filesystems.
+    golden = make_golden(Scheme.MBR, **SMALL)
+    role = roles(golden)
+    leave_journal_unreplayed(golden, role["rootfs-a"], "/etc/mender")
+    leave_journal_unreplayed(golden, role["data"], "/mender")
+    before = sha256(golden)
+    card = loops.card(golden.stat().st_size)
+    code, [result], stderr = _flash(golden, pki, "--target", f"{card}=J-1")
+    assert code == 0 and result["result"] == "delivered", stderr
+    assert "replayed the journal" in stderr
+    for name in ("rootfs-a", "data"):
+        features = tool("dumpe2fs", "-h", f"{card}?offset={offset(card, role[name])}").stdout.decode()
+        assert "needs_recovery" not in features
+    assert sha256(golden) == before
