@@ -164,12 +164,19 @@ def test_delivered_id_never_goes_on_a_second_card(
     assert log == ["delivered", "failed", "delivered"]
 
 
-def test_verify_reads_a_card(make_golden: Callable[..., Path], pki: Path, loops: Loops) -> None:
+def test_verify_reads_a_card(make_golden: Callable[..., Path], pki: Path, loops: Loops, tmp_path: Path) -> None:
     golden = make_golden(Scheme.MBR_EXTENDED, **SMALL)
     imageprov_pki("prepare", golden)  # a prepared golden image: per batch, nothing changes
     card = loops.card(golden.stat().st_size)
-    code, [result], _ = _flash(golden, pki, "--target", f"{card}=V-1")
+    # What a killed flash left in its scratch directory (device keys among it) is removed.
+    gone = (1 << 22) + os.getpid()  # above any pid_max: no such process
+    scratch = tmp_path / "scratch"
+    stale = scratch / f"imageprov-flash-{gone}-x1"
+    stale.mkdir(parents=True)
+    (stale / "SN-9.data").write_bytes(b"key")
+    code, [result], stderr = _flash(golden, pki, "--target", f"{card}=V-1", "--scratch", scratch)
     assert code == 0 and result["result"] == "delivered"
+    assert f"removed {stale}" in stderr and list(scratch.iterdir()) == []
     proc = imageprov_pki("verify", card, "--ca", pki / "ca-cert.pem", "--device-id", "V-1")
     assert "e2fsck -fn on data" in proc.stdout
     # A card with the key gone fails verify.

@@ -217,6 +217,8 @@ def flash(
     )
     lines = _Lines(sys.stderr.isatty() and not json_out)
     with Registry(pki) as registry, FlashBatch(image, pki, ca, registry, options) as batch:
+        for stale in batch.stale_workdirs:
+            typer.echo(f"note: removed {stale}, left by a flash process that was killed", err=True)
         batch.prepare()
         for note in batch.notes:
             typer.echo(f"note: {note}", err=True)

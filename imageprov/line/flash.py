@@ -42,9 +42,10 @@ from imageprov.errors import ImageprovError
 from imageprov.line.stamp import Batch, Engine, StampOptions, _message
 from imageprov.mender.verify import verify_image
 from imageprov.pki.ca import CertificateAuthority, Issued
-from imageprov.pki.registry import Reason, Record, Registry, Status
+from imageprov.pki.registry import Reason, Record, Registry, Status, owner_alive
 
 LOG_NAME = "line-log.jsonl"
+WORKDIR_PREFIX = "imageprov-flash-"
 
 
 class Result(enum.Enum):
@@ -172,6 +173,22 @@ def copy_spans(src: Path, dst: Path, spans: Sequence[tuple[int, int]]) -> int:
     return copied
 
 
+def remove_stale_workdirs(parent: Path | None) -> list[Path]:
+    """Remove the scratch directories (device keys among them) that killed flash processes left."""
+    removed = []
+    for found in Path(parent or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
+        pid = found.name.removeprefix(WORKDIR_PREFIX).partition("-")[0]
+        if (
+            pid.isdigit()
+            and found.is_dir()
+            and found.stat().st_uid == os.getuid()
+            and not owner_alive(f"{socket.gethostname()}:{pid}")
+        ):
+            shutil.rmtree(found, ignore_errors=True)
+            removed.append(found)
+    return removed
+
+
 class FlashBatch(Batch):
     """Flash many cards from one golden image. Use as a context manager."""
 
@@ -184,8 +201,10 @@ class FlashBatch(Batch):
         self._data_source: Path | None = None
         self._data_scratch: Path | None = None
         self.golden_bytes_read = 0
-        # Private (0700): the per-device scratch files hold private keys.
-        self.workdir = Path(tempfile.mkdtemp(prefix="imageprov-flash-", dir=options.scratch_dir))
+        # Private (0700): the per-device scratch files hold private keys. The
+        # pid in its name lets a later run remove what a killed one left.
+        self.stale_workdirs = remove_stale_workdirs(options.scratch_dir)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=options.scratch_dir))
         self.log = options.log or pki_dir / LOG_NAME
         try:  # before any card is written: a line log that cannot be written stops the line
             os.close(os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
