@@ -15,7 +15,7 @@ from imageprov.disk.compress import Compression
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, PkiError, UsageError
 from imageprov.line.stamp import Batch, Engine, Failed, Stamped, StampOptions, check_outputs
-from imageprov.mender.conf import Settings
+from imageprov.mender.conf import AuthKey, Settings
 from imageprov.mender.prepare import ConfTarget, prepare_in_place
 from imageprov.mender.verify import verify_image
 from imageprov.pki.ca import Curve, load_cert
@@ -35,6 +35,16 @@ ConfTargetOpt = Annotated[
         "--conf-target",
         help="rootfs: /etc/mender/mender.conf on both rootfs; "
         "data: the data partition's fallback config, rootfs left byte-identical.",
+    ),
+]
+
+
+AuthKeyOpt = Annotated[
+    AuthKey,
+    typer.Option(
+        "--auth-key",
+        help="cert: the client signs auth requests with the certificate's key (Security.AuthPrivateKey), "
+        "as an accepting edge requires; device: the key the client generates itself.",
     ),
 ]
 
@@ -61,6 +71,7 @@ def stamp(
             "data: the data partition's fallback config, rootfs left byte-identical.",
         ),
     ] = ConfTarget.ROOTFS,
+    auth_key: AuthKeyOpt = AuthKey.CERT,
     engine: Annotated[
         Engine, typer.Option("--engine", help="debugfs (fast, in place) or mender-artifact.")
     ] = Engine.DEBUGFS,
@@ -99,7 +110,7 @@ def stamp(
     ca = open_ca(pki, passphrase_file)
     ca.check_usable()
     options = StampOptions(
-        settings=Settings(server_url=server_url, tenant_token=tenant_token),
+        settings=Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key),
         conf_target=conf_target,
         engine=engine,
         days=days,
@@ -166,6 +177,7 @@ def verify(
         Optional[Path], typer.Option("--crl", help="A CRL (PEM or DER): the device must not be on it.")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    auth_key: AuthKeyOpt = AuthKey.CERT,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
 ) -> None:
@@ -175,12 +187,13 @@ def verify(
     on the data partition; that the certificate chains to the CA, is valid, is
     not revoked, names the device and allows clientAuth; that the key matches
     it; that mender.conf on both rootfs (or the data partition's fallback)
-    points HttpsClient at exactly those files; and e2fsck -fn.
+    points HttpsClient at exactly those files, and Security.AuthPrivateKey at the
+    key (unless --auth-key device); and e2fsck -fn.
     """
     if not image.exists():
         raise UsageError(f"{image} does not exist")
     report = verify_image(image, load_cert(ca), device_id=device_id, crl=_load_crl(crl) if crl else None,
-                          overrides=Overrides.parse(data_part, rootfs_parts, None))  # fmt: skip
+                          overrides=Overrides.parse(data_part, rootfs_parts, None), auth_key=auth_key)  # fmt: skip
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -209,12 +222,13 @@ def prepare(
     server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
     tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
     conf_target: ConfTargetOpt = ConfTarget.ROOTFS,
+    auth_key: AuthKeyOpt = AuthKey.CERT,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
 ) -> None:
     """Do, once and in place, the part of stamping that is the same for every device.
 
-    Merges the HttpsClient block (and --server-url/--tenant-token) into
+    Merges the HttpsClient and Security blocks (and --server-url/--tenant-token) into
     mender.conf and creates /data/mender. Idempotent: a prepared image is not
     written to. Atomic: a failure leaves the image as it was. stamp on a
     prepared image touches only the data partition. For Yocto, see
@@ -222,7 +236,7 @@ def prepare(
     """
     if not image.is_file():
         raise UsageError(f"{image} does not exist" if not image.exists() else f"{image} is not a file")
-    settings = Settings(server_url=server_url, tenant_token=tenant_token)
+    settings = Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key)
     done = prepare_in_place(image, settings, conf_target, Overrides.parse(data_part, rootfs_parts, None))
     for note in done.notes:
         typer.echo(f"note: {note}", err=True)

@@ -203,7 +203,7 @@ class Batch:
         # here once, rather than once per device.
         checks = Checks()
         fallback = disk.ext(disk.layout.data_partition).fetch([DATA_CONF_PATH.inner])[DATA_CONF_PATH.inner][1]
-        check_mender_confs(checks, disk, fallback)
+        check_mender_confs(checks, disk, fallback, auth_key=self.options.settings.auth_key)
         if checks.failures:
             failed = checks.failures[0]
             raise ImageprovError(f"the prepared image fails '{failed.name}': {failed.detail}")
@@ -288,7 +288,8 @@ class Batch:
             mender_artifact.stamp(
                 self.plain, temp, issued, self.options.settings, data_conf=self.options.conf_target is ConfTarget.DATA
             )
-            report = verify_image(temp, self.ca.cert, device_id=device_id, overrides=self.options.overrides)
+            report = verify_image(temp, self.ca.cert, device_id=device_id, overrides=self.options.overrides,
+                                  auth_key=self.options.settings.auth_key)  # fmt: skip
             failures = report.failures
         else:
             assert self._source is not None and self._plan is not None

@@ -1,4 +1,4 @@
-"""What is the same for every device: mender.conf's HttpsClient block and /data/mender.
+"""What is the same for every device: mender.conf's HttpsClient and Security blocks, and /data/mender.
 
 ``stamp`` does this once per batch on a private copy; ``imageprov prepare``
 does it once, in place, on a build's own image (a Yocto post-build hook), so
@@ -17,7 +17,7 @@ from imageprov.disk.ext4 import NewFile
 from imageprov.disk.image import DiskImage
 from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import UsageError
-from imageprov.mender.conf import DATA_CONF, ROOTFS_CONF, Settings, merge, parse
+from imageprov.mender.conf import DATA_CONF, ROOTFS_CONF, Settings, auth_private_key, merge, parse
 from imageprov.mender.verify import DATA_CONF_PATH, KEY_PATH, ROOTFS_CONF_PATH
 
 # A partition, files to write on it and directories to make.
@@ -48,6 +48,8 @@ def plan_changes(disk: DiskImage, settings: Settings, target: ConfTarget) -> tup
             merged = merge(current, settings, where)
             if merged.replaced is not None:
                 notes.append(f"{where}: replaced HttpsClient {merged.replaced}")
+            if merged.replaced_auth_key is not None:
+                notes.append(f"{where}: replaced Security.AuthPrivateKey {merged.replaced_auth_key}")
             if merged.changed:
                 changes.append((volume, [NewFile(ROOTFS_CONF_PATH, merged.text, 0o644)], []))
             continue
@@ -58,11 +60,19 @@ def plan_changes(disk: DiskImage, settings: Settings, target: ConfTarget) -> tup
                 f"{where} has its own HttpsClient, which overrides the data partition's",
                 hint="use --conf-target rootfs, or remove it from the golden image",
             )
+        wanted = settings.auth_private_key
+        if wanted is not None and auth_private_key(main) not in (None, wanted):
+            raise UsageError(
+                f"{where} has its own Security.AuthPrivateKey, which overrides the data partition's",
+                hint="use --conf-target rootfs, --auth-key device, or remove it from the golden image",
+            )
     if target is ConfTarget.DATA:
         inode, fallback = data_fs.fetch([DATA_CONF_PATH.inner])[DATA_CONF_PATH.inner]
         merged = merge(fallback, settings, DATA_CONF)
         if merged.replaced is not None:
             notes.append(f"{DATA_CONF}: replaced HttpsClient {merged.replaced}")
+        if merged.replaced_auth_key is not None:
+            notes.append(f"{DATA_CONF}: replaced Security.AuthPrivateKey {merged.replaced_auth_key}")
         if merged.changed or inode is None:
             changes.append((layout.data_partition, [NewFile(DATA_CONF_PATH.inner, merged.text, 0o644)], []))
     if data_fs.stat(KEY_PATH.inner.parent) is None:

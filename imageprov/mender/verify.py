@@ -21,7 +21,7 @@ from imageprov.disk.ext4 import Inode
 from imageprov.disk.image import DevicePath, DiskImage
 from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import ImageprovError
-from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, parse
+from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, AuthKey, auth_private_key, parse
 from imageprov.run import run
 
 KEY_PATH = DevicePath.parse(CLIENT_KEY)
@@ -97,6 +97,7 @@ def verify_image(
     overrides: Overrides | None = None,
     fsck_rootfs: bool = True,
     now: dt.datetime | None = None,
+    auth_key: AuthKey = AuthKey.CERT,
 ) -> Report:
     """Check everything about the client credentials in ``image``; never raises for a bad image."""
     checks = Checks()
@@ -109,7 +110,7 @@ def verify_image(
     found = check_data_partition(checks, disk, ca_cert, device_id=device_id, crl=crl, now=now)
     if not found.readable:
         return Report(image, tuple(checks.items), device_id)
-    check_mender_confs(checks, disk, found.fallback)
+    check_mender_confs(checks, disk, found.fallback, auth_key=auth_key)
     touched = [disk.layout.data_partition, *(disk.layout.rootfs_partitions if fsck_rootfs else ())]
     check_fsck(checks, image, touched)
     cert = found.cert
@@ -152,10 +153,13 @@ def check_data_partition(
     return DataFindings(cert, found[DATA_CONF_PATH.inner][1])
 
 
-def check_mender_confs(checks: Checks, disk: DiskImage, fallback: bytes | None) -> None:
-    """Check the HttpsClient the client will see when booted from rootfs A and from rootfs B."""
+def check_mender_confs(
+    checks: Checks, disk: DiskImage, fallback: bytes | None, *, auth_key: AuthKey = AuthKey.CERT
+) -> None:
+    """Check the HttpsClient (and, with ``AuthKey.CERT``, the signing key) the client will see when booted
+    from rootfs A and from rootfs B."""
     for volume in disk.layout.rootfs_partitions:
-        _check_conf(checks, disk, volume, fallback)
+        _check_conf(checks, disk, volume, fallback, auth_key)
 
 
 def check_fsck(checks: Checks, image: Path, volumes: list[Volume]) -> None:
@@ -231,7 +235,7 @@ def _cn(cert: x509.Certificate) -> str:
     return str(found[0].value) if found else ""
 
 
-def _check_conf(checks: Checks, disk: DiskImage, volume: Volume, fallback: bytes | None) -> None:
+def _check_conf(checks: Checks, disk: DiskImage, volume: Volume, fallback: bytes | None, auth_key: AuthKey) -> None:
     name = f"mender.conf on {volume.role.value}"
     try:
         main = parse(disk.ext(volume).read(ROOTFS_CONF_PATH), f"{ROOTFS_CONF} on {volume.role.value}")
@@ -251,6 +255,21 @@ def _check_conf(checks: Checks, disk: DiskImage, volume: Volume, fallback: bytes
         wanted = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
         got = {k: block.get(k) for k in wanted}
         checks.add(name, got == wanted, f"HttpsClient in {where}: {got}")
+    if auth_key is AuthKey.CERT:
+        _check_auth_key(checks, volume, main, extra)
+
+
+def _check_auth_key(checks: Checks, volume: Volume, main: dict[str, Any], extra: dict[str, Any]) -> None:
+    # The client decodes the fallback config and then the main one into the
+    # same structure, so a key set in /etc/mender/mender.conf wins field by field.
+    signing = auth_private_key(main) or auth_private_key(extra)
+    name = f"auth requests signed with the certificate's key on {volume.role.value}"
+    if signing is None:
+        checks.add(name, False, "no Security.AuthPrivateKey: the client signs with a key of its own, "
+                                "which an accepting edge refuses")  # fmt: skip
+    else:
+        # CLIENT_KEY is the file checked above to hold the certificate's key.
+        checks.add(name, signing == CLIENT_KEY, f"Security.AuthPrivateKey: {signing}")
 
 
 def _check_fsck(checks: Checks, image: Path, volume: Volume) -> None:
