@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from imageprov import __version__
+from imageprov.cli import edge as cli_edge
 from imageprov.cli import pki as cli_pki
 from imageprov.cli import stamp as cli_stamp
 from imageprov.cli.output import layout_dict, layout_text
@@ -191,6 +192,7 @@ def golden(
 
 cli_stamp.register(app)
 cli_pki.register(app)
+cli_edge.register(app)
 
 
 def main() -> None:
