@@ -199,6 +199,30 @@ class FleetCA:
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
+    def write_edge(self, directory: Path) -> tuple[Path, Path]:
+        """What ``imageprov edge nginx`` reads: PKI/ca-cert.pem, and a server certificate for localhost."""
+        import ipaddress
+
+        pki, server = directory / "pki", directory / "server"
+        pki.mkdir(parents=True)
+        server.mkdir()
+        (pki / "ca-cert.pem").write_bytes(self.cert_pem())
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])).issuer_name(self.name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )  # fmt: skip
+        (server / "server-cert.pem").write_text(pem(cert))
+        (server / "server-private.key").write_bytes(key_pem(key))
+        return pki, server
+
 
 def pem(cert: Any) -> str:
     return str(cert.public_bytes(serialization.Encoding.PEM).decode())

@@ -543,3 +543,38 @@ def fingerprint(pem: str) -> str:
     key = serialization.load_pem_public_key(pem.encode())
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
+
+
+def main() -> None:
+    """Serve until SIGTERM: print the URL, then at the end a JSON summary (calls, deviations, devices)."""
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--faults", type=float, default=0.0, help="share of calls to fail (500 or slow)")
+    parser.add_argument("--fault-delay", type=float, default=3.0)
+    args = parser.parse_args()
+    server = StandinMender(faults=Faults(rate=args.faults, delay=args.fault_delay)).start()
+    print(server.url, flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    while not done.wait(0.5):
+        pass
+    server.stop()
+    with server.lock:
+        summary = {
+            "calls": server.calls,
+            "deviations": server.deviations,
+            "faults_injected": server.faults.injected,
+            "preauthorized": len(server.preauthorized),
+            "devices": [{"identity": d.identity_data, "status": d.status, "auth_sets": len(d.auth_sets),
+                         "tokens": d.tokens_issued, "pubkey": d.auth_sets[0].pubkey if d.auth_sets else None}
+                        for d in server.devices.values()],
+        }  # fmt: skip
+    sys.stdout.write(json.dumps(summary) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -141,7 +141,8 @@ def edge_serve(
     logger.setLevel(logging.INFO)
     logger.propagate = False
     logger.info(f"listening on {settings.host}:{settings.port}, Mender server {settings.upstream}")
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, handle_signals=True)
+    # nginx may open a connection per request in a burst: a deep accept queue.
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, backlog=4096)
 
 
 def register(app: typer.Typer) -> None:

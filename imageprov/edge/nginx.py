@@ -122,7 +122,8 @@ def render_nginx(config: EdgeConfig) -> str:
         "    access_log off;",
         *accept_upstream,
         "    server {",
-        f"        listen {_listen(config.listen)} ssl;",
+        # A deep accept queue: a fleet switching on at once must not see SYN retries.
+        f"        listen {_listen(config.listen)} ssl backlog=4096;",
         "        server_name _;",
         "        ssl_protocols TLSv1.2 TLSv1.3;",
         *(f"        {what} {_value(str(path.resolve()), what)};" for what, path in files.items()),
