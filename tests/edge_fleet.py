@@ -63,22 +63,20 @@ def make_fleet(ca: FleetCA, count: int, directory: Path, server_ca: Path) -> lis
 
 @dataclass
 class Wave:
-    seconds: float
-    devices: list[SimDevice]
+    """One switch-on of a fleet: how long until every device was answered, and each request's outcome."""
 
-    @property
-    def ok(self) -> int:
-        return sum(1 for d in self.devices if d.statuses and d.statuses[-1] == 200)
+    seconds: float
+    statuses_seen: list[int]
+    latencies: list[float]
 
     def percentile(self, share: float) -> float:
-        values = sorted(latency for d in self.devices for latency in d.latencies)
+        values = sorted(self.latencies)
         return values[min(len(values) - 1, int(share * len(values)))] if values else 0.0
 
     def statuses(self) -> dict[int, int]:
         counts: dict[int, int] = {}
-        for device in self.devices:
-            for status in device.statuses:
-                counts[status] = counts.get(status, 0) + 1
+        for status in self.statuses_seen:
+            counts[status] = counts.get(status, 0) + 1
         return counts
 
 
@@ -112,7 +110,8 @@ async def _wave(devices: list[SimDevice], url: str, attempts: int) -> float:
 
 def switch_on(devices: list[SimDevice], url: str, *, attempts: int = 1) -> Wave:
     """Every device sends its auth request at once; returns how long until all were answered."""
-    return Wave(asyncio.run(_wave(devices, url, attempts)), devices)
+    seconds = asyncio.run(_wave(devices, url, attempts))
+    return Wave(seconds, [s for d in devices for s in d.statuses], [t for d in devices for t in d.latencies])
 
 
 @contextmanager
@@ -126,7 +125,7 @@ def standin_process(faults: float = 0.0, fault_delay: float = 3.0) -> Iterator[d
         cwd=REPO, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
-    state: dict[str, Any] = {"url": proc.stdout.readline().strip()}
+    state: dict[str, Any] = {"url": proc.stdout.readline().strip(), "pid": proc.pid}
     if not state["url"].startswith("http://"):
         proc.kill()
         raise AssertionError("the stand-in Mender server did not start")

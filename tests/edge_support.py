@@ -138,7 +138,7 @@ def decisions(log: Path) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def nginx(tmp_path: Path, conf_text: str, port: int) -> Iterator[None]:
+def nginx(tmp_path: Path, conf_text: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
     need("nginx")
     prefix = tmp_path / f"nginx-{port}"
     prefix.mkdir()
@@ -157,7 +157,7 @@ def nginx(tmp_path: Path, conf_text: str, port: int) -> Iterator[None]:
             return _port_open(port)
 
         wait_for(listening, "nginx to listen")
-        yield
+        yield proc
     finally:
         proc.terminate()
         proc.wait(15)

@@ -88,12 +88,9 @@ def test_failing_mender_server_gives_503s_that_succeed_on_retry(
     serve = ("--upstream-timeout", "1", "--retry-after", "1")
     with (
         standin_process(faults=0.1, fault_delay=3.0) as standin,
-        _edge(tmp_path, edge_files, standin["url"], *serve) as (
-            url,
-            _,
-        ),
+        _edge(tmp_path, edge_files, standin["url"], *serve) as edge,
     ):
-        wave = switch_on(good + bad, url, attempts=40)
+        wave = switch_on(good + bad, edge[0], attempts=40)
     summary = standin["summary"]
     assert summary["deviations"] == [] and summary["faults_injected"] > 0
     assert all(d.statuses[-1] == 200 for d in good)

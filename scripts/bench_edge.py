@@ -1,0 +1,104 @@
+"""Devices per second through the accepting edge: real nginx (real TLS), ``imageprov edge serve`` and the
+stand-in Mender server on loopback.
+
+A fleet of N devices (each its own key, certificate, TLS context and signed
+auth request) switches on at once; then the same fleet again. Prints devices/s
+accepted the first time (TLS, every check, preauthorization, the forwarded
+request) and the second time (cached: no preauthorization), and p50/p99
+latency of each, against the goals (>= 200 new/s, >= 500 cached/s, p99 < 1 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import imageprov_pki  # noqa: E402
+from tests.edge_fleet import make_fleet, standin_process, switch_on  # noqa: E402
+from tests.edge_support import PASSWORD, USER, FleetCA, edge_service, free_port, nginx  # noqa: E402
+
+
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (nginx's workers), from /proc."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _cpus(pids: dict[str, int]) -> dict[str, float]:
+    found = {name: _cpu(pid) for name, pid in pids.items()}
+    found["devices"] = time.process_time()
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=1000, help="fleet size (default 1000)")
+    parser.add_argument("--rounds", type=int, default=1, help="fresh fleets to measure, best kept (default 1)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-edge-") as tmp_name:
+        tmp = Path(tmp_name)
+        ca = FleetCA()
+        pki, server = ca.write_edge(tmp / "edge")
+        password = tmp / "password"
+        password.write_text(PASSWORD)
+        port = free_port()
+        results = []
+        with standin_process() as standin:
+            serve = ["--ca", pki / "ca-cert.pem", "--upstream", standin["url"], "--username", USER,
+                     "--password-file", password]  # fmt: skip
+            with edge_service(tmp, *serve) as service:
+                conf = imageprov_pki("edge", "nginx", "--pki", pki, "--server-cert", server, "--upstream",
+                                     standin["url"], "--listen", f"127.0.0.1:{port}", "--accept",
+                                     service["url"]).stdout  # fmt: skip
+                with nginx(tmp, conf, port) as nginx_proc:
+                    pids = {"nginx": nginx_proc.pid, "edge serve": service["proc"].pid, "stand-in": standin["pid"]}
+                    url = f"https://localhost:{port}"
+                    for round_number in range(args.rounds):
+                        fleet = make_fleet(ca, args.devices, tmp / f"fleet-{round_number}", pki / "ca-cert.pem")
+                        start = _cpus(pids)
+                        new = switch_on(fleet, url)
+                        middle = _cpus(pids)
+                        cached = switch_on(fleet, url)
+                        end = _cpus(pids)
+                        cpu = {name: (middle[name] - start[name], end[name] - middle[name]) for name in start}
+                        for wave in (new, cached):
+                            if wave.statuses() != {200: args.devices}:
+                                sys.exit(f"bench edge: not every device was accepted: {wave.statuses()}")
+                        results.append((new, cached, cpu))
+        deviations = standin["summary"]["deviations"]
+        if deviations:
+            sys.exit(f"bench edge: the stand-in saw requests off the spec: {deviations[:3]}")
+    new, cached, cpu = max(results, key=lambda result: args.devices / result[0].seconds)
+    print(f"devices: {args.devices} switched on at once, through nginx (TLS) + edge serve + stand-in")
+    load = os.getloadavg()[0]
+    print(f"machine: {os.cpu_count()} cores, load average {load:.1f} (other work on them slows every figure)")
+    for index, (name, wave, goal) in enumerate((("new", new, 200), ("cached", cached, 500))):
+        rate = args.devices / wave.seconds
+        p50, p99 = wave.percentile(0.50), wave.percentile(0.99)
+        verdict = "ok" if rate >= goal and p99 < 1.0 else "BELOW GOAL"
+        print(f"{name:>7}: {rate:7.1f} devices/s  p50 {p50 * 1000:6.0f} ms  p99 {p99 * 1000:6.0f} ms  "
+              f"(goal >= {goal}/s, p99 < 1000 ms: {verdict})")  # fmt: skip
+        spent = {part: seconds[index] * 1000 / args.devices for part, seconds in cpu.items()}
+        total = sum(spent.values())
+        # What the same work would reach with the machine's cores to itself.
+        capacity = (os.cpu_count() or 1) * 1000 / total if total else 0.0
+        print(f"{'':>9}CPU ms per device: " + ", ".join(f"{part} {ms:.2f}" for part, ms in spent.items())
+              + f"; total {total:.2f} -> {capacity:.0f} devices/s on {os.cpu_count()} idle cores")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
