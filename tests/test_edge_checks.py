@@ -172,6 +172,10 @@ def test_flags_win_over_the_environment(tmp_path: Path) -> None:
            "MTLS_MENDER_PASSWORD": "env-pass"}  # fmt: skip
     from_env = ServeSettings.from_sources(Flags(), env)
     assert (from_env.upstream, from_env.credentials.username) == ("http://env", "env-user")  # type: ignore[union-attr]
+    ambassador = {"MTLS_MENDER_BACKEND": "http://amb", "MTLS_CA_CERTIFICATE": str(ca), "MTLS_MENDER_USER": "a",
+                  "MTLS_MENDER_PASS": "p"}  # fmt: skip
+    from_ambassador = ServeSettings.from_sources(Flags(), ambassador)
+    assert (from_ambassador.upstream, from_ambassador.credentials.username) == ("http://amb", "a")  # type: ignore[union-attr]
     token = tmp_path / "token"
     token.write_text("pat")
     with pytest.raises(UsageError, match="not both"):

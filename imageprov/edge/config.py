@@ -3,8 +3,10 @@
 A flag wins over the environment. The environment names are Mender Gateway's
 (``UPSTREAM_SERVER_URL``, ``MTLS_CA_CERTIFICATE``, ``MTLS_MENDER_USERNAME``,
 ``MTLS_MENDER_PASSWORD``, ``MTLS_BLACKLIST_PATH``) so that a Gateway setup ports
-over. Secrets come from files or the environment, never from argv, and are
-held in ``Secret`` so that no repr or log line shows them.
+over; the older mtls-ambassador's (``MTLS_MENDER_BACKEND``, ``MTLS_MENDER_USER``,
+``MTLS_MENDER_PASS``) are read when those are not set. Secrets come from files
+or the environment, never from argv, and are held in ``Secret`` so that no repr
+or log line shows them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ ENV_CA = "MTLS_CA_CERTIFICATE"
 ENV_USERNAME = "MTLS_MENDER_USERNAME"
 ENV_PASSWORD = "MTLS_MENDER_PASSWORD"  # the variable's name, not a password
 ENV_DENYLIST = "MTLS_BLACKLIST_PATH"
-ENV_TOKEN = "IMAGEPROV_EDGE_TOKEN"  # a personal access token instead of a login
+ENV_TOKEN = "IMAGEPROV_EDGE_TOKEN"
+# The mtls-ambassador's names for the same settings, read when Mender Gateway's are not set.
+AMBASSADOR = {
+    ENV_UPSTREAM: "MTLS_MENDER_BACKEND",
+    ENV_USERNAME: "MTLS_MENDER_USER",
+    ENV_PASSWORD: "MTLS_MENDER_PASS",
+}  # a personal access token instead of a login
 
 BODY_LIMIT = 64 * 1024  # an auth request is well under 4 KiB; 64 KiB leaves room for RSA-4096 and big identities
 
@@ -100,6 +108,7 @@ class ServeSettings:
     @classmethod
     def from_sources(cls, flags: Flags, env: Mapping[str, str]) -> ServeSettings:
         """Settle every setting, or raise ``UsageError`` naming the flag and variable to set."""
+        env = {**{name: env[old] for name, old in AMBASSADOR.items() if env.get(old)}, **env}
         host, port = parse_listen(flags.listen)
         ca_path = flags.ca or (flags.pki / CA_CERT if flags.pki else None) or _path(env.get(ENV_CA))
         if ca_path is None:
