@@ -296,6 +296,10 @@ def test_crl_alone_and_denylist_alone(tmp_path: Path, pki: Path, standin: Any) -
         assert (attempt(running, "c-1"), attempt(running, "d-1")) == (401, 200)
     with edge_service(tmp_path, *common, "--denylist", denylist) as running:
         assert (attempt(running, "c-1"), attempt(running, "d-1")) == (200, 401)
+        # A denylist that cannot be read: nobody gets in until it can.
+        denylist.unlink()
+        assert attempt(running, "c-1") == 503
+        assert decisions(running["log"])[-1]["reason"] == "revocation-unknown"
 
 
 def test_mender_gateway_environment(tmp_path: Path, standin: Any, fleet: tuple[FleetCA, Path]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -144,6 +145,10 @@ async def auth_request(request: web.Request) -> web.StreamResponse:
     decision = Decision()
     try:
         response = await _decide(request, decision)
+    except Exception:  # a bug: logged with its traceback; the device gets 500 and retries
+        log.exception("auth request failed")
+        decision.decision, decision.reason = "error", "internal-error"
+        response = _error(500, "internal error")
     finally:
         metrics.latency.observe(time.monotonic() - decision.started)
         if decision.decision == "accepted":
@@ -231,14 +236,13 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    ssl: Any = True
+    # The system's CAs (hosted Mender), or a bundle of one's own (a self-hosted server).
+    verify: ssl.SSLContext | bool = True
     if settings.upstream_ca is not None:
-        import ssl as ssl_module
-
-        ssl = ssl_module.create_default_context(cafile=str(settings.upstream_ca))
+        verify = ssl.create_default_context(cafile=str(settings.upstream_ca))
     # auto_decompress off: the upstream's answer goes back to the device byte for byte.
     async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=100, ssl=ssl), auto_decompress=False
+        connector=aiohttp.TCPConnector(limit=100, ssl=verify), auto_decompress=False
     ) as session:
         app[CLIENT] = MenderClient(session, settings.upstream, settings.credentials, settings.timeout)
         yield

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -52,6 +53,13 @@ def _stamp(path: Path) -> tuple[int, int]:
     return info.st_mtime_ns, info.st_size
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:  # replaced or removed between the stat and the read
+        raise PkiError(f"cannot read {path}: {exc.strerror}") from exc
+
+
 class DenylistSource:
     """Revoked serials in hex, one a line, '#' comments (Mender Gateway's MTLS_BLACKLIST_PATH)."""
 
@@ -64,7 +72,7 @@ class DenylistSource:
     def _load(self) -> _Loaded:
         stamp = _stamp(self.path)
         serials = set()
-        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+        for number, line in enumerate(_read(self.path).decode("utf-8", "replace").splitlines(), 1):
             text = line.split("#", 1)[0].strip()
             if not text:
                 continue
@@ -93,7 +101,7 @@ class CrlSource:
 
     def _load(self) -> _Loaded:
         stamp = _stamp(self.path)
-        data = self.path.read_bytes()
+        data = _read(self.path)
         try:
             crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----") else x509.load_der_x509_crl(data)
         except ValueError as exc:
@@ -126,8 +134,11 @@ class RegistrySource:
         # A connection per lookup, in a worker thread: SQLite connections
         # belong to the thread that made them, and a lookup must not stall
         # the event loop. TODO(merge): use the registry's lookup by serial.
-        with Registry(self.pki_dir) as registry:
-            return any(record.serial == serial for record in registry.revoked())
+        try:
+            with Registry(self.pki_dir) as registry:
+                return any(record.serial == serial for record in registry.revoked())
+        except sqlite3.Error as exc:
+            raise PkiError(f"cannot read the registry in {self.pki_dir}: {exc}") from exc
 
     async def revoked(self, serial: str) -> bool:
         return await asyncio.to_thread(self._lookup, serial)
