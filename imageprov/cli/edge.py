@@ -99,7 +99,13 @@ def edge_serve(
     upstream_ca: Annotated[
         Optional[Path], typer.Option("--upstream-ca", help="CA bundle for an https Mender server (else the system's).")
     ] = None,
-    timeout: Annotated[float, typer.Option("--upstream-timeout", help="Seconds for each call upstream.")] = 10.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--upstream-timeout",
+            help="Seconds the Mender server may take to connect or answer; 3x that for a whole request.",
+        ),
+    ] = 10.0,
     retry_after: Annotated[int, typer.Option("--retry-after", help="Seconds a device waits after a 503.")] = 5,
     cache_size: Annotated[
         int, typer.Option("--cache-size", help="Devices remembered as preauthorized (0: preauthorize every time).")

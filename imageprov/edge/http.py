@@ -10,6 +10,7 @@ and ``/metrics`` (Prometheus) for operations.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
@@ -39,6 +40,9 @@ from imageprov.edge.revocation import CrlSource, DenylistSource, RegistrySource,
 from imageprov.errors import ImageprovError
 
 CERT_HEADER = "X-SSL-Client-Cert"
+# The deadline of one auth request upstream, in --upstream-timeout units: login,
+# preauthorize and forward, with room to wait for a pooled connection.
+DEADLINE_CALLS = 3
 log = logging.getLogger("imageprov.edge")
 
 
@@ -191,15 +195,17 @@ async def _decide(request: web.Request, decision: Decision) -> web.StreamRespons
     cache, client = app[CACHE], app[CLIENT]
     known = auth.cache_key in cache
     try:
-        if not known:
-            decision.upstream_status = await client.preauthorize(auth.identity, auth.pubkey_pem)
-        decision.preauthorized = not known
-        headers = forwardable(request.headers.items(), drop=[CERT_HEADER])
-        answer = await client.forward_auth_request(body, headers)
-    except (UpstreamUnavailable, UpstreamRefused) as exc:
+        # Every call has its own timeouts; this bounds the whole exchange, queueing included.
+        async with asyncio.timeout(settings.timeout * DEADLINE_CALLS):
+            if not known:
+                decision.upstream_status = await client.preauthorize(auth.identity, auth.pubkey_pem)
+            decision.preauthorized = not known
+            headers = forwardable(request.headers.items(), drop=[CERT_HEADER])
+            answer = await client.forward_auth_request(body, headers)
+    except (UpstreamUnavailable, UpstreamRefused, TimeoutError) as exc:
         decision.decision = "unavailable"
         decision.reason = "upstream-refused" if isinstance(exc, UpstreamRefused) else "upstream-unavailable"
-        log.warning(str(exc))
+        log.warning(str(exc) or "the Mender server did not answer in time")
         return _error(503, "the Mender server is unavailable; try again", **retry)
     decision.upstream_status = answer.status
     return _answer(answer, decision, cache, auth.cache_key, retry)

@@ -65,7 +65,10 @@ class MenderClient:
         self.session = session
         self.base_url = base_url
         self.credentials = credentials
-        self.timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0))
+        # Timeouts on what the server does (connecting, then each read), not on the
+        # wait for a pooled connection: in a burst, requests queue here, and the
+        # caller bounds the whole exchange with a deadline of its own.
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(timeout, 5.0), sock_read=timeout)
         self._jwt: str | None = credentials.token.reveal() if isinstance(credentials, Token) else None
         self._login_lock = asyncio.Lock()
 
