@@ -41,12 +41,15 @@ class SimDevice:
     latencies: list[float] = field(default_factory=list)
 
 
-def make_fleet(ca: FleetCA, count: int, directory: Path, server_ca: Path) -> list[SimDevice]:
-    """``count`` devices with keys, certificates and signed auth requests, ready to switch on."""
+def make_fleet(ca: FleetCA, count: int, directory: Path, server_ca: Path, prefix: str = "sim") -> list[SimDevice]:
+    """``count`` devices with keys, certificates and signed auth requests, ready to switch on.
+
+    Devices of one ``prefix`` share identities (and would be one device to Mender): give each fleet its own.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     devices = []
     for number in range(count):
-        name = f"sim-{number:05d}"
+        name = f"{prefix}-{number:05d}"
         cert, key = ca.issue(name)
         cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
         cert_path.write_text(pem(cert))
@@ -97,20 +100,27 @@ async def _switch_on(session: aiohttp.ClientSession, url: str, device: SimDevice
         await asyncio.sleep(float(retry_after or 1))
 
 
-async def _wave(devices: list[SimDevice], url: str, attempts: int) -> float:
+async def _wave(devices: list[SimDevice], url: str, attempts: int, rate: float | None) -> float:
     for device in devices:
         device.statuses, device.latencies = [], []
     # Each device its own connection, as separate boards would have.
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
         started = time.monotonic()
-        await asyncio.gather(*(_switch_on(session, url, d, attempts) for d in devices))
+
+        async def one(index: int, device: SimDevice) -> None:
+            if rate is not None:
+                await asyncio.sleep(max(0.0, started + index / rate - time.monotonic()))
+            await _switch_on(session, url, device, attempts)
+
+        await asyncio.gather(*(one(i, d) for i, d in enumerate(devices)))
         return time.monotonic() - started
 
 
-def switch_on(devices: list[SimDevice], url: str, *, attempts: int = 1) -> Wave:
-    """Every device sends its auth request at once; returns how long until all were answered."""
-    seconds = asyncio.run(_wave(devices, url, attempts))
+def switch_on(devices: list[SimDevice], url: str, *, attempts: int = 1, rate: float | None = None) -> Wave:
+    """Every device sends its auth request at once (or ``rate`` a second); returns how long until all were
+    answered, and each request's status and latency."""
+    seconds = asyncio.run(_wave(devices, url, attempts, rate))
     return Wave(seconds, [s for d in devices for s in d.statuses], [t for d in devices for t in d.latencies])
 
 

@@ -75,12 +75,12 @@ def test_failing_mender_server_gives_503s_that_succeed_on_retry(
     tmp_path: Path, edge_files: tuple[FleetCA, Path, Path, Path]
 ) -> None:
     ca = edge_files[0]
-    good = make_fleet(ca, 150, tmp_path / "good", edge_files[1] / "ca-cert.pem")
+    good = make_fleet(ca, 150, tmp_path / "good", edge_files[1] / "ca-cert.pem", "good")
     # Devices that must never get in: another CA's certificate (nginx refuses at TLS), and a request whose
     # key is not the certificate's (the service refuses).
-    aliens = make_fleet(FleetCA("Edge Test CA"), 10, tmp_path / "aliens", edge_files[1] / "ca-cert.pem")
-    mismatched = make_fleet(ca, 10, tmp_path / "mismatched", edge_files[1] / "ca-cert.pem")
-    donors = make_fleet(ca, 10, tmp_path / "donors", edge_files[1] / "ca-cert.pem")
+    aliens = make_fleet(FleetCA("Edge Test CA"), 10, tmp_path / "aliens", edge_files[1] / "ca-cert.pem", "aliens")
+    mismatched = make_fleet(ca, 10, tmp_path / "mismatched", edge_files[1] / "ca-cert.pem", "mismatched")
+    donors = make_fleet(ca, 10, tmp_path / "donors", edge_files[1] / "ca-cert.pem", "donors")
     for device, donor in zip(mismatched, donors):  # the certificate of one, the signed request of another
         device.body, device.signature, device.pubkey = donor.body, donor.signature, donor.pubkey
         device.identity = {**donor.identity, "serial": device.name}

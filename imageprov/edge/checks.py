@@ -74,11 +74,9 @@ class AuthRequest:
 
     identity: dict[str, Any]
     pubkey: DeviceKey
+    # As the device sent it: preauthorized byte for byte as the auth request will name it.
+    pubkey_pem: str
     tenant_token: str | None
-
-    @property
-    def pubkey_pem(self) -> str:
-        return public_pem(self.pubkey)
 
     @property
     def identity_hash(self) -> str:
@@ -120,7 +118,7 @@ def parse_auth_request(body: bytes) -> AuthRequest:
         raise Refused(Reason.BAD_REQUEST, "id_data does not hold JSON") from exc
     if not isinstance(identity, dict) or not identity:
         raise Refused(Reason.BAD_REQUEST, "id_data does not hold a non-empty JSON object")
-    return AuthRequest(identity, load_device_key(value["pubkey"]), value.get("tenant_token"))
+    return AuthRequest(identity, load_device_key(value["pubkey"]), value["pubkey"], value.get("tenant_token"))
 
 
 def load_device_key(pem: str) -> DeviceKey:
@@ -147,11 +145,20 @@ def parse_client_cert(header: str | None) -> x509.Certificate:
 
 def check_certificate(cert: x509.Certificate, ca_cert: x509.Certificate, now: dt.datetime) -> None:
     """The certificate is the fleet CA's, valid now, and allows clientAuth (RFC 5280 4.2.1.12)."""
+    check_issuer(cert, ca_cert)
+    check_validity_and_usage(cert, now)
+
+
+def check_issuer(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:
+    """Signed by the fleet CA itself (device certificates are; nginx: ssl_verify_depth 1)."""
     try:
-        # Device certificates are signed by the fleet CA itself (nginx: ssl_verify_depth 1).
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise Refused(Reason.UNTRUSTED, "the certificate is not signed by the fleet CA") from exc
+
+
+def check_validity_and_usage(cert: x509.Certificate, now: dt.datetime) -> None:
+    """Within its validity at ``now``, and allows clientAuth."""
     if now < cert.not_valid_before_utc:
         raise Refused(Reason.NOT_YET_VALID, "the certificate is not valid yet")
     if now > cert.not_valid_after_utc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import logging
 import ssl
@@ -68,8 +69,8 @@ class Metrics:
         )  # fmt: skip
 
 
-class Preauthorized:
-    """(identity, key) pairs already preauthorized and accepted upstream: bounded, least recently used out."""
+class Remembered:
+    """A bounded set, least recently used out: what the edge need not do again."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -97,7 +98,10 @@ SETTINGS = web.AppKey("settings", ServeSettings)
 CLIENT = web.AppKey("client", MenderClient)
 SOURCES = web.AppKey("sources", list[RevocationSource])
 METRICS = web.AppKey("metrics", Metrics)
-CACHE = web.AppKey("cache", Preauthorized)
+# (identity, key) pairs already preauthorized and accepted upstream.
+CACHE = web.AppKey("cache", Remembered)
+# Digests of certificates whose signature by the fleet CA was verified.
+ISSUED = web.AppKey("issued", Remembered)
 
 
 @dataclass
@@ -179,7 +183,12 @@ async def _decide(request: web.Request, decision: Decision) -> web.StreamRespons
         decision.cn, decision.serial = checks.common_name(cert), checks.serial_hex(cert)
         auth = checks.parse_auth_request(body)
         decision.identity = auth.identity_hash
-        checks.check_certificate(cert, settings.ca_cert, dt.datetime.now(dt.UTC))
+        # The signature on a certificate never changes: verified once, remembered by its digest.
+        issued = hashlib.sha256(cert.tbs_certificate_bytes + cert.signature).digest()
+        if issued not in app[ISSUED]:
+            checks.check_issuer(cert, settings.ca_cert)
+            app[ISSUED].add(issued)
+        checks.check_validity_and_usage(cert, dt.datetime.now(dt.UTC))
         for source in app[SOURCES]:
             if await source.revoked(decision.serial):
                 raise Refused(Reason.REVOKED, f"the certificate is revoked ({source.name})")
@@ -211,9 +220,7 @@ async def _decide(request: web.Request, decision: Decision) -> web.StreamRespons
     return _answer(answer, decision, cache, auth.cache_key, retry)
 
 
-def _answer(
-    answer: Answer, decision: Decision, cache: Preauthorized, key: bytes, retry: dict[str, str]
-) -> web.Response:
+def _answer(answer: Answer, decision: Decision, cache: Remembered, key: bytes, retry: dict[str, str]) -> web.Response:
     if answer.status >= 500:
         decision.decision, decision.reason = "unavailable", "upstream-error"
         return _error(503, f"the Mender server answered {answer.status}; try again", **retry)
@@ -272,7 +279,8 @@ def make_app(settings: ServeSettings) -> web.Application:
     app[SETTINGS] = settings
     app[SOURCES] = revocation_sources(settings)
     app[METRICS] = Metrics()
-    app[CACHE] = Preauthorized(settings.cache_size)
+    app[CACHE] = Remembered(settings.cache_size)
+    app[ISSUED] = Remembered(settings.cache_size)
     app.cleanup_ctx.append(_upstream_session)
     app.router.add_post(AUTH_REQUESTS, auth_request)
     app.router.add_get("/healthz", healthz)
