@@ -200,10 +200,29 @@ def test_login_is_renewed_on_401(service: dict[str, Any], standin: Any, fleet: t
     assert standin.calls["login"] == logins + 1
 
 
+def _create_personal_token(standin: Any) -> str:
+    """Log in and create a personal access token through the management API, as a user would."""
+    import base64
+
+    basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    status, _, jwt = post(
+        standin.url + "/api/management/v1/useradm/auth/login", b"", {"Authorization": f"Basic {basic}"}
+    )
+    assert status == 200
+    status, _, token = post(
+        standin.url + "/api/management/v1/useradm/settings/tokens",
+        json.dumps({"name": "imageprov-edge", "expires_in": 3600}).encode(),
+        {"Authorization": f"Bearer {jwt.decode()}", "Content-Type": "application/json"},
+    )
+    assert status == 200
+    return str(json.loads(token))
+
+
 def test_personal_access_token(tmp_path: Path, standin: Any, fleet: tuple[FleetCA, Path]) -> None:
     token = tmp_path / "token"
-    token.write_text(standin.personal_token())
+    token.write_text(_create_personal_token(standin))
     logins = standin.calls["login"]
+    standin.expire_logins()  # the token is not a login: it outlives them
     with edge_service(tmp_path, "--ca", fleet[1], "--upstream", standin.url, "--token-file", token) as running:
         assert _one_device(running, fleet[0], "02:00:00:00:30:01")[0] == 200
         assert token.read_text() not in running["log"].read_text()
