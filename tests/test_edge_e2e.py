@@ -58,10 +58,11 @@ def identity_runner(tmp_path: Path) -> Iterator[Any]:
     """Run a command with an identity script saying ``mac=MAC``, private to that command where possible."""
     private = _private_namespaces()
     created = False
-    if not private:
-        if IN_CI and not os.access(IDENTITY_DIR.parent, os.W_OK):
-            pytest.fail("the end-to-end test needs root (CI runs as root)")
-        need("unshare")
+    if not private and not os.access(IDENTITY_DIR.parent, os.W_OK):
+        message = "the end-to-end test needs root, for a mount namespace or to place the identity script"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
 
     def run(argv: list[str], mac: str) -> subprocess.CompletedProcess[str]:
         nonlocal created
