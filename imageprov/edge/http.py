@@ -138,8 +138,11 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             return json.dumps(fields, ensure_ascii=False)
-        return json.dumps({"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-                           "level": record.levelname.lower(), "message": record.getMessage()})  # fmt: skip
+        line = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+                "level": record.levelname.lower(), "message": record.getMessage()}  # fmt: skip
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
