@@ -212,3 +212,35 @@ def test_nginx_refuses_a_bad_accept_url(tmp_path: Path, accept: str) -> None:
     ca, cert, key = _edge_files(tmp_path)
     with pytest.raises(UsageError):
         render_nginx(EdgeConfig(ca, cert, key, "https://hosted.mender.io", accept=accept))
+
+
+def _crl(ca: FleetCA, serials: list[int], next_update: dt.datetime) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    builder = x509.CertificateRevocationListBuilder().issuer_name(ca.name)
+    builder = builder.last_update(NOW - dt.timedelta(days=2)).next_update(next_update)
+    for serial in serials:
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - dt.timedelta(days=1))
+        builder = builder.add_revoked_certificate(entry.build())
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def test_crl_source(tmp_path: Path) -> None:
+    import asyncio
+
+    from imageprov.edge.revocation import CrlSource
+    from imageprov.errors import PkiError
+
+    cert, _ = CA.issue("d-crl")
+    path = tmp_path / "crl.pem"
+    path.write_bytes(_crl(CA, [cert.serial_number], NOW + dt.timedelta(days=1)))
+    source = CrlSource(path, CA.cert)
+    assert asyncio.run(source.revoked(f"{cert.serial_number:x}")) and not asyncio.run(source.revoked("ff"))
+    # Past its nextUpdate it cannot say: the service answers 503 rather than guess.
+    path.write_bytes(_crl(CA, [], NOW - dt.timedelta(hours=1)))
+    with pytest.raises(PkiError, match="nextUpdate"):
+        asyncio.run(source.revoked("ff"))
+    path.write_bytes(_crl(FleetCA(), [], NOW + dt.timedelta(days=1)))
+    with pytest.raises(PkiError, match="not signed by the fleet CA"):
+        CrlSource(path, CA.cert)
