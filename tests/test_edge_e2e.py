@@ -90,17 +90,22 @@ def identity_runner(tmp_path: Path) -> Iterator[Any]:
 
 def _client_root(tmp_path: Path, image: Path, name: str, ca_cert: Path, server_url: str | None = None) -> Path:
     """mender.conf, key and certificate out of the image, device paths mapped under a temporary root."""
+    extracted = tmp_path / f"extracted-{image.stem}"  # read out of each image once
+    if not extracted.exists():
+        staging = tmp_path / f"staging-{image.stem}"
+        (staging / "data/mender").mkdir(parents=True)
+        (staging / "mender.conf").write_text(imageprov("cat", f"{image}:/etc/mender/mender.conf").stdout)
+        for device_path in ("/data/mender/mender-cert.pem", "/data/mender/mender-cert-private.pem"):
+            imageprov("cp", f"{image}:{device_path}", staging / device_path.lstrip("/"))
+        staging.rename(extracted)
     root = tmp_path / f"device-{name}"
-    (root / "data").mkdir(parents=True)
-    conf = json.loads(imageprov("cat", f"{image}:/etc/mender/mender.conf").stdout)
+    shutil.copytree(extracted, root)
+    conf = json.loads((root / "mender.conf").read_text())
     client, security = conf["HttpsClient"], conf["Security"]
     assert security["AuthPrivateKey"] == client["Key"] == "/data/mender/mender-cert-private.pem"
+    assert client["Certificate"] == "/data/mender/mender-cert.pem"
     for block, key in ((client, "Certificate"), (client, "Key"), (security, "AuthPrivateKey")):
-        local = root / block[key].lstrip("/")
-        if not local.exists():
-            local.parent.mkdir(parents=True, exist_ok=True)
-            imageprov("cp", f"{image}:{block[key]}", local)
-        block[key] = str(local)
+        block[key] = str(root / block[key].lstrip("/"))
     conf["ServerCertificate"] = str(ca_cert)  # the edge's certificate is signed by the fleet CA
     if server_url is not None:
         conf["ServerURL"] = server_url
