@@ -117,6 +117,7 @@ class StandinMender:
         self.by_identity: dict[str, str] = {}
         self.calls: dict[str, int] = {"login": 0, "preauthorize": 0, "auth_requests": 0, "list": 0}
         self.preauthorized: list[dict[str, Any]] = []  # every preauthorization body received
+        self.auth_headers: list[dict[str, str]] = []  # the headers (names in lowercase) of every auth request
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -385,6 +386,7 @@ class StandinMender:
     async def auth_request(self, request: web.Request) -> web.Response:
         with self.lock:
             self.calls["auth_requests"] += 1
+            self.auth_headers.append({name.lower(): value for name, value in request.headers.items()})
         body = await request.read()
         try:
             payload = json.loads(body)

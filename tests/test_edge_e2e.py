@@ -201,6 +201,10 @@ def test_stamped_device_is_accepted_through_the_edge_and_pending_without_it(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         assert [p["identity_data"] for p in standin.preauthorized] == [{"mac": "02:00:00:00:00:01"}]
+        # What reached the server: the client's request with nginx's headers, never the certificate header.
+        seen = standin.auth_headers[0]
+        assert "x-ssl-client-cert" not in seen and seen["x-ssl-client-verify"] == "SUCCESS"
+        assert seen["x-ssl-client-s-dn"].startswith("CN=good-1") and seen["x-men-signature"]
         assert ("good-1", "accepted") in [(d["cn"], d["decision"]) for d in lines]
         assert ("rev-1", "revoked") in [(d["cn"], d["reason"]) for d in lines]
         assert ("good-1", "key-mismatch") in [(d["cn"], d["reason"]) for d in lines]
