@@ -65,7 +65,8 @@ def golden_with_security(make_golden: Callable[..., Path], tmp_path: Path) -> Pa
 
 
 def test_stamp_sets_the_auth_key_on_both_rootfs(golden_with_security: Path, pki: Path, tmp_path: Path) -> None:
-    proc = imageprov_pki("stamp", golden_with_security, "--pki", pki, "--out", tmp_path / "out", "--device-id", "s-1")
+    proc = imageprov_pki("stamp", golden_with_security, "--pki", pki, "--out", tmp_path / "out", "--device-id", "s-1",
+                         "--conf-target", "rootfs")  # fmt: skip
     assert f"replaced Security.AuthPrivateKey {AGENT_KEY}" in proc.stderr
     image = tmp_path / "out" / "s-1.sdimg"
     for role in ("rootfs-a", "rootfs-b"):
@@ -87,13 +88,13 @@ def test_data_fallback_refused_when_rootfs_overrides_the_auth_key(
     golden_with_security: Path, pki: Path, tmp_path: Path
 ) -> None:
     proc = imageprov_pki("prepare", golden_with_security, "--conf-target", "data", check=False)
-    assert proc.returncode == 2 and "Security.AuthPrivateKey" in proc.stderr
+    assert proc.returncode == 2 and "Security" in proc.stderr and AGENT_KEY in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_auth_key_device(golden_with_security: Path, pki: Path, tmp_path: Path) -> None:
     imageprov_pki("stamp", golden_with_security, "--pki", pki, "--out", tmp_path / "out", "--device-id", "s-3",
-                  "--auth-key", "device")  # fmt: skip
+                  "--auth-key", "device", "--conf-target", "rootfs")  # fmt: skip
     image = tmp_path / "out" / "s-3.sdimg"
     assert _conf(image, "rootfs-a")["Security"] == {"SSLEngine": "pkcs11", "AuthPrivateKey": AGENT_KEY}
     assert _verify_failures(image, pki, "--auth-key", "device") == set()

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from imageprov.disk.golden import Scheme
+from imageprov.mender.conf import CLIENT_KEY
 from tests.conftest import IN_CI, imageprov, imageprov_pki, need
 from tests.edge_support import (
     AUTH_PATH,
@@ -88,28 +89,35 @@ def identity_runner(tmp_path: Path) -> Iterator[Any]:
         (IDENTITY_DIR / "mender-device-identity").unlink(missing_ok=True)
 
 
-def _client_root(tmp_path: Path, image: Path, name: str, ca_cert: Path, server_url: str | None = None) -> Path:
-    """mender.conf, key and certificate out of the image, device paths mapped under a temporary root."""
+def _client_root(tmp_path: Path, image: Path, name: str, ca_cert: Path, server_url: str) -> Path:
+    """The image's mender.conf and fallback conf, key and certificate, device paths mapped under a temporary
+    root; ServerURL set to the edge, as the build would (MENDER_SERVER_URL)."""
     extracted = tmp_path / f"extracted-{image.stem}"  # read out of each image once
     if not extracted.exists():
         staging = tmp_path / f"staging-{image.stem}"
         (staging / "data/mender").mkdir(parents=True)
         (staging / "mender.conf").write_text(imageprov("cat", f"{image}:/etc/mender/mender.conf").stdout)
+        fallback = imageprov("cat", f"{image}:/data/mender/mender.conf", check=False)
+        (staging / "fallback.conf").write_text(fallback.stdout if fallback.returncode == 0 else "{}")
         for device_path in ("/data/mender/mender-cert.pem", "/data/mender/mender-cert-private.pem"):
             imageprov("cp", f"{image}:{device_path}", staging / device_path.lstrip("/"))
         staging.rename(extracted)
     root = tmp_path / f"device-{name}"
     shutil.copytree(extracted, root)
-    conf = json.loads((root / "mender.conf").read_text())
-    client, security = conf["HttpsClient"], conf["Security"]
-    assert security["AuthPrivateKey"] == client["Key"] == "/data/mender/mender-cert-private.pem"
-    assert client["Certificate"] == "/data/mender/mender-cert.pem"
-    for block, key in ((client, "Certificate"), (client, "Key"), (security, "AuthPrivateKey")):
-        block[key] = str(root / block[key].lstrip("/"))
-    conf["ServerCertificate"] = str(ca_cert)  # the edge's certificate is signed by the fleet CA
-    if server_url is not None:
-        conf["ServerURL"] = server_url
-    (root / "mender.conf").write_text(json.dumps(conf))
+    confs = {file: json.loads((root / file).read_text()) for file in ("mender.conf", "fallback.conf")}
+    # What the client uses: the rootfs conf over the fallback, field by field inside each block.
+    used = {block: {**(confs["fallback.conf"].get(block) or {}), **(confs["mender.conf"].get(block) or {})}
+            for block in ("HttpsClient", "Security")}  # fmt: skip
+    assert used["HttpsClient"] == {"Certificate": "/data/mender/mender-cert.pem", "Key": CLIENT_KEY}
+    assert used["Security"]["AuthPrivateKey"] == CLIENT_KEY
+    for conf in confs.values():
+        for block, field in (("HttpsClient", "Certificate"), ("HttpsClient", "Key"), ("Security", "AuthPrivateKey")):
+            if (conf.get(block) or {}).get(field):
+                conf[block][field] = str(root / conf[block][field].lstrip("/"))
+    confs["mender.conf"]["ServerCertificate"] = str(ca_cert)  # the edge's certificate is signed by the fleet CA
+    confs["mender.conf"]["ServerURL"] = server_url
+    for file, conf in confs.items():
+        (root / file).write_text(json.dumps(conf))
     return root
 
 
@@ -160,9 +168,10 @@ def test_stamped_device_is_accepted_through_the_edge_and_pending_without_it(
     need("nginx", "mender")
     golden = make_golden(Scheme.MBR)
     accept_port, plain_port = free_port(), free_port()
+    accept_url = f"https://localhost:{accept_port}"
     out = tmp_path / "out"
-    imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "good-1", "--device-id", "rev-1",
-                  "--server-url", f"https://localhost:{accept_port}")  # fmt: skip
+    # The default --conf-target: the credentials' settings in the data partition's fallback conf.
+    imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "good-1", "--device-id", "rev-1")
     server = tmp_path / "edge"
     imageprov_pki("server-cert", "--pki", pki, "--host", "localhost", "--ip", "127.0.0.1", "--out", server)
     imageprov_pki("revoke", "--pki", pki, "rev-1", "--reason", "key-compromise")
@@ -177,19 +186,19 @@ def test_stamped_device_is_accepted_through_the_edge_and_pending_without_it(
                           "--password-file", password) as service:  # fmt: skip
             conf = _edge_conf(pki, server, standin.url, accept_port, service["url"])
             with nginx(tmp_path, conf, accept_port):
-                good = _bootstrap(identity_runner, _client_root(tmp_path, out / "good-1.sdimg", "good", ca_cert),
-                                  "02:00:00:00:00:01")  # fmt: skip
+                good_root = _client_root(tmp_path, out / "good-1.sdimg", "good", ca_cert, accept_url)
+                good = _bootstrap(identity_runner, good_root, "02:00:00:00:00:01")
                 assert good.returncode == 0, good.stderr
-                revoked = _bootstrap(identity_runner, _client_root(tmp_path, out / "rev-1.sdimg", "rev", ca_cert),
-                                     "02:00:00:00:00:02")  # fmt: skip
+                revoked_root = _client_root(tmp_path, out / "rev-1.sdimg", "rev", ca_cert, accept_url)
+                revoked = _bootstrap(identity_runner, revoked_root, "02:00:00:00:00:02")
                 assert revoked.returncode != 0
                 # Signing with a key other than the certificate's: refused (what --auth-key device does
                 # where the client generates its key).
-                own = _client_root(tmp_path, out / "good-1.sdimg", "own-key", ca_cert)
+                own = _client_root(tmp_path, out / "good-1.sdimg", "own-key", ca_cert, accept_url)
                 conf = json.loads((own / "mender.conf").read_text())
                 agent = own / "data" / "mender-agent.pem"
                 agent.write_bytes(key_pem(ec.generate_private_key(ec.SECP256R1())))
-                conf["Security"]["AuthPrivateKey"] = str(agent)
+                conf["Security"] = {**(conf.get("Security") or {}), "AuthPrivateKey": str(agent)}
                 (own / "mender.conf").write_text(json.dumps(conf))
                 assert _bootstrap(identity_runner, own, "02:00:00:00:00:03").returncode != 0
             lines = decisions(service["log"])
