@@ -488,3 +488,12 @@ def test_a_gpt_without_its_backup_header_warns(make_golden: Callable[..., Path],
     assert re.search(r"^warn  partition table  \(the image ends at \d+ bytes, before its backup GPT header", report,
                      re.M), report  # fmt: skip
     assert "warning: the image ends at" in imageprov("inspect", image).stdout
+
+
+def test_reading_an_unreplayed_image_warns(make_golden: Callable[..., Path]) -> None:
+    image = make_golden(Scheme.MBR, data_mib=8)
+    _leave_journal_unreplayed(image, roles(image)["data"], "/mender")
+    proc = imageprov("cat", f"{image}:/data/mender/device_type")
+    assert proc.stdout.startswith("device_type=")
+    assert "warning: partition 4 (data) has a journal never replayed" in proc.stderr, proc.stderr
+    assert "warning" not in imageprov("cat", f"{make_golden(Scheme.GPT, data_mib=8)}:/etc/hostname").stderr
