@@ -120,21 +120,21 @@ def stamp(
         compress=compress,
     )
     failures: list[tuple[str, str]] = []
-    with Registry(pki) as registry, Batch(image, out, ca, registry, options) as batch:
-        batch.prepare()
-        for stale in batch.removed:
-            typer.echo(f"note: removed {stale.name}, left by an interrupted run", err=True)
-        for note in batch.notes:
-            typer.echo(f"note: {note}", err=True)
-        show_bar = sys.stderr.isatty() and not json_out
-        try:
-            _stamp_all(batch, ids, show_bar, json_out, failures)
-        except KeyboardInterrupt:
-            # One line (typer would exit 130 silently): what is done, and what to do.
-            left = len(ids) - len(batch.delivered)
-            typer.echo(f"imageprov: interrupted: delivered {len(batch.delivered)} of {len(ids)} devices; "
-                       f"rerun the same command to stamp the other {left}", err=True)  # fmt: skip
-            raise typer.Exit(130) from None
+    batch: Batch | None = None
+    try:
+        with Registry(pki) as registry, Batch(image, out, ca, registry, options) as batch:
+            batch.prepare()
+            for stale in batch.removed:
+                typer.echo(f"note: removed {stale.name}, left by an interrupted run", err=True)
+            for note in batch.notes:
+                typer.echo(f"note: {note}", err=True)
+            _stamp_all(batch, ids, sys.stderr.isatty() and not json_out, json_out, failures)
+    except KeyboardInterrupt:
+        # One line (typer would exit 130 silently): what is done, and what to do.
+        done = len(batch.delivered) if batch is not None else 0
+        typer.echo(f"imageprov: interrupted: delivered {done} of {len(ids)} devices; "
+                   f"rerun the same command to stamp the other {len(ids) - done}", err=True)  # fmt: skip
+        raise typer.Exit(130) from None
     if failures:
         if len(ids) == 1:
             raise StampFailed(f"{failures[0][0]}: {failures[0][1]}")

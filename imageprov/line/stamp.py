@@ -122,11 +122,10 @@ class _Gate:
         self.cancelled = False
         self.published = False
 
-    def cancel(self) -> bool:
-        """Stop the image from being published; False if it already was."""
+    def cancel(self) -> None:
+        """Stop the image from being published, unless it already was."""
         with self.lock:
             self.cancelled = not self.published
-            return self.cancelled
 
 
 class _Cancelled(Exception):
