@@ -19,13 +19,13 @@ import typer
 
 from imageprov.cli.output import human_size
 from imageprov.cli.pki import CurveOpt, PassFile, Pki, open_ca
-from imageprov.cli.stamp import BootPart, ConfTargetOpt, DataPart, RootfsParts
+from imageprov.cli.stamp import AuthKeyOpt, BootPart, ConfTargetOpt, DataPart, RootfsParts
 from imageprov.disk.blockdev import removable_disks
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
 from imageprov.line.flash import Assignment, FlashBatch, Flashed, FlashOptions, Progress, Result
 from imageprov.line.stamp import StampOptions
-from imageprov.mender.conf import Settings
+from imageprov.mender.conf import AuthKey, Settings
 from imageprov.mender.prepare import ConfTarget
 from imageprov.pki.ca import Curve
 from imageprov.pki.devices import check_device_ids, read_device_ids
@@ -142,6 +142,7 @@ def flash(
     server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
     tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
     conf_target: ConfTargetOpt = ConfTarget.AUTO,
+    auth_key: AuthKeyOpt = AuthKey.CERT,
     days: Annotated[int, typer.Option("--days", help="Validity of the device certificates.")] = 3650,
     curve: CurveOpt = Curve.P256,
     reissue: Annotated[
@@ -204,7 +205,7 @@ def flash(
     ca.check_usable()
     options = FlashOptions(
         stamp=StampOptions(
-            settings=Settings(server_url=server_url, tenant_token=tenant_token),
+            settings=Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key),
             conf_target=conf_target,
             days=days,
             curve=curve,

@@ -427,8 +427,13 @@ class FlashBatch(Batch):
                 flush_buffers(fd)  # what verify reads comes from the card, not from the page cache
             finally:
                 os.close(fd)
-            checked = verify_image(card.assignment.target, self.ca.cert, device_id=card.assignment.device_id,
-                                   overrides=self.options.overrides)  # fmt: skip
+            checked = verify_image(
+                card.assignment.target,
+                self.ca.cert,
+                device_id=card.assignment.device_id,
+                overrides=self.options.overrides,
+                auth_key=self.options.settings.auth_key,
+            )
             if not checked.ok:
                 failed = checked.failures[0]
                 card.error = f"{card.outcome.target.name}: the card fails '{failed.name}': {failed.detail}".rstrip(": ")
