@@ -8,6 +8,7 @@ on a line would: the password is never in a URL or an argv.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -117,10 +118,8 @@ class Postgres:
             return list(conn.execute(sql).fetchall())
 
     def remove(self) -> None:
-        try:
+        with contextlib.suppress(AssertionError):  # already stopped
             self.stop("immediate")
-        except AssertionError:
-            pass
         shutil.rmtree(self.root, ignore_errors=True)
 
 

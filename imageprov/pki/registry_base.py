@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +77,7 @@ class Record:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Record:
-        values = {name: row[name] for name in COLUMNS if name in row.keys()}
+        values = {name: row[name] for name in COLUMNS if name in row}
         values["status"] = Status(values["status"])
         values["reason"] = Reason(values["reason"]) if values["reason"] else None
         return cls(**values)
@@ -192,7 +192,7 @@ def newer_schema(display: str, version: int) -> PkiError:
     )
 
 
-def rows_of(records: Iterator[Record]) -> list[tuple[object, ...]]:
+def rows_of(records: Iterable[Record]) -> list[tuple[object, ...]]:
     """Records as rows in COLUMNS order, for inserts."""
     return [
         tuple(

@@ -207,7 +207,9 @@ class SqliteBackend(Backend):
 
     def structure_problems(self) -> list[str]:
         with self.reader() as tx:
-            problems = [r["integrity_check"] for r in tx.query("PRAGMA integrity_check") if r["integrity_check"] != "ok"]
+            problems = [
+                r["integrity_check"] for r in tx.query("PRAGMA integrity_check") if r["integrity_check"] != "ok"
+            ]
             index = tx.query("SELECT 1 FROM sqlite_master WHERE name = 'one_live_certificate_per_device'")
         if not index:
             problems.append("the index one_live_certificate_per_device is missing")
