@@ -13,9 +13,12 @@ import glob
 import os
 import pwd
 import shutil
+import sqlite3
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -115,7 +118,8 @@ class Postgres:
         import psycopg
 
         with psycopg.connect(self.url(database), autocommit=True, passfile=str(self.passfile)) as conn:
-            return list(conn.execute(sql).fetchall())
+            cursor = conn.execute(sql)
+            return list(cursor.fetchall()) if cursor.description else []
 
     def remove(self) -> None:
         with contextlib.suppress(AssertionError):  # already stopped
@@ -123,12 +127,12 @@ class Postgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    """One PostgreSQL per test process (xdist worker); each test takes a database of its own."""
-    server = Postgres()
+@contextlib.contextmanager
+def running_postgres(*, durable: bool = False) -> Iterator[Postgres]:
+    """A cluster for the duration of the block, with PGPASSFILE pointing at its password for the CLI too."""
+    server = Postgres(durable=durable)
     saved = os.environ.get("PGPASSFILE")
-    os.environ["PGPASSFILE"] = str(server.passfile)  # for the CLI run in subprocesses too
+    os.environ["PGPASSFILE"] = str(server.passfile)
     try:
         yield server
     finally:
@@ -137,3 +141,46 @@ def postgres() -> Iterator[Postgres]:
         else:
             os.environ["PGPASSFILE"] = saved
         server.remove()
+
+
+@dataclass(frozen=True)
+class Db:
+    """The registry a test runs against: SQLite in the PKI, or a fresh database on a test cluster."""
+
+    kind: str  # "sqlite" or "postgresql"
+    server: Postgres | None = None
+    database: str = ""
+
+    @classmethod
+    def make(cls, kind: str, server: Postgres | None) -> Db:
+        if kind == "sqlite":
+            return cls(kind)
+        assert server is not None
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        server.create_database(name)
+        return cls(kind, server, name)
+
+    def url(self, pki: Path) -> str:
+        return f"sqlite://{pki / 'registry.sqlite'}" if self.server is None else self.server.url(self.database)
+
+    def configure(self, pki: Path, *, timeout: float | None = None) -> None:
+        """Write PKI/imageprov.toml so that every command finds this registry."""
+        lines = ["[registry]", f'url = "{self.url(pki)}"']
+        if timeout is not None:
+            lines.append(f"timeout = {timeout}")
+        (pki / "imageprov.toml").write_text("\n".join(lines) + "\n")
+
+    def rows(self, pki: Path, sql: str) -> list[tuple[object, ...]]:
+        """Query the registry directly (sqlite3, psycopg), not through imageprov."""
+        if self.server is None:
+            with contextlib.closing(sqlite3.connect(pki / "registry.sqlite")) as db:
+                return list(db.execute(sql).fetchall())
+        return self.server.query(self.database, sql)
+
+    def execute(self, pki: Path, sql: str) -> None:
+        """Change the registry behind imageprov's back (to plant what a check must find)."""
+        if self.server is None:
+            with contextlib.closing(sqlite3.connect(pki / "registry.sqlite")) as db:
+                db.executescript(sql)
+        else:
+            self.server.query(self.database, sql)

@@ -130,19 +130,27 @@ class PostgresBackend(Backend):
         return 0
 
     def _migrate(self) -> None:
-        with self.transaction() as tx:
-            # Two stations opening a new database at once: one migrates, the other waits and finds it done.
-            tx.query("SELECT pg_advisory_xact_lock(?, 0)", (LOCK_SPACE,))
-            version = self.schema_version()
-            if version > SCHEMA_VERSION:
-                raise newer_schema(self.display, version)
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[step]:
-                    tx.execute(statement)
-            tx.execute(
-                "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (SCHEMA_VERSION,),
-            )
+        # Two stations opening a new database at once: one migrates, the other
+        # waits and finds it done. The lock is taken before the transaction
+        # begins, so that the transaction sees the catalog as the other left it.
+        with self.reader() as tx:
+            tx.query("SELECT pg_advisory_lock(?, 0)", (LOCK_SPACE,))
+        try:
+            with self.transaction() as tx:
+                version = self.schema_version()
+                if version > SCHEMA_VERSION:
+                    raise newer_schema(self.display, version)
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[step]:
+                        tx.execute(statement)
+                tx.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (SCHEMA_VERSION,),
+                )
+        finally:
+            with self.reader() as tx:
+                tx.query("SELECT pg_advisory_unlock(?, 0)", (LOCK_SPACE,))
 
     @contextmanager
     def _errors(self) -> Iterator[None]:

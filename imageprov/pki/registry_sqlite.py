@@ -113,10 +113,10 @@ class SqliteBackend(Backend):
             if version > SCHEMA_VERSION:
                 raise newer_schema(self.display, version)
             for step in range(version + 1, SCHEMA_VERSION + 1):
+                if step == 2 and "owner" not in self._columns():  # 0.1 files from before owners were kept
+                    self._db.execute("ALTER TABLE certificates ADD COLUMN owner TEXT")
                 for statement in _MIGRATIONS[step]:
                     self._db.execute(statement)
-                if step == 1 and "owner" not in self._columns():  # files from before owners were kept
-                    self._db.execute("ALTER TABLE certificates ADD COLUMN owner TEXT")
             # user_version lives in the file's header page: it commits with the steps.
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
 
