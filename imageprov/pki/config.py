@@ -20,7 +20,7 @@ import enum
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from imageprov.errors import PkiError, UsageError
 
@@ -78,14 +78,15 @@ def mask_password(url: str) -> str:
     """``url`` with any password replaced by ``***``, for messages and logs."""
     try:
         parts = urlsplit(url)
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if parts.password is None and all(k != "password" for k, _ in pairs):
+            return url
         netloc = parts.netloc
         if parts.password is not None:
             user, _, host = netloc.rpartition("@")
             netloc = f"{user.partition(':')[0]}:***@{host}"
-        query = "&".join(
-            f"{k}=***" if k == "password" else f"{k}={v}" for k, v in parse_qsl(parts.query, keep_blank_values=True)
-        )
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        query = "&".join(f"{k}=***" if k == "password" else f"{k}={v}" for k, v in pairs)
+        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
     except ValueError:
         return "<unparsable URL>"
 

@@ -151,14 +151,14 @@ class Registry:
             with self._db.transaction() as tx:
                 live = [Record.from_row(r) for r in tx.query(f"{_SELECT} WHERE {_LIVE}", (device_id,))]
                 if kind == "device" and live:
+                    if live[0].status is Status.PENDING and self.owner_alive(live[0]):
+                        raise self._busy(live[0])
                     if not reissue:
                         raise PkiError(
                             f"device {device_id} already has a certificate "
                             f"({live[0].status.value}, serial {live[0].serial})",
                             hint="pass --reissue to revoke it as superseded and issue a new one",
                         )
-                    if live[0].status is Status.PENDING and self.owner_alive(live[0]):
-                        raise self._busy(live[0])
                     tx.execute(
                         f"UPDATE certificates SET status = 'revoked', revoked_at = ?, reason = 'superseded' "
                         f"WHERE {_LIVE}",
@@ -191,7 +191,7 @@ class Registry:
     def deliver(self, serial: str, where: str) -> Record:
         """Mark a pending certificate delivered (its image is complete and checked at ``where``).
 
-        Raises if it is no longer pending (revoked meanwhile): the caller must
+        Raises if it was revoked meanwhile (or is unknown): the caller must
         then not hand out what it built with it."""
         with self._db.transaction() as tx:
             changed = tx.execute(
@@ -199,12 +199,13 @@ class Registry:
                 "WHERE serial = ? AND status = 'pending'",
                 (where, _now(), serial),
             )
-        if changed != 1:
-            found = self._select("serial = ?", (serial,))
+        found = self._select("serial = ?", (serial,))
+        # Already active: a rerun found the complete image first and said so. Fine.
+        if changed != 1 and not (found and found[0].status is Status.ACTIVE):
             state = f"it is {found[0].status.value}" if found else "the registry does not know it"
             raise PkiError(f"certificate {serial} cannot be delivered: {state}",
                            hint="it was revoked meanwhile; rerun to stamp the device anew")  # fmt: skip
-        return self._select("serial = ?", (serial,))[0]
+        return found[0]
 
     def revoke(
         self, *, device_id: str | None = None, serial: str | None = None, reason: Reason = Reason.UNSPECIFIED
