@@ -164,9 +164,9 @@ class Registry:
                         f"WHERE {_LIVE}",
                         (now, device_id),
                     )
-                tx.execute(
+                [row] = tx.query(
                     f"INSERT INTO certificates ({', '.join(COLUMNS)}) "
-                    f"VALUES ({', '.join('?' for _ in COLUMNS)})",
+                    f"VALUES ({', '.join('?' for _ in COLUMNS)}) RETURNING {', '.join(COLUMNS)}",
                     (
                         issued.serial_hex, device_id, kind, issued.fingerprint, public_key.decode(),
                         cert.not_valid_before_utc.isoformat(), cert.not_valid_after_utc.isoformat(), now,
@@ -180,7 +180,7 @@ class Registry:
             raise RegistryConflict(
                 f"device {device_id} was issued a certificate by another station at the same time"
             ) from exc
-        return self._select("serial = ?", (issued.serial_hex,))[0]
+        return Record.from_row(row)
 
     def _busy(self, record: Record) -> PkiError:
         return PkiError(
@@ -193,15 +193,19 @@ class Registry:
 
         Raises if it was revoked meanwhile (or is unknown): the caller must
         then not hand out what it built with it."""
-        with self._db.transaction() as tx:
-            changed = tx.execute(
-                "UPDATE certificates SET status = 'active', delivered_to = ?, delivered_at = ? "
-                "WHERE serial = ? AND status = 'pending'",
+        # Not durable: a delivery lost to a power cut is found again by a
+        # rerun (the image is there, its certificate pending), unlike a lost issue.
+        with self._db.transaction(durable=False) as tx:
+            changed = tx.query(
+                f"UPDATE certificates SET status = 'active', delivered_to = ?, delivered_at = ? "
+                f"WHERE serial = ? AND status = 'pending' RETURNING {', '.join(COLUMNS)}",
                 (where, _now(), serial),
             )
+        if changed:
+            return Record.from_row(changed[0])
         found = self._select("serial = ?", (serial,))
         # Already active: a rerun found the complete image first and said so. Fine.
-        if changed != 1 and not (found and found[0].status is Status.ACTIVE):
+        if not (found and found[0].status is Status.ACTIVE):
             state = f"it is {found[0].status.value}" if found else "the registry does not know it"
             raise PkiError(f"certificate {serial} cannot be delivered: {state}",
                            hint="it was revoked meanwhile; rerun to stamp the device anew")  # fmt: skip

@@ -155,8 +155,12 @@ class Backend(ABC):
     display: str
 
     @abstractmethod
-    def transaction(self) -> AbstractContextManager[Tx]:
-        """A transaction that serializes writers (SQLite: BEGIN IMMEDIATE)."""
+    def transaction(self, *, durable: bool = True) -> AbstractContextManager[Tx]:
+        """A transaction that serializes writers (SQLite: BEGIN IMMEDIATE).
+
+        Not ``durable``: its commit does not wait for the disk. It still
+        reaches the disk before any later durable commit, in order; a power
+        cut may lose it alone."""
 
     @abstractmethod
     def reader(self) -> AbstractContextManager[Tx]:

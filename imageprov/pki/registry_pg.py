@@ -173,8 +173,10 @@ class PostgresBackend(Backend):
             raise PkiError(f"cannot use the registry {self.display}: {_first_line(exc)}") from exc
 
     @contextmanager
-    def transaction(self) -> Iterator[Tx]:
+    def transaction(self, *, durable: bool = True) -> Iterator[Tx]:
         with self._errors(), self._conn.transaction():
+            if not durable:  # the WAL writer flushes it within wal_writer_delay, in order
+                self._conn.execute("SET LOCAL synchronous_commit = off")
             yield _PgTx(self._conn)
 
     @contextmanager

@@ -152,15 +152,22 @@ class SqliteBackend(Backend):
             ) from exc
 
     @contextmanager
-    def transaction(self) -> Iterator[Tx]:
+    def transaction(self, *, durable: bool = True) -> Iterator[Tx]:
         with self._errors():
-            self._db.execute("BEGIN IMMEDIATE")
+            # In WAL mode, NORMAL skips the fsync at commit; the next FULL commit syncs the log up to it.
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield _SqliteTx(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _SqliteTx(self._db)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     @contextmanager
     def reader(self) -> Iterator[Tx]:
