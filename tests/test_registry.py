@@ -432,3 +432,20 @@ def test_migrate_sqlite_to_postgresql(tmp_path: Path, postgres: Postgres) -> Non
     crl = x509.load_pem_x509_crl((pki / "crl.pem").read_bytes())
     assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 3
     assert len(list(crl)) == 2
+
+
+def test_registry_urls(tmp_path: Path) -> None:
+    from imageprov.errors import UsageError
+    from imageprov.pki.config import RegistryUrl, Scheme, mask_password
+
+    assert RegistryUrl.parse("sqlite:///srv/pki/r.sqlite", base=tmp_path).path == Path("/srv/pki/r.sqlite")
+    assert RegistryUrl.parse("sqlite:registry.sqlite", base=tmp_path).path == tmp_path / "registry.sqlite"
+    pg = RegistryUrl.parse("postgresql:///imageprov?host=/run/pg&service=line", base=tmp_path)
+    assert pg.scheme is Scheme.POSTGRESQL and pg.display == "postgresql:///imageprov?host=/run/pg&service=line"
+    for bad in ("mysql://db/x", "sqlite:", "registry.sqlite"):
+        with pytest.raises(UsageError):
+            RegistryUrl.parse(bad, base=tmp_path)
+    assert (
+        mask_password("postgresql://u:pw@h:5432/db?sslmode=require") == "postgresql://u:***@h:5432/db?sslmode=require"
+    )
+    assert mask_password("postgresql://h/db?user=u&password=pw") == "postgresql://h/db?user=u&password=***"

@@ -91,6 +91,7 @@ class SqliteBackend(Backend):
         self._timeout = timeout
         self._lease: IO[bytes] | None = None
         self._lease_path: Path | None = None
+        self._session: int | None = None
         with self._errors():
             if not path.parent.is_dir():
                 raise PkiError(f"no directory {path.parent} for the registry {path}")
@@ -188,7 +189,7 @@ class SqliteBackend(Backend):
         path.parent.mkdir(mode=0o755, exist_ok=True)
         handle = open(path, "wb")  # noqa: SIM115 - held open for as long as the lease lasts
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._lease, self._lease_path = handle, path
+        self._lease, self._lease_path, self._session = handle, path, session
         return session
 
     def lease_alive(self, session: int) -> bool:
@@ -208,9 +209,16 @@ class SqliteBackend(Backend):
         if self._lease is None:
             return
         assert self._lease_path is not None
-        self._lease_path.unlink(missing_ok=True)
-        self._lease.close()
-        self._lease = None
+        try:
+            with self.transaction(durable=False) as tx:
+                tx.execute(
+                    "UPDATE sessions SET ended_at = strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now') WHERE id = ?",
+                    (self._session,),
+                )
+        finally:
+            self._lease_path.unlink(missing_ok=True)
+            self._lease.close()
+            self._lease = None
 
     def structure_problems(self) -> list[str]:
         with self.reader() as tx:
@@ -223,5 +231,7 @@ class SqliteBackend(Backend):
         return problems
 
     def close(self) -> None:
-        self.end_lease()
-        self._db.close()
+        try:
+            self.end_lease()
+        finally:
+            self._db.close()
