@@ -147,36 +147,43 @@ class Registry:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         session = self.lease() if status is Status.PENDING else None
+        insert = (
+            f"INSERT INTO certificates ({', '.join(COLUMNS)}) "
+            f"VALUES ({', '.join('?' for _ in COLUMNS)}) RETURNING {', '.join(COLUMNS)}"
+        )
+        values = (
+            issued.serial_hex, device_id, kind, issued.fingerprint, public_key.decode(),
+            cert.not_valid_before_utc.isoformat(), cert.not_valid_after_utc.isoformat(), now,
+            status.value, None, None, delivered_to, now if delivered_to else None, self.station.describe(), session,
+        )  # fmt: skip
         try:
+            if not reissue:
+                # One statement, one durable commit: the partial unique index
+                # refuses a second live certificate; the reason is read after.
+                with self._db.reader() as tx:
+                    [row] = tx.query(insert, values)
+                return Record.from_row(row)
             with self._db.transaction() as tx:
                 live = [Record.from_row(r) for r in tx.query(f"{_SELECT} WHERE {_LIVE}", (device_id,))]
                 if kind == "device" and live:
                     if live[0].status is Status.PENDING and self.owner_alive(live[0]):
                         raise self._busy(live[0])
-                    if not reissue:
-                        raise PkiError(
-                            f"device {device_id} already has a certificate "
-                            f"({live[0].status.value}, serial {live[0].serial})",
-                            hint="pass --reissue to revoke it as superseded and issue a new one",
-                        )
                     tx.execute(
                         f"UPDATE certificates SET status = 'revoked', revoked_at = ?, reason = 'superseded' "
                         f"WHERE {_LIVE}",
                         (now, device_id),
                     )
-                [row] = tx.query(
-                    f"INSERT INTO certificates ({', '.join(COLUMNS)}) "
-                    f"VALUES ({', '.join('?' for _ in COLUMNS)}) RETURNING {', '.join(COLUMNS)}",
-                    (
-                        issued.serial_hex, device_id, kind, issued.fingerprint, public_key.decode(),
-                        cert.not_valid_before_utc.isoformat(), cert.not_valid_after_utc.isoformat(), now,
-                        status.value, None, None, delivered_to, now if delivered_to else None,
-                        self.station.describe(), session,
-                    ),
-                )  # fmt: skip
+                [row] = tx.query(insert, values)
         except RegistryConflict as exc:
-            # Only a race lost to another station (or a 1 in 2**159 serial
-            # collision) gets here: the transaction above checked first.
+            live_now = self.live(device_id) if kind == "device" else None
+            if live_now is not None and live_now.status is Status.PENDING and self.owner_alive(live_now):
+                raise self._busy(live_now) from exc
+            if live_now is not None and not reissue:
+                raise PkiError(
+                    f"device {device_id} already has a certificate ({live_now.status.value}, serial {live_now.serial})",
+                    hint="pass --reissue to revoke it as superseded and issue a new one",
+                ) from exc
+            # A race lost to another station (or a 1 in 2**159 serial collision).
             raise RegistryConflict(
                 f"device {device_id} was issued a certificate by another station at the same time"
             ) from exc
