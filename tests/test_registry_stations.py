@@ -164,3 +164,38 @@ def test_postgresql_restarted_mid_batch(line: tuple[Path, Path], tmp_path: Path)
         assert rerun.returncode == 0, stderr
         _consistent(db, pki, out, ids)
         assert not db.rows(pki, "SELECT serial FROM certificates WHERE status = 'pending'")
+
+
+_PARTIAL = """
+import sys
+from pathlib import Path
+from imageprov.disk.copy import stage
+print(stage(Path(sys.argv[1]) / "d01.sdimg").name, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_partial_files_of_a_station_in_another_pid_namespace(tmp_path: Path) -> None:
+    """A partial output is removed once its maker is gone, and never before, whatever its pid means here."""
+    from imageprov.disk.copy import remove_stale
+
+    need("unshare")
+    maker = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-c", _PARTIAL, tmp_path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    try:
+        assert maker.stdout is not None
+        name = maker.stdout.readline().strip()
+        assert name.startswith(".d01.1.")  # PID 1 of its namespace: "alive" forever to a pid check here
+        # And as another host's station would name it: a pid that means nothing here.
+        elsewhere = tmp_path / name.replace(".d01.1.", ".d01.4194399.")
+        (tmp_path / name).rename(elsewhere)
+        assert remove_stale(tmp_path) == [] and elsewhere.exists()
+        maker.kill()
+        maker.wait(60)
+        _poll(lambda: remove_stale(tmp_path) == [elsewhere])
+        assert not elsewhere.exists()
+    finally:
+        maker.kill()
+        maker.wait(60)

@@ -9,8 +9,6 @@ PID 1, another PID namespace), so no pid is ever guessed at.
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from imageprov.errors import PkiError
+from imageprov.locks import held, hold
 from imageprov.pki.registry_base import (
     SCHEMA_VERSION,
     Backend,
@@ -188,22 +187,12 @@ class SqliteBackend(Backend):
         path = self._lease_file(session)
         path.parent.mkdir(mode=0o755, exist_ok=True)
         handle = open(path, "wb")  # noqa: SIM115 - held open for as long as the lease lasts
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        hold(handle.fileno())
         self._lease, self._lease_path, self._session = handle, path, session
         return session
 
     def lease_alive(self, session: int) -> bool:
-        try:
-            fd = os.open(self._lease_file(session), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False  # ended, or never got as far as certificates
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return held(self._lease_file(session))  # no file: ended, or never got as far as certificates
 
     def end_lease(self) -> None:
         if self._lease is None:
