@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,10 @@ def test_deliver_refuses_a_certificate_revoked_meanwhile(pki: Path) -> None:
         assert registry.status_of_serial(pending.serial) is Status.REVOKED
         assert registry.status_of_serial("0" + pending.serial) is Status.REVOKED
         assert registry.status_of_serial("abcdef") is None
+        # The edge asks from threads of its own.
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(registry.status_of_serial, [pending.serial] * 8))
+        assert answers == [Status.REVOKED] * 8
 
 
 # A station on another host, and PID 1 of a container: the two cases a

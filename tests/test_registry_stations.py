@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from imageprov.disk.golden import Scheme
+from imageprov.pki.registry import Registry, Status
 from tests.conftest import cli_env, debugfs, imageprov_pki, need, roles, tool
 from tests.pg import Db, Postgres, running_postgres
 
@@ -145,9 +146,14 @@ def test_postgresql_restarted_mid_batch(line: tuple[Path, Path], tmp_path: Path)
         ids = [f"r{i:02d}" for i in range(10)]
         station = _station("station-a", golden, pki, out, ids)
         _poll(lambda: _active(db, pki) >= 1 or station.poll() is not None)
+        edge = Registry(pki)  # a long-running reader, as the edge is
+        [(serial,)] = db.rows(pki, "SELECT serial FROM certificates WHERE status = 'active' LIMIT 1")
+        assert edge.status_of_serial(str(serial)) is Status.ACTIVE
         server.stop("fast")
         _, stderr = station.communicate(timeout=600)
         server.start()
+        assert edge.status_of_serial(str(serial)) is Status.ACTIVE  # connected again by itself
+        edge.close()
         delivered = _active(db, pki)
         assert station.returncode == 1 and 0 < delivered < len(ids), stderr
         assert "Traceback" not in stderr

@@ -287,7 +287,19 @@ class Registry:
     def status_of_serial(self, serial: str) -> Status | None:
         """The status of the certificate with ``serial`` (hex, any case), None if the CA never issued it.
 
-        For a live revocation check (the edge): one indexed lookup."""
-        with self._db.reader() as tx:
-            found = tx.query("SELECT status FROM certificates WHERE serial = ?", (normalize_serial(serial),))
+        For a live revocation check (the edge): one indexed lookup, safe from
+        several threads. A long-running reader survives a database restart: a
+        lost connection is opened again once (never by a station holding a
+        lease, whose pending certificates the lost connection took with it)."""
+        sql, key = "SELECT status FROM certificates WHERE serial = ?", (normalize_serial(serial),)
+        try:
+            with self._db.reader() as tx:
+                found = tx.query(sql, key)
+        except RegistryUnavailable:
+            if self._session is not None:
+                raise
+            self._db.close()
+            self._db = connect(self.config.registry, timeout=self.config.timeout)
+            with self._db.reader() as tx:
+                found = tx.query(sql, key)
         return Status(found[0]["status"]) if found else None

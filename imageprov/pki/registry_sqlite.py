@@ -10,6 +10,7 @@ PID 1, another PID namespace), so no pid is ever guessed at.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,7 +96,9 @@ class SqliteBackend(Backend):
             if not path.parent.is_dir():
                 raise PkiError(f"no directory {path.parent} for the registry {path}")
             # Autocommit mode: transactions are begun explicitly, IMMEDIATE, below.
-            self._db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+            # Any thread may use it (the edge asks from a pool), one at a time (_lock).
+            self._db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
         try:
             with self._errors():
                 self._db.row_factory = sqlite3.Row
@@ -153,7 +156,7 @@ class SqliteBackend(Backend):
 
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[Tx]:
-        with self._errors():
+        with self._lock, self._errors():
             # In WAL mode, NORMAL skips the fsync at commit; the next FULL commit syncs the log up to it.
             if not durable:
                 self._db.execute("PRAGMA synchronous=NORMAL")
@@ -171,7 +174,7 @@ class SqliteBackend(Backend):
 
     @contextmanager
     def reader(self) -> Iterator[Tx]:
-        with self._errors():
+        with self._lock, self._errors():
             yield _SqliteTx(self._db)
 
     def _lease_file(self, session: int) -> Path:
