@@ -119,12 +119,13 @@ def test_a_station_killed_mid_batch_is_finished_by_another(
     pki, golden = line
     db = _registry(postgres, pki)
     out = tmp_path / "out"
-    ids = [f"k{i:02d}" for i in range(10)]
+    ids = [f"k{i:02d}" for i in range(16)]
     station = _station("station-a", golden, pki, out, ids)
     _poll(lambda: _active(db, pki) >= 2 or station.poll() is not None)
     os.kill(station.pid, signal.SIGKILL)  # exec kept the pid: this is imageprov itself
     station.communicate(timeout=60)
     delivered = _active(db, pki)
+    print(f"killed with {delivered} of {len(ids)} delivered")
     assert 0 < delivered < len(ids), "the kill did not land mid-batch"
     pending = db.rows(pki, "SELECT device_id, serial FROM certificates WHERE status = 'pending'")
     undelivered = {serial for device, serial in pending if not (out / f"{device}.sdimg").exists()}
@@ -143,18 +144,18 @@ def test_postgresql_restarted_mid_batch(line: tuple[Path, Path], tmp_path: Path)
     with running_postgres() as server:  # its own server: this test stops it
         db = _registry(server, pki)
         out = tmp_path / "out"
-        ids = [f"r{i:02d}" for i in range(10)]
+        ids = [f"r{i:02d}" for i in range(16)]
+        edge = Registry(pki)  # a long-running reader, as the edge is: connected before the restart
         station = _station("station-a", golden, pki, out, ids)
         _poll(lambda: _active(db, pki) >= 1 or station.poll() is not None)
-        edge = Registry(pki)  # a long-running reader, as the edge is
-        [(serial,)] = db.rows(pki, "SELECT serial FROM certificates WHERE status = 'active' LIMIT 1")
-        assert edge.status_of_serial(str(serial)) is Status.ACTIVE
         server.stop("fast")
         _, stderr = station.communicate(timeout=600)
         server.start()
+        [(serial,)] = db.rows(pki, "SELECT serial FROM certificates WHERE status = 'active' LIMIT 1")
         assert edge.status_of_serial(str(serial)) is Status.ACTIVE  # connected again by itself
         edge.close()
         delivered = _active(db, pki)
+        print(f"restarted with {delivered} of {len(ids)} delivered")
         assert station.returncode == 1 and 0 < delivered < len(ids), stderr
         assert "Traceback" not in stderr
         lines = stderr.strip().splitlines()
