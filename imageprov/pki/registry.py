@@ -57,6 +57,12 @@ def normalize_serial(serial: str) -> str:
     return serial.lower().removeprefix("0x").replace(":", "").lstrip("0") or "0"
 
 
+def _required(pki_dir: Path | None) -> Path:
+    if pki_dir is None:
+        raise UsageError("no PKI directory given")
+    return pki_dir
+
+
 def connect(url: RegistryUrl, *, timeout: float) -> Backend:
     """Open (and migrate forward) the registry at ``url``."""
     if url.scheme is Scheme.SQLITE:
@@ -73,8 +79,8 @@ class Registry:
     either, the registry is ``PKI/registry.sqlite``.
     """
 
-    def __init__(self, pki_dir: Path, url: str | None = None) -> None:
-        self.config: PkiConfig = load_config(pki_dir, url)
+    def __init__(self, pki_dir: Path | None, url: str | None = None, *, config: PkiConfig | None = None) -> None:
+        self.config: PkiConfig = config or load_config(_required(pki_dir), url)
         self._db = connect(self.config.registry, timeout=self.config.timeout)
         self._session: int | None = None
         self.station = Station.this()
@@ -82,12 +88,7 @@ class Registry:
     @classmethod
     def at(cls, url: RegistryUrl, *, timeout: float) -> Registry:
         """A registry by URL alone (no PKI directory), e.g. the target of a migration."""
-        self = cls.__new__(cls)
-        self.config = PkiConfig(url, timeout)
-        self._db = connect(url, timeout=timeout)
-        self._session = None
-        self.station = Station.this()
-        return self
+        return cls(None, config=PkiConfig(url, timeout))
 
     @property
     def display(self) -> str:
