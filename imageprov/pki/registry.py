@@ -109,7 +109,7 @@ class Registry:
         self._db.close()
 
     def _select(self, where: str = "1 = 1", params: tuple[object, ...] = ()) -> list[Record]:
-        with self._db.reader() as tx:
+        with self._db.autocommit() as tx:
             rows = tx.query(f"{_SELECT} WHERE {where} ORDER BY issued_at, rowid", params)
         return [Record.from_row(r) for r in rows]
 
@@ -161,7 +161,7 @@ class Registry:
             if not reissue:
                 # One statement, one durable commit: the partial unique index
                 # refuses a second live certificate; the reason is read after.
-                with self._db.reader() as tx:
+                with self._db.autocommit() as tx:
                     [row] = tx.query(insert, values)
                 return Record.from_row(row)
             with self._db.transaction() as tx:
@@ -294,13 +294,13 @@ class Registry:
         lease, whose pending certificates the lost connection took with it)."""
         sql, key = "SELECT status FROM certificates WHERE serial = ?", (normalize_serial(serial),)
         try:
-            with self._db.reader() as tx:
+            with self._db.autocommit() as tx:
                 found = tx.query(sql, key)
         except RegistryUnavailable:
             if self._session is not None:
                 raise
             self._db.close()
             self._db = connect(self.config.registry, timeout=self.config.timeout)
-            with self._db.reader() as tx:
+            with self._db.autocommit() as tx:
                 found = tx.query(sql, key)
         return Status(found[0]["status"]) if found else None

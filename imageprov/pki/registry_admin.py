@@ -32,7 +32,7 @@ def check(registry: Registry) -> CheckReport:
     """Verify what the schema should already enforce, in case it was edited by hand or lost an index."""
     backend = registry.backend
     problems = backend.structure_problems()
-    with backend.reader() as tx:
+    with backend.autocommit() as tx:
 
         def groups(sql: str) -> list[str]:
             return [str(row["k"]) for row in tx.query(sql)]
@@ -101,7 +101,7 @@ def migrate(source: Registry, target: Registry) -> MigrateReport:
             f"{len(busy)} certificate(s) are being stamped right now (e.g. {busy[0].device_id} by {busy[0].owner})",
             hint="stop every station before moving the registry",
         )
-    with source.backend.reader() as tx:
+    with source.backend.autocommit() as tx:
         found = tx.query("SELECT value FROM meta WHERE key = 'crl_number'")
     crl_number = int(found[0]["value"]) if found else 0
     copied = updated = unchanged = 0

@@ -163,8 +163,8 @@ class Backend(ABC):
         cut may lose it alone."""
 
     @abstractmethod
-    def reader(self) -> AbstractContextManager[Tx]:
-        """Reads outside a transaction (each statement sees committed data)."""
+    def autocommit(self) -> AbstractContextManager[Tx]:
+        """Statements outside a transaction: each is its own, and sees what others committed."""
 
     @abstractmethod
     def start_lease(self, station: Station) -> int:

@@ -123,7 +123,7 @@ class PostgresBackend(Backend):
             raise
 
     def schema_version(self) -> int:
-        with self.reader() as tx:
+        with self.autocommit() as tx:
             if tx.query("SELECT to_regclass('meta') IS NOT NULL AS present")[0]["present"]:
                 found = tx.query("SELECT value FROM meta WHERE key = 'schema_version'")
                 return int(found[0]["value"]) if found else 0
@@ -133,7 +133,7 @@ class PostgresBackend(Backend):
         # Two stations opening a new database at once: one migrates, the other
         # waits and finds it done. The lock is taken before the transaction
         # begins, so that the transaction sees the catalog as the other left it.
-        with self.reader() as tx:
+        with self.autocommit() as tx:
             tx.query("SELECT pg_advisory_lock(?, 0)", (LOCK_SPACE,))
         try:
             with self.transaction() as tx:
@@ -149,7 +149,7 @@ class PostgresBackend(Backend):
                     (SCHEMA_VERSION,),
                 )
         finally:
-            with self.reader() as tx:
+            with self.autocommit() as tx:
                 tx.query("SELECT pg_advisory_unlock(?, 0)", (LOCK_SPACE,))
 
     @contextmanager
@@ -180,7 +180,7 @@ class PostgresBackend(Backend):
             yield _PgTx(self._conn)
 
     @contextmanager
-    def reader(self) -> Iterator[Tx]:
+    def autocommit(self) -> Iterator[Tx]:
         with self._errors():
             yield _PgTx(self._conn)
 
@@ -191,14 +191,14 @@ class PostgresBackend(Backend):
                 (station.host, station.pid, station.boot_id),
             )
         session = int(row["id"])
-        with self.reader() as tx:
+        with self.autocommit() as tx:
             # Session-level: held until this connection ends or it is given up.
             tx.query("SELECT pg_advisory_lock(?, ?::integer)", (LOCK_SPACE, session))
         self._session = session
         return session
 
     def lease_alive(self, session: int) -> bool:
-        with self.reader() as tx:
+        with self.autocommit() as tx:
             found = tx.query(
                 "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
                 " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
@@ -216,7 +216,7 @@ class PostgresBackend(Backend):
         self._session = None
 
     def structure_problems(self) -> list[str]:
-        with self.reader() as tx:
+        with self.autocommit() as tx:
             index = tx.query("SELECT 1 FROM pg_indexes WHERE indexname = 'one_live_certificate_per_device'")
         return [] if index else ["the index one_live_certificate_per_device is missing"]
 

@@ -173,7 +173,7 @@ class SqliteBackend(Backend):
                     self._db.execute("PRAGMA synchronous=FULL")
 
     @contextmanager
-    def reader(self) -> Iterator[Tx]:
+    def autocommit(self) -> Iterator[Tx]:
         with self._lock, self._errors():
             yield _SqliteTx(self._db)
 
@@ -213,7 +213,7 @@ class SqliteBackend(Backend):
             self._lease = None
 
     def structure_problems(self) -> list[str]:
-        with self.reader() as tx:
+        with self.autocommit() as tx:
             problems = [
                 r["integrity_check"] for r in tx.query("PRAGMA integrity_check") if r["integrity_check"] != "ok"
             ]
