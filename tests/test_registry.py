@@ -23,7 +23,7 @@ from cryptography import x509
 from imageprov.errors import PkiError
 from imageprov.pki.ca import load_ca
 from imageprov.pki.registry import Reason, Registry, Status
-from tests.conftest import PASSPHRASE, imageprov_pki, tool
+from tests.conftest import PASSPHRASE, cli_env, imageprov_pki, need, tool
 from tests.pg import Db, Postgres, running_postgres
 
 
@@ -222,24 +222,25 @@ def test_deliver_refuses_a_certificate_revoked_meanwhile(pki: Path) -> None:
 # A station on another host, and PID 1 of a container: the two cases a
 # host:pid owner got wrong (one taken for dead, the other for alive forever).
 _STATION = """
-import socket, sys
+import os, socket, sys
 from pathlib import Path
 socket.sethostname("other-host")
 from imageprov.pki.ca import load_ca
 from imageprov.pki.registry import Registry, Status
 pki = Path(sys.argv[1])
 with Registry(pki) as registry:
-    registry.record(load_ca(pki, sys.argv[2].encode()).issue_device("dev-1"), status=Status.PENDING)
+    ca = load_ca(pki, os.environ["IMAGEPROV_CA_PASSPHRASE"].encode())
+    registry.record(ca.issue_device("dev-1"), status=Status.PENDING)
     print("recorded", flush=True)
     sys.stdin.read()
 """
 
 
 def test_a_pending_certificate_is_revoked_only_once_its_station_is_gone(pki: Path, db: Db) -> None:
-    tool("unshare", "--version")
+    need("unshare")
     station = subprocess.Popen(
-        ["unshare", "--uts", "--pid", "--fork", "--kill-child", sys.executable, "-c", _STATION, pki, PASSPHRASE],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
+        ["unshare", "--uts", "--pid", "--fork", "--kill-child", sys.executable, "-c", _STATION, pki],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent, env=cli_env(),
     )  # fmt: skip
     try:
         assert station.stdout is not None and station.stdout.readline() == "recorded\n"
