@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 from imageprov.errors import PkiError
@@ -72,6 +73,15 @@ _MIGRATIONS: dict[int, list[str]] = {
 }
 
 
+_CLIENT_DEFAULTS = {
+    "application_name": "imageprov",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+}
+
+
 def _iso(value: object) -> object:
     return value.isoformat() if isinstance(value, dt.datetime) else value
 
@@ -98,11 +108,13 @@ class PostgresBackend(Backend):
         self.display = display
         self._timeout = timeout
         self._session: int | None = None
+        # A station must notice a server it can no longer reach rather than
+        # wait on a dead TCP connection; values in the URL win.
         try:
-            self._conn = psycopg.connect(
-                url, autocommit=True, row_factory=dict_row, connect_timeout=max(2, round(timeout)),
-                application_name="imageprov",
-            )  # fmt: skip
+            given = conninfo_to_dict(url)
+            settings = {k: v for k, v in _CLIENT_DEFAULTS.items() if k not in given}
+            conninfo = make_conninfo(url, connect_timeout=max(2, round(timeout)), **settings)
+            self._conn = psycopg.connect(conninfo, autocommit=True, row_factory=dict_row)
         except psycopg.Error as exc:
             raise RegistryUnavailable(
                 f"cannot connect to the registry {display}: {_first_line(exc)}",
