@@ -121,6 +121,10 @@ class Registry:
             self._session = self._db.start_lease(self.station)
         return self._session
 
+    def owns(self, record: Record) -> bool:
+        """True if this process issued ``record`` (under its current lease)."""
+        return record.session is not None and record.session == self._session
+
     def owner_alive(self, record: Record) -> bool:
         """True if the station that issued ``record`` still holds its lease (this process included)."""
         if record.session is None:
