@@ -442,7 +442,7 @@ def test_migrate_sqlite_to_postgresql(tmp_path: Path, postgres: Postgres) -> Non
 
 def test_registry_urls(tmp_path: Path) -> None:
     from imageprov.errors import UsageError
-    from imageprov.pki.config import RegistryUrl, Scheme, mask_password
+    from imageprov.pki.config import PkiConfig, RegistryUrl, Scheme, load_config, mask_password
 
     assert RegistryUrl.parse("sqlite:///srv/pki/r.sqlite", base=tmp_path).path == Path("/srv/pki/r.sqlite")
     assert RegistryUrl.parse("sqlite:registry.sqlite", base=tmp_path).path == tmp_path / "registry.sqlite"
@@ -455,3 +455,12 @@ def test_registry_urls(tmp_path: Path) -> None:
         mask_password("postgresql://u:pw@h:5432/db?sslmode=require") == "postgresql://u:***@h:5432/db?sslmode=require"
     )
     assert mask_password("postgresql://h/db?user=u&password=pw") == "postgresql://h/db?user=u&password=***"
+    config = tmp_path / "imageprov.toml"
+    assert load_config(tmp_path).registry.path == tmp_path / "registry.sqlite"
+    config.write_text('[registry]\nurl = "sqlite:///srv/r.sqlite"\ntimeout = 2.5\n')
+    assert load_config(tmp_path) == PkiConfig(RegistryUrl(Scheme.SQLITE, "/srv/r.sqlite"), 2.5)
+    assert load_config(tmp_path, "sqlite:other.sqlite").registry.path == tmp_path / "other.sqlite"  # --registry wins
+    for bad in ('[registry]\nurl = "sqlite:x"\nuser = "me"\n', "[registry]\ntimeout = 0\n", "[registry\n"):
+        config.write_text(bad)
+        with pytest.raises(UsageError):
+            load_config(tmp_path)
