@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from imageprov.cli.output import human_size
-from imageprov.cli.pki import CurveOpt, PassFile, Pki, open_ca
+from imageprov.cli.pki import CurveOpt, PassFile, Pki, RegistryOpt, open_ca
 from imageprov.cli.stamp import AuthKeyOpt, BootPart, ConfTargetOpt, DataPart, RootfsParts
 from imageprov.disk.blockdev import removable_disks
 from imageprov.disk.layout import Overrides
@@ -156,6 +156,7 @@ def flash(
         Optional[Path], typer.Option("--scratch", help="Directory for the small per-device scratch (default: TMPDIR).")
     ] = None,
     passphrase_file: PassFile = None,
+    registry_url: RegistryOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per card on stdout.")] = False,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
@@ -217,7 +218,7 @@ def flash(
         log=log,
     )
     lines = _Lines(sys.stderr.isatty() and not json_out)
-    with Registry(pki) as registry, FlashBatch(image, pki, ca, registry, options) as batch:
+    with Registry(pki, registry_url) as registry, FlashBatch(image, pki, ca, registry, options) as batch:
         for stale in batch.stale_workdirs:
             typer.echo(f"note: removed {stale}, left by a flash process that was killed", err=True)
         batch.prepare()

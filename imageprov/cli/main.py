@@ -15,6 +15,7 @@ from imageprov import __version__
 from imageprov.cli import edge as cli_edge
 from imageprov.cli import flash as cli_flash
 from imageprov.cli import pki as cli_pki
+from imageprov.cli import registry as cli_registry
 from imageprov.cli import stamp as cli_stamp
 from imageprov.cli.output import layout_dict, layout_text
 from imageprov.disk.copy import edit_in_place, staged
@@ -238,6 +239,7 @@ def golden(
 cli_stamp.register(app)
 cli_pki.register(app)
 app.command()(cli_flash.flash)
+cli_registry.register(app)
 cli_edge.register(app)
 
 

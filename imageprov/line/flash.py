@@ -19,6 +19,7 @@ line log.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
 import json
@@ -38,11 +39,11 @@ from imageprov.disk.copy import data_ranges, stage
 from imageprov.disk.fanout import Outcome, Span, Target, fan_out, read_back
 from imageprov.disk.image import DiskImage
 from imageprov.disk.layout import Role, Volume
-from imageprov.errors import ImageprovError
+from imageprov.errors import ImageprovError, PkiError
 from imageprov.line.stamp import Batch, Engine, StampOptions, _message
 from imageprov.mender.verify import verify_image
 from imageprov.pki.ca import CertificateAuthority, Issued
-from imageprov.pki.registry import Reason, Record, Registry, Status, owner_alive
+from imageprov.pki.registry import Reason, Record, Registry, Status
 
 LOG_NAME = "line-log.jsonl"
 WORKDIR_PREFIX = "imageprov-flash-"
@@ -178,15 +179,20 @@ def remove_stale_workdirs(parent: Path | None) -> list[Path]:
     removed = []
     for found in Path(parent or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
         pid = found.name.removeprefix(WORKDIR_PREFIX).partition("-")[0]
-        if (
-            pid.isdigit()
-            and found.is_dir()
-            and found.stat().st_uid == os.getuid()
-            and not owner_alive(f"{socket.gethostname()}:{pid}")
-        ):
+        if pid.isdigit() and found.is_dir() and found.stat().st_uid == os.getuid() and not _alive(int(pid)):
             shutil.rmtree(found, ignore_errors=True)
             removed.append(found)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class FlashBatch(Batch):
@@ -456,10 +462,14 @@ class FlashBatch(Batch):
         done = card.checked and card.error is None
         issued, device = card.issued, card.device
         if done:
-            self.registry.deliver(issued.serial_hex, f"card {card.assignment.target}: {device.identity}")
-        else:
+            try:
+                self.registry.deliver(issued.serial_hex, f"card {card.assignment.target}: {device.identity}")
+            except PkiError as exc:  # revoked meanwhile: the card holds a dead identity
+                done, card.error = False, f"{card.assignment.target}: {exc}"
+        if not done:
             # The certificate will never be used by a device: it must not stay live.
-            self.registry.revoke(serial=issued.serial_hex, reason=Reason.CESSATION_OF_OPERATION)
+            with contextlib.suppress(PkiError):  # already revoked
+                self.registry.revoke(serial=issued.serial_hex, reason=Reason.CESSATION_OF_OPERATION)
         error = card.error or ("" if done else "interrupted before the card was written and checked")
         return Flashed(
             card.assignment.device_id,
