@@ -192,8 +192,7 @@ class Batch:
             notes.append("golden image already prepared: only the data partition changes per device")
         disk = self.disk.at(source)
         self._check_prepared(disk)
-        placeholder = [NewFile(KEY_PATH.inner, b"", 0o600), NewFile(CERT_PATH.inner, b"", 0o644)]
-        self._plan = disk.ext(disk.layout.data_partition).plan(placeholder)
+        self._plan = disk.ext(disk.layout.data_partition).plan([KEY_PATH.inner, CERT_PATH.inner])
         self.notes = tuple(notes)
         self._source = source
         return source
