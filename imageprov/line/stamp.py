@@ -302,7 +302,11 @@ class Batch:
             check_fsck(checks, temp, [data])
             failures = checks.failures
         if failures:
-            raise ImageprovError(f"the stamped image fails '{failures[0].name}': {failures[0].detail}")
+            # Every failed check is named: one fault often fails several, and the user needs all of them.
+            first, others = failures[0], ", ".join(f"'{c.name}'" for c in failures[1:])
+            detail = f": {first.detail}" if first.detail else ""
+            also = f" (also {others})" if others else ""
+            raise ImageprovError(f"the stamped image fails '{first.name}'{detail}{also}")
 
     def _finish(self, item: Outcome | tuple[_Job, Future[None]]) -> Outcome:
         if not isinstance(item, tuple):
