@@ -11,7 +11,7 @@ import pytest
 from imageprov.disk.golden import Scheme
 from imageprov.disk.image import Area, DevicePath, parse_mode
 from imageprov.errors import UsageError
-from tests.conftest import debugfs, e2fsck_clean, fsck_vfat_clean, imageprov, roles, sha256
+from tests.conftest import debugfs, e2fsck_clean, fsck_vfat_clean, imageprov, offset_of, roles, sha256, tool
 
 
 def _stat(image: Path, number: int, path: str) -> tuple[str, str, str]:
@@ -65,6 +65,10 @@ def test_cp_to_boot_partition_and_back(golden: Path, tmp_path: Path) -> None:
     src = tmp_path / "boot.scr"
     src.write_bytes(os.urandom(70_000))
     imageprov("cp", src, f"{golden}:/uboot/scripts/boot.scr")
+    # mtools reads the vfat partition in place: an independent reader.
+    boot = f"{golden}@@{offset_of(golden, roles(golden)['boot'])}"
+    assert tool("mtype", "-i", boot, "::/scripts/boot.scr").stdout == src.read_bytes()
+    assert tool("mdir", "-b", "-i", boot, "::/scripts").stdout.decode().split() == ["::/scripts/boot.scr"]
     out = tmp_path / "out.scr"
     imageprov("cp", f"{golden}:/uboot/scripts/boot.scr", out)
     assert out.read_bytes() == src.read_bytes()
