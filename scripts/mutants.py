@@ -83,11 +83,13 @@ def run_target(name: str, target: Target) -> Result:
     work.mkdir(parents=True)
     shutil.copytree(ROOT / "imageprov", work / "imageprov", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "fixtures", work / "fixtures")
     shutil.copy(ROOT / "pyproject.toml", work / "pyproject.toml")
     (work / "setup.cfg").write_text(
         "[mutmut]\n"
         "source_paths=imageprov\n"
         f"only_mutate={target.module}\n"
+        "also_copy=fixtures\n"
         "pytest_add_cli_args_test_selection=\n" + "".join(f"    {t}\n" for t in target.tests) +
         # One process per mutant run; no xdist, no cache written into the tree.
         "pytest_add_cli_args=\n    -p\n    no:xdist\n    -p\n    no:cacheprovider\n"

@@ -21,6 +21,7 @@ import pytest
 from imageprov.disk import gpt, mbr
 from imageprov.disk.table import PartitionTable, TableType
 from imageprov.errors import TableError
+from tests.disk_bytes import boot_record, slot
 
 MIB = 1 << 20
 # write({offset: bytes}, size) -> (an open read-only fd of a sparse image holding them, size)
@@ -28,19 +29,6 @@ Write = Callable[[dict[int, bytes], int], tuple[int, int]]
 
 
 # -- MBR ----------------------------------------------------------------------------
-
-
-def _slot(ptype: int, lba: int, count: int, status: int = 0) -> bytes:
-    return struct.pack("<B3sB3sII", status, b"\0" * 3, ptype, b"\0" * 3, lba, count)
-
-
-def _boot_record(*slots: bytes, disk_id: int = 0, signature: bytes = b"\x55\xaa") -> bytes:
-    sector = bytearray(512)
-    struct.pack_into("<I", sector, 440, disk_id)
-    for index, slot in enumerate(slots):
-        sector[446 + 16 * index : 446 + 16 * (index + 1)] = slot
-    sector[510:512] = signature
-    return bytes(sector)
 
 
 @pytest.fixture
@@ -72,11 +60,11 @@ def _refused(call: object, *args: object) -> TableError:
 def test_mbr_fields(image: Write) -> None:
     fd, size = image(
         {
-            0: _boot_record(
-                _slot(0x01, 1, 1),  # FAT12, one sector: type 1 and count 1 are real partitions
-                _slot(0x00, 100, 10),  # no type: an unused slot, whatever its extent
-                _slot(0x83, 200, 0, status=0x80),  # no sectors: unused, whatever its type
-                _slot(0x83, 300, 20, status=0x80),
+            0: boot_record(
+                slot(0x01, 1, 1),  # FAT12, one sector: type 1 and count 1 are real partitions
+                slot(0x00, 100, 10),  # no type: an unused slot, whatever its extent
+                slot(0x83, 200, 0, status=0x80),  # no sectors: unused, whatever its type
+                slot(0x83, 300, 20, status=0x80),
                 disk_id=0xDEADBEEF,
             )
         },
@@ -96,17 +84,17 @@ def test_mbr_fields(image: Write) -> None:
 
 
 def test_mbr_empty_first_slot_does_not_end_the_table(image: Write) -> None:
-    fd, size = image({0: _boot_record(_slot(0, 0, 0), _slot(0x83, 100, 10))}, MIB)
+    fd, size = image({0: boot_record(slot(0, 0, 0), slot(0x83, 100, 10))}, MIB)
     assert [p.number for p in mbr.read(fd, size).partitions] == [2]
 
 
 def test_protective_mbr(image: Write) -> None:
-    fd, _ = image({0: _boot_record(_slot(0x83, 1, 1), _slot(0xEE, 1, 100))}, MIB)
+    fd, _ = image({0: boot_record(slot(0x83, 1, 1), slot(0xEE, 1, 100))}, MIB)
     assert mbr.is_protective(fd)
 
 
 def test_mbr_without_signature(image: Write) -> None:
-    fd, size = image({0: _boot_record(_slot(0x83, 1, 1), signature=b"\x55\xab")}, MIB)
+    fd, size = image({0: boot_record(slot(0x83, 1, 1), signature=b"\x55\xab")}, MIB)
     error = _refused(mbr.read, fd, size)
     assert error.message == "no partition table: the MBR signature 0x55AA is missing"
     assert error.hint == "is this a whole-disk image (.sdimg/.uefiimg), not a single partition?"
@@ -114,13 +102,13 @@ def test_mbr_without_signature(image: Write) -> None:
 
 
 def test_mbr_bad_status(image: Write) -> None:
-    fd, size = image({0: _boot_record(_slot(0x83, 1, 1), _slot(0x83, 10, 1, status=0x12))}, MIB)
+    fd, size = image({0: boot_record(slot(0x83, 1, 1), slot(0x83, 10, 1, status=0x12))}, MIB)
     error = _refused(mbr.read, fd, size)
     assert (error.message, error.hint) == ("MBR slot 2 has an invalid status byte 0x12", "")
 
 
 def test_mbr_two_extended_partitions(image: Write) -> None:
-    fd, size = image({0: _boot_record(_slot(0x05, 100, 10), _slot(0x0F, 200, 10))}, MIB)
+    fd, size = image({0: boot_record(slot(0x05, 100, 10), slot(0x0F, 200, 10))}, MIB)
     error = _refused(mbr.read, fd, size)
     assert (error.message, error.hint) == ("the MBR has two extended partitions", "")
 
@@ -131,7 +119,7 @@ EXT_SIZE = 1000
 
 def _chain(*ebrs: tuple[int, bytes], ext_size: int = EXT_SIZE) -> dict[int, bytes]:
     """The MBR with one extended partition at EXT, and each (sector, EBR)."""
-    blocks = {0: _boot_record(_slot(0x83, 1, 100), _slot(0x05, EXT, ext_size))}
+    blocks = {0: boot_record(slot(0x83, 1, 100), slot(0x05, EXT, ext_size))}
     blocks.update({sector * 512: ebr for sector, ebr in ebrs})
     return blocks
 
@@ -140,11 +128,11 @@ def test_ebr_chain_fields_and_links(image: Write) -> None:
     fd, size = image(
         _chain(
             # Slot 1 relative to its EBR; slot 2 links relative to the extended partition.
-            (EXT, _boot_record(_slot(0x83, 2, 10, status=0x80), _slot(0x01, 1, 50))),  # a link of any type
-            (EXT + 1, _boot_record(_slot(0x00, 5, 10), _slot(0x05, 20, 50))),  # no type: no partition
-            (EXT + 20, _boot_record(_slot(0x83, 5, 0), _slot(0x05, 40, 50))),  # no sectors: no partition
-            (EXT + 40, _boot_record(_slot(0x01, 1, 1), _slot(0x05, 0, 10))),  # link to 0: the end
-            (EXT + 60, _boot_record(_slot(0x83, 1, 1))),  # never reached
+            (EXT, boot_record(slot(0x83, 2, 10, status=0x80), slot(0x01, 1, 50))),  # a link of any type
+            (EXT + 1, boot_record(slot(0x00, 5, 10), slot(0x05, 20, 50))),  # no type: no partition
+            (EXT + 20, boot_record(slot(0x83, 5, 0), slot(0x05, 40, 50))),  # no sectors: no partition
+            (EXT + 40, boot_record(slot(0x01, 1, 1), slot(0x05, 0, 10))),  # link to 0: the end
+            (EXT + 60, boot_record(slot(0x83, 1, 1))),  # never reached
         ),
         4 * MIB,
     )
@@ -157,8 +145,8 @@ def test_ebr_chain_fields_and_links(image: Write) -> None:
 def test_ebr_link_without_a_type_ends_the_chain(image: Write) -> None:
     fd, size = image(
         _chain(
-            (EXT, _boot_record(_slot(0x83, 2, 10), _slot(0x00, 100, 10))),
-            (EXT + 100, _boot_record(_slot(0x83, 1, 1))),
+            (EXT, boot_record(slot(0x83, 2, 10), slot(0x00, 100, 10))),
+            (EXT + 100, boot_record(slot(0x83, 1, 1))),
         ),
         4 * MIB,
     )
@@ -169,8 +157,8 @@ def test_ebr_loop(image: Write) -> None:
     # The second EBR, with no partition of its own, links back to itself.
     fd, size = image(
         _chain(
-            (EXT, _boot_record(_slot(0x83, 2, 10), _slot(0x05, 10, 10))),
-            (EXT + 10, _boot_record(_slot(0, 0, 0), _slot(0x05, 10, 1))),
+            (EXT, boot_record(slot(0x83, 2, 10), slot(0x05, 10, 10))),
+            (EXT + 10, boot_record(slot(0, 0, 0), slot(0x05, 10, 1))),
         ),
         4 * MIB,
     )
@@ -181,7 +169,7 @@ def test_ebr_loop(image: Write) -> None:
 def _long_chain(count: int) -> dict[int, bytes]:
     ebrs = []
     for index in range(count):
-        ebrs.append((EXT + 2 * index, _boot_record(_slot(0x83, 1, 1), _slot(0x05, 2 * (index + 1), 2))))
+        ebrs.append((EXT + 2 * index, boot_record(slot(0x83, 1, 1), slot(0x05, 2 * (index + 1), 2))))
     last_sector, last = ebrs[-1]
     ebrs[-1] = (last_sector, last[:462] + bytes(16) + last[478:])  # the last EBR links nowhere
     return _chain(*ebrs, ext_size=2 * count + 2)
@@ -197,9 +185,7 @@ def test_ebr_chain_length_limit(image: Write) -> None:
 def test_ebr_in_the_last_sector(image: Write) -> None:
     size = (EXT + 100) * 512
     fd, _ = image(
-        _chain(
-            (EXT, _boot_record(_slot(0x83, 2, 10), _slot(0x05, 99, 1))), (EXT + 99, _boot_record(_slot(0x83, 0, 1)))
-        ),
+        _chain((EXT, boot_record(slot(0x83, 2, 10), slot(0x05, 99, 1))), (EXT + 99, boot_record(slot(0x83, 0, 1)))),
         size,
     )
     assert [p.start_sector for p in mbr.read(fd, size).partitions[2:]] == [EXT + 2, EXT + 99]
@@ -207,13 +193,13 @@ def test_ebr_in_the_last_sector(image: Write) -> None:
 
 def test_ebr_past_the_end(image: Write) -> None:
     size = (EXT + 100) * 512
-    fd, _ = image(_chain((EXT, _boot_record(_slot(0x83, 2, 10), _slot(0x05, 100, 1)))), size)
+    fd, _ = image(_chain((EXT, boot_record(slot(0x83, 2, 10), slot(0x05, 100, 1)))), size)
     error = _refused(mbr.read, fd, size)
     assert (error.message, error.hint) == (f"an EBR at sector {EXT + 100} lies past the end of the image", "")
 
 
 def test_ebr_without_signature(image: Write) -> None:
-    fd, size = image(_chain((EXT, _boot_record(_slot(0x83, 2, 10), signature=b"\xaa\x55"))), MIB * 4)
+    fd, size = image(_chain((EXT, boot_record(slot(0x83, 2, 10), signature=b"\xaa\x55"))), MIB * 4)
     error = _refused(mbr.read, fd, size)
     assert (error.message, error.hint) == (f"the EBR at sector {EXT} has no 0x55AA signature", "the table is corrupt")
 
@@ -224,7 +210,7 @@ def test_ebr_without_signature(image: Write) -> None:
     ids=["at-the-start", "to-the-end", "past-the-end"],
 )
 def test_logical_partition_inside_its_extended_partition(image: Write, start: int, count: int, inside: bool) -> None:
-    fd, size = image(_chain((EXT, _boot_record(_slot(0x83, start, count)))), 4 * MIB)
+    fd, size = image(_chain((EXT, boot_record(slot(0x83, start, count)))), 4 * MIB)
     if inside:
         assert mbr.read(fd, size).partitions[2].start_sector == EXT + start
     else:
@@ -295,7 +281,7 @@ class Gpt:
         return bytes(raw)
 
     def blocks(self, *, primary: bool = True, backup: bool = True) -> dict[int, bytes]:
-        out = {0: _boot_record(_slot(0xEE, 1, self.sectors - 1))}
+        out = {0: boot_record(slot(0xEE, 1, self.sectors - 1))}
         backup_array_lba = self.sectors - 1 - (len(self.array()) + self.sector - 1) // self.sector
         if primary:
             out[self.sector] = self.header(1, self.entries_lba)
