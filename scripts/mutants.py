@@ -40,7 +40,7 @@ TARGETS = {
     "gpt": Target("imageprov/disk/gpt.py", ("tests/test_table_bytes.py",)),
     "layout": Target("imageprov/disk/layout.py", ("tests/test_layout_roles.py",)),
     "bmap": Target("imageprov/disk/bmap.py", ("tests/test_bmap_ranges.py",)),
-    # The debugfs script builder: path checks, quoting, the write plan's commands, stat parsing.
+    # The debugfs script builder: path checks, quoting, the write plan's commands.
     "debugfs-script": Target(
         "imageprov/disk/ext4.py",
         ("tests/test_debugfs_script.py",),
@@ -48,7 +48,6 @@ TARGETS = {
             "imageprov.disk.ext4.x_fs_path__mutmut_*",
             "imageprov.disk.ext4.x__q__mutmut_*",
             "imageprov.disk.ext4.xǁWritePlanǁcommands__mutmut_*",
-            "imageprov.disk.ext4.x__parse_stat__mutmut_*",
         ),
     ),
 }

@@ -73,6 +73,35 @@ def test_bad_mender_conf(text: bytes, message: str) -> None:
         merge(text, Settings(), "mender.conf")
 
 
+def test_bad_mender_conf_messages_name_the_file_and_the_fix() -> None:
+    with pytest.raises(MenderConfError) as info:
+        merge(b"{", Settings(), "/etc/mender/mender.conf on rootfs-a")
+    assert info.value.message.startswith("/etc/mender/mender.conf on rootfs-a is not valid JSON: ")
+    assert info.value.hint == "fix the golden image's mender.conf"
+    with pytest.raises(MenderConfError) as info:
+        merge(b"[1]", Settings(), "m")
+    assert (info.value.message, info.value.hint) == ("m is a JSON list, not an object", "")
+
+
+def test_tenant_token_and_server_url_are_set_only_when_given() -> None:
+    merged = json.loads(merge(b'{"TenantToken": "old", "ServerURL": "u"}', Settings(tenant_token="new"), "m").text)
+    assert merged == {"TenantToken": "new", "ServerURL": "u", "HttpsClient": BLOCK}
+    assert json.loads(merge(b'{"TenantToken": "old"}', Settings(), "m").text)["TenantToken"] == "old"
+
+
+def test_our_own_block_is_not_reported_as_replaced() -> None:
+    merged = merge(json.dumps({"HttpsClient": BLOCK}).encode(), Settings(), "m")
+    assert merged.replaced is None
+
+
+def test_same_content_in_another_format_is_rewritten() -> None:
+    # Nothing to merge, but the file is not as we render it: it changes (and a rerun then leaves it alone).
+    compact = json.dumps({"HttpsClient": BLOCK}, separators=(",", ":")).encode()
+    merged = merge(compact, Settings(), "m")
+    assert merged.changed and merged.replaced is None and merged.text != compact
+    assert not merge(merged.text, Settings(), "m").changed
+
+
 def test_device_ids() -> None:
     assert check_device_ids(["SN-1", "a.b_c:d"]) == ["SN-1", "a.b_c:d"]
     for bad in ["", "a/b", "..", ".", "a b", "x" * 65, "é", "a\nb", "a\x00b", "a'b"]:

@@ -1,0 +1,118 @@
+"""Block maps: which byte ranges must be written, how they become blocks, and the XML bmaptool reads.
+
+Layouts are built as values, files are small sparse files: fast enough to run
+against every mutant of disk/bmap.py (scripts/mutants). test_integration.py
+flashes real images with bmaptool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from imageprov.disk.bmap import BLOCK, bmap_for, mapped_blocks, must_map, render
+from imageprov.disk.layout import Layout, Role, Volume
+from imageprov.disk.probe import Filesystem
+from imageprov.disk.table import Partition, PartitionTable, TableType
+
+MIB = 1 << 20
+
+
+def _volume(number: int, start: int, size: int, filesystem: Filesystem, **kwargs: object) -> Volume:
+    part = Partition(number=number, start_sector=start, size_sectors=size, type="83", **kwargs)  # type: ignore[arg-type]
+    return Volume(part, filesystem, "", Role.OTHER)
+
+
+def _layout(*volumes: Volume, kind: TableType = TableType.MBR, last_lba: int | None = None) -> Layout:
+    table = PartitionTable(kind, "x", 512, tuple(v.partition for v in volumes), last_lba=last_lba)
+    return Layout(table, volumes)
+
+
+def test_mbr_gap_and_vfat_are_mapped() -> None:
+    # Listed out of order: the gap ends at the first partition on the disk, not the first listed.
+    layout = _layout(
+        _volume(2, 40960, 2048, Filesystem.EXT4),
+        _volume(1, 16384, 8192, Filesystem.VFAT),
+        _volume(3, 65536, 2048, Filesystem.SWAP),
+    )
+    assert must_map(layout, 64 * MIB) == [(0, 16384 * 512), (16384 * 512, (16384 + 8192) * 512)]
+
+
+def test_no_partitions_maps_the_whole_image() -> None:
+    assert must_map(_layout(), 5 * MIB) == [(0, 5 * MIB)]
+
+
+def test_ebrs_of_an_extended_partition_are_mapped() -> None:
+    extended = _volume(4, 10000, 10000, Filesystem.UNKNOWN, is_extended=True)
+    sixth = _volume(6, 15000, 1000, Filesystem.EXT4)
+    fifth = _volume(5, 10002, 998, Filesystem.EXT4)
+    layout = _layout(_volume(1, 2048, 2048, Filesystem.EXT4), extended, sixth, fifth)
+    assert must_map(layout, 20 * MIB) == [(0, 2048 * 512), (10000 * 512, 10002 * 512), (11000 * 512, 15000 * 512)]
+
+
+def test_gpt_backup_is_mapped() -> None:
+    layout = _layout(_volume(1, 2048, 2048, Filesystem.EXT4), kind=TableType.GPT, last_lba=10000)
+    assert must_map(layout, 6 * MIB) == [(0, 2048 * 512), (10001 * 512, 6 * MIB)]
+    without = _layout(_volume(1, 2048, 2048, Filesystem.EXT4), kind=TableType.GPT)
+    assert must_map(without, 6 * MIB) == [(0, 2048 * 512)]
+    mbr = _layout(_volume(1, 2048, 2048, Filesystem.EXT4), last_lba=10000)  # only a GPT has a backup
+    assert must_map(mbr, 6 * MIB) == [(0, 2048 * 512)]
+
+
+def _sparse(path: Path, size: int, *data_at: int) -> Path:
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+        for offset in data_at:
+            handle.seek(offset)
+            handle.write(b"\x01" * BLOCK)
+    return path
+
+
+def test_mapped_blocks_merge_data_and_extras(tmp_path: Path) -> None:
+    image = _sparse(tmp_path / "img", 64 * BLOCK, 2 * BLOCK, 3 * BLOCK, 10 * BLOCK, 40 * BLOCK)
+    extras = [
+        (0, 1),  # one byte: all of block 0 (block 1 stays a hole)
+        (4 * BLOCK, 5 * BLOCK),  # adjacent to data in 2-3: merged
+        (9 * BLOCK + 1, 10 * BLOCK),  # inside block 9, adjacent to 10
+        (20 * BLOCK, 20 * BLOCK),  # empty: nothing
+        (30 * BLOCK, 25 * BLOCK),  # backwards: nothing
+        (38 * BLOCK, 41 * BLOCK),  # overlapping data at 40
+        (63 * BLOCK, 100 * BLOCK),  # past the end: up to the end
+    ]
+    assert mapped_blocks(image, extras) == [(0, 0), (2, 4), (9, 10), (38, 40), (63, 63)]
+
+
+def test_mapped_blocks_of_a_hole(tmp_path: Path) -> None:
+    assert mapped_blocks(_sparse(tmp_path / "img", 8 * BLOCK), []) == []
+
+
+def _bmap_fields(text: str) -> dict[str, str]:
+    return dict(re.findall(r"<(\w+)> (.*?) </\1>", text))
+
+
+def test_render(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    content = bytes(range(256)) * (5 * BLOCK // 256) + b"tail"  # 5 blocks and 4 bytes
+    image.write_bytes(content)
+    text = render(image, [(0, 0), (2, 5)]).decode()
+    fields = _bmap_fields(text)
+    assert fields["ImageSize"] == str(len(content))
+    assert (fields["BlockSize"], fields["BlocksCount"], fields["MappedBlocksCount"]) == (str(BLOCK), "6", "5")
+    assert fields["ChecksumType"] == "sha256"
+    ranges = re.findall(r'<Range chksum="(\w+)"> (\S+) </Range>', text)
+    assert ranges == [
+        (hashlib.sha256(content[:BLOCK]).hexdigest(), "0"),
+        (hashlib.sha256(content[2 * BLOCK :]).hexdigest(), "2-5"),  # the last block is partial
+    ]
+    zeroed = text.replace(fields["BmapFileChecksum"], "0" * 64)
+    assert hashlib.sha256(zeroed.encode()).hexdigest() == fields["BmapFileChecksum"]
+    assert text.startswith('<?xml version="1.0" ?>\n') and '<bmap version="2.0">' in text
+    assert text.endswith("</bmap>\n")
+
+
+def test_bmap_for_an_image(tmp_path: Path) -> None:
+    image = _sparse(tmp_path / "img", 32 * BLOCK, 20 * BLOCK)
+    layout = _layout(_volume(1, 8 * BLOCK // 512, 8 * BLOCK // 512, Filesystem.VFAT))
+    fields = _bmap_fields(bmap_for(image, layout).decode())
+    assert fields["MappedBlocksCount"] == str(16 + 1)  # gap 0-7, vfat 8-15, data at 20
