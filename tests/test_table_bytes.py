@@ -220,7 +220,7 @@ def test_logical_partition_inside_its_extended_partition(image: Write, start: in
 
 # -- GPT ----------------------------------------------------------------------------
 
-DISK_GUID = uuid.UUID("11111111-2222-3333-4444-555555555555")
+DISK_GUID = uuid.UUID("1111111A-2222-3333-4444-55555555555F")
 TYPE_GUID = uuid.UUID("0FC63DAF-8483-4772-8E79-3D69D8477DE4")
 PART_GUID = uuid.UUID("AAAAAAAA-BBBB-CCCC-DDDD-EEEEEEEEEEEE")
 
@@ -415,3 +415,27 @@ def test_gpt_too_small_for_a_header(image: Write) -> None:
     fd, size = image({0: Gpt().blocks()[0]}, 1023)
     error = _refused(gpt.read, fd, size)
     assert error.message == "the GPT is unreadable: the image is 1023 bytes, too small for a GPT header"
+
+
+def test_gpt_in_an_image_of_two_sectors(image: Write) -> None:
+    # Room for a header at LBA 1: it is read (and found missing), not refused for size.
+    fd, size = image({0: Gpt().blocks()[0]}, 1024)
+    assert _refused(gpt.read, fd, size).message == "the GPT is unreadable: no GPT header at LBA 1"
+
+
+def test_gpt_of_4k_sectors_in_an_image_with_a_stray_byte(image: Write) -> None:
+    spec = Gpt(sector=4096, sectors=256, first=6, last=250, entries=[(6, 250, 0, "data")])
+    fd, size = image(spec.blocks(), spec.size + 1)
+    assert gpt.read(fd, size).sector_size == 4096
+
+
+def test_gpt_small_enough_for_one_sector_size(image: Write) -> None:
+    # 8 sectors of 512 bytes: both headers tried and damaged, and no room for 4 KiB sectors.
+    spec = Gpt(sectors=8, count=4, first=3, last=5, entries=[(3, 5, 0, "d")], break_header_crc=True)
+    fd, size = image(spec.blocks(), spec.size)
+    error = _refused(gpt.read, fd, size)
+    assert error.message == "the GPT is unreadable: GPT header at LBA 1 fails its CRC32"
+    assert error.hint == "primary and backup headers are both damaged"
+    spec.break_header_crc = False
+    fd, size = image(spec.blocks(), spec.size)
+    assert [p.name for p in gpt.read(fd, size).partitions] == ["d"]
