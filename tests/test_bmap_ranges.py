@@ -8,6 +8,7 @@ flashes real images with bmaptool.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def test_mapped_blocks_merge_data_and_extras(tmp_path: Path) -> None:
         (30 * BLOCK, 25 * BLOCK),  # backwards: nothing
         (38 * BLOCK, 41 * BLOCK),  # overlapping data at 40
         (63 * BLOCK, 100 * BLOCK),  # past the end: up to the end
+        (64 * BLOCK, 70 * BLOCK),  # wholly past the end: nothing
     ]
     assert mapped_blocks(image, extras) == [(0, 0), (2, 4), (9, 10), (38, 40), (63, 63)]
 
@@ -95,20 +97,38 @@ def test_render(tmp_path: Path) -> None:
     image = tmp_path / "img"
     content = bytes(range(256)) * (5 * BLOCK // 256) + b"tail"  # 5 blocks and 4 bytes
     image.write_bytes(content)
-    text = render(image, [(0, 0), (2, 5)]).decode()
-    fields = _bmap_fields(text)
-    assert fields["ImageSize"] == str(len(content))
-    assert (fields["BlockSize"], fields["BlocksCount"], fields["MappedBlocksCount"]) == (str(BLOCK), "6", "5")
-    assert fields["ChecksumType"] == "sha256"
-    ranges = re.findall(r'<Range chksum="(\w+)"> (\S+) </Range>', text)
-    assert ranges == [
-        (hashlib.sha256(content[:BLOCK]).hexdigest(), "0"),
-        (hashlib.sha256(content[2 * BLOCK :]).hexdigest(), "2-5"),  # the last block is partial
-    ]
-    zeroed = text.replace(fields["BmapFileChecksum"], "0" * 64)
-    assert hashlib.sha256(zeroed.encode()).hexdigest() == fields["BmapFileChecksum"]
-    assert text.startswith('<?xml version="1.0" ?>\n') and '<bmap version="2.0">' in text
-    assert text.endswith("</bmap>\n")
+    text = render(image, [(0, 0), (2, 2), (4, 5)]).decode()
+    checksum = _bmap_fields(text)["BmapFileChecksum"]
+    sums = [hashlib.sha256(part).hexdigest() for part in (content[:BLOCK], content[2 * BLOCK : 3 * BLOCK],
+                                                             content[4 * BLOCK :])]  # fmt: skip
+    # The whole file, as bmaptool's own files are laid out; the last block is partial.
+    assert text == (
+        '<?xml version="1.0" ?>\n'
+        "<!-- Block map written by imageprov, for: bmaptool copy (with this file as its bmap) IMAGE DEVICE -->\n"
+        '<bmap version="2.0">\n'
+        f"    <ImageSize> {len(content)} </ImageSize>\n"
+        f"    <BlockSize> {BLOCK} </BlockSize>\n"
+        "    <BlocksCount> 6 </BlocksCount>\n"
+        "    <MappedBlocksCount> 4 </MappedBlocksCount>\n"
+        "    <ChecksumType> sha256 </ChecksumType>\n"
+        f"    <BmapFileChecksum> {checksum} </BmapFileChecksum>\n"
+        "    <BlockMap>\n"
+        f'        <Range chksum="{sums[0]}"> 0 </Range>\n'
+        f'        <Range chksum="{sums[1]}"> 2 </Range>\n'
+        f'        <Range chksum="{sums[2]}"> 4-5 </Range>\n'
+        "    </BlockMap>\n"
+        "</bmap>\n"
+    )
+    # The file's checksum is taken with its own field all zeros (bmap format 2.0).
+    assert hashlib.sha256(text.replace(checksum, "0" * 64).encode()).hexdigest() == checksum
+
+
+def test_render_a_range_larger_than_a_read(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    content = os.urandom(MIB + 1)  # read in pieces of 1 MiB: one byte is left for a second read
+    image.write_bytes(content)
+    text = render(image, [(0, MIB // BLOCK)]).decode()
+    assert f'<Range chksum="{hashlib.sha256(content).hexdigest()}"> 0-{MIB // BLOCK} </Range>' in text
 
 
 def test_bmap_for_an_image(tmp_path: Path) -> None:
@@ -116,3 +136,7 @@ def test_bmap_for_an_image(tmp_path: Path) -> None:
     layout = _layout(_volume(1, 8 * BLOCK // 512, 8 * BLOCK // 512, Filesystem.VFAT))
     fields = _bmap_fields(bmap_for(image, layout).decode())
     assert fields["MappedBlocksCount"] == str(16 + 1)  # gap 0-7, vfat 8-15, data at 20
+    gpt = _layout(_volume(1, 8 * BLOCK // 512, 8 * BLOCK // 512, Filesystem.EXT4), kind=TableType.GPT,
+                  last_lba=24 * BLOCK // 512 - 1)  # fmt: skip
+    fields = _bmap_fields(bmap_for(image, gpt).decode())
+    assert fields["MappedBlocksCount"] == str(8 + 1 + 8)  # gap 0-7, data at 20, the backup GPT in 24-31

@@ -13,6 +13,7 @@ import pytest
 
 from imageprov.disk.layout import Overrides, Role, read_layout
 from imageprov.disk.probe import Filesystem
+from imageprov.disk.table import TableType
 from imageprov.errors import LayoutError
 from tests.disk_bytes import boot_record, ext_superblock, fat_boot_sector, slot, swap_header, write_image
 
@@ -74,6 +75,7 @@ def test_roles_found_from_the_filesystems(image: Callable[..., Path]) -> None:
         (Filesystem.EXT4, "data", 1024 * 1024),
         (Filesystem.UNKNOWN, "", 0),
     ]
+    assert layout.table.type is TableType.MBR and [p.number for p in layout.table.partitions] == [1, 2, 3, 4, 5, 6, 7]
     assert layout.boot_partition is layout.volumes[0]
     assert [v.partition.number for v in layout.rootfs_partitions] == [2, 3]
     assert layout.data_partition.partition.number == 6
@@ -83,6 +85,13 @@ def test_swap_by_its_signature_whatever_its_type(image: Callable[..., Path]) -> 
     layout = read_layout(image(fifth=swap_header("swap"), fifth_type=0x83))
     swap = layout.volumes[4]
     assert (swap.role, swap.filesystem, swap.label) == (Role.SWAP, Filesystem.SWAP, "swap")
+
+
+def test_boot_override_picks_another_vfat(image: Callable[..., Path]) -> None:
+    path = image(seventh=fat_boot_sector("ESP"))
+    assert _roles(path)[1] == "boot" and _roles(path)[7] == "other"
+    roles = _roles(path, Overrides(boot_part=7))
+    assert (roles[7], roles[1]) == ("boot", "other")
 
 
 def test_no_vfat_no_boot_partition(image: Callable[..., Path]) -> None:
