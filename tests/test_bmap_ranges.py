@@ -86,7 +86,9 @@ def test_mapped_blocks_merge_data_and_extras(tmp_path: Path) -> None:
 
 
 def test_mapped_blocks_of_a_hole(tmp_path: Path) -> None:
-    assert mapped_blocks(_sparse(tmp_path / "img", 8 * BLOCK), []) == []
+    hole = _sparse(tmp_path / "img", 8 * BLOCK)
+    assert mapped_blocks(hole, []) == []
+    assert mapped_blocks(hole, [(8 * BLOCK, 9 * BLOCK)]) == []  # past the end: cut to nothing, not a block
 
 
 def _bmap_fields(text: str) -> dict[str, str]:
