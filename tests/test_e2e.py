@@ -72,19 +72,20 @@ def upstream() -> Iterator[tuple[str, list[dict[str, str | None]]]]:
 
 
 @pytest.fixture
-def identity_script() -> Iterator[None]:
-    """The client needs an identity script; provide one without leaving it behind."""
+def identity_script() -> None:
+    """The client runs the identity script at a fixed path; install one where the package has none.
+
+    It stays installed: tests on two xdist workers may run the client at once,
+    and one must not remove the script from under the other.
+    """
     if IDENTITY.exists():
-        yield
         return
     if not os.access(IDENTITY.parent, os.W_OK):
         pytest.fail(f"cannot write {IDENTITY}: the end-to-end test needs root (CI runs as root)")
-    IDENTITY.write_text("#!/bin/sh\necho mac=02:00:00:00:00:01\n")
-    IDENTITY.chmod(0o755)
-    try:
-        yield
-    finally:
-        IDENTITY.unlink(missing_ok=True)
+    staged = IDENTITY.with_name(f".{IDENTITY.name}.{os.getpid()}")
+    staged.write_text("#!/bin/sh\necho mac=02:00:00:00:00:01\n")
+    staged.chmod(0o755)
+    staged.replace(IDENTITY)  # atomic: a client never sees half a script
 
 
 @pytest.fixture
