@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -27,14 +28,16 @@ DataPart = Annotated[Optional[int], typer.Option("--data-part", help="Number of 
 RootfsParts = Annotated[
     Optional[str], typer.Option("--rootfs-parts", help="Numbers of rootfs A and B, e.g. 2,3, if not found.")
 ]
+BootPart = Annotated[Optional[int], typer.Option("--boot-part", help="Number of the boot partition (vfat or ext4).")]
 
 
 ConfTargetOpt = Annotated[
     ConfTarget,
     typer.Option(
         "--conf-target",
-        help="rootfs: /etc/mender/mender.conf on both rootfs; "
-        "data: the data partition's fallback config, rootfs left byte-identical.",
+        help="auto (default): data, unless the rootfs mender.conf sets HttpsClient or Security (then an error); "
+        "data: /data/mender/mender.conf, which updates keep, rootfs left byte-identical; "
+        "rootfs: /etc/mender/mender.conf on each rootfs, which an update built without it removes.",
     ),
 ]
 
@@ -53,18 +56,13 @@ def stamp(
     ] = None,
     server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
     tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
-    conf_target: Annotated[
-        ConfTarget,
-        typer.Option(
-            "--conf-target",
-            help="rootfs: /etc/mender/mender.conf on both rootfs; "
-            "data: the data partition's fallback config, rootfs left byte-identical.",
-        ),
-    ] = ConfTarget.ROOTFS,
+    conf_target: ConfTargetOpt = ConfTarget.AUTO,
     engine: Annotated[
         Engine, typer.Option("--engine", help="debugfs (fast, in place) or mender-artifact.")
     ] = Engine.DEBUGFS,
-    days: Annotated[int, typer.Option("--days", help="Validity of the device certificates.")] = 3650,
+    days: Annotated[
+        int, typer.Option("--days", min=1, max=36500, help="Validity of the device certificates, in days.")
+    ] = 3650,
     curve: CurveOpt = Curve.P256,
     reissue: Annotated[
         bool, typer.Option("--reissue", help="Revoke a device's live certificate and issue anew.")
@@ -77,6 +75,7 @@ def stamp(
     ] = None,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
+    boot_part: BootPart = None,
 ) -> None:
     """Write one ready, verified image per device: its own key and CA-signed certificate, and mender.conf.
 
@@ -105,7 +104,7 @@ def stamp(
         days=days,
         curve=curve,
         reissue=reissue,
-        overrides=Overrides.parse(data_part, rootfs_parts, None),
+        overrides=Overrides.parse(data_part, rootfs_parts, boot_part),
         bmap=bmap,
         compress=compress,
     )
@@ -117,34 +116,51 @@ def stamp(
         for note in batch.notes:
             typer.echo(f"note: {note}", err=True)
         show_bar = sys.stderr.isatty() and not json_out
-        with typer.progressbar(length=len(ids), label="stamping", file=sys.stderr, hidden=not show_bar) as bar:
-            for outcome in batch.run(ids):
-                bar.update(1)
-                if isinstance(outcome, Failed):
-                    failures.append((outcome.device_id, outcome.error))
-                    if len(ids) > 1:  # one device: the error line below says it all
-                        typer.echo(f"failed {outcome.device_id}: {outcome.error}", err=True)
-                    if json_out:
-                        typer.echo(json.dumps({"device_id": outcome.device_id, "status": "failed",
-                                               "error": outcome.error}))  # fmt: skip
-                    continue
-                for note in outcome.notes:
-                    typer.echo(f"{outcome.device_id}: {note}", err=True)
-                if json_out:
-                    typer.echo(json.dumps(_stamped_dict(outcome)))
-                elif not show_bar:
-                    typer.echo(f"{outcome.status} {outcome.device_id}: {outcome.image} (serial {outcome.serial})",
-                               err=True)  # fmt: skip
+        try:
+            _stamp_all(batch, ids, show_bar, json_out, failures)
+        except KeyboardInterrupt:
+            # One line (typer would exit 130 silently): what is done, and what to do.
+            left = len(ids) - len(batch.delivered)
+            typer.echo(f"imageprov: interrupted: delivered {len(batch.delivered)} of {len(ids)} devices; "
+                       f"rerun the same command to stamp the other {left}", err=True)  # fmt: skip
+            raise typer.Exit(130) from None
     if failures:
         if len(ids) == 1:
             raise StampFailed(f"{failures[0][0]}: {failures[0][1]}")
         names = ", ".join(d for d, _ in failures[:10]) + (", ..." if len(failures) > 10 else "")
+        delivered = len(batch.delivered)
         raise StampFailed(
             f"{len(failures)} of {len(ids)} devices failed: {names}",
-            hint="the others were delivered; fix the cause and rerun the same command",
+            hint=f"{'the other ' + str(delivered) if delivered else 'none'} were delivered; "
+            "fix the cause and rerun the same command",
         )
     if not json_out:
         typer.echo(f"delivered {len(ids)} images to {out}", err=True)
+
+
+def _stamp_all(batch: Batch, ids: list[str], show_bar: bool, json_out: bool, failures: list[tuple[str, str]]) -> None:
+    # closing(): an interrupt here also stops the batch, before the one line about it is printed.
+    with (
+        typer.progressbar(length=len(ids), label="stamping", file=sys.stderr, hidden=not show_bar) as bar,
+        contextlib.closing(batch.run(ids)) as outcomes,
+    ):
+        for outcome in outcomes:
+            bar.update(1)
+            if isinstance(outcome, Failed):
+                failures.append((outcome.device_id, outcome.error))
+                if len(ids) > 1:  # one device: the error line below says it all
+                    typer.echo(f"failed {outcome.device_id}: {outcome.error}", err=True)
+                if json_out:
+                    typer.echo(json.dumps({"device_id": outcome.device_id, "status": "failed",
+                                           "error": outcome.error}))  # fmt: skip
+                continue
+            for note in outcome.notes:
+                typer.echo(f"{outcome.device_id}: {note}", err=True)
+            if json_out:
+                typer.echo(json.dumps(_stamped_dict(outcome)))
+            elif not show_bar:
+                typer.echo(f"{outcome.status} {outcome.device_id}: {outcome.image} (serial {outcome.serial})",
+                           err=True)  # fmt: skip
 
 
 def _stamped_dict(done: Stamped) -> dict[str, object]:
@@ -166,28 +182,39 @@ def verify(
         Optional[Path], typer.Option("--crl", help="A CRL (PEM or DER): the device must not be on it.")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    server_url: Annotated[
+        Optional[str], typer.Option("--server-url", help="The ServerURL the client must use (main conf over fallback).")
+    ] = None,
+    tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="The TenantToken it must use.")] = None,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
+    boot_part: BootPart = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too (a CRL past its nextUpdate).")] = False,
 ) -> None:
     """Prove an image right before it is flashed; exit 0 only if every check holds.
 
     Checks the partition table; the key (0600 root) and certificate (0644 root)
     on the data partition; that the certificate chains to the CA, is valid, is
     not revoked, names the device and allows clientAuth; that the key matches
-    it; that mender.conf on both rootfs (or the data partition's fallback)
-    points HttpsClient at exactly those files; and e2fsck -fn.
+    it; that the configuration the client uses (each rootfs's
+    /etc/mender/mender.conf over the data partition's /data/mender/mender.conf,
+    field by field) points HttpsClient at exactly those files, warning when
+    only a rootfs holds it; that no journal is left unreplayed; and e2fsck
+    -fn. With --crl, a CRL past its nextUpdate is a warning (a failure with
+    --strict). Takes a bare rootfs.ext4 or .dataimg too, and checks what it holds.
     """
     if not image.exists():
         raise UsageError(f"{image} does not exist")
     report = verify_image(image, load_cert(ca), device_id=device_id, crl=_load_crl(crl) if crl else None,
-                          overrides=Overrides.parse(data_part, rootfs_parts, None))  # fmt: skip
+                          overrides=Overrides.parse(data_part, rootfs_parts, boot_part),
+                          settings=Settings(server_url=server_url, tenant_token=tenant_token),
+                          strict=strict)  # fmt: skip
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         for check in report.checks:
-            typer.echo(
-                f"{'ok  ' if check.ok else 'FAIL'}  {check.name}" + (f"  ({check.detail})" if check.detail else "")
-            )
+            status = "FAIL" if not check.ok else "warn" if check.warning else "ok  "
+            typer.echo(f"{status}  {check.name}" + (f"  ({check.detail})" if check.detail else ""))
     if not report.ok:
         names = ", ".join(c.name for c in report.failures)
         raise StampFailed(f"{image}: {len(report.failures)} checks failed: {names}")
@@ -208,24 +235,28 @@ def prepare(
     image: Annotated[Path, typer.Argument(help="The build's own image, changed in place.")],
     server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
     tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
-    conf_target: ConfTargetOpt = ConfTarget.ROOTFS,
+    conf_target: ConfTargetOpt = ConfTarget.AUTO,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
+    boot_part: BootPart = None,
 ) -> None:
     """Do, once and in place, the part of stamping that is the same for every device.
 
     Merges the HttpsClient block (and --server-url/--tenant-token) into
     mender.conf and creates /data/mender. Idempotent: a prepared image is not
     written to. Atomic: a failure leaves the image as it was. stamp on a
-    prepared image touches only the data partition. For Yocto, see
-    scripts/yocto/imageprov-prepare.bbclass.
+    prepared image touches only the data partition. Takes a bare rootfs.ext4
+    (with --conf-target rootfs) or .dataimg too. In a Yocto build, the
+    meta-imageprov layer (yocto/meta-imageprov) does this in the rootfs instead.
     """
     if not image.is_file():
         raise UsageError(f"{image} does not exist" if not image.exists() else f"{image} is not a file")
     settings = Settings(server_url=server_url, tenant_token=tenant_token)
-    done = prepare_in_place(image, settings, conf_target, Overrides.parse(data_part, rootfs_parts, None))
+    done = prepare_in_place(image, settings, conf_target, Overrides.parse(data_part, rootfs_parts, boot_part))
     for note in done.notes:
         typer.echo(f"note: {note}", err=True)
+    if done.changed and image.is_symlink():
+        typer.echo(f"note: {image} is a link: edited its target {image.resolve()}", err=True)
     typer.echo(f"prepared {image}" if done.changed else f"{image} was already prepared: not changed", err=True)
 
 

@@ -51,9 +51,16 @@ class Merge:
 def parse(text: bytes, where: str) -> dict[str, Any]:
     """Parse mender.conf; refuse anything but a JSON object with an object (or no) HttpsClient."""
     try:
-        value = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value = json.loads(text.decode("utf-8"), parse_constant=_non_standard, parse_float=_finite)
+        # A lone surrogate escape ("\ud83d") parses, but is no character: it cannot be written back.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeDecodeError, json.JSONDecodeError, _NonStandard) as exc:
         raise MenderConfError(f"{where} is not valid JSON: {exc}", hint="fix the golden image's mender.conf") from exc
+    except UnicodeEncodeError as exc:
+        raise MenderConfError(
+            f"{where} holds a lone UTF-16 surrogate escape, which is no character",
+            hint="fix the golden image's mender.conf: escape the whole pair, e.g. \\ud83d\\ude00",
+        ) from exc
     if not isinstance(value, dict):
         raise MenderConfError(f"{where} is a JSON {type(value).__name__}, not an object")
     block = value.get("HttpsClient")
@@ -62,8 +69,23 @@ def parse(text: bytes, where: str) -> dict[str, Any]:
     return value
 
 
+class _NonStandard(ValueError):
+    """JSON that Python reads but standard JSON (RFC 8259) and the Mender client do not."""
+
+
+def _non_standard(name: str) -> Any:
+    raise _NonStandard(f"{name} is not a JSON number (RFC 8259)")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise _NonStandard(f"{text} is out of range for a number (it would be written back as Infinity)")
+    return number
+
+
 def render(config: dict[str, Any]) -> bytes:
-    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+    return (json.dumps(config, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
 def merge(text: bytes | None, settings: Settings, where: str) -> Merge:
@@ -79,3 +101,33 @@ def merge(text: bytes | None, settings: Settings, where: str) -> Merge:
     config["HttpsClient"] = settings.https_client
     rendered = render(config)
     return Merge(rendered, config != before or rendered != text, replaced)
+
+
+def effective(main: dict[str, Any], fallback: dict[str, Any]) -> dict[str, Any]:
+    """The configuration the client uses: ``fallback`` first, ``main`` (/etc/mender/mender.conf) over it.
+
+    Key by key, and inside an object field by field: mender 3.x decodes both
+    files into one struct (Go's json.Unmarshal keeps what the second file does
+    not name), and 4.x's parser sets each field it finds. So an HttpsClient in
+    the rootfs naming only a Certificate keeps the fallback's Key. A null
+    changes nothing in either client.
+    """
+    merged = dict(fallback)
+    for key, value in main.items():
+        if value is None:
+            continue
+        below = merged.get(key)
+        merged[key] = effective(value, below) if isinstance(value, dict) and isinstance(below, dict) else value
+    return merged
+
+
+def conflicts(main: dict[str, Any], settings: Settings) -> list[str]:
+    """The settings that ``main`` overrides when they are written to the fallback config, as ``Key: value``."""
+    # Every key the merge writes, whatever settings come to hold.
+    wanted: dict[str, Any] = json.loads(merge(None, settings, "the fallback").text)
+    used = effective(main, wanted)
+    found = [f"{key}: {json.dumps(main[key])}" for key in wanted if used.get(key) != wanted[key]]
+    if settings.server_url is not None and main.get("Servers") is not None:
+        # The client refuses ServerURL beside Servers, wherever each is set.
+        found.append("Servers (the client refuses ServerURL beside it)")
+    return found

@@ -17,12 +17,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from imageprov.disk.ext4 import Inode
+from imageprov.disk.ext4 import Ext4, Inode, fsck
 from imageprov.disk.image import DevicePath, DiskImage
 from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import ImageprovError
-from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, parse
-from imageprov.run import run
+from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, Settings, effective, parse
 
 KEY_PATH = DevicePath.parse(CLIENT_KEY)
 CERT_PATH = DevicePath.parse(CLIENT_CERT)
@@ -35,6 +34,9 @@ class Check:
     name: str
     ok: bool
     detail: str = ""
+    # Passes, but the user must know: the device may lose it later, a stale CRL, a truncated GPT.
+    # Shown, never a failure.
+    warning: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class Report:
             "device_id": self.device_id,
             "serial": self.serial,
             "fingerprint": self.fingerprint,
-            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
+            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "warning": c.warning} for c in self.checks],
         }
 
 
@@ -70,8 +72,8 @@ class Checks:
 
     items: list[Check] = field(default_factory=list)
 
-    def add(self, name: str, ok: bool, detail: str = "") -> bool:
-        self.items.append(Check(name, ok, detail))
+    def add(self, name: str, ok: bool, detail: str = "", *, warning: bool = False) -> bool:
+        self.items.append(Check(name, ok, detail, warning and ok))
         return ok
 
     @property
@@ -97,20 +99,36 @@ def verify_image(
     overrides: Overrides | None = None,
     fsck_rootfs: bool = True,
     now: dt.datetime | None = None,
+    settings: Settings | None = None,
+    strict: bool = False,
 ) -> Report:
-    """Check everything about the client credentials in ``image``; never raises for a bad image."""
+    """Check everything about the client credentials in ``image``; never raises for a bad image.
+
+    ``settings``, when given, name a ServerURL or TenantToken the client must use; ``strict``
+    fails what is otherwise a warning: a CRL past its nextUpdate.
+    """
     checks = Checks()
     try:
         disk = DiskImage.open(image, overrides)
+        volumes = disk.rootfs_volumes
     except ImageprovError as exc:
         checks.add("partition table and layout", False, str(exc))
         return Report(image, tuple(checks.items), device_id)
-    checks.add("partition table and layout", True, disk.layout.table.type.name)
-    found = check_data_partition(checks, disk, ca_cert, device_id=device_id, crl=crl, now=now)
+    data = disk.layout.data_volume
+    if data is None:
+        detail = "a bare root filesystem: no data partition, so no key or certificate to check"
+        checks.add("partition table and layout", True, detail)
+        found = DataFindings()
+    else:
+        kind = "a bare data partition" if disk.layout.is_bare else disk.layout.table.type.name
+        checks.add("partition table and layout", True, kind)
+        for warning in disk.layout.table.warnings:
+            checks.add("partition table", True, warning, warning=True)
+        found = check_data_partition(checks, disk, ca_cert, device_id=device_id, crl=crl, now=now, strict=strict)
     if not found.readable:
         return Report(image, tuple(checks.items), device_id)
-    check_mender_confs(checks, disk, found.fallback)
-    touched = [disk.layout.data_partition, *(disk.layout.rootfs_partitions if fsck_rootfs else ())]
+    check_mender_confs(checks, disk, found.fallback, settings)
+    touched = [*([data] if data else ()), *(volumes if fsck_rootfs else ())]
     check_fsck(checks, image, touched)
     cert = found.cert
     return Report(
@@ -131,6 +149,7 @@ def check_data_partition(
     crl: x509.CertificateRevocationList | None = None,
     now: dt.datetime | None = None,
     expected: dict[PurePosixPath, bytes] | None = None,
+    strict: bool = False,
 ) -> DataFindings:
     """Check the key and certificate on the data partition, in one debugfs run.
 
@@ -148,14 +167,32 @@ def check_data_partition(
         checks.add(f"{path} reads back as written", found[path][1] == want)
     _check_file(checks, CLIENT_KEY, key_inode, 0o600)
     _check_file(checks, CLIENT_CERT, cert_inode, 0o644)
-    cert = _check_credentials(checks, key_pem, cert_pem, ca_cert, device_id, crl, now)
+    cert = _check_credentials(checks, key_pem, cert_pem, ca_cert, device_id, crl, now, strict)
     return DataFindings(cert, found[DATA_CONF_PATH.inner][1])
 
 
-def check_mender_confs(checks: Checks, disk: DiskImage, fallback: bytes | None) -> None:
-    """Check the HttpsClient the client will see when booted from rootfs A and from rootfs B."""
-    for volume in disk.layout.rootfs_partitions:
-        _check_conf(checks, disk, volume, fallback)
+def check_mender_confs(
+    checks: Checks, disk: DiskImage, fallback: bytes | None, settings: Settings | None = None
+) -> None:
+    """Check the configuration the client will use when booted from rootfs A and from rootfs B.
+
+    That is the rootfs's /etc/mender/mender.conf over the data partition's
+    fallback, field by field (:func:`imageprov.mender.conf.effective`). An
+    empty rootfs B is not checked: the first update brings its root filesystem.
+    """
+    if disk.rootfs_b_empty:
+        checks.add("rootfs B", True, "empty: it receives its root filesystem and mender.conf from the first update")
+    volumes = disk.rootfs_volumes
+    if not volumes:  # a bare data partition: its fallback is all there is to see
+        _check_conf(checks, "mender.conf on the data partition", None, fallback, settings, bare_data=True)
+    for volume in volumes:
+        try:
+            main = disk.ext(volume).fetch([ROOTFS_CONF_PATH])[ROOTFS_CONF_PATH][1]
+        except ImageprovError as exc:
+            checks.add(f"mender.conf on {volume.role.value}", False, str(exc))
+            continue
+        _check_conf(checks, f"mender.conf on {volume.role.value}", main, fallback, settings,
+                    bare_data=False, role=volume.role.value)  # fmt: skip
 
 
 def check_fsck(checks: Checks, image: Path, volumes: list[Volume]) -> None:
@@ -184,6 +221,7 @@ def _check_credentials(
     device_id: str | None,
     crl: x509.CertificateRevocationList | None,
     now: dt.datetime | None,
+    strict: bool = False,
 ) -> x509.Certificate | None:
     if cert_pem is None:
         return None
@@ -207,6 +245,11 @@ def _check_credentials(
         signed = crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
         revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
         checks.add("CRL signed by the CA", signed)
+        next_update = crl.next_update_utc
+        if next_update is not None and moment > next_update:
+            # nginx (ssl_crl) refuses every client certificate once the CRL has expired.
+            stale = f"its nextUpdate was {next_update:%Y-%m-%d %H:%M} UTC: the edge refuses every device with it"
+            checks.add("CRL is current", not strict, stale, warning=True)
         checks.add("certificate not revoked", revoked is None,
                    f"revoked {revoked.revocation_date_utc:%Y-%m-%d}" if revoked else "")  # fmt: skip
     if device_id is not None:
@@ -231,29 +274,61 @@ def _cn(cert: x509.Certificate) -> str:
     return str(found[0].value) if found else ""
 
 
-def _check_conf(checks: Checks, disk: DiskImage, volume: Volume, fallback: bytes | None) -> None:
-    name = f"mender.conf on {volume.role.value}"
+def _check_conf(
+    checks: Checks,
+    name: str,
+    main_text: bytes | None,
+    fallback: bytes | None,
+    settings: Settings | None,
+    *,
+    bare_data: bool,
+    role: str = "",
+) -> None:
     try:
-        main = parse(disk.ext(volume).read(ROOTFS_CONF_PATH), f"{ROOTFS_CONF} on {volume.role.value}")
+        main = parse(main_text, f"{ROOTFS_CONF} on {role}") if main_text is not None else {}
         extra = parse(fallback, DATA_CONF) if fallback is not None else {}
     except ImageprovError as exc:
         checks.add(name, False, str(exc))
         return
-    # The client reads the data partition's fallback config first and the
-    # rootfs one over it: a key in /etc/mender/mender.conf wins.
-    block = {**extra, **main}.get("HttpsClient")
-    where = ROOTFS_CONF if "HttpsClient" in main else DATA_CONF
+    wanted = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
+    used = effective(main, extra)
+    for key, value in (
+        ("ServerURL", settings and settings.server_url),
+        ("TenantToken", settings and settings.tenant_token),
+    ):
+        if value is not None:
+            source = ROOTFS_CONF if main.get(key) is not None else DATA_CONF
+            checks.add(f"{key} the client uses{f' ({role})' if role else ''}", used.get(key) == value,
+                       f"{used.get(key)!r} from {source}")  # fmt: skip
+    block = used.get("HttpsClient")
+    # Where the client finds each field: the rootfs conf wins, field by field.
+    main_block = main.get("HttpsClient") or {}
+    where = ROOTFS_CONF if any(main_block.get(k) is not None for k in wanted) else DATA_CONF
     if not isinstance(block, dict):
         checks.add(name, False, "no HttpsClient block")
-    elif block.get("Key") == CLIENT_CERT:
+        return
+    got = {k: block.get(k) for k in wanted}
+    if got["Key"] == CLIENT_CERT:
         checks.add(name, False, f"HttpsClient.Key in {where} points at the certificate, not the key")
-    else:
-        wanted = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
-        got = {k: block.get(k) for k in wanted}
-        checks.add(name, got == wanted, f"HttpsClient in {where}: {got}")
+        return
+    if not checks.add(name, got == wanted, f"HttpsClient in {where}: {got}"):
+        return
+    kept = effective({}, extra).get("HttpsClient")
+    if not bare_data and (not isinstance(kept, dict) or {k: kept.get(k) for k in wanted} != wanted):
+        checks.add(f"HttpsClient survives an update ({role})", True,
+                   f"only in {ROOTFS_CONF}: an update built without it removes it; "
+                   f"put it in {DATA_CONF} (--conf-target data) or into the build", warning=True)  # fmt: skip
 
 
 def _check_fsck(checks: Checks, image: Path, volume: Volume) -> None:
-    done = run(["e2fsck", "-fn", f"{image}?offset={volume.partition.offset}"], check=False)
-    out = (done.stdout.decode("utf-8", "replace") + done.stderr).strip().splitlines()
-    checks.add(f"e2fsck -fn on {volume.role.value}", done.returncode == 0, "" if done.returncode == 0 else out[-1])
+    role = volume.role.value
+    try:
+        # e2fsck -n skips the replay and may find nothing wrong, but the kernel
+        # replays the journal at the first mount, over what was written since.
+        replayed = not Ext4(image, volume.partition.offset, role).needs_recovery()
+    except ImageprovError as exc:
+        checks.add(f"journal of {role} replayed", False, str(exc))
+        return
+    checks.add(f"journal of {role} replayed", replayed, "" if replayed else "needs_recovery is set")
+    clean, findings = fsck(image, volume.partition.offset)
+    checks.add(f"e2fsck -fn on {role}", clean, findings)
