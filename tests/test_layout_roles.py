@@ -71,9 +71,9 @@ def test_roles_found_from_the_filesystems(image: Callable[..., Path]) -> None:
         (Filesystem.EXT4, "rootfs-a", 1024 * 1024),
         (Filesystem.EXT4, "rootfs-b", 256 * 4096),
         (Filesystem.UNKNOWN, "", 0),  # the extended container is not probed
-        (Filesystem.UNKNOWN, "", 0),  # swap by its type alone: mkswap runs on the device
+        (Filesystem.EMPTY, "", 0),  # swap by its type alone: mkswap runs on the device
         (Filesystem.EXT4, "data", 1024 * 1024),
-        (Filesystem.UNKNOWN, "", 0),
+        (Filesystem.EMPTY, "", 0),
     ]
     assert layout.table.type is TableType.MBR and [p.number for p in layout.table.partitions] == [1, 2, 3, 4, 5, 6, 7]
     assert layout.boot_partition is layout.volumes[0]
@@ -121,7 +121,7 @@ def test_overrides_name_roles(image: Callable[..., Path], overrides: Overrides, 
 
 def test_four_ext_partitions_need_overrides(image: Callable[..., Path]) -> None:
     path = image(seventh=ext_superblock("extra"))
-    seen = "(1: vfat, 2: ext4, 3: ext4, 5: unknown, 6: ext4, 7: ext4)"
+    seen = "(1: vfat, 2: ext4, 3: ext4, 5: empty, 6: ext4, 7: ext4)"
     error = _refused(path, Overrides())
     assert error.message == (
         f"cannot read the layout as boot + rootfs A + rootfs B + data: "
@@ -140,9 +140,9 @@ def test_four_ext_partitions_need_overrides(image: Callable[..., Path]) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message", "hint"),
     [
-        (Overrides(boot_part=2), "partition 2 holds ext4, not vfat, and cannot be the boot partition", ""),
+        (Overrides(boot_part=5), "partition 5 holds empty, not vfat or ext4, and cannot be the boot partition", ""),
         (Overrides(data_part=1), "partition 1 holds vfat, not ext4; rootfs and data must be ext2/3/4", ""),
-        (Overrides(rootfs_parts=(2, 5)), "partition 5 holds unknown, not ext4; rootfs and data must be ext2/3/4", ""),
+        (Overrides(rootfs_parts=(5, 2)), "partition 5 holds empty, not ext4; rootfs and data must be ext2/3/4", ""),
         (
             Overrides(data_part=4),
             "the image has no partition 4 that can hold a filesystem",
