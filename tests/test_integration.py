@@ -71,7 +71,7 @@ def test_prepare_failure_leaves_the_image_as_it_was(make_golden: Callable[..., P
     assert "Free blocks:              0" in tool("debugfs", "-R", "stats", rootfs_b).stdout.decode()
     before = sha256(golden)
     # A token long enough that the new mender.conf needs more blocks than the old one freed.
-    proc = imageprov("--debug", "prepare", golden, "--tenant-token", "t" * 8192, check=False)
+    proc = imageprov("--debug", "prepare", golden, "--conf-target", "rootfs", "--tenant-token", "t" * 8192, check=False)
     assert proc.returncode == 1, proc.stderr
     writes = [line for line in proc.stderr.splitlines() if line.startswith("+ ") and " -w " in line]
     assert len(writes) == 2 and f"offset={offset_of(golden, layout['rootfs-a'])}" in writes[0], writes
