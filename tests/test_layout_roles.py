@@ -175,3 +175,106 @@ def test_bad_rootfs_parts(text: str) -> None:
     with pytest.raises(LayoutError) as info:
         Overrides.parse(None, text, None)
     assert info.value.message == f"--rootfs-parts {text!r} must name two partitions, e.g. 2,3"
+
+
+# -- four partitions: read by position, as Mender's tools do --------------------------
+
+FLAGS = "name the roles with --boot-part N, --rootfs-parts A,B and --data-part N"
+BY_POSITION = "four partitions are read by position as Mender does (1 boot, 2 rootfs A, 3 rootfs B, 4 data), but "
+
+
+def _four(path: Path, boot: bytes, rootfs_a: bytes, rootfs_b: bytes, data: bytes) -> Path:
+    blocks = {0: boot_record(*(slot(0x83, n * PART, PART) for n in range(1, 5)))}
+    for number, content in enumerate((boot, rootfs_a, rootfs_b, data), start=1):
+        if content:
+            blocks[number * PART * 512] = content
+    return write_image(path, blocks, 5 * PART * 512)
+
+
+def test_four_partitions_by_position(tmp_path: Path) -> None:
+    # An ext4 boot partition (MENDER_BOOT_PART_FSTYPE) and an empty rootfs B, as a fresh build leaves it.
+    path = _four(tmp_path / "a.img", ext_superblock("boot"), ext_superblock("a"), b"", ext_superblock("data"))
+    assert _roles(path) == {1: "boot", 2: "rootfs-a", 3: "rootfs-b", 4: "data"}
+    vfat = _four(
+        tmp_path / "b.img", fat_boot_sector("B"), ext_superblock("a"), ext_superblock("b"), ext_superblock("d")
+    )
+    assert _roles(vfat) == {1: "boot", 2: "rootfs-a", 3: "rootfs-b", 4: "data"}
+
+
+@pytest.mark.parametrize(
+    ("contents", "why"),
+    [
+        ((b"", b"", b"", b"d"), "partition 2 (rootfs A) holds empty, not ext4"),
+        ((b"", b"a", b"v", b""),
+         "partition 3 (rootfs B) holds vfat, not ext4 or empty; partition 4 (data) holds empty, not ext4"),
+        ((b"s", b"a", b"b", b"d"), "partition 1 (boot) holds swap"),
+    ],
+    ids=["rootfs-a", "rootfs-b-and-data", "boot-swap"],
+)  # fmt: skip
+def test_four_partitions_that_contradict_their_positions(tmp_path: Path, contents: tuple[bytes, ...], why: str) -> None:
+    make = {b"": b"", b"a": ext_superblock("a"), b"b": ext_superblock("b"), b"d": ext_superblock("d"),
+            b"v": fat_boot_sector("V"), b"s": swap_header()}  # fmt: skip
+    path = _four(tmp_path / "x.img", *(make[c] for c in contents))
+    error = _refused(path, Overrides())
+    assert (error.message, error.hint) == (BY_POSITION + why, FLAGS)
+
+
+def test_four_partitions_with_overrides(tmp_path: Path) -> None:
+    path = _four(tmp_path / "a.img", ext_superblock("x"), ext_superblock("a"), ext_superblock("b"), ext_superblock("d"))
+    # Data named on partition 1: the optional boot partition is not also taken there.
+    assert _roles(path, Overrides(data_part=1)) == {1: "data", 2: "rootfs-a", 3: "rootfs-b", 4: "other"}
+    assert _roles(path, Overrides(rootfs_parts=(3, 2), boot_part=4, data_part=1)) == {
+        1: "data", 2: "rootfs-b", 3: "rootfs-a", 4: "boot"}  # fmt: skip
+    error = _refused(path, Overrides(rootfs_parts=(2, 4)))
+    assert (error.message, error.hint) == ("partition 4 would be both rootfs-b (--rootfs-parts) and data (by position)",
+                                           FLAGS)  # fmt: skip
+    error = _refused(path, Overrides(boot_part=2))
+    assert error.message == "partition 2 would be both boot (--boot-part) and rootfs-a (by position)"
+
+
+# -- a bare filesystem image ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "role"), [("core-image.rootfs.ext4", "rootfs-a"), ("core-image.dataimg", "data")])
+def test_bare_filesystem_image(tmp_path: Path, name: str, role: str) -> None:
+    path = write_image(tmp_path / name, {0: ext_superblock("fs", blocks=4096)}, 4096 * 1024 + 100)
+    layout = read_layout(path)
+    assert layout.is_bare and layout.table.type is TableType.NONE
+    [volume] = layout.volumes
+    assert (volume.partition.number, volume.partition.offset, volume.partition.size_sectors) == (0, 0, 8192)
+    assert (volume.role.value, volume.filesystem, volume.label, volume.filesystem_size) == (
+        role, Filesystem.EXT4, "fs", 4096 * 1024)  # fmt: skip
+    if role == "data":
+        assert layout.data_partition is volume and layout.rootfs_partitions == ()
+    else:
+        assert layout.rootfs_partitions == (volume,) and layout.data_volume is None
+        with pytest.raises(LayoutError) as info:
+            layout.data_partition  # noqa: B018
+        assert info.value.message == "a bare root filesystem image has no data partition"
+        assert info.value.hint == "use the disk image (.sdimg, .uefiimg) or the build's .dataimg"
+    assert read_layout(path, Overrides()).volumes == layout.volumes
+    with pytest.raises(LayoutError) as info:
+        read_layout(path, Overrides(data_part=1))
+    assert info.value.message == f"{path} is a bare filesystem image: it has no partitions to name"
+
+
+def test_what_is_not_a_bare_filesystem_image(tmp_path: Path) -> None:
+    # An ext superblock behind an MBR signature is a disk image; so is anything too short for a superblock.
+    signed = bytearray(ext_superblock("fs"))
+    signed[510:512] = b"\x55\xaa"
+    assert not read_layout(_image(tmp_path / "disk.img")).is_bare
+    from imageprov.errors import TableError
+
+    with pytest.raises(LayoutError, match="0 ext partitions"):  # read as a disk: an MBR with no partitions
+        read_layout(write_image(tmp_path / "signed.img", {0: bytes(signed)}, MIB_4))
+    with pytest.raises(TableError):
+        read_layout(write_image(tmp_path / "short.img", {0: ext_superblock("fs")[:2047]}, 2047))
+    with pytest.raises(TableError):
+        read_layout(tmp_path / "absent.img")
+    not_ext = bytearray(ext_superblock("fs"))
+    not_ext[1080] = 0x54
+    with pytest.raises(TableError):
+        read_layout(write_image(tmp_path / "not-ext.img", {0: bytes(not_ext)}, MIB_4))
+
+
+MIB_4 = 4 << 20
