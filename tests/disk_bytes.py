@@ -26,7 +26,7 @@ def ext_superblock(label: str, *, blocks: int = 1024, log_block: int = 0, incomp
     head = bytearray(2048)
     struct.pack_into("<I", head, 1024 + 4, blocks)
     struct.pack_into("<I", head, 1024 + 24, log_block)
-    struct.pack_into("<H", head, 1024 + 56, 0xEF53)
+    struct.pack_into("<HH", head, 1024 + 56, 0xEF53, 1)  # magic, state: cleanly unmounted
     struct.pack_into("<I", head, 1024 + 96, incompat)
     head[1024 + 120 : 1024 + 120 + len(label)] = label.encode()
     return bytes(head)

@@ -13,7 +13,7 @@ import pytest
 
 from imageprov.disk.layout import Overrides, Role, read_layout
 from imageprov.disk.probe import Filesystem
-from imageprov.disk.table import TableType
+from imageprov.disk.table import PartitionTable, TableType
 from imageprov.errors import LayoutError
 from tests.disk_bytes import boot_record, ext_superblock, fat_boot_sector, slot, swap_header, write_image
 
@@ -85,6 +85,12 @@ def test_swap_by_its_signature_whatever_its_type(image: Callable[..., Path]) -> 
     layout = read_layout(image(fifth=swap_header("swap"), fifth_type=0x83))
     swap = layout.volumes[4]
     assert (swap.role, swap.filesystem, swap.label) == (Role.SWAP, Filesystem.SWAP, "swap")
+
+
+def test_an_empty_rootfs_b_may_be_named(image: Callable[..., Path]) -> None:
+    # A fresh build leaves rootfs B empty until the first update: naming it is fine, naming it for A is not.
+    roles = _roles(image(), Overrides(rootfs_parts=(2, 5), data_part=6))
+    assert (roles[2], roles[5], roles[6], roles[3]) == ("rootfs-a", "rootfs-b", "data", "other")
 
 
 def test_boot_override_picks_another_vfat(image: Callable[..., Path]) -> None:
@@ -230,6 +236,8 @@ def test_four_partitions_with_overrides(tmp_path: Path) -> None:
                                            FLAGS)  # fmt: skip
     error = _refused(path, Overrides(boot_part=2))
     assert error.message == "partition 2 would be both boot (--boot-part) and rootfs-a (by position)"
+    error = _refused(path, Overrides(data_part=2))
+    assert error.message == "partition 2 would be both rootfs-a (by position) and data (--data-part)"
 
 
 # -- a bare filesystem image ----------------------------------------------------------
@@ -239,8 +247,9 @@ def test_four_partitions_with_overrides(tmp_path: Path) -> None:
 def test_bare_filesystem_image(tmp_path: Path, name: str, role: str) -> None:
     path = write_image(tmp_path / name, {0: ext_superblock("fs", blocks=4096)}, 4096 * 1024 + 100)
     layout = read_layout(path)
-    assert layout.is_bare and layout.table.type is TableType.NONE
     [volume] = layout.volumes
+    assert layout.is_bare and layout.table == PartitionTable(TableType.NONE, "", 512, (volume.partition,))
+    assert volume.partition.type == ""
     assert (volume.partition.number, volume.partition.offset, volume.partition.size_sectors) == (0, 0, 8192)
     assert (volume.role.value, volume.filesystem, volume.label, volume.filesystem_size) == (
         role, Filesystem.EXT4, "fs", 4096 * 1024)  # fmt: skip
