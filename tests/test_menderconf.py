@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from imageprov.errors import UsageError
-from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, MenderConfError, Settings, merge
+from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, MenderConfError, Settings, conflicts, effective, merge
 from imageprov.pki.devices import check_device_ids, read_device_ids
 
 BLOCK = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
@@ -100,6 +100,61 @@ def test_same_content_in_another_format_is_rewritten() -> None:
     merged = merge(compact, Settings(), "m")
     assert merged.changed and merged.replaced is None and merged.text != compact
     assert not merge(merged.text, Settings(), "m").changed
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        (b'{"a": NaN}', "NaN is not a JSON number (RFC 8259)"),
+        (b'{"a": -Infinity}', "-Infinity is not a JSON number (RFC 8259)"),
+        (b'{"a": 1e400}', "1e400 is out of range for a number (it would be written back as Infinity)"),
+        (b'{"a": -1e400}', "-1e400 is out of range for a number (it would be written back as Infinity)"),
+    ],
+)
+def test_non_standard_numbers_are_refused(text: bytes, why: str) -> None:
+    with pytest.raises(MenderConfError) as info:
+        merge(text, Settings(), "m")
+    assert info.value.message == f"m is not valid JSON: {why}"
+
+
+def test_numbers_that_are_standard_are_kept() -> None:
+    assert json.loads(merge(b'{"a": 1.5e3, "b": -2, "c": 1e308}', Settings(), "m").text)["a"] == 1500.0
+
+
+def test_lone_surrogate_is_refused() -> None:
+    with pytest.raises(MenderConfError) as info:
+        merge(b'{"a": "\\ud83d"}', Settings(), "m")
+    assert info.value.message == "m holds a lone UTF-16 surrogate escape, which is no character"
+    assert info.value.hint == "fix the golden image's mender.conf: escape the whole pair, e.g. \\ud83d\\ude00"
+    assert "\U0001f600" in merge(b'{"a": "\\ud83d\\ude00"}', Settings(), "m").text.decode()
+
+
+def test_effective_configuration() -> None:
+    fallback = {"ServerURL": "f", "HttpsClient": {"Certificate": "fc", "Key": "fk"}, "Only": 1}
+    main = {"ServerURL": "m", "HttpsClient": {"Certificate": "mc"}, "TenantToken": None, "New": [1]}
+    assert effective(main, fallback) == {
+        "ServerURL": "m",
+        "HttpsClient": {"Certificate": "mc", "Key": "fk"},  # field by field
+        "Only": 1,
+        "New": [1],
+    }  # a null changes nothing
+    assert effective({"HttpsClient": {"Key": "k"}}, {"HttpsClient": "not an object"}) == {"HttpsClient": {"Key": "k"}}
+    assert fallback == {"ServerURL": "f", "HttpsClient": {"Certificate": "fc", "Key": "fk"}, "Only": 1}
+
+
+def test_conflicts_with_the_rootfs_conf() -> None:
+    settings = Settings(server_url="https://edge", tenant_token="t")
+    assert conflicts({}, settings) == []
+    assert conflicts({"ServerURL": "https://edge", "TenantToken": None}, settings) == []
+    assert conflicts({"ServerURL": "https://old", "HttpsClient": {"Key": "/k"}}, settings) == [
+        'ServerURL: "https://old"',
+        'HttpsClient: {"Key": "/k"}',
+    ]
+    assert conflicts({"Servers": [{"ServerURL": "x"}]}, settings) == [
+        "Servers (the client refuses ServerURL beside it)"
+    ]
+    assert conflicts({"Servers": [{"ServerURL": "x"}]}, Settings()) == []
+    assert conflicts({"Servers": None}, settings) == []
 
 
 def test_device_ids() -> None:
