@@ -439,3 +439,20 @@ def test_gpt_small_enough_for_one_sector_size(image: Write) -> None:
     spec.break_header_crc = False
     fd, size = image(spec.blocks(), spec.size)
     assert [p.name for p in gpt.read(fd, size).partitions] == ["d"]
+
+
+def test_gpt_backup_header_missing_or_damaged_is_a_warning(image: Write) -> None:
+    spec = Gpt()
+    fd, size = image(spec.blocks(backup=False), spec.size - 512)  # the last sector, with the backup, cut off
+    table = gpt.read(fd, size)
+    assert [p.name for p in table.partitions] == ["data"] and not table.from_backup
+    assert table.warnings == (
+        f"the image ends at {size} bytes, before its backup GPT header (LBA 2047): "
+        "it was truncated (sgdisk -e or sfdisk --relocate gpt-bak-std repairs it)",
+    )
+    blocks = spec.blocks()
+    blocks[(spec.sectors - 1) * 512] = bytes(512)
+    fd, size = image(blocks, spec.size)
+    table = gpt.read(fd, size)
+    assert table.warnings == ("the backup GPT header is damaged (no GPT header at LBA 2047)",)
+    assert [p.name for p in table.partitions] == ["data"]
