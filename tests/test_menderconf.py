@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 
 from imageprov.errors import UsageError
-from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, MenderConfError, Settings, conflicts, effective, merge
+from imageprov.mender.conf import (
+    CLIENT_CERT,
+    CLIENT_KEY,
+    AuthKey,
+    MenderConfError,
+    Settings,
+    auth_private_key,
+    conflicts,
+    effective,
+    merge,
+)
 from imageprov.pki.devices import check_device_ids, read_device_ids
 
 BLOCK = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
@@ -156,6 +166,39 @@ def test_conflicts_with_the_rootfs_conf() -> None:
     ]
     assert conflicts({"Servers": [{"ServerURL": "x"}]}, Settings()) == []
     assert conflicts({"Servers": None}, settings) == []
+
+
+def test_auth_private_key_is_the_certificate_key_by_default() -> None:
+    text = b'{"Security": {"AuthPrivateKey": "/old.pem", "SSLEngine": "pkcs11"}}'
+    merged = merge(text, Settings(), "m")
+    assert json.loads(merged.text)["Security"] == {"AuthPrivateKey": CLIENT_KEY, "SSLEngine": "pkcs11"}
+    assert merged.replaced_auth_key == "/old.pem"
+    same = merge(merged.text, Settings(), "m")
+    assert same.replaced_auth_key is None and not same.changed
+    assert merge(b"{}", Settings(), "m").replaced_auth_key is None
+    assert json.loads(merge(b'{"Security": null}', Settings(), "m").text)["Security"] == {"AuthPrivateKey": CLIENT_KEY}
+    # The device's own key: Security is left as it is.
+    device = merge(text, Settings(auth_key=AuthKey.DEVICE), "m")
+    assert json.loads(device.text)["Security"] == json.loads(text)["Security"] and device.replaced_auth_key is None
+    assert "Security" not in json.loads(merge(b"{}", Settings(auth_key=AuthKey.DEVICE), "m").text)
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [({}, None), ({"Security": None}, None), ({"Security": {}}, None), ({"Security": {"AuthPrivateKey": ""}}, None),
+     ({"Security": {"AuthPrivateKey": 7}}, None), ({"Security": {"AuthPrivateKey": "/k"}}, "/k")],
+)  # fmt: skip
+def test_auth_private_key_of_a_conf(config: dict[str, object], key: str | None) -> None:
+    assert auth_private_key(config) == key
+
+
+def test_security_must_be_an_object() -> None:
+    with pytest.raises(MenderConfError) as info:
+        merge(b'{"Security": "x"}', Settings(), "m")
+    assert (info.value.message, info.value.hint) == ("m has a Security that is not an object", "")
+    with pytest.raises(MenderConfError) as info:
+        merge(b'{"HttpsClient": 1}', Settings(), "m")
+    assert info.value.message == "m has a HttpsClient that is not an object"
 
 
 def test_device_ids() -> None:
