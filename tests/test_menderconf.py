@@ -107,7 +107,8 @@ def test_our_own_block_is_not_reported_as_replaced() -> None:
 
 def test_same_content_in_another_format_is_rewritten() -> None:
     # Nothing to merge, but the file is not as we render it: it changes (and a rerun then leaves it alone).
-    compact = json.dumps({"HttpsClient": BLOCK}, separators=(",", ":")).encode()
+    ours = {"HttpsClient": BLOCK, "Security": {"AuthPrivateKey": CLIENT_KEY}}
+    compact = json.dumps(ours, separators=(",", ":")).encode()
     merged = merge(compact, Settings(), "m")
     assert merged.changed and merged.replaced is None and merged.text != compact
     assert not merge(merged.text, Settings(), "m").changed
