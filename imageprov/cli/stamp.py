@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from cryptography import x509
 
-from imageprov.cli.pki import CurveOpt, PassFile, Pki, open_ca
+from imageprov.cli.pki import CurveOpt, PassFile, Pki, RegistryOpt, open_ca
 from imageprov.disk.compress import Compression
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, PkiError, UsageError
@@ -87,6 +87,7 @@ def stamp(
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
     boot_part: BootPart = None,
+    registry_url: RegistryOpt = None,
 ) -> None:
     """Write one ready, verified image per device: its own key and CA-signed certificate, and mender.conf.
 
@@ -122,7 +123,7 @@ def stamp(
     failures: list[tuple[str, str]] = []
     batch: Batch | None = None
     try:
-        with Registry(pki) as registry, Batch(image, out, ca, registry, options) as batch:
+        with Registry(pki, registry_url) as registry, Batch(image, out, ca, registry, options) as batch:
             batch.prepare()
             for stale in batch.removed:
                 typer.echo(f"note: removed {stale.name}, left by an interrupted run", err=True)
