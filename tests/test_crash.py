@@ -160,7 +160,8 @@ def test_a_device_being_stamped_is_left_to_its_station(
     finally:
         os.killpg(first.pid, signal.SIGCONT)
     assert second.returncode == 1, second.stderr
-    assert f"device {busy} is being stamped by another process" in second.stderr
+    assert f"device {busy} is being stamped by another station" in second.stderr
+    assert f"pid {first.pid}," in second.stderr  # the station named is the one at work
     assert not (tmp_path / "out2" / f"{busy}.sdimg").exists()
     _, errors = first.communicate(timeout=BOUND)
     assert first.returncode == 0, errors
