@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import getpass
 import json
 import os
+import stat
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from imageprov.edge.nginx import EdgeConfig, render_nginx
 from imageprov.errors import UsageError
 from imageprov.pki.ca import (
     CA_CERT,
     CA_KEY,
+    CA_KEY_REFERENCE,
     CertificateAuthority,
     Curve,
     Subject,
@@ -25,6 +31,8 @@ from imageprov.pki.ca import (
     load_key,
     write_atomic,
 )
+from imageprov.pki.pkcs11 import PIN_ENV, KeyReference, PinSource, Pkcs11Uri, TokenKey, destroy, find_module, generate
+from imageprov.pki.pkcs11 import open_key as open_token_key
 from imageprov.pki.registry import Reason, Registry, Status
 from imageprov.pki.revocation import build_crl, crl_bytes, denylist
 
@@ -38,17 +46,41 @@ PassFile = Annotated[
         "--passphrase-file", help=f"File holding the CA key's passphrase (else ${PASSPHRASE_ENV}, else a prompt)."
     ),
 ]
+PinFile = Annotated[
+    Optional[Path],
+    typer.Option("--pin-file", help=f"File holding the token's user PIN (else ${PIN_ENV}, else a prompt)."),
+]
+Pkcs11Opt = Annotated[
+    Optional[str],
+    typer.Option("--pkcs11", metavar="URI", help="The CA key on a PKCS#11 token, e.g. 'pkcs11:token=Fleet;object=ca'."),
+]
+ModuleOpt = Annotated[
+    Optional[Path],
+    typer.Option("--module", help="The token's PKCS#11 module (.so); default: p11-kit's proxy."),
+]
 CurveOpt = Annotated[Curve, typer.Option("--curve", help="EC curve of the new key.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
+
+
+def read_secret(file: Path, option: str) -> str:
+    """A passphrase or PIN from a file (its first line): one clear line if the file is missing, a directory or empty."""
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {option} {file}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{option} {file} is not text") from exc
+    secret = text.split("\n", 1)[0].rstrip("\r")
+    if not secret:
+        problem = "is empty" if not text.strip() else "starts with an empty line"
+        raise UsageError(f"{option} {file} {problem}", hint="the secret is the file's first line")
+    return secret
 
 
 def passphrase(file: Path | None, *, new: bool = False) -> bytes | None:
     """The CA key's passphrase: --passphrase-file, then $IMAGEPROV_CA_PASSPHRASE, then a prompt on a terminal."""
     if file is not None:
-        try:
-            text = file.read_text().rstrip("\n")
-        except OSError as exc:
-            raise UsageError(f"cannot read {file}: {exc.strerror}") from exc
+        text = read_secret(file, "--passphrase-file")
     elif os.environ.get(PASSPHRASE_ENV):
         text = os.environ[PASSPHRASE_ENV]
     elif sys.stdin.isatty():
@@ -62,9 +94,32 @@ def passphrase(file: Path | None, *, new: bool = False) -> bytes | None:
     return text.encode()
 
 
-def open_ca(pki: Path, passphrase_file: Path | None) -> CertificateAuthority:
-    """Load the CA of ``pki``, asking for the passphrase only if its key is encrypted."""
-    return load_ca(pki, passphrase(passphrase_file))
+def token_pin(file: Path | None) -> PinSource:
+    """Where the token's PIN comes from: --pin-file, then $IMAGEPROV_PKCS11_PIN, then a prompt; never argv."""
+
+    def pin(label: str) -> str | None:
+        if file is not None:
+            return read_secret(file, "--pin-file")
+        if os.environ.get(PIN_ENV):
+            return os.environ[PIN_ENV]
+        if sys.stdin.isatty():
+            return getpass.getpass(f"user PIN of token {label!r}: ")
+        return None
+
+    return pin
+
+
+def open_ca(pki: Path, passphrase_file: Path | None, pin_file: Path | None = None) -> CertificateAuthority:
+    """Load the CA of ``pki``, asking for the passphrase only if its key is encrypted, or the PIN if on a token."""
+    ca = load_ca(pki, lambda: passphrase(passphrase_file), pin=token_pin(pin_file))
+    _close_with_command(ca.key)
+    return ca
+
+
+def _close_with_command(key: object) -> None:
+    """A token session (and its login) ends when the command does, error or not."""
+    if isinstance(key, TokenKey):
+        atexit.register(key.close)
 
 
 def _require_passphrase(value: bytes | None, no_passphrase: bool) -> bytes | None:
@@ -95,19 +150,33 @@ def ca_init(
     days: Annotated[int, typer.Option("--days", help="Validity of the CA certificate.")] = 3650,
     passphrase_file: PassFile = None,
     no_passphrase: Annotated[bool, typer.Option("--no-passphrase", help="Store the CA key unencrypted.")] = False,
+    pkcs11_uri: Pkcs11Opt = None,
+    module: ModuleOpt = None,
+    pin_file: PinFile = None,
 ) -> None:
     """Create a CA: PKI/ca-cert.pem and PKI/ca-private.key (encrypted PKCS#8, 0600).
 
+    With --pkcs11, the key is generated on the token (sensitive, never
+    extractable) and PKI/ca-key.pkcs11.json records only where it is.
+
     Example: IMAGEPROV_CA_PASSPHRASE=... imageprov ca init pki --cn "Fleet CA" --org "ACME" --country NO
+
+    Example: IMAGEPROV_PKCS11_PIN=... imageprov ca init pki --cn "Fleet CA"
+    --pkcs11 'pkcs11:token=Fleet;object=fleet-ca' --module /usr/lib/softhsm/libsofthsm2.so
     """
-    if (pki / CA_KEY).exists() or (pki / CA_CERT).exists():
-        raise UsageError(f"{pki} already holds a CA", hint="choose another directory; a CA is never overwritten")
+    _refuse_existing_ca(pki)
     if subject_file is not None:
         subject = Subject.from_req_config(subject_file)
     elif cn:
         subject = Subject(cn, org, ou, email, country, locality, state)
     else:
         raise UsageError("the CA needs a name", hint="pass --cn NAME or --subject-file ca-cert.conf")
+    if pkcs11_uri is not None:
+        _refuse_file_key_options(passphrase_file, no_passphrase)
+        ca = _init_on_token(pki, subject, pkcs11_uri, module, pin_file, curve, days)
+        typer.echo(f"created CA {ca.cert.subject.rfc4514_string()} in {pki}, its key on the token", err=True)
+        return
+    _refuse_token_options(module, pin_file)
     secret = _require_passphrase(passphrase(passphrase_file, new=True), no_passphrase)
     ca = CertificateAuthority.create(subject, curve=curve, days=days)
     ca.write_to(pki, secret)
@@ -115,27 +184,111 @@ def ca_init(
     typer.echo(f"created CA {ca.cert.subject.rfc4514_string()} in {pki}", err=True)
 
 
+def _refuse_existing_ca(pki: Path) -> None:
+    if any((pki / name).exists() for name in (CA_KEY, CA_CERT, CA_KEY_REFERENCE)):
+        raise UsageError(f"{pki} already holds a CA", hint="choose another directory; a CA is never overwritten")
+
+
+def _refuse_file_key_options(passphrase_file: Path | None, no_passphrase: bool) -> None:
+    if passphrase_file is not None or no_passphrase:
+        raise UsageError(
+            "--passphrase-file and --no-passphrase are for a key file, not a token",
+            hint=f"the token asks for its PIN: --pin-file or ${PIN_ENV}",
+        )
+
+
+def _refuse_token_options(module: Path | None, pin_file: Path | None) -> None:
+    if module is not None or pin_file is not None:
+        raise UsageError("--module and --pin-file go with --pkcs11 URI")
+
+
+def _init_on_token(
+    pki: Path, subject: Subject, uri_text: str, module: Path | None, pin_file: Path | None, curve: Curve, days: int
+) -> CertificateAuthority:
+    if curve not in (Curve.P256, Curve.P384):
+        raise UsageError("a CA key on a token is P-256 or P-384", hint="tokens and smart cards rarely do P-521")
+    if days < 1:
+        raise UsageError("--days must be at least 1")
+    subject.to_name()  # a bad subject is refused before anything is made on the token
+    uri = Pkcs11Uri.parse(uri_text)
+    key, reference = generate(KeyReference(uri, find_module(module, uri)), curve.ec_curve, token_pin(pin_file))
+    try:
+        ca = CertificateAuthority.create(subject, days=days, key=key)
+        ca.write_with_reference(pki, reference)
+        Registry(pki).__exit__(None, None, None)
+    except BaseException:
+        # A key pair no CA certificate names would only block the next try.
+        destroy(key)
+        raise
+    finally:
+        key.close()
+    return ca
+
+
 @ca_app.command("import")
 def ca_import(
     pki: Annotated[Path, typer.Argument(help="Directory to create the PKI in.")],
     cert: Annotated[Path, typer.Option("--cert", help="The CA certificate (PEM).")],
-    key: Annotated[Path, typer.Option("--key", help="The CA private key (PEM; encrypted or not).")],
+    key: Annotated[Optional[Path], typer.Option("--key", help="The CA private key (PEM; encrypted or not).")] = None,
     key_passphrase_file: Annotated[
         Optional[Path], typer.Option("--key-passphrase-file", help="Passphrase of the key being imported.")
     ] = None,
     passphrase_file: PassFile = None,
     no_passphrase: Annotated[bool, typer.Option("--no-passphrase", help="Store the CA key unencrypted.")] = False,
+    pkcs11_uri: Pkcs11Opt = None,
+    module: ModuleOpt = None,
+    pin_file: PinFile = None,
 ) -> None:
-    """Import a CA made elsewhere (e.g. with the manual recipe's openssl commands); the key is re-encrypted."""
-    if (pki / CA_KEY).exists():
-        raise UsageError(f"{pki} already holds a CA")
-    old = key_passphrase_file.read_text().rstrip("\n").encode() if key_passphrase_file else None
+    """Import a CA made elsewhere (e.g. with the manual recipe's openssl commands); the key is re-encrypted.
+
+    With --pkcs11 instead of --key, adopt a key already on a token: it must be
+    the private key of --cert, and it stays on the token.
+    """
+    _refuse_existing_ca(pki)
+    if pkcs11_uri is not None:
+        if key is not None or key_passphrase_file is not None:
+            raise UsageError("--key and --pkcs11 are two places for the one CA key: give one")
+        _refuse_file_key_options(passphrase_file, no_passphrase)
+        _import_from_token(pki, load_cert(cert), pkcs11_uri, module, pin_file)
+        return
+    if key is None:
+        raise UsageError("which key? pass --key FILE, or --pkcs11 URI for a key on a token")
+    _refuse_token_options(module, pin_file)
+    old = read_secret(key_passphrase_file, "--key-passphrase-file").encode() if key_passphrase_file else None
     ca = check_pair(load_cert(cert), load_key(key, old), key)
     ca.check_usable()
+    if stat.S_IMODE(key.stat().st_mode) & 0o077:
+        typer.echo(f"note: {key} is readable by others; delete it once the import is done", err=True)
     secret = _require_passphrase(passphrase(passphrase_file, new=True), no_passphrase)
     ca.write_to(pki, secret)
     Registry(pki).__exit__(None, None, None)
     typer.echo(f"imported CA {ca.cert.subject.rfc4514_string()} into {pki}", err=True)
+
+
+def _import_from_token(
+    pki: Path, cert: x509.Certificate, uri_text: str, module: Path | None, pin_file: Path | None
+) -> None:
+    uri = Pkcs11Uri.parse(uri_text)
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise UsageError("the CA certificate's key is not EC", hint="imageprov's CA keys are EC (P-256 or P-384)")
+    key = open_token_key(KeyReference(uri, find_module(module, uri)), public, token_pin(pin_file))
+    try:
+        ca = check_pair(cert, key, Path(str(uri)))
+        ca.check_usable()
+        reference = KeyReference(replace(uri, id=key.key_id, module_path=None), find_module(module, uri))
+        ca.write_with_reference(pki, reference)
+        Registry(pki).__exit__(None, None, None)
+        protection = key.attributes()
+    finally:
+        key.close()
+    if protection["extractable"] or not protection["sensitive"]:
+        typer.echo(
+            f"note: the token lets this key be extracted ({reference.uri}); "
+            "a key made with 'imageprov ca init --pkcs11' cannot be",
+            err=True,
+        )
+    typer.echo(f"imported CA {ca.cert.subject.rfc4514_string()} into {pki}, its key on the token", err=True)
 
 
 def server_cert(
@@ -146,9 +299,10 @@ def server_cert(
     days: Annotated[int, typer.Option("--days")] = 730,
     curve: CurveOpt = Curve.P256,
     passphrase_file: PassFile = None,
+    pin_file: PinFile = None,
 ) -> None:
     """Issue the mTLS edge's server certificate, with every --host and --ip in subjectAltName."""
-    ca = open_ca(pki, passphrase_file)
+    ca = open_ca(pki, passphrase_file, pin_file)
     issued = ca.issue_server(host or [], ips=ip or [], days=days, curve=curve)
     with Registry(pki) as registry:
         registry.record(issued, kind="server", delivered_to=str(out))
@@ -164,13 +318,14 @@ def device_cert(
     curve: CurveOpt = Curve.P256,
     reissue: Annotated[bool, typer.Option("--reissue", help="Revoke the device's live certificate first.")] = False,
     passphrase_file: PassFile = None,
+    pin_file: PinFile = None,
     json_out: Json = False,
 ) -> None:
     """Issue one device's key and certificate into a directory (stamp does this for images)."""
     from imageprov.pki.devices import check_device_ids
 
     check_device_ids([device_id])
-    ca = open_ca(pki, passphrase_file)
+    ca = open_ca(pki, passphrase_file, pin_file)
     issued = ca.issue_device(device_id, days=days, curve=curve)
     with Registry(pki) as registry:
         # Pending until the files are written, so that a failure leaves no
@@ -217,9 +372,10 @@ def crl(
     days: Annotated[int, typer.Option("--days", help="Days until the CRL's nextUpdate.")] = 30,
     der: Annotated[bool, typer.Option("--der", help="DER instead of PEM.")] = False,
     passphrase_file: PassFile = None,
+    pin_file: PinFile = None,
 ) -> None:
     """Write a CRL signed by the CA, listing every revoked certificate, for the edge (nginx ssl_crl)."""
-    ca = open_ca(pki, passphrase_file)
+    ca = open_ca(pki, passphrase_file, pin_file)
     with Registry(pki) as registry:
         revoked = registry.revoked()
         number = registry.next_crl_number()
