@@ -283,9 +283,12 @@ def _import_from_token(
     finally:
         key.close()
     if protection["extractable"] or not protection["sensitive"]:
+        typer.echo(f"note: the token lets this key be extracted ({reference.uri})", err=True)
+    elif not (protection["never_extractable"] and protection["always_sensitive"]):
+        # Made elsewhere and written to the token: copies may exist.
         typer.echo(
-            f"note: the token lets this key be extracted ({reference.uri}); "
-            "a key made with 'imageprov ca init --pkcs11' cannot be",
+            f"note: this key has not always been on the token ({reference.uri}); "
+            "one made with 'imageprov ca init --pkcs11' has",
             err=True,
         )
     typer.echo(f"imported CA {ca.cert.subject.rfc4514_string()} into {pki}, its key on the token", err=True)

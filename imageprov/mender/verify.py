@@ -22,6 +22,7 @@ from imageprov.disk.image import DevicePath, DiskImage
 from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import ImageprovError
 from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, parse
+from imageprov.pki.chain import leaf_problems
 from imageprov.run import run
 
 KEY_PATH = DevicePath.parse(CLIENT_KEY)
@@ -203,6 +204,9 @@ def _check_credentials(
         cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc,
         f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}",
     )
+    # What nginx refuses besides a bad signature: a CA that may not sign certificates, and the like.
+    refused = leaf_problems(cert, ca_cert, now=moment)
+    checks.add("chain passes OpenSSL's checks", not refused, "; ".join(refused))
     if crl is not None:
         signed = crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
         revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)

@@ -68,7 +68,8 @@ def leaf_problems(
 ) -> list[str]:
     """Why ``openssl verify -purpose ssl{client,server}`` would refuse ``leaf`` issued by ``ca``, besides its signature.
 
-    The signature itself is checked by the caller, with ``verify_directly_issued_by``.
+    The signature (and with it the issuer's name and key) is checked by the
+    caller, with ``verify_directly_issued_by``.
     """
     moment = now or dt.datetime.now(dt.UTC)
     problems = [f"the CA: {p}" for p in ca_problems(ca, purposes=(purpose,))]
@@ -76,15 +77,6 @@ def leaf_problems(
         problems.append(
             f"the CA certificate is valid only {ca.not_valid_before_utc:%Y-%m-%d} to {ca.not_valid_after_utc:%Y-%m-%d}"
         )
-    authority = _get(leaf, x509.AuthorityKeyIdentifier)
-    subject_key = _get(ca, x509.SubjectKeyIdentifier)
-    if (
-        isinstance(authority, x509.AuthorityKeyIdentifier)
-        and authority.key_identifier is not None
-        and isinstance(subject_key, x509.SubjectKeyIdentifier)
-        and authority.key_identifier != subject_key.digest
-    ):
-        problems.append("its authorityKeyIdentifier names another CA key")
     usage = _get(leaf, x509.KeyUsage)
     if isinstance(usage, x509.KeyUsage) and not (usage.digital_signature or usage.key_agreement):
         problems.append("its keyUsage allows neither digitalSignature nor keyAgreement, which TLS needs")

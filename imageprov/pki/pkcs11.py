@@ -148,7 +148,9 @@ def find_module(given: Path | None, uri: Pkcs11Uri) -> Path:
     for proxy in P11KIT_PROXY:
         if Path(proxy).is_file():
             return Path(proxy)
-    raise UsageError("no PKCS#11 module given", hint="pass --module /path/to/module.so (e.g. the token vendor's)")
+    raise UsageError(
+        "no PKCS#11 module given", hint="pass --module with the path of the token vendor's PKCS#11 library (.so)"
+    )
 
 
 class TokenKey(ec.EllipticCurvePrivateKey):
@@ -258,7 +260,7 @@ def generate(reference: KeyReference, curve: ec.EllipticCurve, pin: PinSource) -
             )
         key_id = uri.id if uri.id is not None else secrets.token_bytes(8)
         label = uri.object or ""
-        params = {v: k for k, v in CURVES.items()}.get(curve)
+        params = next((der for der, known in CURVES.items() if known.name == curve.name), None)
         if params is None:
             raise UsageError(f"a token-held CA key is P-256 or P-384, not {curve.name}")
         try:
@@ -335,7 +337,12 @@ def _login(reference: KeyReference, pin: PinSource, *, rw: bool) -> tuple[pkcs11
     try:
         lib = pkcs11.lib(str(module))
     except p11.PKCS11Error as exc:
-        detail = str(exc).rpartition(": ")[2] or _name(exc)
+        if "while loading" not in str(exc):  # loaded, but C_Initialize failed
+            raise PkiError(
+                f"PKCS#11 module {module} cannot start: {_name(exc)}",
+                hint="check its configuration: SoftHSM reads $SOFTHSM2_CONF, smart cards need pcscd running",
+            ) from exc
+        detail = str(exc).rpartition(": ")[2]
         raise PkiError(
             f"cannot load PKCS#11 module {module}: {detail}",
             hint="is it a PKCS#11 module (.so) for this machine's architecture?",
@@ -356,7 +363,11 @@ def _login(reference: KeyReference, pin: PinSource, *, rw: bool) -> tuple[pkcs11
         return token.open(rw=rw, user_pin=secret), label
     except p11.PinIncorrect as exc:
         left = token.slot.get_token().flags
-        warning = "the next wrong PIN locks it" if left & TokenFlag.USER_PIN_FINAL_TRY else "check the PIN"
+        warning = (
+            "the next wrong PIN locks it"
+            if left & TokenFlag.USER_PIN_FINAL_TRY
+            else "check the PIN; a token locks after a few wrong tries"
+        )
         raise PkiError(f"wrong PIN for token {label!r}", hint=warning) from exc
     except (p11.PinLocked, p11.PinExpired) as exc:
         raise PkiError(_locked(label), hint="unlock it with the security officer's PIN") from exc
@@ -390,7 +401,7 @@ def _token(lib: Any, reference: KeyReference) -> pkcs11.Token:
     wanted = ", ".join(f"{k}={getattr(uri, k)}" for k in _TOKEN_ATTRS if getattr(uri, k) is not None) or "any"
     if not matching:
         try:
-            seen = ", ".join(repr(t.label) for t in lib.get_tokens()) or "none"
+            seen = ", ".join(repr(t.label) for t in lib.get_tokens() if t.flags & TokenFlag.TOKEN_INITIALIZED) or "none"
         except p11.PKCS11Error:
             seen = "unknown"
         raise PkiError(
