@@ -55,8 +55,8 @@ def softhsm_module() -> Path:
     pytest.skip(message)
 
 
-@pytest.fixture
-def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftHsm]:
+@pytest.fixture(name="hsm")
+def hsm_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftHsm]:
     """One initialised token labelled 'fleet', its PIN in IMAGEPROV_PKCS11_PIN for every subprocess."""
     module = softhsm_module()
     tokens = tmp_path / "softhsm-tokens"

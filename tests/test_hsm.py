@@ -1,4 +1,7 @@
-"""The CA key on a PKCS#11 token (SoftHSM2): made there, signs there, never leaves; checked with openssl and pkcs11-tool."""
+"""The CA key on a PKCS#11 token (SoftHSM2): made there, signs there, never leaves.
+
+Checked with openssl and pkcs11-tool, not with imageprov's own readers.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from imageprov.disk.golden import Scheme
 from imageprov.pki.ca import load_ca
 from imageprov.pki.pkcs11 import TokenKey
 from tests.conftest import debugfs, imageprov, imageprov_pki, roles, tool
-from tests.softhsm import SO_PIN, SoftHsm, softhsm  # noqa: F401  (softhsm is a fixture)
+from tests.softhsm import SoftHsm, hsm_fixture  # noqa: F401  (the fixture 'hsm')
 from tests.test_e2e import edge, identity_script, upstream  # noqa: F401  (fixtures of the end-to-end test)
 from tests.test_e2e import test_good_device_accepted_revoked_and_foreign_refused as _e2e
 
@@ -73,9 +76,8 @@ def token_objects(hsm: SoftHsm) -> str:
 
 
 def test_batch_signed_on_the_token(
-    softhsm: SoftHsm, make_golden: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hsm: SoftHsm, make_golden: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hsm = softhsm
     temp = tmp_path / "tmp"  # every temporary file imageprov makes, to search for key material afterwards
     temp.mkdir()
     monkeypatch.setenv("TMPDIR", str(temp))
@@ -131,18 +133,17 @@ def test_batch_signed_on_the_token(
     assert key_material(out.parent / "edge")
 
 
-def test_p384_ca_on_the_token(softhsm: SoftHsm, tmp_path: Path) -> None:
+def test_p384_ca_on_the_token(hsm: SoftHsm, tmp_path: Path) -> None:
     pki = tmp_path / "pki"
-    init_token_ca(softhsm, pki, "--curve", "P-384")
-    ok(softhsm, "device-cert", "--pki", pki, "--device-id", "d-384", "--out", tmp_path / "d")
+    init_token_ca(hsm, pki, "--curve", "P-384")
+    ok(hsm, "device-cert", "--pki", pki, "--device-id", "d-384", "--out", tmp_path / "d")
     text = tool("openssl", "x509", "-in", pki / "ca-cert.pem", "-noout", "-text").stdout.decode()
     assert "NIST CURVE: P-384" in text and "ecdsa-with-SHA384" in text
     verified = tool("openssl", "verify", "-CAfile", pki / "ca-cert.pem", tmp_path / "d/mender-cert.pem")
     assert b": OK" in verified.stdout
 
 
-def test_import_adopts_a_key_already_on_the_token(softhsm: SoftHsm, tmp_path: Path) -> None:
-    hsm = softhsm
+def test_import_adopts_a_key_already_on_the_token(hsm: SoftHsm, tmp_path: Path) -> None:
     # A CA made with the manual recipe's openssl commands, its key then put on the token.
     subprocess.run(["openssl", "ecparam", "-genkey", "-name", "P-256", "-noout", "-out", "ca.key"], cwd=tmp_path,
                    check=True)  # fmt: skip
@@ -193,8 +194,7 @@ def _lock(hsm: SoftHsm, label: str) -> None:
     raise AssertionError(f"no token {label}")
 
 
-def test_token_errors_are_one_line_with_a_hint(softhsm: SoftHsm, tmp_path: Path) -> None:
-    hsm = softhsm
+def test_token_errors_are_one_line_with_a_hint(hsm: SoftHsm, tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     # Refused before anything is made on the token.
     for bad, message in (
@@ -243,7 +243,10 @@ def test_token_errors_are_one_line_with_a_hint(softhsm: SoftHsm, tmp_path: Path)
     (tmp_path / "empty.conf").write_text(f"directories.tokendir = {tmp_path / 'empty'}\nlog.level = ERROR\n")
     proc = run(hsm, *device, SOFTHSM2_CONF=str(tmp_path / "empty.conf"))
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
-    assert "no PKCS#11 token with token=fleet in" in proc.stderr and "(is it plugged in? tokens present: none)" in proc.stderr
+    assert (
+        "no PKCS#11 token with token=fleet in" in proc.stderr
+        and "(is it plugged in? tokens present: none)" in proc.stderr
+    )
     proc = run(hsm, *device, SOFTHSM2_CONF=str(tmp_path / "none.conf"))
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert "cannot start: GeneralError (check its configuration: SoftHSM reads $SOFTHSM2_CONF" in proc.stderr
@@ -254,11 +257,11 @@ def test_token_errors_are_one_line_with_a_hint(softhsm: SoftHsm, tmp_path: Path)
     assert "token 'fleet' is locked" in proc.stderr and "security officer" in proc.stderr
 
 
-def test_one_token_session_signs_for_many_threads(softhsm: SoftHsm, tmp_path: Path) -> None:
+def test_one_token_session_signs_for_many_threads(hsm: SoftHsm, tmp_path: Path) -> None:
     """The stamping pipeline signs from worker threads: every signature made at once must verify."""
     pki = tmp_path / "pki"
-    init_token_ca(softhsm, pki)
-    ca = load_ca(pki, None, pin=lambda _: softhsm.pin)
+    init_token_ca(hsm, pki)
+    ca = load_ca(pki, None, pin=lambda _: hsm.pin)
     assert isinstance(ca.key, TokenKey)
     public = ca.key.public_key()
     errors: list[BaseException] = []
@@ -287,9 +290,10 @@ def test_one_token_session_signs_for_many_threads(softhsm: SoftHsm, tmp_path: Pa
 
 
 @pytest.fixture
-def pki(tmp_path: Path, softhsm: SoftHsm) -> Path:  # noqa: F811  (the end-to-end test's PKI, on the token)
+def pki(tmp_path: Path, hsm: SoftHsm) -> Path:
+    """The end-to-end test's PKI (it overrides conftest's), with the CA key on the token."""
     path = tmp_path / "pki"
-    imageprov_pki("ca", "init", path, *SUBJECT, "--pkcs11", softhsm.uri(), "--module", softhsm.module)
+    imageprov_pki("ca", "init", path, *SUBJECT, "--pkcs11", hsm.uri(), "--module", hsm.module)
     assert (path / "ca-key.pkcs11.json").exists() and not (path / "ca-private.key").exists()
     return path
 
