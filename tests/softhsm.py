@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pkcs11
 import pytest
 
 from tests.conftest import IN_CI, tool
@@ -68,4 +69,8 @@ def hsm_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sof
     monkeypatch.setenv("IMAGEPROV_PKCS11_PIN", PIN)
     monkeypatch.delenv("IMAGEPROV_PKCS11_MODULE", raising=False)
     hsm.add_token(hsm.label)
+    # python-pkcs11 keeps a module loaded per process, initialised with the
+    # SOFTHSM2_CONF of its time: a test that uses it in-process starts afresh.
+    pkcs11.unload(str(module))
     yield hsm
+    pkcs11.unload(str(module))

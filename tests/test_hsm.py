@@ -20,7 +20,7 @@ from pkcs11 import Attribute, ObjectClass
 
 from imageprov.disk.golden import Scheme
 from imageprov.pki.ca import load_ca
-from imageprov.pki.pkcs11 import TokenKey
+from imageprov.pki.token import TokenKey
 from tests.conftest import debugfs, imageprov, imageprov_pki, roles, tool
 from tests.softhsm import SoftHsm, hsm_fixture  # noqa: F401  (the fixture 'hsm')
 from tests.test_e2e import edge, identity_script, upstream  # noqa: F401  (fixtures of the end-to-end test)
@@ -281,10 +281,9 @@ def test_one_token_session_signs_for_many_threads(hsm: SoftHsm, tmp_path: Path) 
         thread.start()
     for thread in threads:
         thread.join()
-    ca.key.close()
     assert errors == []
-    # Leaves issued from threads verify with openssl, too.
     leaf = ca.issue_device("thread-1")
+    ca.key.close()
     (tmp_path / "leaf.pem").write_bytes(leaf.cert_pem())
     assert b": OK" in tool("openssl", "verify", "-CAfile", pki / "ca-cert.pem", tmp_path / "leaf.pem").stdout
 

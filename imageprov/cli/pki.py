@@ -31,8 +31,7 @@ from imageprov.pki.ca import (
     load_key,
     write_atomic,
 )
-from imageprov.pki.pkcs11 import PIN_ENV, KeyReference, PinSource, Pkcs11Uri, TokenKey, destroy, find_module, generate
-from imageprov.pki.pkcs11 import open_key as open_token_key
+from imageprov.pki.pkcs11 import PIN_ENV, KeyReference, PinSource, Pkcs11Uri, find_module
 from imageprov.pki.registry import Reason, Registry, Status
 from imageprov.pki.revocation import build_crl, crl_bytes, denylist
 
@@ -118,8 +117,9 @@ def open_ca(pki: Path, passphrase_file: Path | None, pin_file: Path | None = Non
 
 def _close_with_command(key: object) -> None:
     """A token session (and its login) ends when the command does, error or not."""
-    if isinstance(key, TokenKey):
-        atexit.register(key.close)
+    close = getattr(key, "close", None)  # a TokenKey's; a key from a file has nothing to close
+    if callable(close):
+        atexit.register(close)
 
 
 def _require_passphrase(value: bytes | None, no_passphrase: bool) -> bytes | None:
@@ -210,6 +210,8 @@ def _init_on_token(
     if days < 1:
         raise UsageError("--days must be at least 1")
     subject.to_name()  # a bad subject is refused before anything is made on the token
+    from imageprov.pki.token import destroy, generate
+
     uri = Pkcs11Uri.parse(uri_text)
     key, reference = generate(KeyReference(uri, find_module(module, uri)), curve.ec_curve, token_pin(pin_file))
     try:
@@ -268,6 +270,8 @@ def ca_import(
 def _import_from_token(
     pki: Path, cert: x509.Certificate, uri_text: str, module: Path | None, pin_file: Path | None
 ) -> None:
+    from imageprov.pki.token import open_key as open_token_key
+
     uri = Pkcs11Uri.parse(uri_text)
     public = cert.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey):

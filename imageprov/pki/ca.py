@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from imageprov.errors import PkiError, UsageError
 from imageprov.pki.chain import SERVER, ca_problems
-from imageprov.pki.pkcs11 import KEY_REFERENCE, KeyReference, PinSource, TokenKey, open_key
+from imageprov.pki.pkcs11 import KEY_REFERENCE, KeyReference, PinSource
 
 CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-private.key"
@@ -308,8 +308,6 @@ class CertificateAuthority:
 
     def write_to(self, pki_dir: Path, passphrase: bytes | None) -> None:
         """Write ca-cert.pem and ca-private.key (PKCS#8, encrypted unless ``passphrase`` is None)."""
-        if isinstance(self.key, TokenKey):
-            raise PkiError("the CA key is on a token: write its reference, not the key")
         pki_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         encryption: serialization.KeySerializationEncryption = (
             serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
@@ -394,11 +392,13 @@ def load_ca(pki_dir: Path, passphrase: Passphrase, *, pin: PinSource | None = No
         public = cert.public_key()
         if not isinstance(public, ec.EllipticCurvePublicKey):
             raise PkiError(f"{cert_path} does not hold an EC public key")
-        key: ec.EllipticCurvePrivateKey = open_key(KeyReference.read(reference_path), public, pin or (lambda _: None))
+        from imageprov.pki.token import open_key  # python-pkcs11 is loaded only for a token
+
+        token_key = open_key(KeyReference.read(reference_path), public, pin or (lambda _: None))
         try:
-            return check_pair(cert, key, reference_path)
+            return check_pair(cert, token_key, reference_path)
         except BaseException:
-            key.close()  # type: ignore[attr-defined]
+            token_key.close()
             raise
     check_private_mode(key_path)
     key = load_key(key_path, passphrase)
