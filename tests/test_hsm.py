@@ -109,7 +109,9 @@ def test_batch_signed_on_the_token(
     ok(hsm, "stamp", golden, "--pki", pki, "--out", out, *[a for i in ids for a in ("--device-id", i)])
     ok(hsm, "revoke", "--pki", pki, "hsm-4", "--reason", "key-compromise")
     crl = tmp_path / "crl.pem"
-    ok(hsm, "crl", "--pki", pki, "--out", crl)
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(hsm.pin + "\n")
+    ok(hsm, "crl", "--pki", pki, "--out", crl, "--pin-file", pin_file, IMAGEPROV_PKCS11_PIN="")
 
     verified = tool("openssl", "verify", "-CAfile", ca_cert, "-purpose", "sslserver", "-verify_hostname", "edge.local",
                     tmp_path / "edge/server-cert.pem")  # fmt: skip

@@ -198,15 +198,15 @@ def _check_credentials(
         checks.add("certificate signed by the CA", True, ca_cert.subject.rfc4514_string())
     except (ValueError, TypeError, InvalidSignature) as exc:
         checks.add("certificate signed by the CA", False, str(exc) or "signature does not verify")
+    # What nginx refuses besides a bad signature: a CA that may not sign certificates, and the like.
+    refused = leaf_problems(cert, ca_cert, now=now)
+    checks.add("chain passes OpenSSL's checks", not refused, "; ".join(refused))
     moment = now or dt.datetime.now(dt.UTC)
     checks.add(
         "certificate within its validity",
         cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc,
         f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}",
     )
-    # What nginx refuses besides a bad signature: a CA that may not sign certificates, and the like.
-    refused = leaf_problems(cert, ca_cert, now=moment)
-    checks.add("chain passes OpenSSL's checks", not refused, "; ".join(refused))
     if crl is not None:
         signed = crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
         revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
