@@ -207,8 +207,18 @@ def test_token_errors_are_one_line_with_a_hint(hsm: SoftHsm, tmp_path: Path) -> 
     ):
         proc = run(hsm, "ca", "init", pki, *SUBJECT, "--pkcs11", hsm.uri(), "--module", hsm.module, *bad)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert "Private Key Object" not in token_objects(hsm)
+    # Made, then the CA cannot be written: the key pair is removed from the token again.
+    (tmp_path / "a-file").write_text("")
+    proc = run(hsm, "ca", "init", tmp_path / "a-file" / "pki", *SUBJECT, "--pkcs11", hsm.uri(), "--module", hsm.module)
+    assert proc.returncode == 1 and "cannot write the CA into" in proc.stderr, proc.stderr
+    assert "Key Object" not in token_objects(hsm)
     init_token_ca(hsm, pki)
+    # The reference pins the key by label and id: a new key may take neither.
+    key_id = re.search(r"id=([%0-9a-f]+)", (pki / "ca-key.pkcs11.json").read_text())
+    assert key_id is not None
+    taken = f"pkcs11:token=fleet;object=new;id={key_id[1]}"
+    proc = run(hsm, "ca", "init", tmp_path / "p3", "--cn", "x", "--pkcs11", taken, "--module", hsm.module)
+    assert proc.returncode == 1 and "already holds a private key object=new id=" in proc.stderr, proc.stderr
 
     device = ("device-cert", "--pki", pki, "--device-id", "d", "--out", tmp_path / "d")
     empty_pin = tmp_path / "empty-pin"

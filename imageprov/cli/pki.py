@@ -286,9 +286,9 @@ def _import_from_token(
         protection = key.attributes()
     finally:
         key.close()
-    if protection["extractable"] or not protection["sensitive"]:
+    if protection["extractable"] is True or protection["sensitive"] is False:
         typer.echo(f"note: the token lets this key be extracted ({reference.uri})", err=True)
-    elif not (protection["never_extractable"] and protection["always_sensitive"]):
+    elif protection["never_extractable"] is False or protection["always_sensitive"] is False:
         # Made elsewhere and written to the token: copies may exist.
         typer.echo(
             f"note: this key has not always been on the token ({reference.uri}); "

@@ -308,19 +308,23 @@ class CertificateAuthority:
 
     def write_to(self, pki_dir: Path, passphrase: bytes | None) -> None:
         """Write ca-cert.pem and ca-private.key (PKCS#8, encrypted unless ``passphrase`` is None)."""
-        pki_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         encryption: serialization.KeySerializationEncryption = (
             serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
         )
         key_pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-        write_private(pki_dir / CA_KEY, key_pem)
-        write_atomic(pki_dir / CA_CERT, self.cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        self._write(pki_dir, CA_KEY, key_pem, 0o600)
 
     def write_with_reference(self, pki_dir: Path, reference: KeyReference) -> None:
         """Write ca-cert.pem and the reference to the token-held key (URI and module; no PIN, no key)."""
-        pki_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(pki_dir / CA_KEY_REFERENCE, reference.to_json(), 0o644)
-        write_atomic(pki_dir / CA_CERT, self.cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        self._write(pki_dir, CA_KEY_REFERENCE, reference.to_json(), 0o644)
+
+    def _write(self, pki_dir: Path, key_name: str, key_data: bytes, key_mode: int) -> None:
+        try:
+            pki_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(pki_dir / key_name, key_data, key_mode)
+            write_atomic(pki_dir / CA_CERT, self.cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        except OSError as exc:
+            raise PkiError(f"cannot write the CA into {pki_dir}: {exc.strerror}") from exc
 
 
 def _builder(
