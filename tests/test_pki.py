@@ -470,10 +470,8 @@ def test_empty_passphrase_file_says_so(tmp_path: Path) -> None:
     proc = cli("device-cert", "--pki", pki, "--device-id", "d", "--out", tmp_path / "d", "--passphrase-file", empty,
                passphrase=None)  # fmt: skip
     assert proc.returncode == 2
-    assert (
-        proc.stderr.strip()
-        == f"imageprov: error: --passphrase-file {empty} is empty (the secret is the file's first line)"
-    )
+    assert proc.stderr.startswith(f"imageprov: error: --passphrase-file {empty} is empty (write the secret")
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("mode", [0o666, 0o644, 0o640])

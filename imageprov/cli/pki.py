@@ -8,14 +8,22 @@ import json
 import os
 import stat
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
+from imageprov.cli.ca_token import (
+    ModuleOpt,
+    PinFile,
+    Pkcs11Opt,
+    import_from_token,
+    init_on_token,
+    read_secret,
+    refuse_file_key_options,
+    refuse_token_options,
+    token_pin,
+)
 from imageprov.edge.nginx import EdgeConfig, render_nginx
 from imageprov.errors import UsageError
 from imageprov.pki.ca import (
@@ -31,7 +39,6 @@ from imageprov.pki.ca import (
     load_key,
     write_atomic,
 )
-from imageprov.pki.pkcs11 import PIN_ENV, KeyReference, PinSource, Pkcs11Uri, find_module
 from imageprov.pki.registry import Reason, Registry, Status
 from imageprov.pki.revocation import build_crl, crl_bytes, denylist
 
@@ -45,35 +52,8 @@ PassFile = Annotated[
         "--passphrase-file", help=f"File holding the CA key's passphrase (else ${PASSPHRASE_ENV}, else a prompt)."
     ),
 ]
-PinFile = Annotated[
-    Optional[Path],
-    typer.Option("--pin-file", help=f"File holding the token's user PIN (else ${PIN_ENV}, else a prompt)."),
-]
-Pkcs11Opt = Annotated[
-    Optional[str],
-    typer.Option("--pkcs11", metavar="URI", help="The CA key on a PKCS#11 token, e.g. 'pkcs11:token=Fleet;object=ca'."),
-]
-ModuleOpt = Annotated[
-    Optional[Path],
-    typer.Option("--module", help="The token's PKCS#11 module (.so); default: p11-kit's proxy."),
-]
 CurveOpt = Annotated[Curve, typer.Option("--curve", help="EC curve of the new key.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
-
-
-def read_secret(file: Path, option: str) -> str:
-    """A passphrase or PIN from a file (its first line): one clear line if the file is missing, a directory or empty."""
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise UsageError(f"cannot read {option} {file}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{option} {file} is not text") from exc
-    secret = text.split("\n", 1)[0].rstrip("\r")
-    if not secret:
-        problem = "is empty" if not text.strip() else "starts with an empty line"
-        raise UsageError(f"{option} {file} {problem}", hint="the secret is the file's first line")
-    return secret
 
 
 def passphrase(file: Path | None, *, new: bool = False) -> bytes | None:
@@ -91,21 +71,6 @@ def passphrase(file: Path | None, *, new: bool = False) -> bytes | None:
     if new and len(text) < 8:
         raise UsageError("the CA passphrase must be at least 8 characters")
     return text.encode()
-
-
-def token_pin(file: Path | None) -> PinSource:
-    """Where the token's PIN comes from: --pin-file, then $IMAGEPROV_PKCS11_PIN, then a prompt; never argv."""
-
-    def pin(label: str) -> str | None:
-        if file is not None:
-            return read_secret(file, "--pin-file")
-        if os.environ.get(PIN_ENV):
-            return os.environ[PIN_ENV]
-        if sys.stdin.isatty():
-            return getpass.getpass(f"user PIN of token {label!r}: ")
-        return None
-
-    return pin
 
 
 def open_ca(pki: Path, passphrase_file: Path | None, pin_file: Path | None = None) -> CertificateAuthority:
@@ -172,11 +137,11 @@ def ca_init(
     else:
         raise UsageError("the CA needs a name", hint="pass --cn NAME or --subject-file ca-cert.conf")
     if pkcs11_uri is not None:
-        _refuse_file_key_options(passphrase_file, no_passphrase)
-        ca = _init_on_token(pki, subject, pkcs11_uri, module, pin_file, curve, days)
+        refuse_file_key_options(passphrase_file, no_passphrase)
+        ca = init_on_token(pki, subject, pkcs11_uri, module, pin_file, curve, days)
         typer.echo(f"created CA {ca.cert.subject.rfc4514_string()} in {pki}, its key on the token", err=True)
         return
-    _refuse_token_options(module, pin_file)
+    refuse_token_options(module, pin_file)
     secret = _require_passphrase(passphrase(passphrase_file, new=True), no_passphrase)
     ca = CertificateAuthority.create(subject, curve=curve, days=days)
     ca.write_to(pki, secret)
@@ -187,44 +152,6 @@ def ca_init(
 def _refuse_existing_ca(pki: Path) -> None:
     if any((pki / name).exists() for name in (CA_KEY, CA_CERT, CA_KEY_REFERENCE)):
         raise UsageError(f"{pki} already holds a CA", hint="choose another directory; a CA is never overwritten")
-
-
-def _refuse_file_key_options(passphrase_file: Path | None, no_passphrase: bool) -> None:
-    if passphrase_file is not None or no_passphrase:
-        raise UsageError(
-            "--passphrase-file and --no-passphrase are for a key file, not a token",
-            hint=f"the token asks for its PIN: --pin-file or ${PIN_ENV}",
-        )
-
-
-def _refuse_token_options(module: Path | None, pin_file: Path | None) -> None:
-    if module is not None or pin_file is not None:
-        raise UsageError("--module and --pin-file go with --pkcs11 URI")
-
-
-def _init_on_token(
-    pki: Path, subject: Subject, uri_text: str, module: Path | None, pin_file: Path | None, curve: Curve, days: int
-) -> CertificateAuthority:
-    if curve not in (Curve.P256, Curve.P384):
-        raise UsageError("a CA key on a token is P-256 or P-384", hint="tokens and smart cards rarely do P-521")
-    if days < 1:
-        raise UsageError("--days must be at least 1")
-    subject.to_name()  # a bad subject is refused before anything is made on the token
-    from imageprov.pki.token import destroy, generate
-
-    uri = Pkcs11Uri.parse(uri_text)
-    key, reference = generate(KeyReference(uri, find_module(module, uri)), curve.ec_curve, token_pin(pin_file))
-    try:
-        ca = CertificateAuthority.create(subject, days=days, key=key)
-        ca.write_with_reference(pki, reference)
-        Registry(pki).__exit__(None, None, None)
-    except BaseException:
-        # A key pair no CA certificate names would only block the next try.
-        destroy(key)
-        raise
-    finally:
-        key.close()
-    return ca
 
 
 @ca_app.command("import")
@@ -250,12 +177,12 @@ def ca_import(
     if pkcs11_uri is not None:
         if key is not None or key_passphrase_file is not None:
             raise UsageError("--key and --pkcs11 are two places for the one CA key: give one")
-        _refuse_file_key_options(passphrase_file, no_passphrase)
-        _import_from_token(pki, load_cert(cert), pkcs11_uri, module, pin_file)
+        refuse_file_key_options(passphrase_file, no_passphrase)
+        import_from_token(pki, load_cert(cert), pkcs11_uri, module, pin_file)
         return
     if key is None:
         raise UsageError("which key? pass --key FILE, or --pkcs11 URI for a key on a token")
-    _refuse_token_options(module, pin_file)
+    refuse_token_options(module, pin_file)
     old = read_secret(key_passphrase_file, "--key-passphrase-file").encode() if key_passphrase_file else None
     ca = check_pair(load_cert(cert), load_key(key, old), key)
     ca.check_usable()
@@ -265,37 +192,6 @@ def ca_import(
     ca.write_to(pki, secret)
     Registry(pki).__exit__(None, None, None)
     typer.echo(f"imported CA {ca.cert.subject.rfc4514_string()} into {pki}", err=True)
-
-
-def _import_from_token(
-    pki: Path, cert: x509.Certificate, uri_text: str, module: Path | None, pin_file: Path | None
-) -> None:
-    from imageprov.pki.token import open_key as open_token_key
-
-    uri = Pkcs11Uri.parse(uri_text)
-    public = cert.public_key()
-    if not isinstance(public, ec.EllipticCurvePublicKey):
-        raise UsageError("the CA certificate's key is not EC", hint="imageprov's CA keys are EC (P-256 or P-384)")
-    key = open_token_key(KeyReference(uri, find_module(module, uri)), public, token_pin(pin_file))
-    try:
-        ca = check_pair(cert, key, Path(str(uri)))
-        ca.check_usable()
-        reference = KeyReference(replace(uri, id=key.key_id, module_path=None), find_module(module, uri))
-        ca.write_with_reference(pki, reference)
-        Registry(pki).__exit__(None, None, None)
-        protection = key.attributes()
-    finally:
-        key.close()
-    if protection["extractable"] is True or protection["sensitive"] is False:
-        typer.echo(f"note: the token lets this key be extracted ({reference.uri})", err=True)
-    elif protection["never_extractable"] is False or protection["always_sensitive"] is False:
-        # Made elsewhere and written to the token: copies may exist.
-        typer.echo(
-            f"note: this key has not always been on the token ({reference.uri}); "
-            "one made with 'imageprov ca init --pkcs11' has",
-            err=True,
-        )
-    typer.echo(f"imported CA {ca.cert.subject.rfc4514_string()} into {pki}, its key on the token", err=True)
 
 
 def server_cert(

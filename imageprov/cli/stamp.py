@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 from cryptography import x509
 
-from imageprov.cli.pki import CurveOpt, PassFile, PinFile, Pki, open_ca
+from imageprov.cli.ca_token import PinFile
+from imageprov.cli.pki import CurveOpt, PassFile, Pki, open_ca
 from imageprov.disk.compress import Compression
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, PkiError, UsageError
