@@ -486,3 +486,30 @@ def test_ca_key_open_to_others_is_refused(mode: int, tmp_path: Path) -> None:
     assert not (tmp_path / "d").exists()
     key.chmod(0o600)
     assert cli("device-cert", "--pki", pki, "--device-id", "d", "--out", tmp_path / "d").returncode == 0
+
+
+def test_ca_without_crl_sign_makes_no_crl_nginx_would_refuse(tmp_path: Path) -> None:
+    from imageprov.pki.revocation import build_crl, crl_bytes
+
+    ca_path = _make_ca(tmp_path, [CA_BASIC, (_key_usage(key_cert_sign=True), True)])
+    proc = cli("ca", "import", tmp_path / "pki", "--cert", ca_path, "--key", tmp_path / "ca.key")
+    assert proc.returncode == 0 and "note: nginx would refuse this CA's CRLs" in proc.stderr, proc.stderr
+    assert cli("device-cert", "--pki", tmp_path / "pki", "--device-id", "d", "--out", tmp_path / "d").returncode == 0
+    proc = cli("crl", "--pki", tmp_path / "pki", "--out", tmp_path / "crl.pem")
+    assert proc.returncode == 1 and "cRLSign" in proc.stderr and "denylist" in proc.stderr
+    assert not (tmp_path / "crl.pem").exists()
+    # What imageprov refuses to make, openssl refuses to use.
+    ca_key = serialization.load_pem_private_key((tmp_path / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    odd = CertificateAuthority(load_cert(ca_path), ca_key)
+    with pytest.raises(PkiError, match="cRLSign"):
+        build_crl(odd, [], number=1)
+    crl = (
+        x509.CertificateRevocationListBuilder().issuer_name(odd.cert.subject)
+        .last_update(dt.datetime.now(dt.UTC)).next_update(dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    (tmp_path / "crl.pem").write_bytes(crl_bytes(crl))
+    proc = tool("openssl", "verify", "-CAfile", ca_path, "-CRLfile", tmp_path / "crl.pem", "-crl_check",
+                tmp_path / "d/mender-cert.pem", check=False)  # fmt: skip
+    assert proc.returncode != 0 and b"CRL signing" in proc.stdout + proc.stderr, proc.stdout + proc.stderr

@@ -39,6 +39,7 @@ from imageprov.pki.ca import (
     load_key,
     write_atomic,
 )
+from imageprov.pki.chain import crl_problem
 from imageprov.pki.registry import Reason, Registry, Status
 from imageprov.pki.revocation import build_crl, crl_bytes, denylist
 
@@ -186,6 +187,9 @@ def ca_import(
     old = read_secret(key_passphrase_file, "--key-passphrase-file").encode() if key_passphrase_file else None
     ca = check_pair(load_cert(cert), load_key(key, old), key)
     ca.check_usable()
+    no_crls = crl_problem(ca.cert)
+    if no_crls:
+        typer.echo(f"note: nginx would refuse this CA's CRLs ({no_crls}): revoke with a denylist", err=True)
     if stat.S_IMODE(key.stat().st_mode) & 0o077:
         typer.echo(f"note: {key} is readable by others; delete it once the import is done", err=True)
     secret = _require_passphrase(passphrase(passphrase_file, new=True), no_passphrase)

@@ -81,3 +81,11 @@ def leaf_problems(
     if isinstance(usage, x509.KeyUsage) and not (usage.digital_signature or usage.key_agreement):
         problems.append("its keyUsage allows neither digitalSignature nor keyAgreement, which TLS needs")
     return problems + _unhandled_critical(leaf)
+
+
+def crl_problem(ca: x509.Certificate) -> str | None:
+    """Why OpenSSL would refuse the CRLs ``ca`` signs (X509_V_ERR_KEYUSAGE_NO_CRL_SIGN); None if it would not."""
+    usage = _get(ca, x509.KeyUsage)
+    if isinstance(usage, x509.KeyUsage) and not usage.crl_sign:
+        return "its keyUsage does not allow cRLSign (signing CRLs)"
+    return None
