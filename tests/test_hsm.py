@@ -5,10 +5,17 @@ Checked with openssl and pkcs11-tool, not with imageprov's own readers.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import pty
 import re
+import select
 import subprocess
 import sys
+import termios
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -311,3 +318,49 @@ def pki(tmp_path: Path, hsm: SoftHsm) -> Path:
 
 # The end-to-end test (real nginx, real Mender client) once more, with the CA key on the token.
 test_e2e_with_the_ca_key_on_a_token = _e2e
+
+
+def test_pin_prompt_on_a_terminal(hsm: SoftHsm, tmp_path: Path) -> None:
+    """Without $IMAGEPROV_PKCS11_PIN or --pin-file, the PIN is asked for on the terminal, and only the PIN."""
+    pki = tmp_path / "pki"
+    init_token_ca(hsm, pki)
+    primary, secondary = pty.openpty()
+
+    def controlling_terminal() -> None:  # getpass reads /dev/tty: the pty must be this session's terminal
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    argv = [
+        sys.executable,
+        "-m",
+        "imageprov",
+        "device-cert",
+        "--pki",
+        pki,
+        "--device-id",
+        "tty-1",
+        "--out",
+        tmp_path / "d",
+    ]
+    proc = subprocess.Popen(
+        argv,
+        stdin=secondary, stdout=secondary, stderr=secondary, env=hsm.env(IMAGEPROV_PKCS11_PIN=""),
+        preexec_fn=controlling_terminal,
+    )  # fmt: skip
+    os.close(secondary)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"user PIN of token 'fleet': " not in seen:
+        assert time.monotonic() < deadline and proc.poll() is None, seen
+        ready, _, _ = select.select([primary], [], [], 1)
+        if ready:
+            seen += os.read(primary, 1024)
+    assert b"passphrase" not in seen  # the CA key is on the token: no passphrase is asked for
+    os.write(primary, hsm.pin.encode() + b"\n")
+    assert proc.wait(60) == 0
+    with contextlib.suppress(OSError):  # the rest of the output; EIO once the child has closed the terminal
+        while select.select([primary], [], [], 0.2)[0]:
+            seen += os.read(primary, 1024)
+    os.close(primary)
+    assert hsm.pin.encode() not in seen  # not echoed
+    assert b"wrote" in seen and (tmp_path / "d/mender-cert.pem").exists()
