@@ -513,3 +513,16 @@ def test_ca_without_crl_sign_makes_no_crl_nginx_would_refuse(tmp_path: Path) -> 
     proc = tool("openssl", "verify", "-CAfile", ca_path, "-CRLfile", tmp_path / "crl.pem", "-crl_check",
                 tmp_path / "d/mender-cert.pem", check=False)  # fmt: skip
     assert proc.returncode != 0 and b"CRL signing" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_server_certificate_needs_a_ca_that_may_issue_them(tmp_path: Path) -> None:
+    """A CA limited to clientAuth would sign server certificates no TLS client accepts: refused."""
+    ca_path = _make_ca(tmp_path, [CA_BASIC, SIGNS, (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)])
+    ca_key = serialization.load_pem_private_key((tmp_path / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    odd = CertificateAuthority(load_cert(ca_path), ca_key)
+    with pytest.raises(PkiError, match="extendedKeyUsage does not allow TLS servers"):
+        odd.issue_server(["edge.local"])
+    leaf = tmp_path / "client.pem"
+    leaf.write_bytes(odd.issue_device("d").cert_pem())  # client certificates it may issue
+    assert tool("openssl", "verify", "-CAfile", ca_path, "-purpose", "sslclient", leaf).returncode == 0
