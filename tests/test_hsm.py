@@ -364,3 +364,26 @@ def test_pin_prompt_on_a_terminal(hsm: SoftHsm, tmp_path: Path) -> None:
     os.close(primary)
     assert hsm.pin.encode() not in seen  # not echoed
     assert b"wrote" in seen and (tmp_path / "d/mender-cert.pem").exists()
+
+
+def test_a_broken_key_reference_is_one_line(hsm: SoftHsm, tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    init_token_ca(hsm, pki)
+    reference = pki / "ca-key.pkcs11.json"
+    good = reference.read_text()
+    device = ("device-cert", "--pki", pki, "--device-id", "d", "--out", tmp_path / "d")
+    for text, message in (
+        ("{not json", "is not a readable PKCS#11 key reference"),
+        ('{"uri": "pkcs11:token=fleet;object=fleet-ca;pin-value=1"}', "is not a readable PKCS#11 key reference"),
+        (good.replace("object=fleet-ca", "object=gone").replace("id=", "x-id="), "attribute 'x-id' is not supported"),
+        (good.replace("object=fleet-ca", "object=gone"), "no private key object=gone id="),
+    ):
+        reference.write_text(text)
+        proc = run(hsm, *device)
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert message in proc.stderr, proc.stderr
+    reference.write_text(good)
+    (pki / "ca-private.key").write_text("")
+    proc = run(hsm, *device)
+    assert proc.returncode == 1 and "holds both ca-private.key and ca-key.pkcs11.json" in proc.stderr
+    assert not (tmp_path / "d").exists()
