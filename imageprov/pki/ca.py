@@ -391,8 +391,10 @@ def load_ca(pki_dir: Path, passphrase: Passphrase, *, pin: PinSource | None = No
     cert = load_cert(cert_path)
     if reference_path.exists():
         if key_path.exists():
-            raise PkiError(f"{pki_dir} holds both {CA_KEY} and {CA_KEY_REFERENCE}",
-                           hint="one CA has one key: remove the one that is not in use")  # fmt: skip
+            raise PkiError(
+                f"{pki_dir} holds both {CA_KEY} and {CA_KEY_REFERENCE}",
+                hint="one CA has one key: remove the one that is not in use",
+            )
         public = cert.public_key()
         if not isinstance(public, ec.EllipticCurvePublicKey):
             raise PkiError(f"{cert_path} does not hold an EC public key")
@@ -416,8 +418,10 @@ def check_private_mode(path: Path) -> None:
     except OSError as exc:
         raise PkiError(f"cannot read {path}: {exc.strerror}") from exc
     if mode & 0o077:
-        raise PkiError(f"{path} is open to others (mode 0{mode:o}): a CA key must be private",
-                       hint=f"chmod 600 {path}, and replace the CA if others may have copied the key")  # fmt: skip
+        raise PkiError(
+            f"{path} is open to others (mode 0{mode:o}): a CA key must be private",
+            hint=f"chmod 600 {path}, and replace the CA if others may have copied the key",
+        )
 
 
 def load_cert(path: Path) -> x509.Certificate:
@@ -467,6 +471,8 @@ def check_pair(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, key_path
         raise PkiError(f"{key_path} does not match the CA certificate", hint="the key belongs to another certificate")
     problems = ca_problems(cert)
     if problems:
-        raise PkiError(f"the certificate cannot be the fleet's CA: {'; '.join(problems)}",
-                       hint="reissue it with basicConstraints CA:TRUE and keyUsage keyCertSign, cRLSign")  # fmt: skip
+        raise PkiError(
+            f"the certificate cannot be the fleet's CA: {'; '.join(problems)}",
+            hint="reissue it with basicConstraints CA:TRUE and keyUsage keyCertSign, cRLSign",
+        )
     return CertificateAuthority(cert, key)
