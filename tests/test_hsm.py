@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pkcs11
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute, ObjectClass
 
 from imageprov.disk.golden import Scheme
-from imageprov.pki.ca import load_ca
-from imageprov.pki.token import TokenKey
+from imageprov.pki.ca import CertificateAuthority, Subject, load_ca
+from imageprov.pki.pkcs11 import KeyReference, Pkcs11Uri
+from imageprov.pki.token import TokenKey, open_key
 from tests.conftest import debugfs, imageprov, imageprov_pki, roles, tool
 from tests.softhsm import SoftHsm, hsm_fixture  # noqa: F401  (the fixture 'hsm')
 from tests.test_e2e import edge, identity_script, upstream  # noqa: F401  (fixtures of the end-to-end test)
@@ -387,3 +388,25 @@ def test_a_broken_key_reference_is_one_line(hsm: SoftHsm, tmp_path: Path) -> Non
     proc = run(hsm, *device)
     assert proc.returncode == 1 and "holds both ca-private.key and ca-key.pkcs11.json" in proc.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_key_that_wants_the_pin_at_every_signature(hsm: SoftHsm, tmp_path: Path) -> None:
+    """CKA_ALWAYS_AUTHENTICATE, as on a PIV card's signature key: each signature logs in again with the PIN."""
+    tool("pkcs11-tool", "--module", hsm.module, "--token-label", hsm.label, "--login", "--pin", hsm.pin,
+         "--keypairgen", "--key-type", "EC:prime256v1", "--label", "piv", "--id", "9c", "--always-auth")  # fmt: skip
+    spki = tool("pkcs11-tool", "--module", hsm.module, "--token-label", hsm.label, "--read-object", "--type", "pubkey",
+                "--id", "9c").stdout  # fmt: skip
+    public = serialization.load_der_public_key(spki)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    uri = Pkcs11Uri.parse(hsm.uri("piv"))
+    key = open_key(KeyReference(uri, hsm.module), public, lambda _: hsm.pin)  # signs once to prove the key
+    ca = CertificateAuthority.create(Subject("PIV CA"), key=key)
+    key.close()
+    (tmp_path / "ca.pem").write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    pki = tmp_path / "pki"
+    ok(hsm, "ca", "import", pki, "--cert", tmp_path / "ca.pem", "--pkcs11", hsm.uri("piv"), "--module", hsm.module)
+    ok(hsm, "device-cert", "--pki", pki, "--device-id", "piv-1", "--out", tmp_path / "d")
+    ok(hsm, "crl", "--pki", pki, "--out", tmp_path / "crl.pem")
+    verified = tool("openssl", "verify", "-CAfile", tmp_path / "ca.pem", "-CRLfile", tmp_path / "crl.pem",
+                    "-crl_check", tmp_path / "d/mender-cert.pem")  # fmt: skip
+    assert b": OK" in verified.stdout
