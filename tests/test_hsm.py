@@ -410,3 +410,26 @@ def test_key_that_wants_the_pin_at_every_signature(hsm: SoftHsm, tmp_path: Path)
     verified = tool("openssl", "verify", "-CAfile", tmp_path / "ca.pem", "-CRLfile", tmp_path / "crl.pem",
                     "-crl_check", tmp_path / "d/mender-cert.pem")  # fmt: skip
     assert b": OK" in verified.stdout
+
+
+def test_pkcs11_uris() -> None:
+    """RFC 7512 URIs: percent-encoding both ways, the key's id as bytes, and what must not be in a URI."""
+    from imageprov.errors import UsageError
+
+    uri = Pkcs11Uri.parse("pkcs11:token=Fleet%20CA;serial=abc;object=ca%3Bkey;id=%01%ff;type=private"
+                          "?module-path=/usr/lib/x.so")  # fmt: skip
+    assert (uri.token, uri.serial, uri.object, uri.id, uri.module_path) == ("Fleet CA", "abc", "ca;key",
+                                                                            b"\x01\xff", "/usr/lib/x.so")  # fmt: skip
+    assert str(uri) == "pkcs11:token=Fleet%20CA;serial=abc;object=ca%3Bkey;id=%01%ff;type=private"
+    assert Pkcs11Uri.parse(str(uri)) == Pkcs11Uri("Fleet CA", "abc", object="ca;key", id=b"\x01\xff")
+    for bad, message in (
+        ("token=x;object=y", "is not a PKCS#11 URI"),
+        ("pkcs11:token=x", "does not name a key"),
+        ("pkcs11:token=x;object=y;type=public", "must name a private key"),
+        ("pkcs11:token=x;object=y;object=z", "given twice"),
+        ("pkcs11:token=x;slot-id=1;object=y", "'slot-id' is not supported"),
+        ("pkcs11:object=y?pin-source=file:/pin", "a PIN in the PKCS#11 URI"),
+        ("pkcs11:object=y?module-name=softhsm2", "'module-name' is not supported"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            Pkcs11Uri.parse(bad)
