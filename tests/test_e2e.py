@@ -157,13 +157,14 @@ def test_good_device_accepted_revoked_and_foreign_refused(
     url = f"https://localhost:{port}"
     out = tmp_path / "out"
     imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "good-1", "--device-id", "bad-1",
-                  "--server-url", url)  # fmt: skip
+                  "--server-url", url, "--conf-target", "rootfs")  # fmt: skip
     imageprov_pki("revoke", "--pki", pki, "bad-1", "--reason", "key-compromise")
     imageprov_pki("crl", "--pki", pki, "--out", tmp_path / "crl.pem")
     # A device of another fleet, with a CA of the same name.
     other = tmp_path / "other-pki"
     imageprov_pki("ca", "init", other, "--cn", "Test Fleet CA", "--org", "imageprov tests", "--country", "NO")
-    imageprov_pki("stamp", golden, "--pki", other, "--out", out, "--device-id", "alien-1", "--server-url", url)
+    imageprov_pki("stamp", golden, "--pki", other, "--out", out, "--device-id", "alien-1", "--server-url", url,
+                  "--conf-target", "rootfs")  # fmt: skip
 
     upstream_url, seen = edge["upstream"]  # type: ignore[misc]
     conf = imageprov_pki("edge", "nginx", "--pki", pki, "--server-cert", edge["server"], "--upstream", upstream_url,

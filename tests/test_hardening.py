@@ -202,12 +202,14 @@ def _fill(image: Path, tmp_path: Path, *, inodes: bool) -> None:
 
 def test_data_partition_without_free_blocks(case: Case, tmp_path: Path) -> None:
     _fill(case.golden, tmp_path, inodes=False)
-    _expect_refused(case, "dev-1")
+    # The batch's data conf (--conf-target auto) fails first, before any certificate is issued.
+    _expect_refused(case, "(data) failed")
 
 
 def test_data_partition_without_free_inodes(case: Case, tmp_path: Path) -> None:
     _fill(case.golden, tmp_path, inodes=True)
-    _expect_refused(case, "dev-1")
+    # The batch's data conf (--conf-target auto) fails first, before any certificate is issued.
+    _expect_refused(case, "(data) failed")
 
 
 # -- the output directory -----------------------------------------------------------

@@ -7,7 +7,6 @@ import gzip
 import json
 import lzma
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -45,10 +44,10 @@ def _conf(image: Path, role: str = "rootfs-a") -> dict[str, object]:
 
 
 def test_prepare_is_idempotent(golden: Path) -> None:
-    imageprov("prepare", golden, "--server-url", "https://edge.example.com")
+    imageprov("prepare", golden, "--server-url", "https://edge.example.com", "--conf-target", "rootfs")
     once = sha256(golden)
     mtime = golden.stat().st_mtime_ns
-    proc = imageprov("prepare", golden, "--server-url", "https://edge.example.com")
+    proc = imageprov("prepare", golden, "--server-url", "https://edge.example.com", "--conf-target", "rootfs")
     assert "already prepared" in proc.stderr
     assert sha256(golden) == once and golden.stat().st_mtime_ns == mtime
     for role in ("rootfs-a", "rootfs-b"):
@@ -69,10 +68,10 @@ def test_stamp_on_a_prepared_image_touches_only_the_data_partition(
     make_golden: Callable[..., Path], pki: Path, tmp_path: Path
 ) -> None:
     golden = make_golden(Scheme.GPT)
-    imageprov("prepare", golden, "--server-url", "https://edge")
+    imageprov("prepare", golden, "--server-url", "https://edge", "--conf-target", "rootfs")
     out = tmp_path / "out"
     proc = imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "p1", "--server-url",
-                         "https://edge")  # fmt: skip
+                         "https://edge", "--conf-target", "rootfs")  # fmt: skip
     assert "already prepared" in proc.stderr
     image = out / "p1.uefiimg"
     layout = roles(image)
@@ -80,68 +79,6 @@ def test_stamp_on_a_prepared_image_touches_only_the_data_partition(
         assert partition_bytes(image, layout[role]) == partition_bytes(golden, layout[role])
     assert partition_bytes(image, layout["data"]) != partition_bytes(golden, layout["data"])
     imageprov("verify", image, "--ca", pki / "ca-cert.pem", "--device-id", "p1")
-
-
-# -- the Yocto hook ------------------------------------------------------------
-
-
-def _bbclass_function(name: str) -> tuple[str, dict[str, str]]:
-    text = (ROOT / "scripts/yocto/imageprov-prepare.bbclass").read_text()
-    defaults = dict(re.findall(r'^(\w+) \?= "(.*)"$', text, re.M))
-    body = re.search(rf"^{name}\(\) \{{\n(.*?)^\}}$", text, re.M | re.S)
-    assert body is not None
-    assert f'IMAGE_POSTPROCESS_COMMAND += "{name}; "' in text
-    return f"{name}() {{\n{body.group(1)}}}\n", defaults
-
-
-def _bitbake_expand(script: str, variables: dict[str, str]) -> str:
-    """Expand ${VAR} as bitbake does for the variables it knows; shell variables stay."""
-    return re.sub(r"\$\{(\w+)\}", lambda m: variables.get(m.group(1), m.group(0)), script)
-
-
-def test_yocto_hook_prepares_the_deployed_image(make_golden: Callable[..., Path], tmp_path: Path) -> None:
-    # A build-like tree: the image recipe's IMGDEPLOYDIR with the image and its link.
-    deploy = tmp_path / "build/tmp/work/qemux86_64-poky-linux/core-image-acme/1.0/deploy-core-image-acme-image-complete"
-    deploy.mkdir(parents=True)
-    image_name = "core-image-acme-qemux86-64"
-    image = make_golden(Scheme.MBR, name="golden.sdimg").rename(deploy / f"{image_name}.rootfs.sdimg")
-    (deploy / f"{image_name}.sdimg").symlink_to(image.name)  # IMAGE_LINK_NAME
-    function, variables = _bbclass_function("imageprov_prepare_images")
-    variables.update(
-        IMGDEPLOYDIR=str(deploy),
-        IMAGE_NAME=image_name,
-        IMAGE_LINK_NAME=image_name,
-        IMAGEPROV=f"{sys.executable} -m imageprov",
-        IMAGEPROV_SERVER_URL="https://edge.acme.example",
-        IMAGEPROV_TENANT_TOKEN="tenant-token",
-    )
-    script = (
-        'set -e\nbbnote() { echo "NOTE: $*"; }\nbbwarn() { echo "WARNING: $*"; }\n'
-        + _bitbake_expand(function, variables)
-        + f"cd {tmp_path / 'build'}\nimageprov_prepare_images\n"
-    )
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={**os.environ})
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("NOTE: imageprov: preparing") == 1  # the link was skipped
-    conf = _conf(image, "rootfs-b")
-    assert conf["ServerURL"] == "https://edge.acme.example" and conf["TenantToken"] == "tenant-token"
-    assert conf["HttpsClient"] == HTTPS_CLIENT
-    # Run again, as a rebuild would: nothing changes.
-    before = sha256(image)
-    assert subprocess.run(["bash", "-c", script], capture_output=True).returncode == 0
-    assert sha256(image) == before
-
-
-def test_yocto_hook_warns_when_there_is_no_image(tmp_path: Path) -> None:
-    function, variables = _bbclass_function("imageprov_prepare_images")
-    variables.update(IMGDEPLOYDIR=str(tmp_path), IMAGE_NAME="nothing", IMAGEPROV="false")
-    script = (
-        'set -e\nbbnote() { :; }\nbbwarn() { echo "WARNING: $*"; }\n'
-        + _bitbake_expand(function, variables)
-        + "imageprov_prepare_images\n"
-    )
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
-    assert proc.returncode == 0 and "WARNING: imageprov: no sdimg" in proc.stdout
 
 
 # -- bmap and bmaptool ----------------------------------------------------------

@@ -86,7 +86,7 @@ def test_overrides_resolve_an_ambiguous_layout(tmp_path: Path) -> None:
         (None, "2,2", None, "two partitions"),
         (None, "2,x", None, "two partitions"),
         (9, None, None, "no partition 9"),
-        (None, None, 2, "not vfat"),
+        (None, None, 2, "would be both boot"),
         (2, "2,3", None, "two roles"),
     ],
 )

@@ -70,7 +70,8 @@ def _rootfs_confs(image: Path) -> list[dict[str, object]]:
 def test_stamp_on_every_layout(golden: Path, pki: Path, tmp_path: Path) -> None:
     before = sha256(golden)
     out = tmp_path / "out"
-    proc = _stamp(golden, pki, out, ["dev-0001", "dev-0002"], "--server-url", "https://edge.example.com", "--json")
+    proc = _stamp(golden, pki, out, ["dev-0001", "dev-0002"], "--server-url", "https://edge.example.com", "--json",
+                  "--conf-target", "rootfs")  # fmt: skip
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["device_id"] for line in lines] == ["dev-0001", "dev-0002"]
     assert {line["status"] for line in lines} == {"stamped"}
@@ -104,7 +105,8 @@ def test_production_conf_keeps_its_keys(
 ) -> None:
     original = (datafiles / "mender.conf.production").read_text()
     golden = make_golden(Scheme.GPT, mender_conf=original)
-    proc = imageprov_pki("stamp", golden, "--pki", pki, "--out", tmp_path / "out", "--device-id", "p1")
+    proc = imageprov_pki("stamp", golden, "--pki", pki, "--out", tmp_path / "out", "--device-id", "p1",
+                         "--conf-target", "rootfs")  # fmt: skip
     assert "replaced HttpsClient" in proc.stderr and "SSLEngine" in proc.stderr
     for conf in _rootfs_confs(tmp_path / "out/p1.uefiimg"):
         expected = json.loads(original)
@@ -116,8 +118,9 @@ def test_two_spaces_and_the_mender_conf_rendering(make_golden: Callable[..., Pat
     conf = '{"ServerURL":"https://a","TenantToken":"t","HttpsClient":{"Certificate":"/x","Key":"/x"},"Z":1}'
     golden = make_golden(Scheme.MBR, mender_conf=conf)
     proc = imageprov_pki(
-        "stamp", golden, "--pki", pki, "--out", tmp_path / "out", "--device-id", "d1", "--tenant-token", "TOKEN"
-    )
+        "stamp", golden, "--pki", pki, "--out", tmp_path / "out", "--device-id", "d1", "--tenant-token", "TOKEN",
+        "--conf-target", "rootfs",
+    )  # fmt: skip
     assert "replaced HttpsClient" in proc.stderr
     image = tmp_path / "out/d1.sdimg"
     text = debugfs(image, roles(image)["rootfs-b"], "cat /etc/mender/mender.conf")
@@ -141,15 +144,14 @@ def test_conf_target_data_leaves_rootfs_byte_identical(golden: Path, pki: Path, 
         "d1",
         "--conf-target",
         "data",
-        "--server-url",
-        "https://edge",
     )
     image = out / f"d1{golden.suffix}"
     layout = roles(image)
     for rootfs in ("rootfs-a", "rootfs-b"):
         assert partition_bytes(image, layout[rootfs]) == partition_bytes(golden, layout[rootfs])
     fallback = json.loads(debugfs(image, layout["data"], "cat /mender/mender.conf"))
-    assert fallback == {"ServerURL": "https://edge", "HttpsClient": HTTPS_CLIENT}
+    # --server-url is refused here: the rootfs conf sets ServerURL, and wins (tests/test_real_builds.py).
+    assert fallback == {"HttpsClient": HTTPS_CLIENT}
     _check_device_image(image, "d1", pki, tmp_path)
     imageprov("verify", image, "--ca", pki / "ca-cert.pem", "--device-id", "d1")
 
@@ -162,7 +164,8 @@ def test_mender_artifact_engine_gives_the_same_result(
     golden = make_golden(scheme)
     before = sha256(golden)
     out = tmp_path / "out"
-    imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "ma-1", "--engine", "mender-artifact")
+    imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "ma-1", "--engine", "mender-artifact",
+                  "--conf-target", "rootfs")  # fmt: skip
     assert sha256(golden) == before
     image = out / f"ma-1{golden.suffix}"
     _check_device_image(image, "ma-1", pki, tmp_path)

@@ -16,8 +16,16 @@ from imageprov.cli import pki as cli_pki
 from imageprov.cli import stamp as cli_stamp
 from imageprov.cli.output import layout_dict, layout_text
 from imageprov.disk.copy import edit_in_place, staged
-from imageprov.disk.golden import GoldenSpec, Scheme, build_golden
-from imageprov.disk.image import Area, DiskImage, parse_mode, parse_owner, split_image_path
+from imageprov.disk.golden import DEFAULT_MENDER_CONF, GoldenSpec, RootfsB, Scheme, build_golden
+from imageprov.disk.image import (
+    EMPTY_ROOTFS_B_NOTE,
+    Area,
+    DiskImage,
+    parse_mode,
+    parse_owner,
+    split_image_path,
+    volume_name,
+)
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
 
@@ -35,7 +43,7 @@ DataPart = Annotated[Optional[int], typer.Option("--data-part", help="Number of 
 RootfsParts = Annotated[
     Optional[str], typer.Option("--rootfs-parts", help="Numbers of rootfs A and B, e.g. 2,3, if not found.")
 ]
-BootPart = Annotated[Optional[int], typer.Option("--boot-part", help="Number of the vfat boot partition.")]
+BootPart = Annotated[Optional[int], typer.Option("--boot-part", help="Number of the boot partition (vfat or ext4).")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
 
 
@@ -140,8 +148,10 @@ def cp(
         disk = _open(image, data_part, rootfs_parts, boot_part)
         with edit_in_place(image) as staging:
             written = disk.at(staging).write(path, content, mode=perm, uid=uid, gid=gid)
-        where = ", ".join(f"partition {v.partition.number} ({v.role.value})" for v in written)
+        where = ", ".join(volume_name(v) for v in written)
         typer.echo(f"wrote {path.device_path} ({len(content)} bytes, mode 0{perm:o}, {uid}:{gid}) to {where}", err=True)
+        if path.area is Area.ROOTFS and disk.rootfs_b_empty:
+            typer.echo(f"note: {EMPTY_ROOTFS_B_NOTE}", err=True)
     elif _is_image_spec(src):
         image, path = split_image_path(src)
         data = _open(image, data_part, rootfs_parts, boot_part).read(path)
@@ -178,12 +188,29 @@ def golden(
     rootfs_mib: Annotated[int, typer.Option(help="Size of each rootfs partition.")] = 64,
     data_mib: Annotated[int, typer.Option(help="Size of the data partition.")] = 32,
     payload_mib: Annotated[int, typer.Option(help="Random payload in each rootfs, for benchmarks.")] = 0,
+    server_url: Annotated[
+        Optional[str],
+        typer.Option("--server-url", help="ServerURL in the rootfs conf (the build's MENDER_SERVER_URL)."),
+    ] = None,
+    boot_fs: Annotated[str, typer.Option("--boot-fs", help="vfat or ext4 (MENDER_BOOT_PART_FSTYPE).")] = "vfat",
+    rootfs_b: Annotated[
+        RootfsB, typer.Option("--rootfs-b", help="copy of A, empty-ext4 (meta-mender's default) or unformatted.")
+    ] = RootfsB.COPY,
+    split_conf: Annotated[
+        bool, typer.Option("--split-conf", help="RootfsPartA/B in /data/mender/mender.conf, as meta-mender splits it.")
+    ] = False,
 ) -> None:
     """Build a demo Mender golden image with real tools (sfdisk, mkfs.vfat, mke2fs -d).
 
     Example: imageprov golden demo/golden.sdimg --layout mbr-extended
+    Like a meta-mender build: imageprov golden real.sdimg --boot-fs ext4 --rootfs-b empty-ext4 --split-conf
     """
-    spec = GoldenSpec(scheme=layout, rootfs_mib=rootfs_mib, data_mib=data_mib, payload_mib=payload_mib)
+    if boot_fs not in ("vfat", "ext4"):
+        raise UsageError(f"--boot-fs {boot_fs!r} is neither vfat nor ext4")
+    conf = {**DEFAULT_MENDER_CONF, **({"ServerURL": server_url} if server_url else {})}
+    spec = GoldenSpec(scheme=layout, rootfs_mib=rootfs_mib, data_mib=data_mib, payload_mib=payload_mib,
+                      mender_conf=json.dumps(conf, indent=2) + "\n", boot_fs=boot_fs, rootfs_b=rootfs_b,
+                      split_conf=split_conf)  # fmt: skip
     with staged(out) as temp:
         build_golden(temp, spec)
     typer.echo(f"built {out}", err=True)

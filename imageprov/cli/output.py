@@ -48,7 +48,10 @@ def human_size(size: int) -> str:
 def layout_text(layout: Layout) -> str:
     """The human ``inspect`` table."""
     table = layout.table
-    lines = [f"table: {table.type.name} (disk id {table.disk_id}, {table.sector_size}-byte sectors)"]
+    if layout.is_bare:
+        lines = ["table: none (a bare filesystem image)"]
+    else:
+        lines = [f"table: {table.type.name} (disk id {table.disk_id}, {table.sector_size}-byte sectors)"]
     lines += [f"warning: {w}" for w in table.warnings]
     header = ("#", "start", "size", "type", "filesystem", "label", "role")
     rows = [header]

@@ -28,14 +28,16 @@ DataPart = Annotated[Optional[int], typer.Option("--data-part", help="Number of 
 RootfsParts = Annotated[
     Optional[str], typer.Option("--rootfs-parts", help="Numbers of rootfs A and B, e.g. 2,3, if not found.")
 ]
+BootPart = Annotated[Optional[int], typer.Option("--boot-part", help="Number of the boot partition (vfat or ext4).")]
 
 
 ConfTargetOpt = Annotated[
     ConfTarget,
     typer.Option(
         "--conf-target",
-        help="rootfs: /etc/mender/mender.conf on both rootfs; "
-        "data: the data partition's fallback config, rootfs left byte-identical.",
+        help="auto (default): data, unless the rootfs mender.conf sets HttpsClient or Security (then an error); "
+        "data: /data/mender/mender.conf, which updates keep, rootfs left byte-identical; "
+        "rootfs: /etc/mender/mender.conf on each rootfs, which an update built without it removes.",
     ),
 ]
 
@@ -54,14 +56,7 @@ def stamp(
     ] = None,
     server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
     tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
-    conf_target: Annotated[
-        ConfTarget,
-        typer.Option(
-            "--conf-target",
-            help="rootfs: /etc/mender/mender.conf on both rootfs; "
-            "data: the data partition's fallback config, rootfs left byte-identical.",
-        ),
-    ] = ConfTarget.ROOTFS,
+    conf_target: ConfTargetOpt = ConfTarget.AUTO,
     engine: Annotated[
         Engine, typer.Option("--engine", help="debugfs (fast, in place) or mender-artifact.")
     ] = Engine.DEBUGFS,
@@ -79,6 +74,7 @@ def stamp(
     ] = None,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
+    boot_part: BootPart = None,
 ) -> None:
     """Write one ready, verified image per device: its own key and CA-signed certificate, and mender.conf.
 
@@ -107,7 +103,7 @@ def stamp(
         days=days,
         curve=curve,
         reissue=reissue,
-        overrides=Overrides.parse(data_part, rootfs_parts, None),
+        overrides=Overrides.parse(data_part, rootfs_parts, boot_part),
         bmap=bmap,
         compress=compress,
     )
@@ -168,28 +164,36 @@ def verify(
         Optional[Path], typer.Option("--crl", help="A CRL (PEM or DER): the device must not be on it.")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    server_url: Annotated[
+        Optional[str], typer.Option("--server-url", help="The ServerURL the client must use (main conf over fallback).")
+    ] = None,
+    tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="The TenantToken it must use.")] = None,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
+    boot_part: BootPart = None,
 ) -> None:
     """Prove an image right before it is flashed; exit 0 only if every check holds.
 
     Checks the partition table; the key (0600 root) and certificate (0644 root)
     on the data partition; that the certificate chains to the CA, is valid, is
     not revoked, names the device and allows clientAuth; that the key matches
-    it; that mender.conf on both rootfs (or the data partition's fallback)
-    points HttpsClient at exactly those files; and e2fsck -fn.
+    it; that the configuration the client uses (each rootfs's
+    /etc/mender/mender.conf over the data partition's /data/mender/mender.conf,
+    field by field) points HttpsClient at exactly those files, warning when
+    only a rootfs holds it; and e2fsck -fn. Takes a bare rootfs.ext4 or
+    .dataimg too, and checks what it holds.
     """
     if not image.exists():
         raise UsageError(f"{image} does not exist")
     report = verify_image(image, load_cert(ca), device_id=device_id, crl=_load_crl(crl) if crl else None,
-                          overrides=Overrides.parse(data_part, rootfs_parts, None))  # fmt: skip
+                          overrides=Overrides.parse(data_part, rootfs_parts, boot_part),
+                          settings=Settings(server_url=server_url, tenant_token=tenant_token))  # fmt: skip
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         for check in report.checks:
-            typer.echo(
-                f"{'ok  ' if check.ok else 'FAIL'}  {check.name}" + (f"  ({check.detail})" if check.detail else "")
-            )
+            status = "FAIL" if not check.ok else "warn" if check.warning else "ok  "
+            typer.echo(f"{status}  {check.name}" + (f"  ({check.detail})" if check.detail else ""))
     if not report.ok:
         names = ", ".join(c.name for c in report.failures)
         raise StampFailed(f"{image}: {len(report.failures)} checks failed: {names}")
@@ -210,22 +214,24 @@ def prepare(
     image: Annotated[Path, typer.Argument(help="The build's own image, changed in place.")],
     server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
     tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
-    conf_target: ConfTargetOpt = ConfTarget.ROOTFS,
+    conf_target: ConfTargetOpt = ConfTarget.AUTO,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
+    boot_part: BootPart = None,
 ) -> None:
     """Do, once and in place, the part of stamping that is the same for every device.
 
     Merges the HttpsClient block (and --server-url/--tenant-token) into
     mender.conf and creates /data/mender. Idempotent: a prepared image is not
     written to. Atomic: a failure leaves the image as it was. stamp on a
-    prepared image touches only the data partition. For Yocto, see
-    scripts/yocto/imageprov-prepare.bbclass.
+    prepared image touches only the data partition. Takes a bare rootfs.ext4
+    (with --conf-target rootfs) or .dataimg too. In a Yocto build, the
+    meta-imageprov layer (yocto/meta-imageprov) does this in the rootfs instead.
     """
     if not image.is_file():
         raise UsageError(f"{image} does not exist" if not image.exists() else f"{image} is not a file")
     settings = Settings(server_url=server_url, tenant_token=tenant_token)
-    done = prepare_in_place(image, settings, conf_target, Overrides.parse(data_part, rootfs_parts, None))
+    done = prepare_in_place(image, settings, conf_target, Overrides.parse(data_part, rootfs_parts, boot_part))
     for note in done.notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(f"prepared {image}" if done.changed else f"{image} was already prepared: not changed", err=True)

@@ -4,6 +4,14 @@ The image is laid out as Mender's image classes lay it out: boot vfat, rootfs
 A, rootfs B, data ext4 last, aligned to 8 MiB (``IMAGE_ROOTFS_ALIGNMENT``).
 sfdisk writes the table, mkfs.vfat and ``mke2fs -d`` write the filesystems
 straight at their offsets, so the result is sparse and needs no root.
+
+Options reproduce what real meta-mender builds give: an ext4 boot partition
+(``MENDER_BOOT_PART_FSTYPE``), rootfs B left empty (an empty ext4, what wic's
+``part --fstype`` without a source makes, or never formatted), and the split
+configuration (``split-mender-config``: RootfsPartA/B in
+``/data/mender/mender.conf``, the rest in ``/etc/mender/mender.conf``, both
+0600, ``/var/lib/mender`` a link to ``/data/mender``). ``build_filesystem_image``
+writes a bare ``rootfs.ext4`` or ``.dataimg`` as the build deploys them.
 """
 
 from __future__ import annotations
@@ -36,6 +44,17 @@ DEFAULT_MENDER_CONF: dict[str, object] = {
 }
 
 
+# The keys meta-mender's split configuration keeps on the data partition
+# (MENDER_PERSISTENT_CONFIGURATION_VARS); the others stay in the rootfs.
+PERSISTENT_KEYS = ("RootfsPartA", "RootfsPartB")
+
+
+class RootfsB(enum.Enum):
+    COPY = "copy"  # a copy of rootfs A (mender-prepopulate-inactive-partition)
+    EMPTY_EXT4 = "empty-ext4"  # an ext4 with nothing in it: meta-mender's default
+    UNFORMATTED = "unformatted"  # zeros: no filesystem until the first update
+
+
 class Scheme(enum.Enum):
     MBR = "mbr"  # .sdimg: 4 primaries
     MBR_EXTENDED = "mbr-extended"  # 3 primaries + extended: swap 5, data 6
@@ -57,6 +76,9 @@ class GoldenSpec:
     payload_mib: int = 0
     device_type: str = "imageprov-demo"
     mender_conf: str = json.dumps(DEFAULT_MENDER_CONF, indent=2) + "\n"
+    boot_fs: str = "vfat"  # or "ext4"
+    rootfs_b: RootfsB = RootfsB.COPY
+    split_conf: bool = False
 
 
 def build_golden(path: Path, spec: GoldenSpec = GoldenSpec()) -> Path:
@@ -84,15 +106,40 @@ def build_golden(path: Path, spec: GoldenSpec = GoldenSpec()) -> Path:
     data = rest[-1]
     # mkfs.vfat picks the FAT size from the whole file's size, not the
     # partition's, and fails on a small partition in a large image: name it.
-    fat = "16" if spec.boot_mib < 512 else "32"
-    run(["mkfs.vfat", "-F", fat, "--offset", str(boot // SECTOR), "-n", "BOOT", str(path), str(spec.boot_mib * 1024)])
-    Vfat(path, boot, "boot").write(PurePosixPath("/uboot.env"), b"bootcmd=run mender_setup\n")
+    uboot_env = b"bootcmd=run mender_setup\n"
     with tempfile.TemporaryDirectory(prefix="imageprov-golden-") as tmp:
+        if spec.boot_fs == "ext4":
+            boot_tree = Path(tmp, "boot")
+            boot_tree.mkdir()
+            (boot_tree / "uboot.env").write_bytes(uboot_env)
+            _mke2fs(path, boot, spec.boot_mib, "boot", boot_tree)
+        else:
+            fat = "16" if spec.boot_mib < 512 else "32"
+            run(["mkfs.vfat", "-F", fat, "--offset", str(boot // SECTOR), "-n", "BOOT", str(path),
+                 str(spec.boot_mib * 1024)])  # fmt: skip
+            Vfat(path, boot, "boot").write(PurePosixPath("/uboot.env"), uboot_env)
         rootfs_tree = _rootfs_tree(Path(tmp, "rootfs"), spec)
         data_tree = _data_tree(Path(tmp, "data"), spec)
-        for offset, label in ((rootfs_a, "rootfs-a"), (rootfs_b, "rootfs-b")):
-            _mke2fs(path, offset, spec.rootfs_mib, label, rootfs_tree)
+        _mke2fs(path, rootfs_a, spec.rootfs_mib, "rootfs-a", rootfs_tree)
+        if spec.rootfs_b is RootfsB.COPY:
+            _mke2fs(path, rootfs_b, spec.rootfs_mib, "rootfs-b", rootfs_tree)
+        elif spec.rootfs_b is RootfsB.EMPTY_EXT4:
+            empty = Path(tmp, "empty")
+            empty.mkdir()
+            _mke2fs(path, rootfs_b, spec.rootfs_mib, "rootfs-b", empty)
         _mke2fs(path, data, spec.data_mib, "data", data_tree)
+    return path
+
+
+def build_filesystem_image(path: Path, spec: GoldenSpec = GoldenSpec(), *, data: bool = False) -> Path:
+    """Write a bare ext4 image as a build deploys it: the root filesystem (``rootfs.ext4``) or ``.dataimg``."""
+    path.unlink(missing_ok=True)
+    mib = spec.data_mib if data else spec.rootfs_mib
+    with open(path, "wb") as handle:
+        handle.truncate(mib * MIB)
+    with tempfile.TemporaryDirectory(prefix="imageprov-golden-") as tmp:
+        tree = _data_tree(Path(tmp, "data"), spec) if data else _rootfs_tree(Path(tmp, "rootfs"), spec)
+        _mke2fs(path, 0, mib, "data" if data else "rootfs", tree)
     return path
 
 
@@ -146,7 +193,15 @@ def _mke2fs(path: Path, offset: int, mib: int, label: str, tree: Path) -> None:
 def _rootfs_tree(root: Path, spec: GoldenSpec) -> Path:
     (root / "etc/mender").mkdir(parents=True)
     (root / "data").mkdir()
-    (root / "etc/mender/mender.conf").write_text(spec.mender_conf)
+    conf = root / "etc/mender/mender.conf"
+    if spec.split_conf:
+        transient = {k: v for k, v in json.loads(spec.mender_conf).items() if k not in PERSISTENT_KEYS}
+        conf.write_text(json.dumps(transient, indent=4, sort_keys=True))
+        conf.chmod(0o600)
+        (root / "var/lib").mkdir(parents=True)
+        (root / "var/lib/mender").symlink_to("/data/mender")
+    else:
+        conf.write_text(spec.mender_conf)
     (root / "etc/hostname").write_text("imageprov-demo\n")
     (root / "etc/os-release").write_text('NAME="imageprov demo"\nID=imageprov-demo\n')
     if spec.payload_mib:
@@ -159,4 +214,9 @@ def _rootfs_tree(root: Path, spec: GoldenSpec) -> Path:
 def _data_tree(root: Path, spec: GoldenSpec) -> Path:
     (root / "mender").mkdir(parents=True)
     (root / "mender/device_type").write_text(f"device_type={spec.device_type}\n")
+    if spec.split_conf:
+        persistent = {k: v for k, v in json.loads(spec.mender_conf).items() if k in PERSISTENT_KEYS}
+        conf = root / "mender/mender.conf"
+        conf.write_text(json.dumps(persistent, indent=4, sort_keys=True))
+        conf.chmod(0o600)
     return root

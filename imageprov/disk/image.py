@@ -3,22 +3,29 @@
 Paths follow mender-artifact's convention, so that users of the manual recipe
 need to learn nothing new: ``/data/...`` is on the data partition,
 ``/uboot/...`` and ``/boot/efi/...`` on the boot partition, and anything else
-on the root filesystem, which is written to both rootfs A and B.
+on the root filesystem, which is written to both rootfs A and B, or to A
+alone while B is empty (a real build leaves it so; the first update fills it).
+A bare filesystem image holds one area: a ``rootfs.ext4`` the root filesystem,
+a ``.dataimg`` the data partition.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 
 from imageprov.disk.ext4 import Ext4, NewFile, fs_path
-from imageprov.disk.layout import Layout, Overrides, Volume, read_layout
+from imageprov.disk.layout import Layout, Overrides, Role, Volume, read_layout
 from imageprov.disk.vfat import Vfat
 from imageprov.errors import FilesystemError, UsageError
 
 BOOT_PREFIXES = (PurePosixPath("/uboot"), PurePosixPath("/boot/efi"))
 DATA_PREFIX = PurePosixPath("/data")
+EMPTY_ROOTFS_B_NOTE = (
+    "rootfs B is empty: only rootfs A was changed; B receives its root filesystem from the first update"
+)
 
 
 class Area(enum.Enum):
@@ -70,41 +77,81 @@ class DiskImage:
 
     def at(self, path: Path) -> DiskImage:
         """The same layout, for a copy of this image at ``path``."""
-        return DiskImage(path, self.layout)
+        copy = DiskImage(path, self.layout)
+        if "rootfs_volumes" in self.__dict__:  # a copy holds the same filesystems: no second look
+            copy.__dict__["rootfs_volumes"] = self.rootfs_volumes
+        return copy
+
+    @cached_property
+    def rootfs_volumes(self) -> tuple[Volume, ...]:
+        """The rootfs partitions that hold a root filesystem: rootfs A, and B unless it is empty.
+
+        meta-mender leaves rootfs B unformatted, or an empty ext4 (``part --fstype``
+        with no source), unless ``mender-prepopulate-inactive-partition``.
+        """
+        volumes = self.layout.rootfs_partitions
+        if len(volumes) < 2:
+            return volumes
+        rootfs_b = volumes[1]
+        if rootfs_b.filesystem.is_ext and self.ext(rootfs_b).stat(PurePosixPath("/etc")) is not None:
+            return volumes
+        return volumes[:1]
+
+    @property
+    def rootfs_b_empty(self) -> bool:
+        """A disk image whose rootfs B holds no root filesystem yet."""
+        return len(self.layout.rootfs_partitions) == 2 and len(self.rootfs_volumes) == 1
 
     def ext(self, volume: Volume) -> Ext4:
         """The ext filesystem on ``volume``, checked to fit its partition."""
         _check_fits(volume)
         if not volume.filesystem.is_ext:
-            raise FilesystemError(f"{_name(volume)} holds {volume.filesystem.value}, not ext4")
-        return Ext4(self.path, volume.partition.offset, _name(volume))
+            raise FilesystemError(f"{volume_name(volume)} holds {volume.filesystem.value}, not ext4")
+        return Ext4(self.path, volume.partition.offset, volume_name(volume))
 
     def vfat(self, volume: Volume) -> Vfat:
         _check_fits(volume)
-        return Vfat(self.path, volume.partition.offset, _name(volume))
+        return Vfat(self.path, volume.partition.offset, volume_name(volume))
 
     def volumes_for(self, area: Area) -> tuple[Volume, ...]:
-        """The volumes a path in ``area`` lives on: two for the rootfs, one otherwise."""
+        """The volumes a path in ``area`` lives on: the rootfs that hold one (A and B), one otherwise."""
+        if self.layout.is_bare:
+            return self._bare_volume(area)
         if area is Area.DATA:
             return (self.layout.data_partition,)
         if area is Area.ROOTFS:
-            return self.layout.rootfs_partitions
+            return self.rootfs_volumes
         boot = self.layout.boot_partition
         if boot is None:
-            raise FilesystemError(f"{self.path} has no vfat boot partition", hint="name it with --boot-part N")
+            raise FilesystemError(f"{self.path} has no boot partition", hint="name it with --boot-part N")
         return (boot,)
+
+    def _bare_volume(self, area: Area) -> tuple[Volume, ...]:
+        (volume,) = self.layout.volumes
+        holds = Area.DATA if volume.role is Role.DATA else Area.ROOTFS
+        if area is not holds:
+            what = "the data partition (/data/...)" if holds is Area.DATA else "a root filesystem"
+            raise UsageError(
+                f"{self.path} is a bare filesystem image holding {what}: it has no {area.value} area",
+                hint="name a path in it, or open the disk image (.sdimg, .uefiimg)",
+            )
+        return (volume,)
+
+    def _is_vfat(self, path: DevicePath, volume: Volume) -> bool:
+        # Mender's boot partition may be ext4 (MENDER_BOOT_PART_FSTYPE): then it is edited as one.
+        return path.area is Area.BOOT and not volume.filesystem.is_ext
 
     def read(self, path: DevicePath) -> bytes:
         """The content of a file, read from the first volume of its area (rootfs A for the rootfs)."""
         volume = self.volumes_for(path.area)[0]
-        if path.area is Area.BOOT:
+        if self._is_vfat(path, volume):
             return self.vfat(volume).read(path.inner)
         return self.ext(volume).read(path.inner)
 
     def listdir(self, path: DevicePath) -> list[tuple[str, str, int]]:
         """(name, "d" or "-" + mode, size) of each entry of a directory."""
         volume = self.volumes_for(path.area)[0]
-        if path.area is Area.BOOT:
+        if self._is_vfat(path, volume):
             return [(e.name, "d" if e.is_dir else "-", e.size) for e in self.vfat(volume).listdir(path.inner)]
         return [(e.name, _mode_string(e.mode), e.size) for e in self.ext(volume).listdir(path.inner)]
 
@@ -114,7 +161,7 @@ class DiskImage:
         if path.inner == PurePosixPath("/"):
             raise UsageError(f"{path.device_path} is a directory; name the file to write")
         for volume in volumes:
-            if path.area is Area.BOOT:
+            if self._is_vfat(path, volume):
                 if (mode, uid, gid) != (0o644, 0, 0):
                     raise UsageError("vfat has no modes or owners", hint="drop --mode/--owner for /uboot paths")
                 self.vfat(volume).write(path.inner, content)
@@ -123,14 +170,16 @@ class DiskImage:
         return list(volumes)
 
 
-def _name(volume: Volume) -> str:
+def volume_name(volume: Volume) -> str:
+    if volume.partition.number == 0:
+        return f"the filesystem image ({volume.role.value})"
     return f"partition {volume.partition.number} ({volume.role.value})"
 
 
 def _check_fits(volume: Volume) -> None:
     if volume.filesystem_size > volume.partition.size:
         raise FilesystemError(
-            f"the {volume.filesystem.value} filesystem on {_name(volume)} is {volume.filesystem_size} bytes, "
+            f"the {volume.filesystem.value} filesystem on {volume_name(volume)} is {volume.filesystem_size} bytes, "
             f"larger than its partition ({volume.partition.size} bytes)",
             hint="the image is corrupt or was truncated; refusing to write past the partition",
         )

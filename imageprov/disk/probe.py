@@ -27,6 +27,9 @@ class Filesystem(enum.Enum):
     EXT2 = "ext2"
     VFAT = "vfat"
     SWAP = "swap"
+    # Zeros where every filesystem keeps its signature: a partition never
+    # formatted (meta-mender can leave rootfs B so until the first update).
+    EMPTY = "empty"
     UNKNOWN = "unknown"
 
     @property
@@ -44,7 +47,14 @@ class Probe:
 
 def probe(fd: int, part: Partition) -> Probe:
     """Identify the filesystem at the start of ``part``."""
-    head = os.pread(fd, min(part.size, 8192), part.offset)
+    return probe_at(fd, part.offset, part.size)
+
+
+def probe_at(fd: int, offset: int, size: int) -> Probe:
+    """Identify the filesystem at byte ``offset`` of an image, in a region of ``size`` bytes."""
+    head = os.pread(fd, min(size, 8192), offset)
+    if head and not any(head):
+        return Probe(Filesystem.EMPTY)
     return _ext(head) or _fat(head) or _swap(head) or Probe(Filesystem.UNKNOWN)
 
 

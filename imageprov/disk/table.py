@@ -17,6 +17,9 @@ from imageprov.errors import TableError
 class TableType(enum.Enum):
     MBR = "dos"  # the names sfdisk --json uses for "label"
     GPT = "gpt"
+    # A bare filesystem image (a build's rootfs.ext4 or .dataimg): one
+    # filesystem at offset 0, no table, as mender-artifact also accepts.
+    NONE = "none"
 
 
 # MBR partition types that hold a chain of EBRs rather than a filesystem.

@@ -41,7 +41,7 @@ from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
 from imageprov.mender import mender_artifact
 from imageprov.mender.conf import Settings
-from imageprov.mender.prepare import ConfTarget, apply_changes, plan_changes
+from imageprov.mender.prepare import ConfTarget, apply_changes, plan_changes, resolve_target
 from imageprov.mender.verify import (
     CERT_PATH,
     DATA_CONF_PATH,
@@ -67,7 +67,7 @@ class Engine(enum.Enum):
 @dataclass(frozen=True)
 class StampOptions:
     settings: Settings = field(default_factory=Settings)
-    conf_target: ConfTarget = ConfTarget.ROOTFS
+    conf_target: ConfTarget = ConfTarget.AUTO
     engine: Engine = Engine.DEBUGFS
     days: int = 3650
     curve: Curve = Curve.P256
@@ -150,6 +150,7 @@ class Batch:
         self.options = options
         self.notes: tuple[str, ...] = ()
         self._source: Path | None = None
+        self._conf_target = options.conf_target
         self._plan: WritePlan | None = None
         self._scratch: Path | None = None
         # The image every copy starts from: the golden image, or its decompressed copy.
@@ -160,6 +161,8 @@ class Batch:
                 self._decompressed = self.plain = stage(out_dir / inner_name(golden))
                 decompress_sparse(golden, self.plain)
             self.disk = DiskImage.open(self.plain, options.overrides)
+            if self.disk.layout.is_bare:
+                raise UsageError(f"{golden} is a bare filesystem image", hint="stamp needs the whole disk image")
         except BaseException:
             self.__exit__()
             raise
@@ -178,10 +181,11 @@ class Batch:
         """Do and check what is the same for every device, once; return the image to copy per device."""
         if self._source is not None:
             return self._source
+        self._conf_target = resolve_target(self.disk, self.options.conf_target)
         if self.options.engine is Engine.MENDER_ARTIFACT:
             self._source = self.plain
             return self._source
-        changes, notes = plan_changes(self.disk, self.options.settings, self.options.conf_target)
+        changes, notes = plan_changes(self.disk, self.options.settings, self._conf_target)
         source = self.plain
         if changes:
             self._scratch = stage(self.out_dir / f"imageprov-batch{self.plain.suffix}")
@@ -203,7 +207,7 @@ class Batch:
         # here once, rather than once per device.
         checks = Checks()
         fallback = disk.ext(disk.layout.data_partition).fetch([DATA_CONF_PATH.inner])[DATA_CONF_PATH.inner][1]
-        check_mender_confs(checks, disk, fallback)
+        check_mender_confs(checks, disk, fallback, self.options.settings)
         if checks.failures:
             failed = checks.failures[0]
             raise ImageprovError(f"the prepared image fails '{failed.name}': {failed.detail}")
@@ -286,7 +290,7 @@ class Batch:
     def _write_and_check(self, temp: Path, device_id: str, issued: Issued) -> None:
         if self.options.engine is Engine.MENDER_ARTIFACT:
             mender_artifact.stamp(
-                self.plain, temp, issued, self.options.settings, data_conf=self.options.conf_target is ConfTarget.DATA
+                self.plain, temp, issued, self.options.settings, data_conf=self._conf_target is ConfTarget.DATA
             )
             report = verify_image(temp, self.ca.cert, device_id=device_id, overrides=self.options.overrides)
             failures = report.failures

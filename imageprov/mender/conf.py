@@ -79,3 +79,33 @@ def merge(text: bytes | None, settings: Settings, where: str) -> Merge:
     config["HttpsClient"] = settings.https_client
     rendered = render(config)
     return Merge(rendered, config != before or rendered != text, replaced)
+
+
+def effective(main: dict[str, Any], fallback: dict[str, Any]) -> dict[str, Any]:
+    """The configuration the client uses: ``fallback`` first, ``main`` (/etc/mender/mender.conf) over it.
+
+    Key by key, and inside an object field by field: mender 3.x decodes both
+    files into one struct (Go's json.Unmarshal keeps what the second file does
+    not name), and 4.x's parser sets each field it finds. So an HttpsClient in
+    the rootfs naming only a Certificate keeps the fallback's Key. A null
+    changes nothing in either client.
+    """
+    merged = dict(fallback)
+    for key, value in main.items():
+        if value is None:
+            continue
+        below = merged.get(key)
+        merged[key] = effective(value, below) if isinstance(value, dict) and isinstance(below, dict) else value
+    return merged
+
+
+def conflicts(main: dict[str, Any], settings: Settings) -> list[str]:
+    """The settings that ``main`` overrides when they are written to the fallback config, as ``Key: value``."""
+    # Every key the merge writes, whatever settings come to hold.
+    wanted: dict[str, Any] = json.loads(merge(None, settings, "the fallback").text)
+    used = effective(main, wanted)
+    found = [f"{key}: {json.dumps(main[key])}" for key in wanted if used.get(key) != wanted[key]]
+    if settings.server_url is not None and main.get("Servers") is not None:
+        # The client refuses ServerURL beside Servers, wherever each is set.
+        found.append("Servers (the client refuses ServerURL beside it)")
+    return found

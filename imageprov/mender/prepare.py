@@ -11,13 +11,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from imageprov.disk.copy import edit_in_place
-from imageprov.disk.ext4 import NewFile
-from imageprov.disk.image import DiskImage
+from imageprov.disk.ext4 import Inode, NewFile
+from imageprov.disk.image import EMPTY_ROOTFS_B_NOTE, DiskImage
 from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import UsageError
-from imageprov.mender.conf import DATA_CONF, ROOTFS_CONF, Settings, merge, parse
+from imageprov.mender.conf import DATA_CONF, ROOTFS_CONF, Settings, conflicts, merge, parse
 from imageprov.mender.verify import DATA_CONF_PATH, KEY_PATH, ROOTFS_CONF_PATH
 
 # A partition, files to write on it and directories to make.
@@ -25,8 +26,15 @@ Change = tuple[Volume, list[NewFile], list[PurePosixPath]]
 
 
 class ConfTarget(enum.Enum):
-    ROOTFS = "rootfs"  # /etc/mender/mender.conf on both rootfs partitions
-    DATA = "data"  # the fallback config on the data partition: rootfs stay byte-identical
+    # The data partition's conf, unless a rootfs conf sets what would override it.
+    AUTO = "auto"
+    ROOTFS = "rootfs"  # /etc/mender/mender.conf on every rootfs: the next update must carry it too
+    DATA = "data"  # the data partition's conf, which updates keep: rootfs stay byte-identical
+
+
+# Blocks a rootfs conf may hold only if the site builds them into every update:
+# the default refuses to guess which of the two confs should carry them.
+ROOTFS_OWNED = ("HttpsClient", "Security")
 
 
 @dataclass(frozen=True)
@@ -35,39 +43,91 @@ class Prepared:
     notes: tuple[str, ...]
 
 
+def _rootfs_confs(disk: DiskImage) -> list[tuple[Volume, str, dict[str, Any]]]:
+    """Each populated rootfs's mender.conf, parsed.
+
+    A rootfs without one is refused even though the client could run on the
+    fallback alone: it is the sign of a wrong partition or not a Mender image.
+    """
+    confs = []
+    for volume in disk.rootfs_volumes:
+        where = f"{ROOTFS_CONF} on {volume.role.value}"
+        confs.append((volume, where, parse(disk.ext(volume).read(ROOTFS_CONF_PATH), where)))
+    return confs
+
+
+def resolve_target(disk: DiskImage, target: ConfTarget) -> ConfTarget:
+    """The conf that ``target`` means for this image: ``auto`` becomes ``data``, or a one-line refusal."""
+    if disk.layout.data_volume is None:
+        if target is ConfTarget.ROOTFS:
+            return target
+        raise UsageError(
+            f"{disk.path} is a bare root filesystem: it has no data partition for {DATA_CONF}",
+            hint="prepare the disk image or the .dataimg, or pass --conf-target rootfs",
+        )
+    if disk.layout.is_bare and target is ConfTarget.ROOTFS:
+        raise UsageError(f"{disk.path} holds only the data partition", hint="use --conf-target data")
+    if target is not ConfTarget.AUTO:
+        return target
+    for _, where, conf in _rootfs_confs(disk):
+        owned = [key for key in ROOTFS_OWNED if key in conf]
+        if owned:
+            raise UsageError(
+                f"{where} sets {' and '.join(owned)}, which the client reads over {DATA_CONF}, "
+                "where --conf-target auto writes the block",
+                hint="pass --conf-target rootfs (then every update must carry the block too), "
+                "or use a golden image whose rootfs mender.conf leaves them out",
+            )
+    return ConfTarget.DATA
+
+
 def plan_changes(disk: DiskImage, settings: Settings, target: ConfTarget) -> tuple[list[Change], list[str]]:
     """The writes every device's image needs, and notes for the user; none if the image is prepared."""
     layout = disk.layout
     notes: list[str] = []
     changes: list[Change] = []
-    data_fs = disk.ext(layout.data_partition)
-    for volume in layout.rootfs_partitions:
-        where = f"{ROOTFS_CONF} on {volume.role.value}"
-        current = disk.ext(volume).read(ROOTFS_CONF_PATH)
-        if target is ConfTarget.ROOTFS:
+    target = resolve_target(disk, target)
+    if target is ConfTarget.ROOTFS:
+        if disk.rootfs_b_empty:
+            notes.append(EMPTY_ROOTFS_B_NOTE)
+        notes.append(f"HttpsClient goes to {ROOTFS_CONF}: an update built without it removes it")
+        for volume in disk.rootfs_volumes:
+            where = f"{ROOTFS_CONF} on {volume.role.value}"
+            fs = disk.ext(volume)
+            current = fs.read(ROOTFS_CONF_PATH)
             merged = merge(current, settings, where)
             if merged.replaced is not None:
                 notes.append(f"{where}: replaced HttpsClient {merged.replaced}")
             if merged.changed:
-                changes.append((volume, [NewFile(ROOTFS_CONF_PATH, merged.text, 0o644)], []))
-            continue
-        main = parse(current, where)
-        # The client reads /etc/mender/mender.conf over the fallback: a block there wins.
-        if "HttpsClient" in main and main["HttpsClient"] != settings.https_client:
-            raise UsageError(
-                f"{where} has its own HttpsClient, which overrides the data partition's",
-                hint="use --conf-target rootfs, or remove it from the golden image",
-            )
-    if target is ConfTarget.DATA:
+                changes.append((volume, [_keeping_owner(fs.stat(ROOTFS_CONF_PATH), ROOTFS_CONF_PATH, merged.text)], []))
+    else:
+        for _, where, conf in _rootfs_confs(disk):
+            # The client reads /etc/mender/mender.conf over the fallback: what it sets wins.
+            overridden = conflicts(conf, settings)
+            if overridden:
+                raise UsageError(
+                    f"{where} sets {', '.join(overridden)}, which the client reads over {DATA_CONF}",
+                    hint="pass --conf-target rootfs, or set these in the build (MENDER_SERVER_URL, "
+                    "MENDER_TENANT_TOKEN) and leave them out here",
+                )
+        data_fs = disk.ext(layout.data_partition)
         inode, fallback = data_fs.fetch([DATA_CONF_PATH.inner])[DATA_CONF_PATH.inner]
         merged = merge(fallback, settings, DATA_CONF)
         if merged.replaced is not None:
             notes.append(f"{DATA_CONF}: replaced HttpsClient {merged.replaced}")
         if merged.changed or inode is None:
-            changes.append((layout.data_partition, [NewFile(DATA_CONF_PATH.inner, merged.text, 0o644)], []))
-    if data_fs.stat(KEY_PATH.inner.parent) is None:
-        changes.append((layout.data_partition, [], [KEY_PATH.inner.parent]))
+            changes.append((layout.data_partition, [_keeping_owner(inode, DATA_CONF_PATH.inner, merged.text)], []))
+    data = layout.data_volume
+    if data is not None and disk.ext(data).stat(KEY_PATH.inner.parent) is None:
+        changes.append((data, [], [KEY_PATH.inner.parent]))
     return changes, notes
+
+
+def _keeping_owner(inode: Inode | None, path: PurePosixPath, text: bytes) -> NewFile:
+    # meta-mender installs both confs 0600 (they may hold a tenant token): a merge keeps what was there.
+    if inode is None or inode.kind != "regular":
+        return NewFile(path, text, 0o644)
+    return NewFile(path, text, inode.mode, inode.uid, inode.gid)
 
 
 def apply_changes(disk: DiskImage, changes: list[Change]) -> None:
@@ -76,7 +136,7 @@ def apply_changes(disk: DiskImage, changes: list[Change]) -> None:
 
 
 def prepare_in_place(
-    image: Path, settings: Settings, target: ConfTarget = ConfTarget.ROOTFS, overrides: Overrides | None = None
+    image: Path, settings: Settings, target: ConfTarget = ConfTarget.AUTO, overrides: Overrides | None = None
 ) -> Prepared:
     """Prepare ``image`` in place, atomically; an image already prepared is not written to at all."""
     disk = DiskImage.open(image, overrides)

@@ -21,7 +21,7 @@ from imageprov.disk.ext4 import Inode
 from imageprov.disk.image import DevicePath, DiskImage
 from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import ImageprovError
-from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, parse
+from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, Settings, effective, parse
 from imageprov.pki.chain import leaf_problems
 from imageprov.run import run
 
@@ -36,6 +36,8 @@ class Check:
     name: str
     ok: bool
     detail: str = ""
+    # Passes, but the device may lose it later: shown, never a failure.
+    warning: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class Report:
             "device_id": self.device_id,
             "serial": self.serial,
             "fingerprint": self.fingerprint,
-            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
+            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "warning": c.warning} for c in self.checks],
         }
 
 
@@ -71,8 +73,8 @@ class Checks:
 
     items: list[Check] = field(default_factory=list)
 
-    def add(self, name: str, ok: bool, detail: str = "") -> bool:
-        self.items.append(Check(name, ok, detail))
+    def add(self, name: str, ok: bool, detail: str = "", *, warning: bool = False) -> bool:
+        self.items.append(Check(name, ok, detail, warning))
         return ok
 
     @property
@@ -98,20 +100,32 @@ def verify_image(
     overrides: Overrides | None = None,
     fsck_rootfs: bool = True,
     now: dt.datetime | None = None,
+    settings: Settings | None = None,
 ) -> Report:
-    """Check everything about the client credentials in ``image``; never raises for a bad image."""
+    """Check everything about the client credentials in ``image``; never raises for a bad image.
+
+    ``settings``, when given, name a ServerURL or TenantToken the client must use.
+    """
     checks = Checks()
     try:
         disk = DiskImage.open(image, overrides)
+        volumes = disk.rootfs_volumes
     except ImageprovError as exc:
         checks.add("partition table and layout", False, str(exc))
         return Report(image, tuple(checks.items), device_id)
-    checks.add("partition table and layout", True, disk.layout.table.type.name)
-    found = check_data_partition(checks, disk, ca_cert, device_id=device_id, crl=crl, now=now)
+    data = disk.layout.data_volume
+    if data is None:
+        detail = "a bare root filesystem: no data partition, so no key or certificate to check"
+        checks.add("partition table and layout", True, detail)
+        found = DataFindings()
+    else:
+        kind = "a bare data partition" if disk.layout.is_bare else disk.layout.table.type.name
+        checks.add("partition table and layout", True, kind)
+        found = check_data_partition(checks, disk, ca_cert, device_id=device_id, crl=crl, now=now)
     if not found.readable:
         return Report(image, tuple(checks.items), device_id)
-    check_mender_confs(checks, disk, found.fallback)
-    touched = [disk.layout.data_partition, *(disk.layout.rootfs_partitions if fsck_rootfs else ())]
+    check_mender_confs(checks, disk, found.fallback, settings)
+    touched = [*([data] if data else ()), *(volumes if fsck_rootfs else ())]
     check_fsck(checks, image, touched)
     cert = found.cert
     return Report(
@@ -153,10 +167,28 @@ def check_data_partition(
     return DataFindings(cert, found[DATA_CONF_PATH.inner][1])
 
 
-def check_mender_confs(checks: Checks, disk: DiskImage, fallback: bytes | None) -> None:
-    """Check the HttpsClient the client will see when booted from rootfs A and from rootfs B."""
-    for volume in disk.layout.rootfs_partitions:
-        _check_conf(checks, disk, volume, fallback)
+def check_mender_confs(
+    checks: Checks, disk: DiskImage, fallback: bytes | None, settings: Settings | None = None
+) -> None:
+    """Check the configuration the client will use when booted from rootfs A and from rootfs B.
+
+    That is the rootfs's /etc/mender/mender.conf over the data partition's
+    fallback, field by field (:func:`imageprov.mender.conf.effective`). An
+    empty rootfs B is not checked: the first update brings its root filesystem.
+    """
+    if disk.rootfs_b_empty:
+        checks.add("rootfs B", True, "empty: it receives its root filesystem and mender.conf from the first update")
+    volumes = disk.rootfs_volumes
+    if not volumes:  # a bare data partition: its fallback is all there is to see
+        _check_conf(checks, "mender.conf on the data partition", None, fallback, settings, bare_data=True)
+    for volume in volumes:
+        try:
+            main = disk.ext(volume).fetch([ROOTFS_CONF_PATH])[ROOTFS_CONF_PATH][1]
+        except ImageprovError as exc:
+            checks.add(f"mender.conf on {volume.role.value}", False, str(exc))
+            continue
+        _check_conf(checks, f"mender.conf on {volume.role.value}", main, fallback, settings,
+                    bare_data=False, role=volume.role.value)  # fmt: skip
 
 
 def check_fsck(checks: Checks, image: Path, volumes: list[Volume]) -> None:
@@ -235,26 +267,50 @@ def _cn(cert: x509.Certificate) -> str:
     return str(found[0].value) if found else ""
 
 
-def _check_conf(checks: Checks, disk: DiskImage, volume: Volume, fallback: bytes | None) -> None:
-    name = f"mender.conf on {volume.role.value}"
+def _check_conf(
+    checks: Checks,
+    name: str,
+    main_text: bytes | None,
+    fallback: bytes | None,
+    settings: Settings | None,
+    *,
+    bare_data: bool,
+    role: str = "",
+) -> None:
     try:
-        main = parse(disk.ext(volume).read(ROOTFS_CONF_PATH), f"{ROOTFS_CONF} on {volume.role.value}")
+        main = parse(main_text, f"{ROOTFS_CONF} on {role}") if main_text is not None else {}
         extra = parse(fallback, DATA_CONF) if fallback is not None else {}
     except ImageprovError as exc:
         checks.add(name, False, str(exc))
         return
-    # The client reads the data partition's fallback config first and the
-    # rootfs one over it: a key in /etc/mender/mender.conf wins.
-    block = {**extra, **main}.get("HttpsClient")
-    where = ROOTFS_CONF if "HttpsClient" in main else DATA_CONF
+    wanted = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
+    used = effective(main, extra)
+    for key, value in (
+        ("ServerURL", settings and settings.server_url),
+        ("TenantToken", settings and settings.tenant_token),
+    ):
+        if value is not None:
+            source = ROOTFS_CONF if main.get(key) is not None else DATA_CONF
+            checks.add(f"{key} the client uses{f' ({role})' if role else ''}", used.get(key) == value,
+                       f"{used.get(key)!r} from {source}")  # fmt: skip
+    block = used.get("HttpsClient")
+    # Where the client finds each field: the rootfs conf wins, field by field.
+    main_block = main.get("HttpsClient") or {}
+    where = ROOTFS_CONF if any(main_block.get(k) is not None for k in wanted) else DATA_CONF
     if not isinstance(block, dict):
         checks.add(name, False, "no HttpsClient block")
-    elif block.get("Key") == CLIENT_CERT:
+        return
+    got = {k: block.get(k) for k in wanted}
+    if got["Key"] == CLIENT_CERT:
         checks.add(name, False, f"HttpsClient.Key in {where} points at the certificate, not the key")
-    else:
-        wanted = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
-        got = {k: block.get(k) for k in wanted}
-        checks.add(name, got == wanted, f"HttpsClient in {where}: {got}")
+        return
+    if not checks.add(name, got == wanted, f"HttpsClient in {where}: {got}"):
+        return
+    kept = effective({}, extra).get("HttpsClient")
+    if not bare_data and (not isinstance(kept, dict) or {k: kept.get(k) for k in wanted} != wanted):
+        checks.add(f"HttpsClient survives an update ({role})", True,
+                   f"only in {ROOTFS_CONF}: an update built without it removes it; "
+                   f"put it in {DATA_CONF} (--conf-target data) or into the build", warning=True)  # fmt: skip
 
 
 def _check_fsck(checks: Checks, image: Path, volume: Volume) -> None:

@@ -1,0 +1,90 @@
+# imageprov-mender-conf.bbclass: merge the client-certificate block that
+# imageprov stamps against into the image's mender.conf, in the root
+# filesystem tree, before any image type is made from it.
+#
+# Enable it for image recipes only (local.conf or the distro):
+#
+#   IMAGE_CLASSES += "imageprov-mender-conf"
+#
+# The block names where the production line puts each device's key and
+# certificate (`imageprov stamp`); the files themselves never enter the build,
+# its sstate or its deploy directory.
+#
+# By default it goes to the data partition's /data/mender/mender.conf, which
+# the client reads under /etc/mender/mender.conf and which updates keep:
+# meta-mender makes the data partition (.dataimg, and the data partition of
+# .sdimg/.uefiimg) from ${IMAGE_ROOTFS}/data, and leaves data/ out of the root
+# filesystem image, so rootfs.ext4, the .mender artifact and its checksums do
+# not change. Set IMAGEPROV_MENDER_CONF = "/etc/mender/mender.conf" to put it
+# into the root filesystem instead: then every update built here carries it.
+# ServerURL and TenantToken are meta-mender's (MENDER_SERVER_URL,
+# MENDER_TENANT_TOKEN).
+
+IMAGEPROV_MENDER_CONF ?= "/data/mender/mender.conf"
+IMAGEPROV_CLIENT_CERT ?= "/data/mender/mender-cert.pem"
+IMAGEPROV_CLIENT_KEY ?= "/data/mender/mender-cert-private.pem"
+
+# In do_rootfs, after the packages (and meta-mender's two mender.conf files)
+# are installed, before the image types are made: current syntax, no ";".
+ROOTFS_POSTPROCESS_COMMAND += "imageprov_mender_conf"
+
+python imageprov_mender_conf() {
+    import json
+    import os
+
+    rootfs = d.getVar("IMAGE_ROOTFS")
+    target = d.getVar("IMAGEPROV_MENDER_CONF")
+    block = {"Certificate": d.getVar("IMAGEPROV_CLIENT_CERT"), "Key": d.getVar("IMAGEPROV_CLIENT_KEY")}
+    main_conf = "/etc/mender/mender.conf"
+    if not target.startswith("/") or ".." in target.split("/"):
+        bb.fatal("imageprov: IMAGEPROV_MENDER_CONF must be an absolute path, not %r" % target)
+
+    def load(device_path):
+        path = os.path.join(rootfs, device_path.lstrip("/"))
+        if not os.path.lexists(path):
+            return path, None
+        if os.path.islink(path) or not os.path.isfile(path):
+            bb.fatal("imageprov: %s in the image is not a regular file" % device_path)
+        with open(path, encoding="utf-8") as handle:
+            try:
+                value = json.load(handle)
+            except ValueError as exc:
+                bb.fatal("imageprov: %s in the image is not valid JSON: %s" % (device_path, exc))
+        if not isinstance(value, dict):
+            bb.fatal("imageprov: %s in the image is not a JSON object" % device_path)
+        return path, value
+
+    for device_path in (block["Key"], block["Certificate"]):
+        # Per-device credentials belong to the line: in a build they would land in
+        # sstate and the deploy directory, and every device would share them.
+        if os.path.lexists(os.path.join(rootfs, device_path.lstrip("/"))):
+            bb.fatal("imageprov: the image holds %s: per-device credentials must not be built in; "
+                     "they are stamped on the production line" % device_path)
+
+    if target != main_conf:
+        # The client reads /etc/mender/mender.conf over the fallback, field by
+        # field: a block there would silently win over the one written here.
+        _, main = load(main_conf)
+        owned = [key for key in ("HttpsClient", "Security") if key in (main or {})]
+        if owned:
+            bb.fatal("imageprov: %s in the image sets %s, which the client reads over %s; "
+                     "remove it from the build, or set IMAGEPROV_MENDER_CONF = \"%s\""
+                     % (main_conf, " and ".join(owned), target, main_conf))
+
+    path, conf = load(target)
+    if conf is None:
+        conf, mode = {}, 0o600  # as meta-mender installs both confs: they may hold a tenant token
+    else:
+        mode = os.stat(path).st_mode & 0o7777
+    old = conf.get("HttpsClient")
+    if old is not None and old != block:
+        bb.note("imageprov: replacing HttpsClient %s in %s" % (json.dumps(old), target))
+    conf["HttpsClient"] = block
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    partial = path + ".imageprov"
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(conf, indent=2) + "\n")
+    os.chmod(partial, mode)
+    os.replace(partial, path)
+    bb.note("imageprov: HttpsClient in %s -> %s, %s" % (target, block["Certificate"], block["Key"]))
+}
