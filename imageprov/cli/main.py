@@ -147,7 +147,12 @@ def cp(
             perm, uid, gid = 0o644, 0, 0
         disk = _open(image, data_part, rootfs_parts, boot_part)
         with edit_in_place(image) as staging:
+            replayed = disk.at(staging).replay_journals()
             written = disk.at(staging).write(path, content, mode=perm, uid=uid, gid=gid)
+        for name in replayed:
+            typer.echo(f"note: replayed the journal of {name} before writing", err=True)
+        if image.is_symlink():
+            typer.echo(f"note: {image} is a link: edited its target {image.resolve()}", err=True)
         where = ", ".join(volume_name(v) for v in written)
         typer.echo(f"wrote {path.device_path} ({len(content)} bytes, mode 0{perm:o}, {uid}:{gid}) to {where}", err=True)
         if path.area is Area.ROOTFS and disk.rootfs_b_empty:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -60,7 +61,9 @@ def stamp(
     engine: Annotated[
         Engine, typer.Option("--engine", help="debugfs (fast, in place) or mender-artifact.")
     ] = Engine.DEBUGFS,
-    days: Annotated[int, typer.Option("--days", help="Validity of the device certificates.")] = 3650,
+    days: Annotated[
+        int, typer.Option("--days", min=1, max=36500, help="Validity of the device certificates, in days.")
+    ] = 3650,
     curve: CurveOpt = Curve.P256,
     reissue: Annotated[
         bool, typer.Option("--reissue", help="Revoke a device's live certificate and issue anew.")
@@ -115,34 +118,51 @@ def stamp(
         for note in batch.notes:
             typer.echo(f"note: {note}", err=True)
         show_bar = sys.stderr.isatty() and not json_out
-        with typer.progressbar(length=len(ids), label="stamping", file=sys.stderr, hidden=not show_bar) as bar:
-            for outcome in batch.run(ids):
-                bar.update(1)
-                if isinstance(outcome, Failed):
-                    failures.append((outcome.device_id, outcome.error))
-                    if len(ids) > 1:  # one device: the error line below says it all
-                        typer.echo(f"failed {outcome.device_id}: {outcome.error}", err=True)
-                    if json_out:
-                        typer.echo(json.dumps({"device_id": outcome.device_id, "status": "failed",
-                                               "error": outcome.error}))  # fmt: skip
-                    continue
-                for note in outcome.notes:
-                    typer.echo(f"{outcome.device_id}: {note}", err=True)
-                if json_out:
-                    typer.echo(json.dumps(_stamped_dict(outcome)))
-                elif not show_bar:
-                    typer.echo(f"{outcome.status} {outcome.device_id}: {outcome.image} (serial {outcome.serial})",
-                               err=True)  # fmt: skip
+        try:
+            _stamp_all(batch, ids, show_bar, json_out, failures)
+        except KeyboardInterrupt:
+            # One line (typer would exit 130 silently): what is done, and what to do.
+            left = len(ids) - len(batch.delivered)
+            typer.echo(f"imageprov: interrupted: delivered {len(batch.delivered)} of {len(ids)} devices; "
+                       f"rerun the same command to stamp the other {left}", err=True)  # fmt: skip
+            raise typer.Exit(130) from None
     if failures:
         if len(ids) == 1:
             raise StampFailed(f"{failures[0][0]}: {failures[0][1]}")
         names = ", ".join(d for d, _ in failures[:10]) + (", ..." if len(failures) > 10 else "")
+        delivered = len(batch.delivered)
         raise StampFailed(
             f"{len(failures)} of {len(ids)} devices failed: {names}",
-            hint="the others were delivered; fix the cause and rerun the same command",
+            hint=f"{'the other ' + str(delivered) if delivered else 'none'} were delivered; "
+            "fix the cause and rerun the same command",
         )
     if not json_out:
         typer.echo(f"delivered {len(ids)} images to {out}", err=True)
+
+
+def _stamp_all(batch: Batch, ids: list[str], show_bar: bool, json_out: bool, failures: list[tuple[str, str]]) -> None:
+    # closing(): an interrupt here also stops the batch, before the one line about it is printed.
+    with (
+        typer.progressbar(length=len(ids), label="stamping", file=sys.stderr, hidden=not show_bar) as bar,
+        contextlib.closing(batch.run(ids)) as outcomes,
+    ):
+        for outcome in outcomes:
+            bar.update(1)
+            if isinstance(outcome, Failed):
+                failures.append((outcome.device_id, outcome.error))
+                if len(ids) > 1:  # one device: the error line below says it all
+                    typer.echo(f"failed {outcome.device_id}: {outcome.error}", err=True)
+                if json_out:
+                    typer.echo(json.dumps({"device_id": outcome.device_id, "status": "failed",
+                                           "error": outcome.error}))  # fmt: skip
+                continue
+            for note in outcome.notes:
+                typer.echo(f"{outcome.device_id}: {note}", err=True)
+            if json_out:
+                typer.echo(json.dumps(_stamped_dict(outcome)))
+            elif not show_bar:
+                typer.echo(f"{outcome.status} {outcome.device_id}: {outcome.image} (serial {outcome.serial})",
+                           err=True)  # fmt: skip
 
 
 def _stamped_dict(done: Stamped) -> dict[str, object]:
@@ -171,6 +191,7 @@ def verify(
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
     boot_part: BootPart = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too (a CRL past its nextUpdate).")] = False,
 ) -> None:
     """Prove an image right before it is flashed; exit 0 only if every check holds.
 
@@ -180,14 +201,16 @@ def verify(
     it; that the configuration the client uses (each rootfs's
     /etc/mender/mender.conf over the data partition's /data/mender/mender.conf,
     field by field) points HttpsClient at exactly those files, warning when
-    only a rootfs holds it; and e2fsck -fn. Takes a bare rootfs.ext4 or
-    .dataimg too, and checks what it holds.
+    only a rootfs holds it; that no journal is left unreplayed; and e2fsck
+    -fn. With --crl, a CRL past its nextUpdate is a warning (a failure with
+    --strict). Takes a bare rootfs.ext4 or .dataimg too, and checks what it holds.
     """
     if not image.exists():
         raise UsageError(f"{image} does not exist")
     report = verify_image(image, load_cert(ca), device_id=device_id, crl=_load_crl(crl) if crl else None,
                           overrides=Overrides.parse(data_part, rootfs_parts, boot_part),
-                          settings=Settings(server_url=server_url, tenant_token=tenant_token))  # fmt: skip
+                          settings=Settings(server_url=server_url, tenant_token=tenant_token),
+                          strict=strict)  # fmt: skip
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -234,6 +257,8 @@ def prepare(
     done = prepare_in_place(image, settings, conf_target, Overrides.parse(data_part, rootfs_parts, boot_part))
     for note in done.notes:
         typer.echo(f"note: {note}", err=True)
+    if done.changed and image.is_symlink():
+        typer.echo(f"note: {image} is a link: edited its target {image.resolve()}", err=True)
     typer.echo(f"prepared {image}" if done.changed else f"{image} was already prepared: not changed", err=True)
 
 

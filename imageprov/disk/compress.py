@@ -64,7 +64,7 @@ def decompress_sparse(src: Path, dst: Path) -> None:
     if kind is None:
         raise CompressError(f"{src} is not .gz, .xz, .bz2 or .zst")
     if kind is Compression.ZST:
-        run(["zstd", "-q", "-d", "-f", "--sparse", "-o", str(dst), str(src)], timeout=3600)
+        run(["zstd", "-q", "-d", "-f", "--sparse", "-o", str(dst), "--", str(src)], timeout=3600)
         return
     try:
         with kind.open(src, "rb") as reader, open(dst, "wb") as out:
@@ -91,7 +91,7 @@ def _write_sparse(out: IO[bytes], chunk: bytes, offset: int) -> None:
 def compress(src: Path, dst: Path, kind: Compression) -> None:
     """Compress ``src`` into ``dst`` (which is overwritten)."""
     if kind is Compression.ZST:
-        run(["zstd", "-q", "-f", "-T0", "-o", str(dst), str(src)], timeout=3600)
+        run(["zstd", "-q", "-f", "-T0", "-o", str(dst), "--", str(src)], timeout=3600)
         return
     with open(src, "rb") as reader, kind.open(dst, "wb") as writer:
         while chunk := reader.read(_CHUNK):

@@ -40,9 +40,9 @@ class CopyResult:
     bytes_copied: int
 
 
-def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(start, end) of every data region of the open file ``fd``, holes left out."""
-    pos = 0
+def data_ranges(fd: int, size: int, begin: int = 0) -> Iterator[tuple[int, int]]:
+    """(start, end) of every data region of the open file ``fd`` from ``begin``, holes left out."""
+    pos = begin
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
@@ -90,6 +90,38 @@ def copy_fd(src: int, dst: int, *, progress: Progress | None = None) -> CopyResu
                 progress(n)
     os.ftruncate(dst, size)
     return CopyResult("sparse" if in_kernel else "sparse (read/write)", copied)
+
+
+def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, length: int) -> int:
+    """Copy ``length`` bytes of ``src`` at ``src_offset`` into ``dst`` at ``dst_offset``; holes are skipped.
+
+    A hole in ``src`` leaves ``dst`` as it was there: copy into a new file, or
+    back over the range a copy came from. Returns the bytes copied.
+    """
+    end = src_offset + length
+    copied = 0
+    in_kernel = True
+    for start, stop in data_ranges(src, end, src_offset):
+        offset, stop = max(start, src_offset), min(stop, end)
+        while offset < stop:
+            count, at = min(_CHUNK, stop - offset), offset - src_offset + dst_offset
+            if in_kernel:
+                try:
+                    n = os.copy_file_range(src, dst, count, offset, at)
+                except OSError as exc:
+                    if exc.errno not in _NO_CLONE:
+                        raise
+                    in_kernel = False
+                    continue
+            else:
+                n = os.pwrite(dst, os.pread(src, count, offset), at)
+            if n == 0:
+                raise CopyError("a file shrank while it was being copied")
+            offset += n
+            copied += n
+    if os.fstat(dst).st_size < dst_offset + length:
+        os.ftruncate(dst, dst_offset + length)
+    return copied
 
 
 def stage(final: Path) -> Path:
@@ -189,12 +221,14 @@ def copy_image(src: Path, dst: Path, *, mode: int | None = None, progress: Progr
 
 @contextmanager
 def edit_in_place(image: Path) -> Iterator[Path]:
-    """Yield a staged copy of ``image`` to change; it replaces ``image`` only if no error is raised.
+    """Yield a staged copy of ``image`` to change; it replaces ``image`` (a link's target) only if no error is raised.
 
     debugfs can fail halfway through a script and e2undo does not restore the
     superblock's counters byte for byte (measured with e2fsprogs 1.47), so an
     in-place edit goes to a reflink/sparse copy that is renamed over the image.
     """
-    with staged(image) as temp:
-        copy_image(image, temp)
+    # A link (Yocto's IMAGE_LINK_NAME) is resolved once: its target is edited, the link stays.
+    real = image.resolve(strict=True)
+    with staged(real) as temp:
+        copy_image(real, temp)
         yield temp

@@ -12,13 +12,17 @@ so a name may hold spaces but never a quote, a newline or a control character.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import struct
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from imageprov.disk.copy import copy_range, stage
 from imageprov.errors import FilesystemError, UsageError
 from imageprov.run import run
 
@@ -27,6 +31,11 @@ S_IFDIR = 0o040000
 _BANNER = re.compile(r"^debugfs \d[\w.\-]* \(.*\)$")
 _ECHO = "debugfs: "
 _FORBIDDEN = re.compile(r'["\\\x00-\x1f\x7f]')
+_EXT_MAGIC = 0xEF53
+# The superblock's "journal needs recovery" flag (EXT3_FEATURE_INCOMPAT_RECOVER):
+# set while mounted, and left set by a dd of a running device.
+_INCOMPAT_RECOVER = 0x4
+_RO_COMPAT_QUOTA = 0x100
 
 
 def fs_path(path: str) -> PurePosixPath:
@@ -47,6 +56,33 @@ def _q(path: PurePosixPath | Path) -> str:
     return f'"{path}"'
 
 
+@contextmanager
+def private_dir() -> Iterator[Path]:
+    """A private (0700) temporary directory; a full or unwritable TMPDIR is named in the error."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="imageprov-") as tmp:
+            yield Path(tmp)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        raise FilesystemError(
+            f"cannot write temporary files in {tempfile.gettempdir()}: {exc.strerror}",
+            hint="free space there, or point TMPDIR at a directory with room",
+        ) from exc
+
+
+def tool_name(image: Path, offset: int, tmp: Path) -> str:
+    """The name under which debugfs and e2fsck open the filesystem at ``offset`` of ``image``.
+
+    They split ``NAME?offset=N`` at the first '?' and take a leading '-' for an
+    option: a link in our private directory names the image whatever its own name.
+    """
+    link = tmp / "image"
+    if not link.is_symlink():
+        link.symlink_to(image.absolute())
+    return f"{link}?offset={offset}"
+
+
 @dataclass(frozen=True)
 class Inode:
     path: PurePosixPath
@@ -55,6 +91,7 @@ class Inode:
     uid: int
     gid: int
     size: int
+    link: str = ""  # a fast symlink's target
 
 
 @dataclass(frozen=True)
@@ -129,24 +166,88 @@ class Ext4:
     offset: int
     name: str  # for messages, e.g. "partition 4 (data)"
 
-    @property
-    def target(self) -> str:
-        return f"{self.image}?offset={self.offset}"
-
     def _debugfs(self, commands: Sequence[str], *, write: bool = False) -> tuple[str, list[str]]:
         """Run a debugfs script; return stdout and the error lines of stderr."""
-        with tempfile.TemporaryDirectory(prefix="imageprov-") as tmp:
+        if write:
+            self.check_writable()
+        with private_dir() as tmp:
             script = Path(tmp, "script")
             script.write_text("\n".join(commands) + "\n")
-            argv = ["debugfs", *(["-w"] if write else []), "-f", str(script), self.target]
+            argv = ["debugfs", *(["-w"] if write else []), "-f", str(script), tool_name(self.image, self.offset, tmp)]
             done = run(argv, env={"DEBUGFS_PAGER": "__none__", "PAGER": "__none__"})
         errors = [ln for ln in done.stderr.splitlines() if ln.strip() and not _BANNER.match(ln.strip())]
         return done.stdout.decode("utf-8", "replace"), errors
+
+    def _superblock(self) -> bytes:
+        with open(self.image, "rb") as handle:
+            sb = os.pread(handle.fileno(), 1024, self.offset + 1024)
+        if len(sb) < 1024 or struct.unpack_from("<H", sb, 56)[0] != _EXT_MAGIC:
+            raise FilesystemError(f"{self.name} holds no ext superblock")
+        return sb
+
+    def check_writable(self) -> None:
+        """Refuse a filesystem that debugfs's writes would leave wrong."""
+        sb = self._superblock()
+        if struct.unpack_from("<I", sb, 96)[0] & _INCOMPAT_RECOVER:
+            # The kernel replays the journal at the first mount, over whatever we wrote.
+            raise FilesystemError(
+                f"{self.name} has a journal that was never replayed; refusing to write behind it",
+                hint="replay it in the golden image first: e2fsck -E journal_only on the partition",
+            )
+        if struct.unpack_from("<I", sb, 100)[0] & _RO_COMPAT_QUOTA:
+            raise FilesystemError(
+                f"{self.name} has the quota feature, which debugfs does not keep up to date: "
+                "e2fsck would find the quota of every written file wrong",
+                hint="turn it off in the golden image: tune2fs -O ^quota on the partition",
+            )
+
+    def needs_recovery(self) -> bool:
+        """Whether the journal holds transactions never written to the filesystem (a dd of a mounted one)."""
+        return bool(struct.unpack_from("<I", self._superblock(), 96)[0] & _INCOMPAT_RECOVER)
+
+    def replay_journal(self) -> None:
+        """Replay the journal into the filesystem, in place: do it on a private copy of an image only.
+
+        e2fsck -E journal_only does the replay, but e2fsprogs 1.47 cannot reopen
+        ``IMAGE?offset=N`` after it (the offset is lost: "Bad magic number"), and
+        neither can debugfs's journal_run: the filesystem is replayed in a
+        sparse copy of its own and copied back, data ranges only.
+        """
+        sb = self._superblock()
+        blocks = struct.unpack_from("<I", sb, 4)[0]
+        if struct.unpack_from("<I", sb, 96)[0] & 0x80:  # 64bit: the high half of the block count
+            blocks |= struct.unpack_from("<I", sb, 336)[0] << 32
+        size = blocks * (1024 << struct.unpack_from("<I", sb, 24)[0])
+        alone = stage(self.image.with_name(f"journal{self.image.suffix}"))
+        try:
+            with open(self.image, "r+b") as image, open(alone, "r+b") as copy:
+                copy_range(image.fileno(), self.offset, copy.fileno(), 0, size)
+                with private_dir() as tmp:
+                    done = run(["e2fsck", "-E", "journal_only", "-y", tool_name(alone, 0, tmp)], check=False)
+                replayed = Ext4(alone, 0, self.name)
+                if done.returncode not in (0, 1) or replayed.needs_recovery():
+                    found = _findings(done.stdout.decode("utf-8", "replace") + done.stderr)
+                    raise FilesystemError(f"cannot replay the journal of {self.name}: {found}",
+                                          hint="repair the golden image with e2fsck -f")  # fmt: skip
+                copy_range(copy.fileno(), 0, image.fileno(), self.offset, size)
+                os.fsync(image.fileno())
+        finally:
+            alone.unlink(missing_ok=True)
+        if self.needs_recovery():
+            raise FilesystemError(f"the journal of {self.name} still needs recovery after replaying it")
 
     def _check(self, errors: list[str], doing: str) -> None:
         if errors:
             first = errors[0].strip()
             hint = next((h for needle, h in _HINTS.items() if needle in first), "")
+            if "No space left on device" in first:
+                # debugfs names no path: reads fill the temporary directory, writes the image's filesystem.
+                if doing == "reading":
+                    first += f" (in {tempfile.gettempdir()}, the temporary directory)"
+                    hint = "free space there, or point TMPDIR at a directory with room"
+                else:
+                    first += f" (on the filesystem holding {self.image})"
+                    hint = "free space there"
             raise FilesystemError(f"{doing} on {self.name} failed: {first}", hint=hint)
 
     def stat_many(self, paths: Iterable[PurePosixPath]) -> dict[PurePosixPath, Inode | None]:
@@ -173,6 +274,12 @@ class Ext4:
         for path, (inode, content) in found.items():
             if inode is None:
                 raise FilesystemError(f"{path} does not exist on {self.name}")
+            if content is None and inode.kind == "symlink":
+                raise FilesystemError(
+                    f"{path} on {self.name} is a symbolic link{f' to {inode.link}' if inode.link else ''}, "
+                    "not a file: imageprov reads and writes the files themselves, never through links",
+                    hint="replace the link with the file it points to in the golden image",
+                )
             if content is None:
                 raise FilesystemError(f"{path} on {self.name} is a {inode.kind}, not a regular file")
             out[path] = content
@@ -181,13 +288,21 @@ class Ext4:
     def fetch(self, paths: Sequence[PurePosixPath]) -> dict[PurePosixPath, tuple[Inode | None, bytes | None]]:
         """Stat and read several paths in one debugfs run: (inode or None, content of a regular file or None)."""
         wanted = list(dict.fromkeys(paths))
-        with tempfile.TemporaryDirectory(prefix="imageprov-") as tmp:
+        with private_dir() as tmp:
             # Dumped files may hold private keys: the directory is private (0700).
             outs = {p: Path(tmp, f"f{i}") for i, p in enumerate(wanted)}
             commands = [f"stat {_q(p)}" for p in wanted] + [f"dump {_q(p)} {_q(outs[p])}" for p in wanted]
             out, errors = self._debugfs(commands)
             inodes = self._parse_stats(wanted, out, len(commands))
-            self._check([e for e in errors if not _is_not_found(e)], "reading")
+            errors = [e for e in errors if not _is_not_found(e)]
+            files = [p for p in wanted if (found := inodes[p]) is not None and found.kind == "regular"]
+            if errors and len(files) < len([p for p in wanted if inodes[p] is not None]):
+                # dump of a symlink or a directory fails with "short read", which
+                # names no path: the regular files are dumped again on their own.
+                for dumped in outs.values():
+                    dumped.unlink(missing_ok=True)
+                _, errors = self._debugfs([f"dump {_q(p)} {_q(outs[p])}" for p in files]) if files else ("", [])
+            self._check(errors, "reading")
             result: dict[PurePosixPath, tuple[Inode | None, bytes | None]] = {}
             for path in wanted:
                 inode = inodes[path]
@@ -254,7 +369,10 @@ class Ext4:
             if inode is None:
                 mkdirs.append(parent)
             elif inode.kind != "directory":
-                raise FilesystemError(f"{parent} on {self.name} is a {inode.kind}, not a directory")
+                raise FilesystemError(
+                    f"{parent} on {self.name} is a {_kind(inode.kind)}, not a directory",
+                    hint="fix the golden image: make it a directory",
+                )
         planned = []
         for new in files:
             existing = found[new.path]
@@ -270,7 +388,7 @@ class Ext4:
             raise UsageError("the files to write are not the ones planned")
         if not plan.files and not plan.mkdirs:
             return
-        with tempfile.TemporaryDirectory(prefix="imageprov-") as tmp:
+        with private_dir() as tmp:
             sources = {}
             for i, planned in enumerate(plan.files):
                 source = sources[planned.path] = Path(tmp, f"f{i}")
@@ -302,13 +420,40 @@ _HINTS = {
 }
 
 
+_FSCK_NOISE = re.compile(r"^(e2fsck \d|Pass \d|\S+: \d+/\d+ files|\s*Using EXT2FS)")
+
+
+def _findings(output: str) -> str:
+    """What e2fsck found, without its banner and progress lines."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip() and not _FSCK_NOISE.match(ln.strip())]
+    return "; ".join(lines[:3]) + (f" (and {len(lines) - 3} more lines)" if len(lines) > 3 else "") or "no output"
+
+
+def fsck(image: Path, offset: int) -> tuple[bool, str]:
+    """``e2fsck -fn`` on the filesystem at ``offset``: (clean, what it found)."""
+    with private_dir() as tmp:
+        done = run(["e2fsck", "-fn", tool_name(image, offset, tmp)], check=False)
+    output = done.stdout.decode("utf-8", "replace") + done.stderr
+    if done.returncode == 0:
+        return True, ""
+    if done.returncode < 0 or done.returncode & 32:
+        return False, f"e2fsck was interrupted (exit status {done.returncode})"
+    return False, _findings(output)
+
+
+def _kind(kind: str) -> str:
+    return {"regular": "regular file", "symlink": "symbolic link"}.get(kind, kind)
+
+
 def _is_not_found(line: str) -> bool:
-    return "File not found by ext2_lookup" in line
+    # A path under a file ("/mender/x" with /mender a file) does not exist either.
+    return "File not found by ext2_lookup" in line or "Ext2 inode is not a directory" in line
 
 
 _STAT_TYPE = re.compile(r"Type:\s+(\S+)\s+Mode:\s+([0-7]+)")
 _STAT_OWNER = re.compile(r"User:\s+(\d+)\s+Group:\s+(\d+)")
 _STAT_SIZE = re.compile(r"\bSize:\s+(\d+)")
+_STAT_LINK = re.compile(r'Fast link dest: "(.*)"')
 
 
 def _parse_stat(path: PurePosixPath, chunk: str) -> Inode | None:
@@ -317,6 +462,8 @@ def _parse_stat(path: PurePosixPath, chunk: str) -> Inode | None:
         return None
     if owner is None or size is None:
         raise FilesystemError(f"cannot read debugfs's stat of {path}")
+    link = _STAT_LINK.search(chunk)
     return Inode(
-        path, kind.group(1), int(kind.group(2), 8), int(owner.group(1)), int(owner.group(2)), int(size.group(1))
-    )
+        path, kind.group(1), int(kind.group(2), 8), int(owner.group(1)), int(owner.group(2)), int(size.group(1)),
+        link.group(1) if link else "",
+    )  # fmt: skip

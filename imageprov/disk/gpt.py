@@ -7,6 +7,7 @@ back to the backup when the primary is damaged, as firmware does.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import uuid
 import zlib
@@ -85,6 +86,22 @@ def _try_header(fd: int, lba: int, sector: int) -> tuple[PartitionTable | None, 
     return table, ""
 
 
+def _check_backup(fd: int, image_size: int, sector: int, table: PartitionTable) -> PartitionTable:
+    """Warn about a missing or damaged backup header: firmware and sgdisk rely on it when the primary fails."""
+    alternate = _HEADER.unpack_from(pread_exact(fd, sector, sector))[6]
+    if (alternate + 1) * sector > image_size:
+        warning = (
+            f"the image ends at {image_size} bytes, before its backup GPT header (LBA {alternate}): "
+            "it was truncated (sgdisk -e or sfdisk --relocate gpt-bak-std repairs it)"
+        )
+    else:
+        backup, why = _try_header(fd, alternate, sector)
+        if backup is not None:
+            return table
+        warning = f"the backup GPT header is damaged ({why})"
+    return dataclasses.replace(table, warnings=(*table.warnings, warning))
+
+
 def read(fd: int, image_size: int) -> PartitionTable:
     """Read the GPT behind a protective MBR, from the backup header if the primary is damaged."""
     problems = []
@@ -94,7 +111,7 @@ def read(fd: int, image_size: int) -> PartitionTable:
             continue
         table, why = _try_header(fd, 1, sector)
         if table is not None:
-            return table
+            return _check_backup(fd, image_size, sector, table)
         problems.append(why)
         if image_size % sector:
             continue

@@ -21,6 +21,8 @@ from imageprov.disk.layout import Layout, Overrides, Role, Volume, read_layout
 from imageprov.disk.vfat import Vfat
 from imageprov.errors import FilesystemError, UsageError
 
+# The filesystems imageprov reads or writes; another partition is left alone.
+_MENDER_ROLES = (Role.ROOTFS_A, Role.ROOTFS_B, Role.DATA)
 BOOT_PREFIXES = (PurePosixPath("/uboot"), PurePosixPath("/boot/efi"))
 DATA_PREFIX = PurePosixPath("/data")
 EMPTY_ROOTFS_B_NOTE = (
@@ -108,6 +110,18 @@ class DiskImage:
         if not volume.filesystem.is_ext:
             raise FilesystemError(f"{volume_name(volume)} holds {volume.filesystem.value}, not ext4")
         return Ext4(self.path, volume.partition.offset, volume_name(volume))
+
+    def unreplayed(self) -> list[Ext4]:
+        """The ext filesystems whose journal holds transactions never written to them."""
+        found = [self.ext(v) for v in self.layout.volumes if v.filesystem.is_ext and v.role in _MENDER_ROLES]
+        return [fs for fs in found if fs.needs_recovery()]
+
+    def replay_journals(self) -> list[str]:
+        """Replay every journal that needs it, in place (on a private copy only); return the volumes' names."""
+        replayed = self.unreplayed()
+        for fs in replayed:
+            fs.replay_journal()
+        return [fs.name for fs in replayed]
 
     def vfat(self, volume: Volume) -> Vfat:
         _check_fits(volume)

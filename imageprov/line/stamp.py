@@ -12,19 +12,24 @@ opened read-only.
 
 Registry states make reruns safe: a certificate is ``pending`` from issue
 until its image has its final name, then ``active``. On a rerun, a device
-whose image exists is left as it is (a pending certificate that matches its
-image becomes active); a pending certificate of a process that is gone, and
-whose image never got its final name, is revoked (``superseded``) and a new
-one is issued.
+whose image holds its live certificate is left as it is (a pending one that
+matches its image becomes active); an image whose certificate is revoked or
+unknown, or any image under ``--reissue``, is moved into ``OUT/superseded/``
+and the device is stamped anew; a pending certificate of a process that is
+gone, and whose image never got its final name, is revoked (``superseded``).
+An interrupt (Ctrl-C) stops every image not yet published from ever being
+published, and revokes their certificates: an image is never published under
+a certificate that is not live.
 """
 
 from __future__ import annotations
 
 import enum
 import os
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +39,8 @@ from cryptography.hazmat.primitives import hashes
 
 from imageprov.disk.bmap import bmap_for
 from imageprov.disk.compress import Compression, compress, decompress_sparse, inner_name
-from imageprov.disk.copy import copy_image, publish, remove_stale, stage, staged
-from imageprov.disk.ext4 import NewFile, WritePlan
+from imageprov.disk.copy import copy_image, publish, remove_stale, stage
+from imageprov.disk.ext4 import NewFile, WritePlan, fsck
 from imageprov.disk.image import DiskImage
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
@@ -53,10 +58,12 @@ from imageprov.mender.verify import (
     verify_image,
 )
 from imageprov.pki.ca import CertificateAuthority, Curve, Issued
-from imageprov.pki.registry import Reason, Registry, Status, owner_alive
+from imageprov.pki.registry import Reason, Registry, Status, current_owner, owner_alive
 
 # A stamped image holds the device's private key: readable by its owner only.
 IMAGE_MODE = 0o600
+# Where images that are not delivered (their certificate is not live) are moved, inside OUT.
+SUPERSEDED = "superseded"
 
 
 class Engine(enum.Enum):
@@ -77,6 +84,10 @@ class StampOptions:
     compress: Compression | None = None
     # Images built at once; the work is mostly waiting on the kernel and disk.
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+
+    def __post_init__(self) -> None:
+        if self.days < 1:
+            raise UsageError(f"a certificate valid for {self.days} days is never valid", hint="give --days 1 or more")
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,29 @@ class Failed:
 Outcome = Stamped | Failed
 
 
+class _Gate:
+    """Whether a job's image may still get its final name.
+
+    The worker publishes and the main thread cancels under one lock, so that
+    an image is never published under a certificate revoked meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cancelled = False
+        self.published = False
+
+    def cancel(self) -> bool:
+        """Stop the image from being published; False if it already was."""
+        with self.lock:
+            self.cancelled = not self.published
+            return self.cancelled
+
+
+class _Cancelled(Exception):
+    """The batch was interrupted before this image was published."""
+
+
 @dataclass(frozen=True)
 class _Job:
     """A device whose certificate is issued (pending) and whose image is to be built."""
@@ -108,6 +142,7 @@ class _Job:
     issued: Issued
     started: float
     notes: tuple[str, ...]
+    gate: _Gate = field(default_factory=_Gate)
 
 
 def output_path(golden: Path, out_dir: Path, device_id: str, compression: Compression | None = None) -> Path:
@@ -149,6 +184,10 @@ class Batch:
         self.registry = registry
         self.options = options
         self.notes: tuple[str, ...] = ()
+        # Devices whose image is in place, stamped now or before: said on an interrupt.
+        self.delivered: set[str] = set()
+        # Devices being stamped by this run: issued a certificate (their job, once made), not yet finished.
+        self._open: dict[str, _Job | None] = {}
         self._source: Path | None = None
         self._conf_target = options.conf_target
         self._plan: WritePlan | None = None
@@ -181,16 +220,24 @@ class Batch:
         """Do and check what is the same for every device, once; return the image to copy per device."""
         if self._source is not None:
             return self._source
-        self._conf_target = resolve_target(self.disk, self.options.conf_target)
-        if self.options.engine is Engine.MENDER_ARTIFACT:
-            self._source = self.plain
-            return self._source
-        changes, notes = plan_changes(self.disk, self.options.settings, self._conf_target)
+        notes = [f"golden image: {warning}" for warning in self.disk.layout.table.warnings]
         source = self.plain
+        if self.disk.unreplayed():
+            # Never written behind: the kernel would replay it over the device's key at first mount.
+            source = self._private_copy()
+            names = self.disk.at(source).replay_journals()
+            notes.append(f"replayed the journal of {', '.join(names)} on a private copy; the golden image "
+                         "still needs it (e2fsck -E journal_only, or unmount before dd)")  # fmt: skip
+        self._check_golden(self.disk.at(source))
+        self._conf_target = resolve_target(self.disk.at(source), self.options.conf_target)
+        if self.options.engine is Engine.MENDER_ARTIFACT:
+            self.notes = tuple(notes)
+            self._source = source
+            return self._source
+        changes, more = plan_changes(self.disk.at(source), self.options.settings, self._conf_target)
+        notes += more
         if changes:
-            self._scratch = stage(self.out_dir / f"imageprov-batch{self.plain.suffix}")
-            copy_image(self.plain, self._scratch, mode=IMAGE_MODE)
-            source = self._scratch
+            source = self._private_copy()
             apply_changes(self.disk.at(source), changes)
         else:
             notes.append("golden image already prepared: only the data partition changes per device")
@@ -201,6 +248,24 @@ class Batch:
         self.notes = tuple(notes)
         self._source = source
         return source
+
+    def _check_golden(self, disk: DiskImage) -> None:
+        # Once, before any certificate is issued: a data partition that no
+        # device image could pass with is refused here, not per device.
+        data = disk.ext(disk.layout.data_partition)
+        data.check_writable()
+        clean, findings = fsck(disk.path, data.offset)
+        if not clean:
+            raise ImageprovError(
+                f"the golden image's {data.name} fails e2fsck -fn: {findings}",
+                hint="repair the golden image (e2fsck -f on the partition), then stamp again",
+            )
+
+    def _private_copy(self) -> Path:
+        if self._scratch is None:
+            self._scratch = stage(self.out_dir / f"imageprov-batch{self.plain.suffix}")
+            copy_image(self.plain, self._scratch, mode=IMAGE_MODE)
+        return self._scratch
 
     def _check_prepared(self, disk: DiskImage) -> None:
         # Every device's rootfs partitions are byte copies of these: checked
@@ -214,7 +279,7 @@ class Batch:
 
     # -- per device -----------------------------------------------------------
 
-    def run(self, device_ids: Iterable[str]) -> Iterator[Outcome]:
+    def run(self, device_ids: Iterable[str]) -> Generator[Outcome, None, None]:
         """Stamp each device, yielding outcomes in the order of ``device_ids``.
 
         The registry and the CA are used from this thread only; building and
@@ -235,14 +300,33 @@ class Batch:
                     else:
                         queue.append(job if isinstance(job, Stamped) else (job, pool.submit(self._build, job)))
                     while len(queue) > workers:
-                        yield self._finish(queue.popleft())
+                        yield self._finish_first(queue)
                 while queue:
-                    yield self._finish(queue.popleft())
-            finally:
-                # Interrupted: finish what is being built, so that the
-                # registry says what the output directory holds.
-                while queue:
-                    self._finish(queue.popleft())
+                    yield self._finish_first(queue)
+            except BaseException:
+                # Interrupted (Ctrl-C, or the caller stopped): images not yet
+                # published never will be, and their certificates are revoked;
+                # the registry then says exactly what the output directory holds.
+                self._cancel(pool, queue)
+                raise
+
+    def _cancel(self, pool: ThreadPoolExecutor, queue: deque[Outcome | tuple[_Job, Future[None]]]) -> None:
+        self.delivered |= {item.device_id for item in queue if isinstance(item, Stamped)}
+        for job in self._open.values():
+            if job is not None:
+                job.gate.cancel()
+        # Workers finish or drop what they hold; the gates say what was published.
+        pool.shutdown(wait=True, cancel_futures=True)
+        for device_id, job in self._open.items():
+            if job is not None and job.gate.published:
+                self.registry.deliver(job.issued.serial_hex, str(job.final))
+                self.delivered.add(device_id)
+                continue
+            # Also a certificate issued just before the interrupt, whose job was never made.
+            live = self.registry.live(device_id)
+            if live is not None and live.status is Status.PENDING and live.owner == current_owner():
+                self.registry.revoke(serial=live.serial, reason=Reason.CESSATION_OF_OPERATION)
+        self._open.clear()
 
     def stamp(self, device_id: str) -> Stamped:
         """Stamp one device; raise on failure."""
@@ -255,12 +339,37 @@ class Batch:
         """Registry side of a device, before its image is built: issue a pending certificate."""
         started = time.perf_counter()
         final = output_path(self.golden, self.out_dir, device_id, self.options.compress)
+        notes = []
         if final.exists():
-            return self._already_delivered(device_id, final, started)
-        notes = self._revoke_undelivered(device_id)
+            done = self._already_delivered(device_id, final, started)
+            if isinstance(done, Stamped):
+                return done
+            notes.append(f"{done} {self._move_aside(device_id, final)}; stamping a new image")
+        notes += self._revoke_undelivered(device_id)
+        self._open[device_id] = None
         issued = self.ca.issue_device(device_id, days=self.options.days, curve=self.options.curve)
         self.registry.record(issued, status=Status.PENDING, reissue=self.options.reissue)
-        return _Job(device_id, final, issued, started, tuple(notes))
+        job = self._open[device_id] = _Job(device_id, final, issued, started, tuple(notes))
+        return job
+
+    def _move_aside(self, device_id: str, final: Path) -> str:
+        """Move an image that is not delivered (and its bmap) into OUT/superseded/; say where."""
+        aside = self.out_dir / SUPERSEDED
+        aside.mkdir(mode=0o700, exist_ok=True)
+        paths = (final, final.parent / f"{device_id}.bmap")
+        prefix = when = time.strftime("%Y%m%dT%H%M%S")
+        for n in range(2, 1000):
+            # rename(2) replaces silently: never over another image moved aside in the same second.
+            if not any((aside / f"{prefix}-{path.name}").exists() for path in paths):
+                break
+            prefix = f"{when}.{n}"
+        moved = []
+        for path in paths:
+            if path.exists():
+                target = aside / f"{prefix}-{path.name}"
+                os.rename(path, target)
+                moved.append(target)
+        return f"moved it to {moved[0]}"
 
     def _build(self, job: _Job) -> None:
         """Worker side: build, check and publish the image (no registry, no CA key here)."""
@@ -268,29 +377,34 @@ class Batch:
         image = job.final.with_name(job.final.name.removesuffix(kind.suffix)) if kind else job.final
         temp = stage(image)
         packed: Path | None = None
+        bmap_temp: Path | None = None
         try:
             self._write_and_check(temp, job.device_id, job.issued)
             if self.options.bmap:
-                # The map goes out first, so that a published image always has one beside it.
-                bmap = job.final.parent / f"{job.device_id}.bmap"
-                with staged(bmap) as bmap_temp:
-                    bmap_temp.write_bytes(bmap_for(temp, self.disk.layout))
-                    bmap_temp.chmod(0o644)
+                bmap_temp = stage(job.final.parent / f"{job.device_id}.bmap")
+                bmap_temp.write_bytes(bmap_for(temp, self.disk.layout))
+                bmap_temp.chmod(0o644)
             if kind is not None:
                 packed = stage(job.final)
                 compress(temp, packed, kind)
-                publish(packed, job.final)
-            else:
-                publish(temp, job.final)
+            with job.gate.lock:
+                if job.gate.cancelled:
+                    raise _Cancelled(job.device_id)
+                if bmap_temp is not None:
+                    # The map goes out first, so that a published image always has one beside it.
+                    publish(bmap_temp, job.final.parent / f"{job.device_id}.bmap", replace=True)
+                publish(packed or temp, job.final)
+                job.gate.published = True
         finally:
-            temp.unlink(missing_ok=True)
-            if packed is not None:
-                packed.unlink(missing_ok=True)
+            for leftover in (temp, packed, bmap_temp):
+                if leftover is not None:
+                    leftover.unlink(missing_ok=True)
 
     def _write_and_check(self, temp: Path, device_id: str, issued: Issued) -> None:
         if self.options.engine is Engine.MENDER_ARTIFACT:
+            assert self._source is not None
             mender_artifact.stamp(
-                self.plain, temp, issued, self.options.settings, data_conf=self._conf_target is ConfTarget.DATA
+                self._source, temp, issued, self.options.settings, data_conf=self._conf_target is ConfTarget.DATA
             )
             report = verify_image(temp, self.ca.cert, device_id=device_id, overrides=self.options.overrides)
             failures = report.failures
@@ -309,48 +423,69 @@ class Batch:
         if failures:
             raise ImageprovError(f"the stamped image fails '{failures[0].name}': {failures[0].detail}")
 
+    def _finish_first(self, queue: deque[Outcome | tuple[_Job, Future[None]]]) -> Outcome:
+        # Taken off the queue only once finished: an interrupt while waiting
+        # leaves it there for _cancel.
+        outcome = self._finish(queue[0])
+        queue.popleft()
+        return outcome
+
     def _finish(self, item: Outcome | tuple[_Job, Future[None]]) -> Outcome:
         if not isinstance(item, tuple):
+            if isinstance(item, Stamped):
+                self.delivered.add(item.device_id)
             return item
         job, built = item
         try:
             built.result()
-        except BaseException as exc:
+        except Exception as exc:
             # The certificate will never reach a device: it must not stay live.
             self.registry.revoke(serial=job.issued.serial_hex, reason=Reason.CESSATION_OF_OPERATION)
+            self._open.pop(job.device_id, None)
             if not isinstance(exc, (ImageprovError, OSError)):
                 raise
             return Failed(job.device_id, _message(exc))
         self.registry.deliver(job.issued.serial_hex, str(job.final))
+        self.delivered.add(job.device_id)
+        self._open.pop(job.device_id, None)
         issued = job.issued
         seconds = time.perf_counter() - job.started
         return Stamped(job.device_id, job.final, issued.serial_hex, issued.fingerprint, "stamped", seconds, job.notes)
 
-    def _already_delivered(self, device_id: str, final: Path, started: float) -> Stamped:
+    def _already_delivered(self, device_id: str, final: Path, started: float) -> Stamped | str:
+        """The existing image if it is delivered under the device's live certificate, else why it is not."""
         live = self.registry.live(device_id)
         if self.options.compress is not None:
             # A compressed image cannot be read in place: the registry's word is taken.
             if live is None:
-                raise ImageprovError(f"{final} exists but the registry has no live certificate for {device_id}",
-                                     hint="move it away to stamp the device again")  # fmt: skip
-            if live.status is Status.PENDING:
-                self.registry.deliver(live.serial, str(final))
-            seconds = time.perf_counter() - started
-            return Stamped(device_id, final, live.serial, live.fingerprint, "already-delivered", seconds)
-        found = self.disk.at(final).ext(self.disk.layout.data_partition).fetch([CERT_PATH.inner])
-        pem = found[CERT_PATH.inner][1]
-        if pem is None:
-            raise ImageprovError(f"{final} exists but holds no certificate", hint="move it away to stamp it again")
-        cert = x509.load_pem_x509_certificate(pem)
-        serial = f"{cert.serial_number:x}"
+                return f"{final.name} exists, but the device has no live certificate (revoked or unknown):"
+            serial, fingerprint = live.serial, live.fingerprint
+        else:
+            try:
+                found = self.disk.at(final).ext(self.disk.layout.data_partition).fetch([CERT_PATH.inner])
+                cert = x509.load_pem_x509_certificate(found[CERT_PATH.inner][1] or b"")
+                serial, fingerprint = f"{cert.serial_number:x}", cert.fingerprint(hashes.SHA256()).hex()
+                holds = f"{final.name} holds certificate {serial}"
+            except (ImageprovError, ValueError):
+                serial, fingerprint, holds = "", "", f"{final.name} holds no readable certificate"
+            if live is None:
+                return f"{holds}, which is revoked or unknown to the registry:" if serial else f"{holds}:"
+            if live.serial != serial:
+                if live.status is Status.ACTIVE and not self.options.reissue:
+                    # Another image holds the live certificate: revoking it is the user's call.
+                    raise ImageprovError(
+                        f"{holds}, but the device's live certificate is {live.serial} "
+                        f"(delivered to {live.delivered_to})",
+                        hint="pass --reissue to revoke it and stamp a new image, or move this image away",
+                    )
+                return f"{holds}, not the device's live one:"
+        if self.options.reissue:
+            return f"--reissue: {final.name}'s certificate {serial} is revoked as superseded;"
         notes = []
-        if live is not None and live.serial == serial and live.status is Status.PENDING:
+        if live.status is Status.PENDING:
             # Stopped between publishing the image and recording it: the image is complete.
             self.registry.deliver(serial, str(final))
             notes.append("marked delivered: the previous run stopped after publishing the image")
-        elif live is None or live.serial != serial:
-            notes.append("warning: this image's certificate is not the device's live certificate in the registry")
-        fingerprint = cert.fingerprint(hashes.SHA256()).hex()
         seconds = time.perf_counter() - started
         return Stamped(device_id, final, serial, fingerprint, "already-delivered", seconds, tuple(notes))
 

@@ -51,9 +51,16 @@ class Merge:
 def parse(text: bytes, where: str) -> dict[str, Any]:
     """Parse mender.conf; refuse anything but a JSON object with an object (or no) HttpsClient."""
     try:
-        value = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value = json.loads(text.decode("utf-8"), parse_constant=_non_standard, parse_float=_finite)
+        # A lone surrogate escape ("\ud83d") parses, but is no character: it cannot be written back.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeDecodeError, json.JSONDecodeError, _NonStandard) as exc:
         raise MenderConfError(f"{where} is not valid JSON: {exc}", hint="fix the golden image's mender.conf") from exc
+    except UnicodeEncodeError as exc:
+        raise MenderConfError(
+            f"{where} holds a lone UTF-16 surrogate escape, which is no character",
+            hint="fix the golden image's mender.conf: escape the whole pair, e.g. \\ud83d\\ude00",
+        ) from exc
     if not isinstance(value, dict):
         raise MenderConfError(f"{where} is a JSON {type(value).__name__}, not an object")
     block = value.get("HttpsClient")
@@ -62,8 +69,23 @@ def parse(text: bytes, where: str) -> dict[str, Any]:
     return value
 
 
+class _NonStandard(ValueError):
+    """JSON that Python reads but standard JSON (RFC 8259) and the Mender client do not."""
+
+
+def _non_standard(name: str) -> Any:
+    raise _NonStandard(f"{name} is not a JSON number (RFC 8259)")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise _NonStandard(f"{text} is out of range for a number (it would be written back as Infinity)")
+    return number
+
+
 def render(config: dict[str, Any]) -> bytes:
-    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+    return (json.dumps(config, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
 def merge(text: bytes | None, settings: Settings, where: str) -> Merge:

@@ -17,7 +17,7 @@ from imageprov.disk.copy import edit_in_place
 from imageprov.disk.ext4 import Inode, NewFile
 from imageprov.disk.image import EMPTY_ROOTFS_B_NOTE, DiskImage
 from imageprov.disk.layout import Overrides, Volume
-from imageprov.errors import UsageError
+from imageprov.errors import FilesystemError, UsageError
 from imageprov.mender.conf import DATA_CONF, ROOTFS_CONF, Settings, conflicts, merge, parse
 from imageprov.mender.verify import DATA_CONF_PATH, KEY_PATH, ROOTFS_CONF_PATH
 
@@ -86,6 +86,15 @@ def plan_changes(disk: DiskImage, settings: Settings, target: ConfTarget) -> tup
     layout = disk.layout
     notes: list[str] = []
     changes: list[Change] = []
+    data = layout.data_volume
+    mender_dir = disk.ext(data).stat(KEY_PATH.inner.parent) if data is not None else None
+    if mender_dir is not None and mender_dir.kind != "directory":
+        kind = "regular file" if mender_dir.kind == "regular" else mender_dir.kind
+        raise FilesystemError(
+            f"{KEY_PATH.device_path.parent} in the image is a {kind}, not a directory: "
+            "the Mender client keeps its state, key and certificate in that directory",
+            hint="fix the golden image: make /mender on the data partition a directory",
+        )
     target = resolve_target(disk, target)
     if target is ConfTarget.ROOTFS:
         if disk.rootfs_b_empty:
@@ -117,8 +126,7 @@ def plan_changes(disk: DiskImage, settings: Settings, target: ConfTarget) -> tup
             notes.append(f"{DATA_CONF}: replaced HttpsClient {merged.replaced}")
         if merged.changed or inode is None:
             changes.append((layout.data_partition, [_keeping_owner(inode, DATA_CONF_PATH.inner, merged.text)], []))
-    data = layout.data_volume
-    if data is not None and disk.ext(data).stat(KEY_PATH.inner.parent) is None:
+    if data is not None and mender_dir is None:
         changes.append((data, [], [KEY_PATH.inner.parent]))
     return changes, notes
 
@@ -140,9 +148,19 @@ def prepare_in_place(
 ) -> Prepared:
     """Prepare ``image`` in place, atomically; an image already prepared is not written to at all."""
     disk = DiskImage.open(image, overrides)
-    changes, notes = plan_changes(disk, settings, target)
-    if not changes:
-        return Prepared(False, tuple(notes))
+    replayed: list[str] = []
+    unreplayed = bool(disk.unreplayed())
+    if not unreplayed:
+        changes, notes = plan_changes(disk, settings, target)
+        if not changes:
+            return Prepared(False, tuple(notes))
     with edit_in_place(image) as staging:
-        apply_changes(disk.at(staging), changes)
+        copy = disk.at(staging)
+        if unreplayed:
+            # What the build left unreplayed is replayed before anything is read or written.
+            replayed = copy.replay_journals()
+            changes, notes = plan_changes(copy, settings, target)
+        apply_changes(copy, changes)
+    if replayed:
+        notes.insert(0, f"replayed the journal of {', '.join(replayed)}")
     return Prepared(True, tuple(notes))

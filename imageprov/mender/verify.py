@@ -17,13 +17,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from imageprov.disk.ext4 import Inode
+from imageprov.disk.ext4 import Ext4, Inode, fsck
 from imageprov.disk.image import DevicePath, DiskImage
 from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import ImageprovError
 from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, Settings, effective, parse
 from imageprov.pki.chain import leaf_problems
-from imageprov.run import run
 
 KEY_PATH = DevicePath.parse(CLIENT_KEY)
 CERT_PATH = DevicePath.parse(CLIENT_CERT)
@@ -36,7 +35,8 @@ class Check:
     name: str
     ok: bool
     detail: str = ""
-    # Passes, but the device may lose it later: shown, never a failure.
+    # Passes, but the user must know: the device may lose it later, a stale CRL, a truncated GPT.
+    # Shown, never a failure.
     warning: bool = False
 
 
@@ -74,7 +74,7 @@ class Checks:
     items: list[Check] = field(default_factory=list)
 
     def add(self, name: str, ok: bool, detail: str = "", *, warning: bool = False) -> bool:
-        self.items.append(Check(name, ok, detail, warning))
+        self.items.append(Check(name, ok, detail, warning and ok))
         return ok
 
     @property
@@ -101,10 +101,12 @@ def verify_image(
     fsck_rootfs: bool = True,
     now: dt.datetime | None = None,
     settings: Settings | None = None,
+    strict: bool = False,
 ) -> Report:
     """Check everything about the client credentials in ``image``; never raises for a bad image.
 
-    ``settings``, when given, name a ServerURL or TenantToken the client must use.
+    ``settings``, when given, name a ServerURL or TenantToken the client must use; ``strict``
+    fails what is otherwise a warning: a CRL past its nextUpdate.
     """
     checks = Checks()
     try:
@@ -121,7 +123,9 @@ def verify_image(
     else:
         kind = "a bare data partition" if disk.layout.is_bare else disk.layout.table.type.name
         checks.add("partition table and layout", True, kind)
-        found = check_data_partition(checks, disk, ca_cert, device_id=device_id, crl=crl, now=now)
+        for warning in disk.layout.table.warnings:
+            checks.add("partition table", True, warning, warning=True)
+        found = check_data_partition(checks, disk, ca_cert, device_id=device_id, crl=crl, now=now, strict=strict)
     if not found.readable:
         return Report(image, tuple(checks.items), device_id)
     check_mender_confs(checks, disk, found.fallback, settings)
@@ -146,6 +150,7 @@ def check_data_partition(
     crl: x509.CertificateRevocationList | None = None,
     now: dt.datetime | None = None,
     expected: dict[PurePosixPath, bytes] | None = None,
+    strict: bool = False,
 ) -> DataFindings:
     """Check the key and certificate on the data partition, in one debugfs run.
 
@@ -163,7 +168,7 @@ def check_data_partition(
         checks.add(f"{path} reads back as written", found[path][1] == want)
     _check_file(checks, CLIENT_KEY, key_inode, 0o600)
     _check_file(checks, CLIENT_CERT, cert_inode, 0o644)
-    cert = _check_credentials(checks, key_pem, cert_pem, ca_cert, device_id, crl, now)
+    cert = _check_credentials(checks, key_pem, cert_pem, ca_cert, device_id, crl, now, strict)
     return DataFindings(cert, found[DATA_CONF_PATH.inner][1])
 
 
@@ -217,6 +222,7 @@ def _check_credentials(
     device_id: str | None,
     crl: x509.CertificateRevocationList | None,
     now: dt.datetime | None,
+    strict: bool = False,
 ) -> x509.Certificate | None:
     if cert_pem is None:
         return None
@@ -243,6 +249,11 @@ def _check_credentials(
         signed = crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
         revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
         checks.add("CRL signed by the CA", signed)
+        next_update = crl.next_update_utc
+        if next_update is not None and moment > next_update:
+            # nginx (ssl_crl) refuses every client certificate once the CRL has expired.
+            stale = f"its nextUpdate was {next_update:%Y-%m-%d %H:%M} UTC: the edge refuses every device with it"
+            checks.add("CRL is current", not strict, stale, warning=True)
         checks.add("certificate not revoked", revoked is None,
                    f"revoked {revoked.revocation_date_utc:%Y-%m-%d}" if revoked else "")  # fmt: skip
     if device_id is not None:
@@ -314,6 +325,14 @@ def _check_conf(
 
 
 def _check_fsck(checks: Checks, image: Path, volume: Volume) -> None:
-    done = run(["e2fsck", "-fn", f"{image}?offset={volume.partition.offset}"], check=False)
-    out = (done.stdout.decode("utf-8", "replace") + done.stderr).strip().splitlines()
-    checks.add(f"e2fsck -fn on {volume.role.value}", done.returncode == 0, "" if done.returncode == 0 else out[-1])
+    role = volume.role.value
+    try:
+        # e2fsck -n skips the replay and may find nothing wrong, but the kernel
+        # replays the journal at the first mount, over what was written since.
+        replayed = not Ext4(image, volume.partition.offset, role).needs_recovery()
+    except ImageprovError as exc:
+        checks.add(f"journal of {role} replayed", False, str(exc))
+        return
+    checks.add(f"journal of {role} replayed", replayed, "" if replayed else "needs_recovery is set")
+    clean, findings = fsck(image, volume.partition.offset)
+    checks.add(f"e2fsck -fn on {role}", clean, findings)

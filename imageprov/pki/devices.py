@@ -45,7 +45,9 @@ def read_device_ids(path: Path) -> list[str]:
     header = [cell.strip().lower() for cell in next(csv.reader([lines[0]]))]
     if "device_id" in header:
         # Parsed as a whole: a quoted cell may hold a comma or a line break.
-        rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
+        # Comment lines go first, wherever they are (before the header too).
+        kept = [line for line in io.StringIO(text) if not line.lstrip().startswith("#")]
+        rows = [row for row in csv.reader(kept) if any(cell.strip() for cell in row)]
         column = [cell.strip().lower() for cell in rows[0]].index("device_id")
         return [row[column].strip() if len(row) > column else "" for row in rows[1:]]
     if len(header) > 1:
