@@ -134,6 +134,9 @@ def _run_client(tmp_path: Path, image: Path, name: str, ca_cert: Path) -> subpro
         local.parent.mkdir(parents=True, exist_ok=True)
         imageprov("cp", f"{image}:{device_path}", local)
         client[key] = str(local)
+    # The client signs its auth requests with the certificate's key (Security.AuthPrivateKey).
+    assert conf["Security"]["AuthPrivateKey"] == "/data/mender/mender-cert-private.pem"
+    conf["Security"]["AuthPrivateKey"] = client["Key"]
     conf["ServerCertificate"] = str(ca_cert)  # the edge's certificate is signed by the fleet CA
     (root / "mender.conf").write_text(json.dumps(conf))
     need("mender")

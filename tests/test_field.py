@@ -488,3 +488,32 @@ def test_a_gpt_without_its_backup_header_warns(make_golden: Callable[..., Path],
     assert re.search(r"^warn  partition table  \(the image ends at \d+ bytes, before its backup GPT header", report,
                      re.M), report  # fmt: skip
     assert "warning: the image ends at" in imageprov("inspect", image).stdout
+
+
+def test_reading_an_unreplayed_image_warns(make_golden: Callable[..., Path]) -> None:
+    image = make_golden(Scheme.MBR, data_mib=8)
+    _leave_journal_unreplayed(image, roles(image)["data"], "/mender")
+    proc = imageprov("cat", f"{image}:/data/mender/device_type")
+    assert proc.stdout.startswith("device_type=")
+    assert "warning: partition 4 (data) has a journal never replayed" in proc.stderr, proc.stderr
+    assert "warning" not in imageprov("cat", f"{make_golden(Scheme.GPT, data_mib=8)}:/etc/hostname").stderr
+
+
+def test_ctrl_c_while_the_batch_is_prepared_says_so_in_one_line(
+    make_golden: Callable[..., Path], pki: Path, tmp_path: Path
+) -> None:
+    golden = make_golden(Scheme.MBR, data_mib=8)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "imageprov", "stamp", str(golden), "--pki", str(pki), "--out", str(out),
+            "--server-url", "https://edge.example", "--conf-target", "rootfs", "--device-id", "p-1"]  # fmt: skip
+    proc = subprocess.Popen(argv, env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    # The batch's private copy is there: mender.conf is being merged into it.
+    _wait_for(lambda: out.is_dir() and any("imageprov-batch" in p.name for p in out.iterdir()), "the batch copy")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert re.fullmatch(r"imageprov: interrupted: delivered (0 of 1 devices; rerun the same command to stamp the "
+                        r"other 1|1 of 1 devices; rerun the same command to stamp the other 0)",
+                        err.strip().splitlines()[-1]), err  # fmt: skip
+    assert not [p for p in out.iterdir() if "imageprov-batch" in p.name]

@@ -12,13 +12,14 @@ from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, MenderConfError, Sett
 from imageprov.pki.devices import check_device_ids, read_device_ids
 
 BLOCK = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
+SECURITY = {"AuthPrivateKey": CLIENT_KEY}
 
 
 def test_merge_keeps_every_key_in_order() -> None:
     text = b'{"b": 1, "a": {"nested": [1, 2]}, "ServerURL": "https://old", "z": null}'
     merged = merge(text, Settings(server_url="https://new"), "mender.conf")
     value = json.loads(merged.text)
-    assert list(value) == ["b", "a", "ServerURL", "z", "HttpsClient"]
+    assert list(value) == ["b", "a", "ServerURL", "z", "HttpsClient", "Security"]
     assert value["a"] == {"nested": [1, 2]} and value["z"] is None
     assert value["ServerURL"] == "https://new" and value["HttpsClient"] == BLOCK
     assert merged.changed and merged.replaced is None
@@ -39,17 +40,17 @@ def test_recipe_snippet_with_key_pointing_at_the_cert_is_replaced_and_reported(d
     assert merged.replaced == recipe["HttpsClient"]
     assert json.loads(merged.text)["HttpsClient"] == BLOCK
     # The block stays where it was.
-    assert list(json.loads(merged.text)) == ["ServerURL", "TenantToken", "HttpsClient"]
+    assert list(json.loads(merged.text)) == ["ServerURL", "TenantToken", "HttpsClient", "Security"]
 
 
 def test_merge_from_nothing() -> None:
-    assert json.loads(merge(None, Settings(), "m").text) == {"HttpsClient": BLOCK}
+    assert json.loads(merge(None, Settings(), "m").text) == {"HttpsClient": BLOCK, "Security": SECURITY}
 
 
 def test_null_https_client_is_as_good_as_none() -> None:
     # Go's encoding/json leaves the client's struct empty for null: nothing to keep.
     merged = merge(b'{"HttpsClient": null}', Settings(), "m")
-    assert json.loads(merged.text) == {"HttpsClient": BLOCK} and merged.replaced is None
+    assert json.loads(merged.text) == {"HttpsClient": BLOCK, "Security": SECURITY} and merged.replaced is None
 
 
 def test_non_ascii_is_kept() -> None:

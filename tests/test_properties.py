@@ -213,7 +213,9 @@ json_values = st.recursive(
 @settings(max_examples=200)
 @given(
     config=st.dictionaries(
-        st.text(min_size=1, max_size=12).filter(lambda k: k != "HttpsClient"), json_values, max_size=10
+        st.text(min_size=1, max_size=12).filter(lambda k: k not in ("HttpsClient", "Security")),
+        json_values,
+        max_size=10,
     ),
     server=st.none() | st.text(min_size=1, max_size=30),
 )
@@ -222,6 +224,7 @@ def test_merge_keeps_everything_else(config: dict[str, Any], server: str | None)
     merged = merge(text, Settings(server_url=server), "m")
     value = json.loads(merged.text)
     assert value["HttpsClient"] == {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
+    assert value["Security"] == {"AuthPrivateKey": CLIENT_KEY}
     for key, item in config.items():
         if key != "ServerURL" or server is None:
             assert value[key] == item

@@ -30,6 +30,8 @@ from tests.conftest import (
 from tests.mender_client import client_config
 
 BLOCK = {"Certificate": "/data/mender/mender-cert.pem", "Key": "/data/mender/mender-cert-private.pem"}
+# The client signs its auth requests with the certificate's key.
+SECURITY = {"AuthPrivateKey": BLOCK["Key"]}
 PERSISTENT = {"RootfsPartA": "/dev/mmcblk0p2", "RootfsPartB": "/dev/mmcblk0p3"}
 
 
@@ -140,7 +142,7 @@ def test_extended_layout_keeps_signature_rules_and_takes_an_empty_b_by_flag(
     assert _roles(golden, *flags)["rootfs-b"] == (3, "empty")
     _stamp(golden, pki, tmp_path / "out", "x-1", *flags)
     image = tmp_path / "out" / "x-1.sdimg"
-    assert _conf(image, 6, "/mender/mender.conf") == {"HttpsClient": BLOCK}
+    assert _conf(image, 6, "/mender/mender.conf") == {"HttpsClient": BLOCK, "Security": SECURITY}
     imageprov("verify", image, "--ca", pki / "ca-cert.pem", *flags)
 
 
@@ -165,7 +167,7 @@ def test_stamp_real_sdimg_writes_only_the_data_partition(real_sdimg: Path, pki: 
     assert "rootfs B is empty" not in proc.stderr  # the rootfs were not to be written at all
     image = out / "r-1.sdimg"
     assert {n: partition_bytes(image, n) for n in (1, 2, 3)} == before
-    assert _conf(image, 4, "/mender/mender.conf") == {**PERSISTENT, "HttpsClient": BLOCK}
+    assert _conf(image, 4, "/mender/mender.conf") == {**PERSISTENT, "HttpsClient": BLOCK, "Security": SECURITY}
     assert _mode(image, 4, "/mender/mender.conf") == "0600"  # as meta-mender installed it
     e2fsck_clean(image, 4)
     proc = imageprov("verify", image, "--ca", pki / "ca-cert.pem", "--device-id", "r-1")
@@ -321,7 +323,7 @@ def test_bare_rootfs_ext4(tmp_path: Path, pki: Path) -> None:
     _one_line_error(imageprov("inspect", image, "--data-part", "4", check=False), 1, "bare filesystem image")
     imageprov("prepare", image, "--conf-target", "rootfs")
     conf = json.loads(tool("debugfs", "-R", "cat /etc/mender/mender.conf", image).stdout)
-    assert conf == {**DEFAULT_MENDER_CONF, "HttpsClient": BLOCK}
+    assert conf == {**DEFAULT_MENDER_CONF, "HttpsClient": BLOCK, "Security": SECURITY}
     assert tool("e2fsck", "-fn", image, check=False).returncode == 0
     proc = imageprov("verify", image, "--ca", pki / "ca-cert.pem")
     assert "no data partition" in proc.stdout and "warn  HttpsClient survives an update" in proc.stdout
@@ -335,6 +337,7 @@ def test_bare_dataimg(tmp_path: Path, pki: Path) -> None:
     assert json.loads(tool("debugfs", "-R", "cat /mender/mender.conf", image).stdout) == {
         **PERSISTENT,
         "HttpsClient": BLOCK,
+        "Security": SECURITY,
     }
     assert "HttpsClient" in imageprov("cat", f"{image}:/data/mender/mender.conf").stdout
     _one_line_error(imageprov("cat", f"{image}:/etc/hostname", check=False), 2, "no rootfs area")

@@ -83,7 +83,7 @@ def test_stamp_on_every_layout(golden: Path, pki: Path, tmp_path: Path) -> None:
         _check_device_image(image, line["device_id"], pki, tmp_path)
         for conf in _rootfs_confs(image):
             # Every other key kept, in order; ServerURL set; HttpsClient added last.
-            assert list(conf) == [*DEFAULT_MENDER_CONF, "HttpsClient"]
+            assert list(conf) == [*DEFAULT_MENDER_CONF, "HttpsClient", "Security"]
             assert conf["ServerURL"] == "https://edge.example.com"
             assert conf["RootfsPartA"] == DEFAULT_MENDER_CONF["RootfsPartA"]
             assert conf["HttpsClient"] == HTTPS_CLIENT
@@ -111,6 +111,7 @@ def test_production_conf_keeps_its_keys(
     for conf in _rootfs_confs(tmp_path / "out/p1.uefiimg"):
         expected = json.loads(original)
         expected["HttpsClient"] = HTTPS_CLIENT
+        expected["Security"] = {"AuthPrivateKey": HTTPS_CLIENT["Key"]}
         assert conf == expected and list(conf) == list(expected)
 
 
@@ -127,7 +128,7 @@ def test_two_spaces_and_the_mender_conf_rendering(make_golden: Callable[..., Pat
     assert text == (
         '{\n  "ServerURL": "https://a",\n  "TenantToken": "TOKEN",\n  "HttpsClient": {\n'
         '    "Certificate": "/data/mender/mender-cert.pem",\n    "Key": "/data/mender/mender-cert-private.pem"\n'
-        '  },\n  "Z": 1\n}\n'
+        '  },\n  "Z": 1,\n  "Security": {\n    "AuthPrivateKey": "/data/mender/mender-cert-private.pem"\n  }\n}\n'
     )
 
 
@@ -151,7 +152,7 @@ def test_conf_target_data_leaves_rootfs_byte_identical(golden: Path, pki: Path, 
         assert partition_bytes(image, layout[rootfs]) == partition_bytes(golden, layout[rootfs])
     fallback = json.loads(debugfs(image, layout["data"], "cat /mender/mender.conf"))
     # --server-url is refused here: the rootfs conf sets ServerURL, and wins (tests/test_real_builds.py).
-    assert fallback == {"HttpsClient": HTTPS_CLIENT}
+    assert fallback == {"HttpsClient": HTTPS_CLIENT, "Security": {"AuthPrivateKey": HTTPS_CLIENT["Key"]}}
     _check_device_image(image, "d1", pki, tmp_path)
     imageprov("verify", image, "--ca", pki / "ca-cert.pem", "--device-id", "d1")
 

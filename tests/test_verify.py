@@ -88,7 +88,8 @@ def test_key_missing(stamped: Path, pki: Path, tmp_path: Path) -> None:
 
 def test_recipe_snippet_key_pointing_at_the_certificate(stamped: Path, pki: Path, tmp_path: Path) -> None:
     conf = {"ServerURL": "https://x", "HttpsClient": {"Certificate": "/data/mender/mender-cert.pem",
-                                                      "Key": "/data/mender/mender-cert.pem"}}  # fmt: skip
+                                                      "Key": "/data/mender/mender-cert.pem"},
+            "Security": {"AuthPrivateKey": "/data/mender/mender-cert-private.pem"}}  # fmt: skip
     for role in ("rootfs-a", "rootfs-b"):
         _replace(stamped, role, "/etc/mender/mender.conf", json.dumps(conf).encode(), tmp_path)
     proc = imageprov("verify", stamped, "--ca", pki / "ca-cert.pem", check=False)
@@ -96,14 +97,17 @@ def test_recipe_snippet_key_pointing_at_the_certificate(stamped: Path, pki: Path
     assert _failed(stamped, pki) == {"mender.conf on rootfs-a", "mender.conf on rootfs-b"}
 
 
+NO_HTTPS_CLIENT = b'{"ServerURL": "https://x", "Security": {"AuthPrivateKey": "/data/mender/mender-cert-private.pem"}}'
+
+
 def test_https_client_missing(stamped: Path, pki: Path, tmp_path: Path) -> None:
     for role in ("rootfs-a", "rootfs-b"):
-        _replace(stamped, role, "/etc/mender/mender.conf", b'{"ServerURL": "https://x"}', tmp_path)
+        _replace(stamped, role, "/etc/mender/mender.conf", NO_HTTPS_CLIENT, tmp_path)
     assert _failed(stamped, pki) == {"mender.conf on rootfs-a", "mender.conf on rootfs-b"}
 
 
 def test_one_rootfs_not_patched(stamped: Path, pki: Path, tmp_path: Path) -> None:
-    _replace(stamped, "rootfs-b", "/etc/mender/mender.conf", b'{"ServerURL": "https://x"}', tmp_path)
+    _replace(stamped, "rootfs-b", "/etc/mender/mender.conf", NO_HTTPS_CLIENT, tmp_path)
     assert _failed(stamped, pki) == {"mender.conf on rootfs-b"}
 
 

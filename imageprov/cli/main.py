@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from imageprov import __version__
+from imageprov.cli import edge as cli_edge
 from imageprov.cli import pki as cli_pki
 from imageprov.cli import stamp as cli_stamp
 from imageprov.cli.output import layout_dict, layout_text
@@ -68,6 +69,18 @@ def _open(image: Path, data_part: int | None, rootfs_parts: str | None, boot_par
     return DiskImage.open(image, Overrides.parse(data_part, rootfs_parts, boot_part))
 
 
+def _reading(disk: DiskImage) -> DiskImage:
+    # debugfs reads what is on disk, not what the journal holds: the device, which replays it, may see otherwise.
+    try:
+        unreplayed = disk.unreplayed()
+    except ImageprovError:
+        return disk  # the read itself says what is wrong, if it touches that partition
+    for fs in unreplayed:
+        typer.echo(f"warning: {fs.name} has a journal never replayed: the device may see other contents "
+                   "(prepare or cp replays it)", err=True)  # fmt: skip
+    return disk
+
+
 @app.command()
 def inspect(
     image: Annotated[Path, typer.Argument(help="Disk image (.sdimg, .uefiimg, .gptimg, ...).")],
@@ -98,7 +111,7 @@ def ls(
     partition, anything else rootfs A.
     """
     image, path = split_image_path(spec)
-    entries = _open(image, data_part, rootfs_parts, boot_part).listdir(path)
+    entries = _reading(_open(image, data_part, rootfs_parts, boot_part)).listdir(path)
     if json_out:
         typer.echo(json.dumps([{"name": n, "mode": m, "size": s} for n, m, s in entries], indent=2))
     else:
@@ -115,7 +128,7 @@ def cat(
 ) -> None:
     """Print a file from inside the image to stdout (rootfs paths are read from rootfs A)."""
     image, path = split_image_path(spec)
-    data = _open(image, data_part, rootfs_parts, boot_part).read(path)
+    data = _reading(_open(image, data_part, rootfs_parts, boot_part)).read(path)
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
 
@@ -159,7 +172,7 @@ def cp(
             typer.echo(f"note: {EMPTY_ROOTFS_B_NOTE}", err=True)
     elif _is_image_spec(src):
         image, path = split_image_path(src)
-        data = _open(image, data_part, rootfs_parts, boot_part).read(path)
+        data = _reading(_open(image, data_part, rootfs_parts, boot_part)).read(path)
         target = Path(dest)
         if target.is_dir():
             target = target / path.device_path.name
@@ -223,6 +236,7 @@ def golden(
 
 cli_stamp.register(app)
 cli_pki.register(app)
+cli_edge.register(app)
 
 
 def main() -> None:

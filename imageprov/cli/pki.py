@@ -24,7 +24,6 @@ from imageprov.cli.ca_token import (
     refuse_token_options,
     token_pin,
 )
-from imageprov.edge.nginx import EdgeConfig, render_nginx
 from imageprov.errors import UsageError
 from imageprov.pki.ca import (
     CA_CERT,
@@ -318,38 +317,9 @@ def devices(pki: Pki, json_out: Json = False) -> None:
 def register(app: typer.Typer) -> None:
     """Add the PKI commands to the main app."""
     app.add_typer(ca_app, name="ca")
-    app.add_typer(edge_app, name="edge")
     app.command("server-cert")(server_cert)
     app.command("device-cert")(device_cert)
     app.command("revoke")(revoke)
     app.command("crl")(crl)
     app.command("denylist")(denylist_cmd)
     app.command("devices")(devices)
-
-
-edge_app = typer.Typer(help="Configuration for the mTLS edge in front of the Mender server.", no_args_is_help=True)
-
-
-@edge_app.command("nginx")
-def edge_nginx(
-    pki: Pki,
-    server_cert: Annotated[
-        Path, typer.Option("--server-cert", help="Directory with server-cert.pem and server-private.key.")
-    ],
-    upstream: Annotated[str, typer.Option("--upstream", help="The Mender server, e.g. https://hosted.mender.io.")],
-    listen: Annotated[str, typer.Option("--listen", help="ADDR:PORT to listen on.")] = "0.0.0.0:443",
-    crl_file: Annotated[Optional[Path], typer.Option("--crl", help="CRL to refuse revoked devices with.")] = None,
-) -> None:
-    """Print an nginx.conf for the mTLS edge (run it with: nginx -p DIR -c FILE).
-
-    Example: imageprov edge nginx --pki pki --server-cert edge --upstream https://hosted.mender.io --crl crl.pem
-    """
-    config = EdgeConfig(
-        ca_cert=pki / CA_CERT,
-        server_cert=server_cert / "server-cert.pem",
-        server_key=server_cert / "server-private.key",
-        upstream=upstream,
-        listen=listen,
-        crl=crl_file,
-    )
-    typer.echo(render_nginx(config), nl=False)

@@ -17,7 +17,7 @@ from imageprov.disk.compress import Compression
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, PkiError, UsageError
 from imageprov.line.stamp import Batch, Engine, Failed, Stamped, StampOptions, check_outputs
-from imageprov.mender.conf import Settings
+from imageprov.mender.conf import AuthKey, Settings
 from imageprov.mender.prepare import ConfTarget, prepare_in_place
 from imageprov.mender.verify import verify_image
 from imageprov.pki.ca import Curve, load_cert
@@ -43,6 +43,16 @@ ConfTargetOpt = Annotated[
 ]
 
 
+AuthKeyOpt = Annotated[
+    AuthKey,
+    typer.Option(
+        "--auth-key",
+        help="cert: the client signs auth requests with the certificate's key (Security.AuthPrivateKey), "
+        "as an accepting edge requires; device: the key the client generates itself.",
+    ),
+]
+
+
 class StampFailed(ImageprovError):
     """Some devices of a batch failed; the others were delivered."""
 
@@ -58,6 +68,7 @@ def stamp(
     server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
     tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
     conf_target: ConfTargetOpt = ConfTarget.AUTO,
+    auth_key: AuthKeyOpt = AuthKey.CERT,
     engine: Annotated[
         Engine, typer.Option("--engine", help="debugfs (fast, in place) or mender-artifact.")
     ] = Engine.DEBUGFS,
@@ -100,7 +111,7 @@ def stamp(
     ca = open_ca(pki, passphrase_file, pin_file)
     ca.check_usable()
     options = StampOptions(
-        settings=Settings(server_url=server_url, tenant_token=tenant_token),
+        settings=Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key),
         conf_target=conf_target,
         engine=engine,
         days=days,
@@ -111,21 +122,21 @@ def stamp(
         compress=compress,
     )
     failures: list[tuple[str, str]] = []
-    with Registry(pki) as registry, Batch(image, out, ca, registry, options) as batch:
-        batch.prepare()
-        for stale in batch.removed:
-            typer.echo(f"note: removed {stale.name}, left by an interrupted run", err=True)
-        for note in batch.notes:
-            typer.echo(f"note: {note}", err=True)
-        show_bar = sys.stderr.isatty() and not json_out
-        try:
-            _stamp_all(batch, ids, show_bar, json_out, failures)
-        except KeyboardInterrupt:
-            # One line (typer would exit 130 silently): what is done, and what to do.
-            left = len(ids) - len(batch.delivered)
-            typer.echo(f"imageprov: interrupted: delivered {len(batch.delivered)} of {len(ids)} devices; "
-                       f"rerun the same command to stamp the other {left}", err=True)  # fmt: skip
-            raise typer.Exit(130) from None
+    batch: Batch | None = None
+    try:
+        with Registry(pki) as registry, Batch(image, out, ca, registry, options) as batch:
+            batch.prepare()
+            for stale in batch.removed:
+                typer.echo(f"note: removed {stale.name}, left by an interrupted run", err=True)
+            for note in batch.notes:
+                typer.echo(f"note: {note}", err=True)
+            _stamp_all(batch, ids, sys.stderr.isatty() and not json_out, json_out, failures)
+    except KeyboardInterrupt:
+        # One line (typer would exit 130 silently): what is done, and what to do.
+        done = len(batch.delivered) if batch is not None else 0
+        typer.echo(f"imageprov: interrupted: delivered {done} of {len(ids)} devices; "
+                   f"rerun the same command to stamp the other {len(ids) - done}", err=True)  # fmt: skip
+        raise typer.Exit(130) from None
     if failures:
         if len(ids) == 1:
             raise StampFailed(f"{failures[0][0]}: {failures[0][1]}")
@@ -188,6 +199,7 @@ def verify(
         Optional[str], typer.Option("--server-url", help="The ServerURL the client must use (main conf over fallback).")
     ] = None,
     tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="The TenantToken it must use.")] = None,
+    auth_key: AuthKeyOpt = AuthKey.CERT,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
     boot_part: BootPart = None,
@@ -201,8 +213,9 @@ def verify(
     it; that the configuration the client uses (each rootfs's
     /etc/mender/mender.conf over the data partition's /data/mender/mender.conf,
     field by field) points HttpsClient at exactly those files, warning when
-    only a rootfs holds it; that no journal is left unreplayed; and e2fsck
-    -fn. With --crl, a CRL past its nextUpdate is a warning (a failure with
+    only a rootfs holds it, and Security.AuthPrivateKey at the key (unless
+    --auth-key device); that no journal is left unreplayed; and e2fsck -fn.
+    With --crl, a CRL past its nextUpdate is a warning (a failure with
     --strict). Takes a bare rootfs.ext4 or .dataimg too, and checks what it holds.
     """
     if not image.exists():
@@ -210,7 +223,7 @@ def verify(
     report = verify_image(image, load_cert(ca), device_id=device_id, crl=_load_crl(crl) if crl else None,
                           overrides=Overrides.parse(data_part, rootfs_parts, boot_part),
                           settings=Settings(server_url=server_url, tenant_token=tenant_token),
-                          strict=strict)  # fmt: skip
+                          strict=strict, auth_key=auth_key)  # fmt: skip
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -238,13 +251,14 @@ def prepare(
     server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
     tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
     conf_target: ConfTargetOpt = ConfTarget.AUTO,
+    auth_key: AuthKeyOpt = AuthKey.CERT,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
     boot_part: BootPart = None,
 ) -> None:
     """Do, once and in place, the part of stamping that is the same for every device.
 
-    Merges the HttpsClient block (and --server-url/--tenant-token) into
+    Merges the HttpsClient and Security blocks (and --server-url/--tenant-token) into
     mender.conf and creates /data/mender. Idempotent: a prepared image is not
     written to. Atomic: a failure leaves the image as it was. stamp on a
     prepared image touches only the data partition. Takes a bare rootfs.ext4
@@ -253,7 +267,7 @@ def prepare(
     """
     if not image.is_file():
         raise UsageError(f"{image} does not exist" if not image.exists() else f"{image} is not a file")
-    settings = Settings(server_url=server_url, tenant_token=tenant_token)
+    settings = Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key)
     done = prepare_in_place(image, settings, conf_target, Overrides.parse(data_part, rootfs_parts, boot_part))
     for note in done.notes:
         typer.echo(f"note: {note}", err=True)

@@ -8,6 +8,10 @@ is read, and everything written is read back and compared.
 Commands go to debugfs as a script file whose paths are validated and quoted
 here: debugfs splits its command lines on spaces and honours double quotes,
 so a name may hold spaces but never a quote, a newline or a control character.
+
+A filesystem whose journal was never replayed (a ``dd`` of a mounted one) is
+never written to: the kernel would replay the journal over our writes at the
+first mount. ``replay_journal`` replays it, on a private copy of an image.
 """
 
 from __future__ import annotations

@@ -4,6 +4,12 @@ nginx terminates TLS with the edge's server certificate, requires a client
 certificate that chains to the fleet CA and is not on the CRL, and passes
 what it verified upstream in headers. Everything else goes to the Mender
 server unchanged.
+
+With ``accept`` (the address of ``imageprov edge serve``), the device auth
+request goes to that service instead, with the verified certificate in
+``X-SSL-Client-Cert``; the service preauthorizes the device and passes the
+request on, so that a device with a good certificate is accepted without
+anyone approving it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ class EdgeConfig:
     crl: Path | None = None
     # The CA of an https upstream (hosted Mender); Debian's bundle by default.
     upstream_ca: Path = Path("/etc/ssl/certs/ca-certificates.crt")
+    # The accept service (imageprov edge serve), e.g. http://127.0.0.1:9080.
+    accept: str | None = None
+
+
+AUTH_REQUESTS = "/api/devices/v1/authentication/auth_requests"
 
 
 def _value(text: str, what: str) -> str:
@@ -59,6 +70,24 @@ def _upstream(url: str) -> str:
     return _value(url.rstrip("/"), "--upstream")
 
 
+def _accept(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise UsageError(f"--accept {url!r} is not http://ADDR:PORT", hint="e.g. http://127.0.0.1:9080")
+    return _value(parts.netloc, "--accept")
+
+
+# What nginx verified, for the Mender server (and the accept service) to log.
+_VERIFIED = [
+    "proxy_set_header X-SSL-Client-Verify $ssl_client_verify;",
+    "proxy_set_header X-SSL-Client-S-DN $ssl_client_s_dn;",
+    "proxy_set_header X-SSL-Client-Serial $ssl_client_serial;",
+    "proxy_set_header X-SSL-Client-SHA1 $ssl_client_fingerprint;",
+    "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+    "proxy_set_header X-Forwarded-Proto https;",
+]
+
+
 def render_nginx(config: EdgeConfig) -> str:
     """A complete nginx.conf; run it with ``nginx -p PREFIX -c FILE`` (the pid file goes under PREFIX)."""
     upstream = _upstream(config.upstream)
@@ -70,6 +99,14 @@ def render_nginx(config: EdgeConfig) -> str:
     for what, path in files.items():
         if not path.is_file():
             raise UsageError(f"{path} does not exist ({what})")
+    accept_upstream = []
+    if config.accept is not None:
+        accept_upstream = [
+            "    upstream imageprov_accept {",
+            f"        server {_accept(config.accept)};",
+            "        keepalive 64;  # connections to the service are reused",
+            "    }",
+        ]
     lines = [
         "# mTLS edge for Mender devices, written by imageprov edge nginx.",
         "# Devices must present a client certificate signed by the fleet CA;",
@@ -78,11 +115,15 @@ def render_nginx(config: EdgeConfig) -> str:
         "worker_processes auto;",
         "error_log stderr warn;",
         "pid nginx.pid;",
-        "events { worker_connections 1024; }",
+        # A fleet switched on at once: each proxied request holds two connections.
+        "worker_rlimit_nofile 16384;",
+        "events { worker_connections 8192; }",
         "http {",
         "    access_log off;",
+        *accept_upstream,
         "    server {",
-        f"        listen {_listen(config.listen)} ssl;",
+        # A deep accept queue: a fleet switching on at once must not see SYN retries.
+        f"        listen {_listen(config.listen)} ssl backlog=4096;",
         "        server_name _;",
         "        ssl_protocols TLSv1.2 TLSv1.3;",
         *(f"        {what} {_value(str(path.resolve()), what)};" for what, path in files.items()),
@@ -98,19 +139,30 @@ def render_nginx(config: EdgeConfig) -> str:
             "        # once it has passed, nginx refuses every device.",
             f"        ssl_crl {_value(str(config.crl.resolve()), '--crl')};",
         ]
+    lines += ["        client_max_body_size 0;  # artifacts and logs can be large"]
+    if config.accept is not None:
+        lines += [
+            "        # Auth requests go to imageprov edge serve, which checks them again,",
+            "        # preauthorizes the device and passes them on to the Mender server.",
+            f"        location = {AUTH_REQUESTS} {{",
+            # No URI after the name: nginx passes the request URI on unchanged.
+            "            proxy_pass http://imageprov_accept;",
+            "            proxy_http_version 1.1;",
+            '            proxy_set_header Connection "";',
+            "            client_max_body_size 64k;",
+            "            # Set here from what nginx verified, whatever the client sent.",
+            "            proxy_set_header X-SSL-Client-Cert $ssl_client_escaped_cert;",
+            *(f"            {line}" for line in _VERIFIED),
+            "        }",
+        ]
     lines += [
-        "        client_max_body_size 0;  # artifacts and logs can be large",
         "        location / {",
         f"            proxy_pass {upstream};",
         "            proxy_http_version 1.1;",
         "            proxy_set_header Connection $http_connection;",
         "            proxy_set_header Upgrade $http_upgrade;  # mender-connect websockets",
-        "            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
-        "            proxy_set_header X-Forwarded-Proto https;",
-        "            proxy_set_header X-SSL-Client-Verify $ssl_client_verify;",
-        "            proxy_set_header X-SSL-Client-S-DN $ssl_client_s_dn;",
-        "            proxy_set_header X-SSL-Client-Serial $ssl_client_serial;",
-        "            proxy_set_header X-SSL-Client-SHA1 $ssl_client_fingerprint;",
+        '            proxy_set_header X-SSL-Client-Cert "";  # never from a client',
+        *(f"            {line}" for line in _VERIFIED),
     ]
     if upstream.startswith("https://"):
         lines += [

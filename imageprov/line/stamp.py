@@ -122,11 +122,10 @@ class _Gate:
         self.cancelled = False
         self.published = False
 
-    def cancel(self) -> bool:
-        """Stop the image from being published; False if it already was."""
+    def cancel(self) -> None:
+        """Stop the image from being published, unless it already was."""
         with self.lock:
             self.cancelled = not self.published
-            return self.cancelled
 
 
 class _Cancelled(Exception):
@@ -272,7 +271,7 @@ class Batch:
         # here once, rather than once per device.
         checks = Checks()
         fallback = disk.ext(disk.layout.data_partition).fetch([DATA_CONF_PATH.inner])[DATA_CONF_PATH.inner][1]
-        check_mender_confs(checks, disk, fallback, self.options.settings)
+        check_mender_confs(checks, disk, fallback, self.options.settings, auth_key=self.options.settings.auth_key)
         if checks.failures:
             failed = checks.failures[0]
             raise ImageprovError(f"the prepared image fails '{failed.name}': {failed.detail}")
@@ -406,7 +405,8 @@ class Batch:
             mender_artifact.stamp(
                 self._source, temp, issued, self.options.settings, data_conf=self._conf_target is ConfTarget.DATA
             )
-            report = verify_image(temp, self.ca.cert, device_id=device_id, overrides=self.options.overrides)
+            report = verify_image(temp, self.ca.cert, device_id=device_id, overrides=self.options.overrides,
+                                  auth_key=self.options.settings.auth_key)  # fmt: skip
             failures = report.failures
         else:
             assert self._source is not None and self._plan is not None

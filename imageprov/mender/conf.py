@@ -4,10 +4,15 @@ Every other key and its order are kept; the output uses a 2-space indent
 like the files Mender's recipes install. The manual recipe's snippet pointed
 ``Key`` at the certificate (a documentation bug fixed later upstream); we
 always point it at the private key.
+
+``Security.AuthPrivateKey`` points at the same key by default: the client then
+signs its auth requests with the certificate's key, which is what an accepting
+edge (imageprov edge serve, Mender Gateway) checks.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -26,18 +31,31 @@ class MenderConfError(ImageprovError):
     """mender.conf is not a JSON object we can merge into."""
 
 
+class AuthKey(enum.Enum):
+    """Which key the client signs its auth requests with."""
+
+    CERT = "cert"  # the certificate's key: what an accepting edge requires
+    DEVICE = "device"  # the key the client generates on first boot (Security.AuthPrivateKey untouched)
+
+
 @dataclass(frozen=True)
 class Settings:
-    """What goes into mender.conf: the HttpsClient block, and optionally the server."""
+    """What goes into mender.conf: the HttpsClient block, the auth key, and optionally the server."""
 
     certificate: str = CLIENT_CERT
     key: str = CLIENT_KEY
     server_url: str | None = None
     tenant_token: str | None = None
+    auth_key: AuthKey = AuthKey.CERT
 
     @property
     def https_client(self) -> dict[str, str]:
         return {"Certificate": self.certificate, "Key": self.key}
+
+    @property
+    def auth_private_key(self) -> str | None:
+        """The Security.AuthPrivateKey to set, or None to leave Security as it is."""
+        return self.key if self.auth_key is AuthKey.CERT else None
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,8 @@ class Merge:
     changed: bool
     # The HttpsClient block that was there before and differed from ours.
     replaced: dict[str, Any] | None
+    # The Security.AuthPrivateKey that was there before and differed from ours.
+    replaced_auth_key: str | None = None
 
 
 def parse(text: bytes, where: str) -> dict[str, Any]:
@@ -63,10 +83,17 @@ def parse(text: bytes, where: str) -> dict[str, Any]:
         ) from exc
     if not isinstance(value, dict):
         raise MenderConfError(f"{where} is a JSON {type(value).__name__}, not an object")
-    block = value.get("HttpsClient")
-    if block is not None and not isinstance(block, dict):
-        raise MenderConfError(f"{where} has an HttpsClient that is not an object")
+    for name in ("HttpsClient", "Security"):
+        block = value.get(name)
+        if block is not None and not isinstance(block, dict):
+            raise MenderConfError(f"{where} has a {name} that is not an object")
     return value
+
+
+def auth_private_key(config: dict[str, Any]) -> str | None:
+    """Security.AuthPrivateKey of a parsed mender.conf, if set."""
+    found = (config.get("Security") or {}).get("AuthPrivateKey")
+    return found if isinstance(found, str) and found else None
 
 
 class _NonStandard(ValueError):
@@ -99,8 +126,15 @@ def merge(text: bytes | None, settings: Settings, where: str) -> Merge:
     if settings.tenant_token is not None:
         config["TenantToken"] = settings.tenant_token
     config["HttpsClient"] = settings.https_client
+    replaced_auth_key = None
+    wanted = settings.auth_private_key
+    if wanted is not None:
+        old_key = auth_private_key(config)
+        replaced_auth_key = old_key if old_key is not None and old_key != wanted else None
+        # Other Security keys (SSLEngine, an HSM's AuthPrivateKey engine settings) are kept.
+        config["Security"] = {**(config.get("Security") or {}), "AuthPrivateKey": wanted}
     rendered = render(config)
-    return Merge(rendered, config != before or rendered != text, replaced)
+    return Merge(rendered, config != before or rendered != text, replaced, replaced_auth_key)
 
 
 def effective(main: dict[str, Any], fallback: dict[str, Any]) -> dict[str, Any]:

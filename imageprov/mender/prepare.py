@@ -1,4 +1,4 @@
-"""What is the same for every device: mender.conf's HttpsClient block and /data/mender.
+"""What is the same for every device: mender.conf's HttpsClient and Security blocks, and /data/mender.
 
 ``stamp`` does this once per batch on a private copy; ``imageprov prepare``
 does it once, in place, on a build's own image (a Yocto post-build hook), so
@@ -107,6 +107,8 @@ def plan_changes(disk: DiskImage, settings: Settings, target: ConfTarget) -> tup
             merged = merge(current, settings, where)
             if merged.replaced is not None:
                 notes.append(f"{where}: replaced HttpsClient {merged.replaced}")
+            if merged.replaced_auth_key is not None:
+                notes.append(f"{where}: replaced Security.AuthPrivateKey {merged.replaced_auth_key}")
             if merged.changed:
                 changes.append((volume, [_keeping_owner(fs.stat(ROOTFS_CONF_PATH), ROOTFS_CONF_PATH, merged.text)], []))
     else:
@@ -124,6 +126,8 @@ def plan_changes(disk: DiskImage, settings: Settings, target: ConfTarget) -> tup
         merged = merge(fallback, settings, DATA_CONF)
         if merged.replaced is not None:
             notes.append(f"{DATA_CONF}: replaced HttpsClient {merged.replaced}")
+        if merged.replaced_auth_key is not None:
+            notes.append(f"{DATA_CONF}: replaced Security.AuthPrivateKey {merged.replaced_auth_key}")
         if merged.changed or inode is None:
             changes.append((layout.data_partition, [_keeping_owner(inode, DATA_CONF_PATH.inner, merged.text)], []))
     if data is not None and mender_dir is None:

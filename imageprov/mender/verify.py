@@ -21,7 +21,17 @@ from imageprov.disk.ext4 import Ext4, Inode, fsck
 from imageprov.disk.image import DevicePath, DiskImage
 from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import ImageprovError
-from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, Settings, effective, parse
+from imageprov.mender.conf import (
+    CLIENT_CERT,
+    CLIENT_KEY,
+    DATA_CONF,
+    ROOTFS_CONF,
+    AuthKey,
+    Settings,
+    auth_private_key,
+    effective,
+    parse,
+)
 from imageprov.pki.chain import leaf_problems
 
 KEY_PATH = DevicePath.parse(CLIENT_KEY)
@@ -102,6 +112,7 @@ def verify_image(
     now: dt.datetime | None = None,
     settings: Settings | None = None,
     strict: bool = False,
+    auth_key: AuthKey = AuthKey.CERT,
 ) -> Report:
     """Check everything about the client credentials in ``image``; never raises for a bad image.
 
@@ -128,7 +139,7 @@ def verify_image(
         found = check_data_partition(checks, disk, ca_cert, device_id=device_id, crl=crl, now=now, strict=strict)
     if not found.readable:
         return Report(image, tuple(checks.items), device_id)
-    check_mender_confs(checks, disk, found.fallback, settings)
+    check_mender_confs(checks, disk, found.fallback, settings, auth_key=auth_key)
     touched = [*([data] if data else ()), *(volumes if fsck_rootfs else ())]
     check_fsck(checks, image, touched)
     cert = found.cert
@@ -173,7 +184,12 @@ def check_data_partition(
 
 
 def check_mender_confs(
-    checks: Checks, disk: DiskImage, fallback: bytes | None, settings: Settings | None = None
+    checks: Checks,
+    disk: DiskImage,
+    fallback: bytes | None,
+    settings: Settings | None = None,
+    *,
+    auth_key: AuthKey = AuthKey.CERT,
 ) -> None:
     """Check the configuration the client will use when booted from rootfs A and from rootfs B.
 
@@ -185,7 +201,8 @@ def check_mender_confs(
         checks.add("rootfs B", True, "empty: it receives its root filesystem and mender.conf from the first update")
     volumes = disk.rootfs_volumes
     if not volumes:  # a bare data partition: its fallback is all there is to see
-        _check_conf(checks, "mender.conf on the data partition", None, fallback, settings, bare_data=True)
+        _check_conf(checks, "mender.conf on the data partition", None, fallback, settings, bare_data=True,
+                    auth_key=auth_key)  # fmt: skip
     for volume in volumes:
         try:
             main = disk.ext(volume).fetch([ROOTFS_CONF_PATH])[ROOTFS_CONF_PATH][1]
@@ -193,7 +210,7 @@ def check_mender_confs(
             checks.add(f"mender.conf on {volume.role.value}", False, str(exc))
             continue
         _check_conf(checks, f"mender.conf on {volume.role.value}", main, fallback, settings,
-                    bare_data=False, role=volume.role.value)  # fmt: skip
+                    bare_data=False, role=volume.role.value, auth_key=auth_key)  # fmt: skip
 
 
 def check_fsck(checks: Checks, image: Path, volumes: list[Volume]) -> None:
@@ -287,6 +304,7 @@ def _check_conf(
     *,
     bare_data: bool,
     role: str = "",
+    auth_key: AuthKey = AuthKey.CERT,
 ) -> None:
     try:
         main = parse(main_text, f"{ROOTFS_CONF} on {role}") if main_text is not None else {}
@@ -296,6 +314,8 @@ def _check_conf(
         return
     wanted = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
     used = effective(main, extra)
+    if auth_key is AuthKey.CERT:
+        _check_auth_key(checks, used, role)
     for key, value in (
         ("ServerURL", settings and settings.server_url),
         ("TenantToken", settings and settings.tenant_token),
@@ -322,6 +342,18 @@ def _check_conf(
         checks.add(f"HttpsClient survives an update ({role})", True,
                    f"only in {ROOTFS_CONF}: an update built without it removes it; "
                    f"put it in {DATA_CONF} (--conf-target data) or into the build", warning=True)  # fmt: skip
+
+
+def _check_auth_key(checks: Checks, used: dict[str, Any], role: str) -> None:
+    name = f"auth requests signed with the certificate's key{f' on {role}' if role else ''}"
+    signing = auth_private_key(used)
+    if signing is None:
+        # Mender client 3.4 then falls back to HttpsClient.Key; nothing promises
+        # that other clients do, and a generated key is refused by an accepting edge.
+        checks.add(name, False, "no Security.AuthPrivateKey: the client may sign with a key of its own")
+    else:
+        # CLIENT_KEY is the file checked above to hold the certificate's key.
+        checks.add(name, signing == CLIENT_KEY, f"Security.AuthPrivateKey: {signing}")
 
 
 def _check_fsck(checks: Checks, image: Path, volume: Volume) -> None:

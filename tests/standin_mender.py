@@ -1,0 +1,477 @@
+"""A stand-in for the Mender server, for the edge's tests, that holds every request to Mender's OpenAPI files.
+
+It does what the edge needs of a Mender server: login (HTTP Basic), personal
+access tokens, preauthorization, the device list with statuses and auth sets,
+and device auth requests with their signatures verified (an unknown device
+gets 401 and is listed pending; a preauthorized one gets a JWT and becomes
+accepted). Every request it receives and every answer it gives is checked
+against the spec files in ../shared/reference/mender-api (read, never copied):
+the operation exists, required headers and security are present, the body
+has the content type, fields, types and required members of its schema, and
+the status code is one the spec lists. Each deviation is recorded in
+``deviations``; the tests' fixture fails the test on any.
+
+It runs an aiohttp server on its own event loop in a thread, so that
+synchronous tests and subprocesses can use it alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import random
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from tests.mender_spec import specs
+
+# -- the server's state ---------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _jwt(subject: str) -> str:
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    header, claims = part({"alg": "RS256", "typ": "JWT"}), part({"sub": subject, "jti": str(uuid.uuid4())})
+    return f"{header}.{claims}.{secrets.token_urlsafe(16)}"
+
+
+def _canonical(identity: Any) -> str:
+    return json.dumps(identity, sort_keys=True, separators=(",", ":"))
+
+
+def _same_key(a: str, b: str) -> bool:
+    try:
+        return serialization.load_pem_public_key(a.encode()) == serialization.load_pem_public_key(b.encode())
+    except ValueError:
+        return False
+
+
+@dataclass
+class AuthSet:
+    id: str
+    identity_data: dict[str, Any]
+    pubkey: str
+    status: str
+    ts: str = field(default_factory=_now)
+
+    def to_json(self, device_id: str) -> dict[str, Any]:
+        return {"id": self.id, "device_id": device_id, "identity_data": self.identity_data, "pubkey": self.pubkey,
+                "status": self.status, "ts": self.ts}  # fmt: skip
+
+
+@dataclass
+class Device:
+    id: str
+    identity_data: dict[str, Any]
+    status: str
+    auth_sets: list[AuthSet]
+    created_ts: str = field(default_factory=_now)
+    updated_ts: str = field(default_factory=_now)
+    tokens_issued: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "identity_data": self.identity_data, "status": self.status,
+                "created_ts": self.created_ts, "updated_ts": self.updated_ts,
+                "auth_sets": [a.to_json(self.id) for a in self.auth_sets], "decommissioning": False}  # fmt: skip
+
+
+@dataclass
+class Faults:
+    """Fail this share of calls: half with 500, half answering only after ``delay`` seconds."""
+
+    rate: float = 0.0
+    delay: float = 3.0
+    seed: int = 12
+    injected: int = 0
+
+
+class StandinMender:
+    """The stand-in server. ``start()`` it, use ``url``, ``stop()`` it; check ``deviations`` is empty."""
+
+    def __init__(self, *, users: dict[str, str] | None = None, faults: Faults | None = None) -> None:
+        self.users = dict(users or {"edge@example.com": "edge-password-1"})
+        self.faults = faults or Faults()
+        self._random = random.Random(self.faults.seed)
+        self.lock = threading.Lock()
+        self.deviations: list[str] = []
+        self.management_tokens: set[str] = set()
+        self.personal_tokens: set[str] = set()
+        self.devices: dict[str, Device] = {}
+        self.by_identity: dict[str, str] = {}
+        self.calls: dict[str, int] = {"login": 0, "preauthorize": 0, "auth_requests": 0, "list": 0}
+        self.preauthorized: list[dict[str, Any]] = []  # every preauthorization body received
+        self.auth_headers: list[dict[str, str]] = []  # the headers (names in lowercase) of every auth request
+        self.url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    # -- running --
+
+    def start(self) -> StandinMender:
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        def serve() -> None:
+            assert self._loop is not None
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self._start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, daemon=True, name="standin-mender")
+        self._thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("the stand-in Mender server did not start")
+        return self
+
+    async def _start(self) -> None:
+        app = web.Application(middlewares=[self._check_spec])
+        app.router.add_post("/api/management/v1/useradm/auth/login", self.login)
+        app.router.add_post("/api/management/v1/useradm/settings/tokens", self.create_token)
+        app.router.add_post("/api/management/v2/devauth/devices", self.preauthorize)
+        app.router.add_get("/api/management/v2/devauth/devices", self.list_devices)
+        app.router.add_get("/api/management/v2/devauth/devices/{id}", self.get_device)
+        app.router.add_put("/api/management/v2/devauth/devices/{id}/auth/{aid}/status", self.set_status)
+        app.router.add_post("/api/devices/v1/authentication/auth_requests", self.auth_request)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=2048)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        if self._loop is None or self._runner is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        assert self._thread is not None
+        self._thread.join(30)
+
+    # -- what tests ask --
+
+    def device(self, identity: dict[str, Any]) -> Device | None:
+        with self.lock:
+            found = self.by_identity.get(_canonical(identity))
+            return self.devices.get(found) if found else None
+
+    def statuses(self) -> dict[str, str]:
+        with self.lock:
+            return {_canonical(d.identity_data): d.status for d in self.devices.values()}
+
+    def personal_token(self) -> str:
+        """A personal access token, as a user would create one in the UI."""
+        token = _jwt("pat")
+        with self.lock:
+            self.personal_tokens.add(token)
+        return token
+
+    def expire_logins(self) -> None:
+        """Forget every login JWT: the next management call with one gets 401."""
+        with self.lock:
+            self.management_tokens.clear()
+
+    # -- the spec check, around every request --
+
+    @web.middleware
+    async def _check_spec(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        body = await request.read()
+        self._check_request(request, body)
+        if request.method == "POST":  # the calls the edge makes; the tests' own GETs never fail
+            fault = self._fault()
+            if fault == "error":
+                response: web.StreamResponse = web.json_response({"error": "injected fault"}, status=500)
+                self._check_response(request, response)
+                return response
+            if fault == "slow":
+                await asyncio.sleep(self.faults.delay)
+        response = await handler(request)
+        self._check_response(request, response)
+        return response
+
+    def _fault(self) -> str | None:
+        if not self.faults.rate:
+            return None
+        with self.lock:
+            roll = self._random.random()
+            if roll >= self.faults.rate:
+                return None
+            self.faults.injected += 1
+            return "error" if roll < self.faults.rate / 2 else "slow"
+
+    def _deviation(self, request: web.Request, text: str) -> None:
+        with self.lock:
+            self.deviations.append(f"{request.method} {request.path}: {text}")
+
+    def _check_request(self, request: web.Request, body: bytes) -> None:
+        found = specs().operation(request.method, request.path)
+        if found is None:
+            self._deviation(request, "no such operation in the spec")
+            return
+        op, doc, where = found
+        for requirement in op.get("security", []):
+            for scheme_name in requirement:
+                scheme, _ = specs().resolve(doc["components"]["securitySchemes"][scheme_name], where)
+                prefix = {"basic": "Basic ", "bearer": "Bearer "}[scheme["scheme"]]
+                if not request.headers.get("Authorization", "").startswith(prefix):
+                    self._deviation(request, f"no {prefix.strip()} Authorization ({scheme_name})")
+        for parameter in op.get("parameters", []):
+            parameter, pwhere = specs().resolve(parameter, where)
+            if parameter["in"] == "header":
+                if parameter.get("required") and parameter["name"] not in request.headers:
+                    self._deviation(request, f"required header {parameter['name']} is missing")
+            elif parameter["in"] == "query" and parameter["name"] in request.query:
+                raw = request.query[parameter["name"]]
+                schema, _ = specs().resolve(parameter.get("schema", {}), pwhere)
+                value: Any = raw
+                if schema.get("type") == "integer":
+                    value = int(raw) if raw.lstrip("-").isdigit() else raw
+                elif schema.get("type") == "array":
+                    value = request.query.getall(parameter["name"])
+                for error in specs().validate(schema, value, pwhere, f"query {parameter['name']}"):
+                    self._deviation(request, error)
+        spec_body = op.get("requestBody")
+        if spec_body is None:
+            return
+        spec_body, bwhere = specs().resolve(spec_body, where)
+        if not body:
+            if spec_body.get("required"):
+                self._deviation(request, "the required body is missing")
+            return
+        media = request.content_type
+        if media not in spec_body["content"]:
+            self._deviation(request, f"body of type {media}, the spec has {list(spec_body['content'])}")
+            return
+        try:
+            value = json.loads(body)
+        except ValueError:
+            self._deviation(request, "the body is not JSON")
+            return
+        for error in specs().validate(spec_body["content"][media]["schema"], value, bwhere):
+            self._deviation(request, error)
+
+    def _check_response(self, request: web.Request, response: web.StreamResponse) -> None:
+        found = specs().operation(request.method, request.path)
+        if found is None:
+            return
+        op, _, where = found
+        responses = op.get("responses", {})
+        spec_response = responses.get(str(response.status))
+        if spec_response is None:
+            # A management call with a bad token gets 401 from Mender's gateway, listed or not.
+            if response.status == 401 and op.get("security"):
+                return
+            self._deviation(request, f"answered {response.status}; the spec lists {sorted(responses)}")
+            return
+        spec_response, rwhere = specs().resolve(spec_response, where)
+        content = spec_response.get("content") or {}
+        if not content or not isinstance(response, web.Response) or response.body is None:
+            return
+        media = response.content_type
+        body = bytes(response.body)  # type: ignore[arg-type]
+        if media == "application/jwt" and "application/json" in content:
+            # Mender sends tokens as application/jwt text; the spec writes them as a JSON string.
+            media, body = "application/json", json.dumps(body.decode()).encode()
+        if media not in content:
+            self._deviation(request, f"answered {media}; the spec has {list(content)}")
+            return
+        value = json.loads(body)
+        for error in specs().validate(content[media]["schema"], value, rwhere, f"answer {response.status}"):
+            self._deviation(request, error)
+
+    # -- useradm --
+
+    def _management_token(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        token = header.removeprefix("Bearer ")
+        with self.lock:
+            return header.startswith("Bearer ") and (token in self.management_tokens or token in self.personal_tokens)
+
+    async def login(self, request: web.Request) -> web.Response:
+        with self.lock:
+            self.calls["login"] += 1
+        header = request.headers.get("Authorization", "")
+        try:
+            user, _, password = base64.b64decode(header.removeprefix("Basic "), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            user, password = "", ""
+        if not header.startswith("Basic ") or self.users.get(user) != password:
+            return web.json_response({"error": "unauthorized"}, status=401)
+        token = _jwt(user)
+        with self.lock:
+            self.management_tokens.add(token)
+        return web.Response(text=token, content_type="application/jwt")
+
+    async def create_token(self, request: web.Request) -> web.Response:
+        if not self._management_token(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return web.json_response(self.personal_token())
+
+    # -- deviceauth management --
+
+    async def preauthorize(self, request: web.Request) -> web.Response:
+        with self.lock:
+            self.calls["preauthorize"] += 1
+        if not self._management_token(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        try:
+            payload = await request.json()
+            identity, pubkey = payload["identity_data"], payload["pubkey"]
+            serialization.load_pem_public_key(pubkey.encode())
+            assert isinstance(identity, dict)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            return web.json_response({"error": "invalid preauthorization"}, status=400)
+        with self.lock:
+            self.preauthorized.append(payload)
+            existing = self.by_identity.get(_canonical(identity))
+            if existing is not None:
+                return web.json_response(self.devices[existing].to_json(), status=409)
+            device = Device(str(uuid.uuid4()), identity, "preauthorized", [])
+            device.auth_sets.append(AuthSet(str(uuid.uuid4()), identity, pubkey, "preauthorized"))
+            self.devices[device.id] = device
+            self.by_identity[_canonical(identity)] = device.id
+        return web.Response(status=201, headers={"Location": f"devices/{device.id}"})
+
+    async def list_devices(self, request: web.Request) -> web.Response:
+        if not self._management_token(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        status = request.query.get("status")
+        page, per_page = int(request.query.get("page", 1)), int(request.query.get("per_page", 20))
+        with self.lock:
+            self.calls["list"] += 1
+            found = [d.to_json() for d in self.devices.values() if status is None or d.status == status]
+        return web.json_response(found[(page - 1) * per_page : page * per_page])
+
+    async def get_device(self, request: web.Request) -> web.Response:
+        if not self._management_token(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        with self.lock:
+            device = self.devices.get(request.match_info["id"])
+            if device is None:
+                return web.json_response({"error": "not found"}, status=404)
+            return web.json_response(device.to_json())
+
+    async def set_status(self, request: web.Request) -> web.Response:
+        if not self._management_token(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        status = (await request.json()).get("status")
+        with self.lock:
+            device = self.devices.get(request.match_info["id"])
+            auth = next((a for a in device.auth_sets if a.id == request.match_info["aid"]), None) if device else None
+            if device is None or auth is None:
+                return web.json_response({"error": "not found"}, status=404)
+            auth.status = device.status = status
+        return web.Response(status=204)
+
+    # -- the device API --
+
+    async def auth_request(self, request: web.Request) -> web.Response:
+        with self.lock:
+            self.calls["auth_requests"] += 1
+            self.auth_headers.append({name.lower(): value for name, value in request.headers.items()})
+        body = await request.read()
+        try:
+            payload = json.loads(body)
+            identity = json.loads(payload["id_data"])
+            pubkey_pem = payload["pubkey"]
+            key = serialization.load_pem_public_key(pubkey_pem.encode())
+            signature = base64.b64decode(request.headers["X-MEN-Signature"], validate=True)
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            return web.json_response({"error": "malformed auth request"}, status=400)
+        if not _signature_ok(key, body, signature):
+            return web.json_response({"error": "signature verification failed"}, status=401)
+        with self.lock:
+            device_id = self.by_identity.get(_canonical(identity))
+            if device_id is None:
+                device = Device(str(uuid.uuid4()), identity, "pending", [])
+                self.devices[device.id] = device
+                self.by_identity[_canonical(identity)] = device.id
+            else:
+                device = self.devices[device_id]
+            auth = next((a for a in device.auth_sets if _same_key(a.pubkey, pubkey_pem)), None)
+            if auth is None:
+                auth = AuthSet(str(uuid.uuid4()), identity, pubkey_pem, "pending")
+                device.auth_sets.append(auth)
+            if auth.status == "preauthorized":
+                auth.status = device.status = "accepted"
+                device.updated_ts = _now()
+            if auth.status != "accepted":
+                return web.json_response({"error": "unauthorized"}, status=401)
+            device.tokens_issued += 1
+        return web.Response(text=_jwt(device.id), content_type="application/jwt")
+
+
+def _signature_ok(key: Any, body: bytes, signature: bytes) -> bool:
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            from cryptography.hazmat.primitives.asymmetric import padding
+
+            key.verify(signature, body, padding.PKCS1v15(), hashes.SHA256())
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, body, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, body)
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+def fingerprint(pem: str) -> str:
+    key = serialization.load_pem_public_key(pem.encode())
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def main() -> None:
+    """Serve until SIGTERM: print the URL, then at the end a JSON summary (calls, deviations, devices)."""
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--faults", type=float, default=0.0, help="share of calls to fail (500 or slow)")
+    parser.add_argument("--fault-delay", type=float, default=3.0)
+    args = parser.parse_args()
+    server = StandinMender(faults=Faults(rate=args.faults, delay=args.fault_delay)).start()
+    print(server.url, flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    while not done.wait(0.5):
+        pass
+    server.stop()
+    with server.lock:
+        summary = {
+            "calls": server.calls,
+            "deviations": server.deviations,
+            "faults_injected": server.faults.injected,
+            "preauthorized": len(server.preauthorized),
+            "devices": [{"identity": d.identity_data, "status": d.status, "auth_sets": len(d.auth_sets),
+                         "tokens": d.tokens_issued, "pubkey": d.auth_sets[0].pubkey if d.auth_sets else None}
+                        for d in server.devices.values()],
+        }  # fmt: skip
+    sys.stdout.write(json.dumps(summary) + "\n")
+
+
+if __name__ == "__main__":
+    main()
