@@ -33,6 +33,8 @@ from tests.conftest import debugfs, imageprov, imageprov_pki, roles, tool
 from tests.softhsm import SoftHsm, hsm_fixture  # noqa: F401  (the fixture 'hsm')
 from tests.test_e2e import edge, identity_script, upstream  # noqa: F401  (fixtures of the end-to-end test)
 from tests.test_e2e import test_good_device_accepted_revoked_and_foreign_refused as _e2e
+from tests.test_edge_e2e import identity_runner  # noqa: F401  (a fixture of the edge's end-to-end test)
+from tests.test_edge_e2e import test_stamped_device_is_accepted_through_the_edge_and_pending_without_it as _edge_e2e
 
 SUBJECT = ("--cn", "Test Fleet CA", "--org", "imageprov tests", "--country", "NO")
 # Key material in a file: PEM private keys of any kind, an ECPrivateKey (RFC 5915:
@@ -317,8 +319,10 @@ def pki(tmp_path: Path, hsm: SoftHsm) -> Path:
     return path
 
 
-# The end-to-end test (real nginx, real Mender client) once more, with the CA key on the token.
+# The end-to-end tests (real nginx, real Mender client; and the accepting edge) once more, with the CA key on
+# the token: the certificates it signs are the same to every reader.
 test_e2e_with_the_ca_key_on_a_token = _e2e
+test_edge_e2e_with_the_ca_key_on_a_token = _edge_e2e
 
 
 def test_pin_prompt_on_a_terminal(hsm: SoftHsm, tmp_path: Path) -> None:
