@@ -28,6 +28,8 @@ LAYER = Path(__file__).resolve().parent.parent / "yocto" / "meta-imageprov"
 BLOCK = {"Certificate": "/data/mender/mender-cert.pem", "Key": "/data/mender/mender-cert-private.pem"}
 TRANSIENT = {"ServerURL": "https://mender.example.com", "UpdatePollIntervalSeconds": 1800}
 PERSISTENT = {"RootfsPartA": "/dev/mmcblk0p2", "RootfsPartB": "/dev/mmcblk0p3"}
+# The client signs its auth requests with the certificate's key: what an accepting edge checks.
+SECURITY = {"AuthPrivateKey": BLOCK["Key"]}
 
 
 def _bb() -> Any:
@@ -105,8 +107,8 @@ def test_block_goes_to_the_data_partition_conf_and_the_client_reads_it(tmp_path:
     _postprocess(_parse(tmp_path, rootfs))
     conf_path = rootfs / "data/mender/mender.conf"
     conf = json.loads(conf_path.read_text())
-    assert conf == {**PERSISTENT, "HttpsClient": BLOCK}
-    assert list(conf) == [*PERSISTENT, "HttpsClient"]
+    assert conf == {**PERSISTENT, "HttpsClient": BLOCK, "Security": SECURITY}
+    assert list(conf) == [*PERSISTENT, "HttpsClient", "Security"]
     assert conf_path.stat().st_mode & 0o7777 == 0o600
     assert (rootfs / "etc/mender/mender.conf").read_bytes() == main_before
     # Idempotent: a second run (a rebuild from sstate) gives the same bytes.
@@ -122,7 +124,9 @@ def test_block_goes_to_the_data_partition_conf_and_the_client_reads_it(tmp_path:
     tool("mke2fs", "-q", "-F", "-t", "ext4", "-L", "data", "-d", rootfs / "data", dataimg)
     assert json.loads(tool("debugfs", "-R", "cat /mender/mender.conf", dataimg).stdout)["HttpsClient"] == BLOCK
     # The real client, with the image's two files as its main and fallback configuration.
-    assert client_config(rootfs / "etc/mender/mender.conf", conf_path, tmp_path)["HttpsClient"] == BLOCK
+    effective = client_config(rootfs / "etc/mender/mender.conf", conf_path, tmp_path)
+    assert effective["HttpsClient"] == BLOCK
+    assert effective["Security"]["AuthPrivateKey"] == BLOCK["Key"]
 
 
 def test_a_rootfs_block_is_refused_and_nothing_written(tmp_path: Path) -> None:
@@ -139,7 +143,8 @@ def test_rootfs_target_and_paths_are_settings(tmp_path: Path) -> None:
     extra = 'IMAGEPROV_MENDER_CONF = "/etc/mender/mender.conf"\nIMAGEPROV_CLIENT_KEY = "/data/mender/k.pem"\n'
     _postprocess(_parse(tmp_path, rootfs, extra))
     conf = json.loads((rootfs / "etc/mender/mender.conf").read_text())
-    assert conf == {**TRANSIENT, "HttpsClient": {**BLOCK, "Key": "/data/mender/k.pem"}}
+    key = "/data/mender/k.pem"
+    assert conf == {**TRANSIENT, "HttpsClient": {**BLOCK, "Key": key}, "Security": {"AuthPrivateKey": key}}
     assert (rootfs / "etc/mender/mender.conf").stat().st_mode & 0o7777 == 0o600
     assert json.loads((rootfs / "data/mender/mender.conf").read_text()) == PERSISTENT
 
@@ -151,7 +156,7 @@ def test_a_missing_data_conf_is_created_private(tmp_path: Path) -> None:
     (rootfs / "data/mender").rmdir()
     _postprocess(_parse(tmp_path, rootfs))
     path = rootfs / "data/mender/mender.conf"
-    assert json.loads(path.read_text()) == {"HttpsClient": BLOCK}
+    assert json.loads(path.read_text()) == {"HttpsClient": BLOCK, "Security": SECURITY}
     assert path.stat().st_mode & 0o7777 == 0o600
 
 
@@ -163,3 +168,17 @@ def test_a_device_key_in_the_build_is_refused(tmp_path: Path) -> None:
     with pytest.raises(bb.BBHandledException):
         _postprocess(_parse(tmp_path, rootfs))
     assert (rootfs / "data/mender/mender.conf").read_bytes() == before
+
+
+def test_auth_key_device_leaves_security_as_the_build_has_it(tmp_path: Path) -> None:
+    bb = _bb()
+    rootfs = _rootfs(tmp_path)
+    conf_path = rootfs / "data/mender/mender.conf"
+    conf_path.write_text(json.dumps({**PERSISTENT, "Security": {"AuthPrivateKey": "/data/mender/own.pem"}}))
+    _postprocess(_parse(tmp_path, rootfs, 'IMAGEPROV_AUTH_KEY = "device"\n'))
+    conf = json.loads(conf_path.read_text())
+    assert conf["Security"] == {"AuthPrivateKey": "/data/mender/own.pem"}
+    assert conf["HttpsClient"] == BLOCK
+    # Anything else is a build error, not a silent default.
+    with pytest.raises(bb.BBHandledException):
+        _postprocess(_parse(tmp_path, rootfs, 'IMAGEPROV_AUTH_KEY = "yes"\n'))

@@ -23,6 +23,10 @@
 IMAGEPROV_MENDER_CONF ?= "/data/mender/mender.conf"
 IMAGEPROV_CLIENT_CERT ?= "/data/mender/mender-cert.pem"
 IMAGEPROV_CLIENT_KEY ?= "/data/mender/mender-cert-private.pem"
+# "cert": the client signs its auth requests with the certificate's key
+# (Security.AuthPrivateKey), which an accepting edge checks; "device": leave
+# the key the client generates on the device in charge.
+IMAGEPROV_AUTH_KEY ?= "cert"
 
 # In do_rootfs, after the packages (and meta-mender's two mender.conf files)
 # are installed, before the image types are made: current syntax, no ";".
@@ -80,6 +84,15 @@ python imageprov_mender_conf() {
     if old is not None and old != block:
         bb.note("imageprov: replacing HttpsClient %s in %s" % (json.dumps(old), target))
     conf["HttpsClient"] = block
+    auth_key = d.getVar("IMAGEPROV_AUTH_KEY")
+    if auth_key not in ("cert", "device"):
+        bb.fatal("imageprov: IMAGEPROV_AUTH_KEY must be \"cert\" or \"device\", not %r" % auth_key)
+    if auth_key == "cert":
+        security = conf.get("Security", {})
+        if not isinstance(security, dict):
+            bb.fatal("imageprov: Security in %s is not a JSON object" % target)
+        security["AuthPrivateKey"] = block["Key"]
+        conf["Security"] = security
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     partial = path + ".imageprov"
     with open(partial, "w", encoding="utf-8") as handle:
