@@ -18,8 +18,9 @@ PACKAGE = Path(imageprov.__file__).parent
 ALLOWED: dict[str, frozenset[str]] = {
     "errors": frozenset(),
     "run": frozenset({"errors"}),
-    "disk": frozenset({"errors", "run"}),
-    "pki": frozenset({"errors", "run"}),
+    "locks": frozenset(),
+    "disk": frozenset({"errors", "run", "locks"}),
+    "pki": frozenset({"errors", "run", "locks"}),
     "mender": frozenset({"errors", "run", "disk", "pki"}),
     "line": frozenset({"errors", "run", "disk", "pki", "mender"}),
     "edge": frozenset({"errors", "run", "pki", "mender"}),

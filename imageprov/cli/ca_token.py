@@ -93,7 +93,8 @@ def init_on_token(
     try:
         ca = CertificateAuthority.create(subject, days=days, key=key)
         ca.write_with_reference(pki, reference)
-        Registry(pki).__exit__(None, None, None)
+        with Registry(pki):
+            pass  # creates the registry now, so that a PKI never lacks one
     except BaseException:
         # A key pair no CA certificate names would only block the next try.
         destroy(key)
@@ -118,7 +119,8 @@ def import_from_token(
         ca.check_usable()
         reference = KeyReference(replace(uri, id=key.key_id, module_path=None), find_module(module, uri))
         ca.write_with_reference(pki, reference)
-        Registry(pki).__exit__(None, None, None)
+        with Registry(pki):
+            pass  # creates the registry now, so that a PKI never lacks one
         protection = key.attributes()
     finally:
         key.close()

@@ -14,6 +14,7 @@ import typer
 from imageprov import __version__
 from imageprov.cli import edge as cli_edge
 from imageprov.cli import pki as cli_pki
+from imageprov.cli import registry as cli_registry
 from imageprov.cli import stamp as cli_stamp
 from imageprov.cli.output import layout_dict, layout_text
 from imageprov.disk.copy import edit_in_place, staged
@@ -236,6 +237,7 @@ def golden(
 
 cli_stamp.register(app)
 cli_pki.register(app)
+cli_registry.register(app)
 cli_edge.register(app)
 
 

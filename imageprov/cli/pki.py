@@ -46,6 +46,15 @@ ca_app = typer.Typer(help="Create or import the fleet's certificate authority.",
 
 PASSPHRASE_ENV = "IMAGEPROV_CA_PASSPHRASE"
 Pki = Annotated[Path, typer.Option("--pki", help="The PKI directory (made by 'imageprov ca init').")]
+RegistryOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--registry",
+        metavar="URL",
+        help="sqlite:///PATH or postgresql://HOST/DB (password from PGPASSFILE, never the URL); "
+        "default: [registry] url in PKI/imageprov.toml, else PKI/registry.sqlite.",
+    ),
+]
 PassFile = Annotated[
     Optional[Path],
     typer.Option(
@@ -145,7 +154,8 @@ def ca_init(
     secret = _require_passphrase(passphrase(passphrase_file, new=True), no_passphrase)
     ca = CertificateAuthority.create(subject, curve=curve, days=days)
     ca.write_to(pki, secret)
-    Registry(pki).__exit__(None, None, None)
+    with Registry(pki):
+        pass  # creates the registry now, so that a PKI never lacks one
     typer.echo(f"created CA {ca.cert.subject.rfc4514_string()} in {pki}", err=True)
 
 
@@ -193,7 +203,8 @@ def ca_import(
         typer.echo(f"note: {key} is readable by others; delete it once the import is done", err=True)
     secret = _require_passphrase(passphrase(passphrase_file, new=True), no_passphrase)
     ca.write_to(pki, secret)
-    Registry(pki).__exit__(None, None, None)
+    with Registry(pki):
+        pass  # creates the registry now, so that a PKI never lacks one
     typer.echo(f"imported CA {ca.cert.subject.rfc4514_string()} into {pki}", err=True)
 
 
@@ -206,11 +217,12 @@ def server_cert(
     curve: CurveOpt = Curve.P256,
     passphrase_file: PassFile = None,
     pin_file: PinFile = None,
+    registry_url: RegistryOpt = None,
 ) -> None:
     """Issue the mTLS edge's server certificate, with every --host and --ip in subjectAltName."""
     ca = open_ca(pki, passphrase_file, pin_file)
     issued = ca.issue_server(host or [], ips=ip or [], days=days, curve=curve)
-    with Registry(pki) as registry:
+    with Registry(pki, registry_url) as registry:
         registry.record(issued, kind="server", delivered_to=str(out))
     cert_path, key_path = issued.write_to(out, "server-cert.pem", "server-private.key")
     typer.echo(f"wrote {cert_path} and {key_path} (serial {issued.serial_hex})", err=True)
@@ -226,6 +238,7 @@ def device_cert(
     passphrase_file: PassFile = None,
     pin_file: PinFile = None,
     json_out: Json = False,
+    registry_url: RegistryOpt = None,
 ) -> None:
     """Issue one device's key and certificate into a directory (stamp does this for images)."""
     from imageprov.pki.devices import check_device_ids
@@ -233,7 +246,7 @@ def device_cert(
     check_device_ids([device_id])
     ca = open_ca(pki, passphrase_file, pin_file)
     issued = ca.issue_device(device_id, days=days, curve=curve)
-    with Registry(pki) as registry:
+    with Registry(pki, registry_url) as registry:
         # Pending until the files are written, so that a failure leaves no
         # certificate live that no device will ever hold.
         registry.record(issued, status=Status.PENDING, reissue=reissue)
@@ -264,9 +277,10 @@ def revoke(
     device_id: Annotated[Optional[str], typer.Argument(help="Device whose live certificates to revoke.")] = None,
     serial: Annotated[Optional[str], typer.Option("--serial", help="Revoke one certificate by serial (hex).")] = None,
     reason: Annotated[Reason, typer.Option("--reason")] = Reason.UNSPECIFIED,
+    registry_url: RegistryOpt = None,
 ) -> None:
     """Revoke a device's certificate; then publish a new CRL (imageprov crl) or denylist to the edge."""
-    with Registry(pki) as registry:
+    with Registry(pki, registry_url) as registry:
         done = registry.revoke(device_id=device_id, serial=serial, reason=reason)
     for record in done:
         typer.echo(f"revoked {record.device_id} serial {record.serial} ({reason.value})", err=True)
@@ -279,10 +293,11 @@ def crl(
     der: Annotated[bool, typer.Option("--der", help="DER instead of PEM.")] = False,
     passphrase_file: PassFile = None,
     pin_file: PinFile = None,
+    registry_url: RegistryOpt = None,
 ) -> None:
     """Write a CRL signed by the CA, listing every revoked certificate, for the edge (nginx ssl_crl)."""
     ca = open_ca(pki, passphrase_file, pin_file)
-    with Registry(pki) as registry:
+    with Registry(pki, registry_url) as registry:
         revoked = registry.revoked()
         number = registry.next_crl_number()
     write_atomic(out, crl_bytes(build_crl(ca, revoked, number=number, days=days), der=der), 0o644)
@@ -292,17 +307,18 @@ def crl(
 def denylist_cmd(
     pki: Pki,
     out: Annotated[Path, typer.Option("--out", help="Where to write the denylist.")],
+    registry_url: RegistryOpt = None,
 ) -> None:
     """Write the revoked serials in hex, one per line (Mender Gateway's MTLS_BLACKLIST_PATH)."""
-    with Registry(pki) as registry:
+    with Registry(pki, registry_url) as registry:
         revoked = registry.revoked()
     write_atomic(out, denylist(revoked), 0o644)
     typer.echo(f"wrote {out}: {len(revoked)} revoked serials", err=True)
 
 
-def devices(pki: Pki, json_out: Json = False) -> None:
+def devices(pki: Pki, json_out: Json = False, registry_url: RegistryOpt = None) -> None:
     """List every certificate the CA issued, with its status."""
-    with Registry(pki) as registry:
+    with Registry(pki, registry_url) as registry:
         records = registry.all()
     if json_out:
         typer.echo(json.dumps([r.to_dict() for r in records], indent=2))

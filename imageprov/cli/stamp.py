@@ -12,7 +12,7 @@ import typer
 from cryptography import x509
 
 from imageprov.cli.ca_token import PinFile
-from imageprov.cli.pki import CurveOpt, PassFile, Pki, open_ca
+from imageprov.cli.pki import CurveOpt, PassFile, Pki, RegistryOpt, open_ca
 from imageprov.disk.compress import Compression
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, PkiError, UsageError
@@ -89,6 +89,7 @@ def stamp(
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
     boot_part: BootPart = None,
+    registry_url: RegistryOpt = None,
 ) -> None:
     """Write one ready, verified image per device: its own key and CA-signed certificate, and mender.conf.
 
@@ -124,7 +125,7 @@ def stamp(
     failures: list[tuple[str, str]] = []
     batch: Batch | None = None
     try:
-        with Registry(pki) as registry, Batch(image, out, ca, registry, options) as batch:
+        with Registry(pki, registry_url) as registry, Batch(image, out, ca, registry, options) as batch:
             batch.prepare()
             for stale in batch.removed:
                 typer.echo(f"note: removed {stale.name}, left by an interrupted run", err=True)

@@ -15,12 +15,14 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from imageprov.errors import ImageprovError
+from imageprov.locks import held, hold
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 _CHUNK = 64 << 20
@@ -131,12 +133,37 @@ def stage(final: Path) -> Path:
     file, never a half-written file under the final name. The suffix is kept
     because tools such as mender-artifact tell image types by it.
     """
-    # The pid in the name lets a later run tell a killed process's leftovers
-    # from the files of a process still at work (remove_stale).
+    # The file stays locked while this process may still work on it: a later
+    # run (on any host, in any PID namespace) removes it only once the lock is
+    # gone (remove_stale). The pid in the name is for people.
+    _release_gone()
     prefix = f".{final.stem}.{os.getpid()}."
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=f".partial{final.suffix}", dir=final.parent)
-    os.close(fd)
-    return Path(name)
+    # Locked under a name remove_stale ignores, then renamed: never seen unlocked.
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".new", dir=final.parent)
+    hold(fd)
+    partial = f"{name.removesuffix('.new')}.partial{final.suffix}"
+    os.rename(name, partial)
+    with _HELD_LOCK:
+        _HELD[partial] = fd
+    return Path(partial)
+
+
+# Partial file -> the open descriptor that holds its lock. Workers stage and
+# publish at once: every use under the lock, so that no descriptor is closed twice.
+_HELD: dict[str, int] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def _release_gone() -> None:
+    """Close the locks of partial files that were published or removed since."""
+    with _HELD_LOCK:
+        for name, fd in list(_HELD.items()):
+            try:
+                current: int | None = os.stat(name, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:
+                os.close(_HELD.pop(name))
 
 
 _PARTIAL = re.compile(r"^\..*\.(\d+)\.[^.]+\.partial(\.[^.]*)?$")
@@ -146,22 +173,11 @@ def remove_stale(directory: Path) -> list[Path]:
     """Remove the partial files that processes no longer running left in ``directory``."""
     removed = []
     for path in directory.glob(".*.partial*"):
-        match = _PARTIAL.match(path.name)
-        if match is None or _alive(int(match.group(1))):
+        if _PARTIAL.match(path.name) is None or held(path):
             continue
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def publish(temp: Path, final: Path, *, replace: bool = False) -> None:
@@ -188,6 +204,7 @@ def publish(temp: Path, final: Path, *, replace: bool = False) -> None:
             os.rename(temp, final)
         else:
             temp.unlink()
+    _release_gone()
     directory = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(directory)

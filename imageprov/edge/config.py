@@ -20,6 +20,7 @@ from cryptography import x509
 
 from imageprov.errors import UsageError
 from imageprov.pki.ca import CA_CERT
+from imageprov.pki.config import Scheme, load_config
 
 ENV_UPSTREAM = "UPSTREAM_SERVER_URL"
 ENV_CA = "MTLS_CA_CERTIFICATE"
@@ -122,7 +123,7 @@ class ServeSettings:
                 raise UsageError(f"{what} {path} does not exist")
         if flags.timeout <= 0 or flags.retry_after < 1 or flags.cache_size < 0:
             raise UsageError("--upstream-timeout and --retry-after must be positive, --cache-size at least 0")
-        registry_dir = flags.pki if flags.registry and flags.pki and (flags.pki / "registry.sqlite").is_file() else None
+        registry_dir = flags.pki if flags.registry and flags.pki and _has_registry(flags.pki) else None
         return cls(
             host=host,
             port=port,
@@ -196,3 +197,9 @@ def load_ca_cert(path: Path) -> x509.Certificate:
         raise UsageError(f"cannot read the CA certificate {path}: {exc.strerror}") from exc
     except ValueError as exc:
         raise UsageError(f"{path} is not a PEM certificate") from exc
+
+
+def _has_registry(pki_dir: Path) -> bool:
+    """Whether the PKI has a registry to ask: PostgreSQL as its imageprov.toml says, or its SQLite file."""
+    url = load_config(pki_dir).registry
+    return url.scheme is not Scheme.SQLITE or url.path.is_file()

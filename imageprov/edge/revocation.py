@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +19,8 @@ from typing import Protocol
 from cryptography import x509
 
 from imageprov.errors import PkiError, UsageError
-from imageprov.pki.registry import REGISTRY, Registry
+from imageprov.pki.config import Scheme, load_config
+from imageprov.pki.registry import REGISTRY, Registry, Status
 
 
 class RevocationSource(Protocol):
@@ -126,19 +126,18 @@ class RegistrySource:
     name = "registry"
 
     def __init__(self, pki_dir: Path) -> None:
-        if not (pki_dir / REGISTRY).is_file():
+        url = load_config(pki_dir).registry
+        if url.scheme is Scheme.SQLITE and not url.path.is_file():
             raise UsageError(f"{pki_dir} has no {REGISTRY}", hint="pass the PKI directory made by 'imageprov ca init'")
         self.pki_dir = pki_dir
+        # One connection (SQLite or PostgreSQL, as PKI/imageprov.toml says) for
+        # every lookup, from worker threads: status_of_serial allows that, and
+        # opens a lost PostgreSQL connection again by itself.
+        self._registry = Registry(pki_dir)
 
     def _lookup(self, serial: str) -> bool:
-        # A connection per lookup, in a worker thread: SQLite connections
-        # belong to the thread that made them, and a lookup must not stall
-        # the event loop. TODO(merge): use the registry's lookup by serial.
-        try:
-            with Registry(self.pki_dir) as registry:
-                return any(record.serial == serial for record in registry.revoked())
-        except sqlite3.Error as exc:
-            raise PkiError(f"cannot read the registry in {self.pki_dir}: {exc}") from exc
+        # In a worker thread: a lookup must not stall the event loop.
+        return self._registry.status_of_serial(serial) is Status.REVOKED
 
     async def revoked(self, serial: str) -> bool:
         return await asyncio.to_thread(self._lookup, serial)

@@ -58,7 +58,7 @@ from imageprov.mender.verify import (
     verify_image,
 )
 from imageprov.pki.ca import CertificateAuthority, Curve, Issued
-from imageprov.pki.registry import Reason, Registry, Status, current_owner, owner_alive
+from imageprov.pki.registry import Reason, Registry, RegistryUnavailable, Status
 
 # A stamped image holds the device's private key: readable by its owner only.
 IMAGE_MODE = 0o600
@@ -294,6 +294,11 @@ class Batch:
                 for device_id in device_ids:
                     try:
                         job = self._begin(device_id)
+                    except RegistryUnavailable:
+                        # No certificate can be issued or delivered without it: stop here.
+                        while queue:
+                            yield self._finish_first(queue)
+                        raise
                     except (ImageprovError, OSError) as exc:
                         queue.append(Failed(device_id, _message(exc)))
                     else:
@@ -323,7 +328,7 @@ class Batch:
                 continue
             # Also a certificate issued just before the interrupt, whose job was never made.
             live = self.registry.live(device_id)
-            if live is not None and live.status is Status.PENDING and live.owner == current_owner():
+            if live is not None and live.status is Status.PENDING and self.registry.owns(live):
                 self.registry.revoke(serial=live.serial, reason=Reason.CESSATION_OF_OPERATION)
         self._open.clear()
 
@@ -445,7 +450,13 @@ class Batch:
             if not isinstance(exc, (ImageprovError, OSError)):
                 raise
             return Failed(job.device_id, _message(exc))
-        self.registry.deliver(job.issued.serial_hex, str(job.final))
+        try:
+            self.registry.deliver(job.issued.serial_hex, str(job.final))
+        except ImageprovError as exc:
+            # Revoked meanwhile, or the registry is gone: never leave the image under its final name.
+            job.final.unlink(missing_ok=True)
+            self._open.pop(job.device_id, None)
+            return Failed(job.device_id, _message(exc))
         self.delivered.add(job.device_id)
         self._open.pop(job.device_id, None)
         issued = job.issued
@@ -490,13 +501,11 @@ class Batch:
         return Stamped(device_id, final, serial, fingerprint, "already-delivered", seconds, tuple(notes))
 
     def _revoke_undelivered(self, device_id: str) -> list[str]:
-        live = self.registry.live(device_id)
-        if live is None or live.status is not Status.PENDING:
+        # Only once the station that issued it has lost its lease (raises while it holds it).
+        gone = self.registry.revoke_abandoned(device_id)
+        if gone is None:
             return []
-        if owner_alive(live.owner):
-            raise ImageprovError(f"device {device_id} is being stamped by another process ({live.owner})")
-        self.registry.revoke(serial=live.serial, reason=Reason.SUPERSEDED)
-        return [f"revoked certificate {live.serial}, issued by an interrupted run for an image never delivered"]
+        return [f"revoked certificate {gone.serial}, issued by a run that is gone ({gone.owner}), never delivered"]
 
 
 def _message(exc: BaseException) -> str:

@@ -1,0 +1,207 @@
+"""What both registry backends share: the record, its states, the errors, and the backend interface.
+
+The registry logic (``pki/registry.py``) is written once, in SQL that SQLite
+and PostgreSQL both accept, with ``?`` placeholders; a backend runs it. What
+differs between the two databases (connecting, the schema's types and its
+migrations, leases, error codes) lives in its backend and nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from imageprov.errors import PkiError
+
+# Schema versions, numbered. Every backend migrates forward to this one on
+# open, in one transaction; a registry with a higher number was made by a newer
+# imageprov and is refused rather than misread.
+SCHEMA_VERSION = 2
+
+COLUMNS = (
+    "serial", "device_id", "kind", "fingerprint", "public_key", "not_before", "not_after", "issued_at",
+    "status", "revoked_at", "reason", "delivered_to", "delivered_at", "owner", "session",
+)  # fmt: skip
+
+Row = dict[str, Any]
+
+
+class Status(enum.Enum):
+    PENDING = "pending"  # issued for an image not yet delivered
+    ACTIVE = "active"
+    REVOKED = "revoked"
+
+
+class Reason(enum.Enum):
+    """CRL reason codes (RFC 5280, 5.3.1), by the names users type."""
+
+    UNSPECIFIED = "unspecified"
+    KEY_COMPROMISE = "key-compromise"
+    CA_COMPROMISE = "ca-compromise"
+    AFFILIATION_CHANGED = "affiliation-changed"
+    SUPERSEDED = "superseded"
+    CESSATION_OF_OPERATION = "cessation-of-operation"
+    CERTIFICATE_HOLD = "certificate-hold"
+    PRIVILEGE_WITHDRAWN = "privilege-withdrawn"
+
+    @property
+    def flag(self) -> x509.ReasonFlags:
+        return x509.ReasonFlags[self.name.lower()]
+
+
+@dataclass(frozen=True)
+class Record:
+    serial: str
+    device_id: str
+    kind: str
+    fingerprint: str
+    public_key: str
+    not_before: str
+    not_after: str
+    issued_at: str
+    status: Status
+    revoked_at: str | None
+    reason: Reason | None
+    delivered_to: str | None
+    delivered_at: str | None
+    owner: str | None  # who issued it, for people: "host (pid N, boot B)"
+    session: int | None = None  # the station session whose lease keeps a pending certificate alive
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Record:
+        values = {name: row[name] for name in COLUMNS if name in row}
+        values["status"] = Status(values["status"])
+        values["reason"] = Reason(values["reason"]) if values["reason"] else None
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, str | int | None]:
+        return {
+            **{k: v for k, v in self.__dict__.items() if k != "public_key"},
+            "status": self.status.value,
+            "reason": self.reason.value if self.reason else None,
+        }
+
+
+class RegistryBusy(PkiError):
+    """Another process holds a lock on the registry for longer than we wait."""
+
+
+class RegistryUnavailable(PkiError):
+    """The registry cannot be reached (database down, connection lost): no device can be issued."""
+
+
+class RegistryDamaged(PkiError):
+    """The registry's storage is corrupt."""
+
+
+class RegistryConflict(PkiError):
+    """A change broke one of the registry's invariants (a race lost to another station)."""
+
+
+@dataclass(frozen=True)
+class Station:
+    """Who holds a lease: enough for a person to find the station."""
+
+    host: str
+    pid: int
+    boot_id: str
+
+    @classmethod
+    def this(cls) -> Station:
+        import os
+
+        return cls(socket.gethostname(), os.getpid(), boot_id())
+
+    def describe(self) -> str:
+        return f"{self.host} (pid {self.pid}, boot {self.boot_id[:8]})"
+
+
+def boot_id() -> str:
+    """This kernel's boot id: a pid is only meaningful together with it."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+class Tx(ABC):
+    """One open transaction (or a read outside one) on a backend."""
+
+    @abstractmethod
+    def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        """Run a change; return how many rows it touched."""
+
+    @abstractmethod
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        """Run a query; rows as dicts, timestamps as ISO 8601 text."""
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        for row in rows:
+            self.execute(sql, row)
+
+
+class Backend(ABC):
+    """A database holding a registry: SQLite or PostgreSQL."""
+
+    #: the URL with any password masked, for messages
+    display: str
+
+    @abstractmethod
+    def transaction(self, *, durable: bool = True) -> AbstractContextManager[Tx]:
+        """A transaction that serializes writers (SQLite: BEGIN IMMEDIATE).
+
+        Not ``durable``: its commit does not wait for the disk. It still
+        reaches the disk before any later durable commit, in order; a power
+        cut may lose it alone."""
+
+    @abstractmethod
+    def autocommit(self) -> AbstractContextManager[Tx]:
+        """Statements outside a transaction: each is its own, and sees what others committed."""
+
+    @abstractmethod
+    def start_lease(self, station: Station) -> int:
+        """Open a station session whose lease lasts as long as this process holds it; return its id."""
+
+    @abstractmethod
+    def lease_alive(self, session: int) -> bool:
+        """True while the station that opened ``session`` still holds its lease."""
+
+    @abstractmethod
+    def end_lease(self) -> None:
+        """Give up this process's lease, if it holds one."""
+
+    @abstractmethod
+    def schema_version(self) -> int: ...
+
+    @abstractmethod
+    def structure_problems(self) -> list[str]:
+        """What is wrong with the storage or the schema itself (integrity, missing indexes)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+def newer_schema(display: str, version: int) -> PkiError:
+    return PkiError(
+        f"the registry {display} has schema version {version}, newer than this imageprov knows ({SCHEMA_VERSION})",
+        hint="upgrade imageprov on this station; an older one would misread it",
+    )
+
+
+def rows_of(records: Iterable[Record]) -> list[tuple[object, ...]]:
+    """Records as rows in COLUMNS order, for inserts."""
+    return [
+        tuple(
+            (value.value if isinstance(value, enum.Enum) else value)
+            for value in (getattr(record, name) for name in COLUMNS)
+        )
+        for record in records
+    ]

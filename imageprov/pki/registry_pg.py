@@ -1,0 +1,246 @@
+"""The PostgreSQL backend (psycopg 3): one registry for the stations of many hosts.
+
+A station's lease is a session-level advisory lock held on its connection:
+PostgreSQL drops it the moment the connection ends, whatever ended it (the
+process killed, the host gone once TCP keepalives give up, the server
+restarted), and any other station sees that in ``pg_locks``. The session row
+records who held it (host, pid, boot id) for people to read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+
+from imageprov.errors import PkiError
+from imageprov.pki.registry_base import (
+    SCHEMA_VERSION,
+    Backend,
+    RegistryBusy,
+    RegistryConflict,
+    RegistryUnavailable,
+    Row,
+    Station,
+    Tx,
+    newer_schema,
+)
+
+# First key of every advisory lock imageprov takes ("imgp"); the second is a
+# session id, or 0 for schema migrations.
+LOCK_SPACE = 0x696D6770
+
+_MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE certificates (
+            -- insertion order, named as SQLite's implicit column so that the shared SQL can order by it
+            rowid        BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+            serial       TEXT PRIMARY KEY CHECK (serial ~ '^[0-9a-f]+$'),
+            device_id    TEXT NOT NULL,
+            kind         TEXT NOT NULL CHECK (kind IN ('device', 'server')),
+            fingerprint  TEXT NOT NULL UNIQUE CHECK (fingerprint ~ '^[0-9a-f]{64}$'),
+            public_key   TEXT NOT NULL,
+            not_before   TIMESTAMPTZ NOT NULL,
+            not_after    TIMESTAMPTZ NOT NULL,
+            issued_at    TIMESTAMPTZ NOT NULL,
+            status       TEXT NOT NULL CHECK (status IN ('pending', 'active', 'revoked')),
+            revoked_at   TIMESTAMPTZ,
+            reason       TEXT,
+            delivered_to TEXT,
+            delivered_at TIMESTAMPTZ,
+            owner        TEXT,
+            CHECK ((status = 'revoked') = (revoked_at IS NOT NULL))
+        )""",
+        """CREATE UNIQUE INDEX one_live_certificate_per_device
+            ON certificates (device_id) WHERE kind = 'device' AND status IN ('pending', 'active')""",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+    ],
+    2: [
+        """CREATE TABLE sessions (
+            id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            host       TEXT NOT NULL,
+            pid        INTEGER NOT NULL,
+            boot_id    TEXT NOT NULL,
+            started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            ended_at   TIMESTAMPTZ
+        )""",
+        "ALTER TABLE certificates ADD COLUMN session BIGINT REFERENCES sessions (id)",
+    ],
+}
+
+
+_CLIENT_DEFAULTS = {
+    "application_name": "imageprov",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+}
+
+
+def _iso(value: object) -> object:
+    return value.isoformat() if isinstance(value, dt.datetime) else value
+
+
+class _PgTx(Tx):
+    def __init__(self, conn: psycopg.Connection[Row]) -> None:
+        self._conn = conn
+
+    # The shared SQL is written with "?" placeholders, psycopg's are "%s".
+    def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        return self._conn.execute(sql.replace("?", "%s"), tuple(params)).rowcount
+
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        rows = self._conn.execute(sql.replace("?", "%s"), tuple(params)).fetchall()
+        return [{k: _iso(v) for k, v in row.items()} for row in rows]
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        with self._conn.cursor() as cursor:
+            cursor.executemany(sql.replace("?", "%s"), rows)
+
+
+class PostgresBackend(Backend):
+    def __init__(self, url: str, display: str, *, timeout: float) -> None:
+        self.display = display
+        self._timeout = timeout
+        self._session: int | None = None
+        # A station must notice a server it can no longer reach rather than
+        # wait on a dead TCP connection; values in the URL win.
+        try:
+            given = conninfo_to_dict(url)
+            settings = {k: v for k, v in _CLIENT_DEFAULTS.items() if k not in given}
+            conninfo = make_conninfo(url, connect_timeout=max(2, round(timeout)), **settings)
+            self._conn = psycopg.connect(conninfo, autocommit=True, row_factory=dict_row)
+        except psycopg.Error as exc:
+            raise RegistryUnavailable(
+                f"cannot connect to the registry {display}: {_first_line(exc)}",
+                hint="is the server up? a password comes from PGPASSFILE (~/.pgpass), PGPASSWORD or a service file",
+            ) from exc
+        try:
+            with self._errors():
+                # Timestamps come back in UTC, as SQLite's text has them; a
+                # lock another transaction holds is waited for as long as SQLite would.
+                self._conn.execute(
+                    "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false)",
+                    (f"{int(timeout * 1000)}ms",),
+                )
+                if self.schema_version() != SCHEMA_VERSION:
+                    self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def schema_version(self) -> int:
+        with self.autocommit() as tx:
+            if tx.query("SELECT to_regclass('meta') IS NOT NULL AS present")[0]["present"]:
+                found = tx.query("SELECT value FROM meta WHERE key = 'schema_version'")
+                return int(found[0]["value"]) if found else 0
+        return 0
+
+    def _migrate(self) -> None:
+        # Two stations opening a new database at once: one migrates, the other
+        # waits and finds it done. The lock is taken before the transaction
+        # begins, so that the transaction sees the catalog as the other left it.
+        with self.autocommit() as tx:
+            tx.query("SELECT pg_advisory_lock(?, 0)", (LOCK_SPACE,))
+        try:
+            with self.transaction() as tx:
+                version = self.schema_version()
+                if version > SCHEMA_VERSION:
+                    raise newer_schema(self.display, version)
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[step]:
+                        tx.execute(statement)
+                tx.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (SCHEMA_VERSION,),
+                )
+        finally:
+            with self.autocommit() as tx:
+                tx.query("SELECT pg_advisory_unlock(?, 0)", (LOCK_SPACE,))
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.errors.IntegrityError as exc:
+            raise RegistryConflict(f"the registry {self.display} refused a change: {_first_line(exc)}") from exc
+        except psycopg.errors.LockNotAvailable as exc:
+            raise RegistryBusy(
+                f"the registry {self.display} is locked by another session",
+                hint=f"waited {self._timeout:g} s; find it in pg_stat_activity, or raise [registry] timeout "
+                "in PKI/imageprov.toml",
+            ) from exc
+        except psycopg.OperationalError as exc:
+            raise RegistryUnavailable(
+                f"lost the registry {self.display}: {_first_line(exc)}",
+                hint="devices in flight are not delivered; rerun the same command once the database is back",
+            ) from exc
+        except psycopg.Error as exc:
+            raise PkiError(f"cannot use the registry {self.display}: {_first_line(exc)}") from exc
+
+    @contextmanager
+    def transaction(self, *, durable: bool = True) -> Iterator[Tx]:
+        with self._errors(), self._conn.transaction():
+            if not durable:  # the WAL writer flushes it within wal_writer_delay, in order
+                self._conn.execute("SET LOCAL synchronous_commit = off")
+            yield _PgTx(self._conn)
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Tx]:
+        with self._errors():
+            yield _PgTx(self._conn)
+
+    def start_lease(self, station: Station) -> int:
+        with self.transaction() as tx:
+            [row] = tx.query(
+                "INSERT INTO sessions (host, pid, boot_id) VALUES (?, ?, ?) RETURNING id",
+                (station.host, station.pid, station.boot_id),
+            )
+        session = int(row["id"])
+        with self.autocommit() as tx:
+            # Session-level: held until this connection ends or it is given up.
+            tx.query("SELECT pg_advisory_lock(?, ?::integer)", (LOCK_SPACE, session))
+        self._session = session
+        return session
+
+    def lease_alive(self, session: int) -> bool:
+        with self.autocommit() as tx:
+            found = tx.query(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                " AND classid::bigint = ? AND objid::bigint = ? AND objsubid = 2",
+                (LOCK_SPACE, session),
+            )
+        return bool(found)
+
+    def end_lease(self) -> None:
+        if self._session is None or self._conn.broken or self._conn.closed:
+            return
+        with self.transaction() as tx:
+            tx.execute("UPDATE sessions SET ended_at = now() WHERE id = ?", (self._session,))
+            tx.query("SELECT pg_advisory_unlock(?, ?::integer)", (LOCK_SPACE, self._session))
+        self._session = None
+
+    def structure_problems(self) -> list[str]:
+        with self.autocommit() as tx:
+            index = tx.query("SELECT 1 FROM pg_indexes WHERE indexname = 'one_live_certificate_per_device'")
+        return [] if index else ["the index one_live_certificate_per_device is missing"]
+
+    def close(self) -> None:
+        try:
+            self.end_lease()
+        except PkiError:
+            pass  # the connection is gone, and the lease with it
+        finally:
+            self._conn.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

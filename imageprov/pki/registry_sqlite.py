@@ -1,0 +1,229 @@
+"""The SQLite backend: one file beside the CA, for the stations of one host.
+
+Every change runs in a ``BEGIN IMMEDIATE`` transaction, so that a check and
+the change it guards are one step for every process on the host. A station's
+lease is an ``flock`` on a file of its own beside the database: the kernel
+releases it when the process ends, however it ends (kill -9, a container's
+PID 1, another PID namespace), so no pid is ever guessed at.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from imageprov.errors import PkiError
+from imageprov.locks import held, hold
+from imageprov.pki.registry_base import (
+    SCHEMA_VERSION,
+    Backend,
+    RegistryBusy,
+    RegistryConflict,
+    RegistryDamaged,
+    Row,
+    Station,
+    Tx,
+    newer_schema,
+)
+
+# Version 1 is the schema of imageprov 0.1 (which had no version number): the
+# steps are written so that they also upgrade such a file in place.
+_MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE IF NOT EXISTS certificates (
+            serial       TEXT PRIMARY KEY,          -- lowercase hex
+            device_id    TEXT NOT NULL,             -- the CN; the host name for a server certificate
+            kind         TEXT NOT NULL CHECK (kind IN ('device', 'server')),
+            fingerprint  TEXT NOT NULL UNIQUE,      -- SHA-256 of the DER certificate, hex
+            public_key   TEXT NOT NULL,             -- PEM SubjectPublicKeyInfo
+            not_before   TEXT NOT NULL,
+            not_after    TEXT NOT NULL,
+            issued_at    TEXT NOT NULL,
+            status       TEXT NOT NULL CHECK (status IN ('pending', 'active', 'revoked')),
+            revoked_at   TEXT,
+            reason       TEXT,
+            delivered_to TEXT,
+            delivered_at TEXT,
+            owner        TEXT
+        )""",
+        """CREATE UNIQUE INDEX IF NOT EXISTS one_live_certificate_per_device
+            ON certificates (device_id) WHERE kind = 'device' AND status IN ('pending', 'active')""",
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    ],
+    2: [
+        # AUTOINCREMENT: an id is never reused, so a dead session's
+        # certificates never look owned by a new, live one.
+        """CREATE TABLE sessions (
+            id         INTEGER PRIMARY KEY AUTOINCREMENT,
+            host       TEXT NOT NULL,
+            pid        INTEGER NOT NULL,
+            boot_id    TEXT NOT NULL,
+            started_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now')),
+            ended_at   TEXT
+        )""",
+        "ALTER TABLE certificates ADD COLUMN session INTEGER REFERENCES sessions (id)",
+    ],
+}
+
+
+class _SqliteTx(Tx):
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        return self._db.execute(sql, tuple(params)).rowcount
+
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        return [dict(row) for row in self._db.execute(sql, tuple(params))]
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        self._db.executemany(sql, rows)
+
+
+class SqliteBackend(Backend):
+    def __init__(self, path: Path, *, timeout: float) -> None:
+        self.path = path
+        self.display = f"sqlite://{path}"
+        self._timeout = timeout
+        self._lease: IO[bytes] | None = None
+        self._lease_path: Path | None = None
+        self._session: int | None = None
+        with self._errors():
+            if not path.parent.is_dir():
+                raise PkiError(f"no directory {path.parent} for the registry {path}")
+            # Autocommit mode: transactions are begun explicitly, IMMEDIATE, below.
+            # Any thread may use it (the edge asks from a pool), one at a time (_lock).
+            self._db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
+        try:
+            with self._errors():
+                self._db.row_factory = sqlite3.Row
+                self._db.execute("PRAGMA synchronous=FULL")
+                if self.schema_version() != SCHEMA_VERSION:
+                    self._db.execute("PRAGMA journal_mode=WAL")  # kept in the file: once is enough
+                    self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            version = self.schema_version()  # again: another process may have migrated meanwhile
+            if version > SCHEMA_VERSION:
+                raise newer_schema(self.display, version)
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                if step == 2 and "owner" not in self._columns():  # 0.1 files from before owners were kept
+                    self._db.execute("ALTER TABLE certificates ADD COLUMN owner TEXT")
+                for statement in _MIGRATIONS[step]:
+                    self._db.execute(statement)
+            # user_version lives in the file's header page: it commits with the steps.
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+
+    def _columns(self) -> set[str]:
+        return {row["name"] for row in self._db.execute("PRAGMA table_info(certificates)")}
+
+    def schema_version(self) -> int:
+        with self._errors():
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            if version == 0 and self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'certificates'").fetchone():
+                return 1  # made by imageprov 0.1, before versions were numbered
+            return int(version)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.IntegrityError as exc:
+            raise RegistryConflict(f"the registry {self.path} refused a change: {exc}") from exc
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if "locked" in text or "busy" in text:
+                raise RegistryBusy(
+                    f"the registry {self.path} is locked by another process",
+                    hint=f"waited {self._timeout:g} s; if a sqlite3 shell or a backup holds it, end that and retry "
+                    "(or raise [registry] timeout in PKI/imageprov.toml)",
+                ) from exc
+            raise PkiError(f"cannot use the registry {self.path}: {text}") from exc
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
+            raise RegistryDamaged(
+                f"the registry {self.path} is damaged: {exc}",
+                hint="restore it from a backup; 'imageprov registry check' shows what is wrong",
+            ) from exc
+
+    @contextmanager
+    def transaction(self, *, durable: bool = True) -> Iterator[Tx]:
+        with self._lock, self._errors():
+            # In WAL mode, NORMAL skips the fsync at commit; the next FULL commit syncs the log up to it.
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _SqliteTx(self._db)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Tx]:
+        with self._lock, self._errors():
+            yield _SqliteTx(self._db)
+
+    def _lease_file(self, session: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.leases") / f"{session}.lock"
+
+    def start_lease(self, station: Station) -> int:
+        with self.transaction() as tx:
+            [row] = tx.query(
+                "INSERT INTO sessions (host, pid, boot_id) VALUES (?, ?, ?) RETURNING id",
+                (station.host, station.pid, station.boot_id),
+            )
+        session = int(row["id"])
+        path = self._lease_file(session)
+        path.parent.mkdir(mode=0o755, exist_ok=True)
+        handle = open(path, "wb")  # noqa: SIM115 - held open for as long as the lease lasts
+        hold(handle.fileno())
+        self._lease, self._lease_path, self._session = handle, path, session
+        return session
+
+    def lease_alive(self, session: int) -> bool:
+        return held(self._lease_file(session))  # no file: ended, or never got as far as certificates
+
+    def end_lease(self) -> None:
+        if self._lease is None:
+            return
+        assert self._lease_path is not None
+        try:
+            with self.transaction(durable=False) as tx:
+                tx.execute(
+                    "UPDATE sessions SET ended_at = strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now') WHERE id = ?",
+                    (self._session,),
+                )
+        finally:
+            self._lease_path.unlink(missing_ok=True)
+            self._lease.close()
+            self._lease = None
+
+    def structure_problems(self) -> list[str]:
+        with self.autocommit() as tx:
+            problems = [
+                r["integrity_check"] for r in tx.query("PRAGMA integrity_check") if r["integrity_check"] != "ok"
+            ]
+            index = tx.query("SELECT 1 FROM sqlite_master WHERE name = 'one_live_certificate_per_device'")
+        if not index:
+            problems.append("the index one_live_certificate_per_device is missing")
+        return problems
+
+    def close(self) -> None:
+        try:
+            self.end_lease()
+        finally:
+            self._db.close()
