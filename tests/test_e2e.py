@@ -1,7 +1,7 @@
 """End to end: stamped images, a real nginx mTLS edge from `imageprov edge nginx`, and the real Mender client.
 
 The client runs with the mender.conf, key and certificate read out of each
-stamped image with `imageprov cat`; the device paths in mender.conf
+stamped image with debugfs (not imageprov's own reader); the device paths in mender.conf
 (/data/mender/...) are mapped into a temporary root, and ServerURL points at
 the edge, which proxies to a small local upstream that records what reaches it.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import threading
@@ -22,15 +23,26 @@ from typing import ClassVar
 import pytest
 
 from imageprov.disk.golden import Scheme
-from tests.conftest import imageprov, imageprov_pki, need
+from tests.conftest import debugfs, imageprov_pki, need, roles, tool
 
 IDENTITY = Path("/usr/share/mender/identity/mender-device-identity")
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port below the kernel's ephemeral range, where no test's bind to port 0 can take it meanwhile.
+
+    nginx binds it later than we look; a port from the ephemeral range could go
+    to another xdist worker's client or server in between.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random(os.getpid()).sample(range(max(1024, low - 12000), low), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 class _Recorder(BaseHTTPRequestHandler):
@@ -45,6 +57,7 @@ class _Recorder(BaseHTTPRequestHandler):
                 "dn": self.headers.get("X-SSL-Client-S-DN"),
                 "verify": self.headers.get("X-SSL-Client-Verify"),
                 "serial": self.headers.get("X-SSL-Client-Serial"),
+                "sha1": self.headers.get("X-SSL-Client-SHA1"),
             }
         )
         # An accepted device gets a token, as the Mender server would answer.
@@ -71,19 +84,20 @@ def upstream() -> Iterator[tuple[str, list[dict[str, str | None]]]]:
 
 
 @pytest.fixture
-def identity_script() -> Iterator[None]:
-    """The client needs an identity script; provide one without leaving it behind."""
+def identity_script() -> None:
+    """The client runs the identity script at a fixed path; install one where the package has none.
+
+    It stays installed: tests on two xdist workers may run the client at once,
+    and one must not remove the script from under the other.
+    """
     if IDENTITY.exists():
-        yield
         return
     if not os.access(IDENTITY.parent, os.W_OK):
         pytest.fail(f"cannot write {IDENTITY}: the end-to-end test needs root (CI runs as root)")
-    IDENTITY.write_text("#!/bin/sh\necho mac=02:00:00:00:00:01\n")
-    IDENTITY.chmod(0o755)
-    try:
-        yield
-    finally:
-        IDENTITY.unlink(missing_ok=True)
+    staged = IDENTITY.with_name(f".{IDENTITY.name}.{os.getpid()}")
+    staged.write_text("#!/bin/sh\necho mac=02:00:00:00:00:01\n")
+    staged.chmod(0o755)
+    staged.replace(IDENTITY)  # atomic: a client never sees half a script
 
 
 @pytest.fixture
@@ -108,8 +122,12 @@ def _start_nginx(tmp_path: Path, conf_text: str) -> subprocess.Popen[bytes]:
     return proc
 
 
+# Upper bounds on waits for a condition, generous for a loaded machine: a wait ends as soon as the condition holds.
+BOUND = 300
+
+
 def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + BOUND
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"nginx exited: {proc.stderr.read().decode() if proc.stderr else ''}")
@@ -125,14 +143,15 @@ def _run_client(tmp_path: Path, image: Path, name: str, ca_cert: Path) -> subpro
     """Run `mender bootstrap` with what the image holds, its device paths mapped under a temporary root."""
     root = tmp_path / f"device-{name}"
     (root / "var-lib-mender").mkdir(parents=True)
-    conf = json.loads(imageprov("cat", f"{image}:/etc/mender/mender.conf").stdout)
+    layout = roles(image)
+    conf = json.loads(debugfs(image, layout["rootfs-a"], "cat /etc/mender/mender.conf"))
     client = conf["HttpsClient"]
     assert client == {"Certificate": "/data/mender/mender-cert.pem", "Key": "/data/mender/mender-cert-private.pem"}
     for key in ("Certificate", "Key"):
         device_path = client[key]
         local = root / device_path.lstrip("/")
         local.parent.mkdir(parents=True, exist_ok=True)
-        imageprov("cp", f"{image}:{device_path}", local)
+        local.write_text(debugfs(image, layout["data"], f"cat {device_path.removeprefix('/data')}"))
         client[key] = str(local)
     # The client signs its auth requests with the certificate's key (Security.AuthPrivateKey).
     assert conf["Security"]["AuthPrivateKey"] == "/data/mender/mender-cert-private.pem"
@@ -143,7 +162,7 @@ def _run_client(tmp_path: Path, image: Path, name: str, ca_cert: Path) -> subpro
     return subprocess.run(
         ["mender", "--config", str(root / "mender.conf"), "--fallback-config", str(root / "fallback.conf"),
          "--data", str(root / "var-lib-mender"), "--no-syslog", "--log-level", "info", "bootstrap"],
-        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=BOUND, stdin=subprocess.DEVNULL,
     )  # fmt: skip
 
 
@@ -179,6 +198,12 @@ def test_good_device_accepted_revoked_and_foreign_refused(
         assert good.returncode == 0, good.stderr
         assert [s["dn"] for s in seen] == ["CN=good-1,O=imageprov tests,C=NO"]
         assert seen[0]["verify"] == "SUCCESS" and seen[0]["path"] == "/api/devices/v1/authentication/auth_requests"
+        # The edge names the certificate it accepted: serial and SHA-1 fingerprint, as openssl reads them.
+        cert = tmp_path / "device-good/data/mender/mender-cert.pem"
+        serial = tool("openssl", "x509", "-in", cert, "-noout", "-serial").stdout.decode().strip()
+        sha1 = tool("openssl", "x509", "-in", cert, "-noout", "-fingerprint", "-sha1").stdout.decode().strip()
+        assert seen[0]["serial"] == serial.removeprefix("serial=")
+        assert seen[0]["sha1"] == sha1.split("=", 1)[1].replace(":", "").lower()
 
         bad = _run_client(tmp_path, out / "bad-1.sdimg", "bad", pki / "ca-cert.pem")
         assert bad.returncode != 0 and "400" in bad.stderr
@@ -188,4 +213,4 @@ def test_good_device_accepted_revoked_and_foreign_refused(
         assert len(seen) == 1
     finally:
         nginx.terminate()
-        nginx.wait(10)
+        nginx.wait(BOUND)

@@ -11,7 +11,7 @@ import pytest
 from imageprov.disk.golden import Scheme
 from imageprov.disk.image import Area, DevicePath, parse_mode
 from imageprov.errors import UsageError
-from tests.conftest import debugfs, e2fsck_clean, fsck_vfat_clean, imageprov, roles, sha256
+from tests.conftest import debugfs, e2fsck_clean, fsck_vfat_clean, imageprov, offset_of, roles, sha256, tool
 
 
 def _stat(image: Path, number: int, path: str) -> tuple[str, str, str]:
@@ -65,6 +65,10 @@ def test_cp_to_boot_partition_and_back(golden: Path, tmp_path: Path) -> None:
     src = tmp_path / "boot.scr"
     src.write_bytes(os.urandom(70_000))
     imageprov("cp", src, f"{golden}:/uboot/scripts/boot.scr")
+    # mtools reads the vfat partition in place: an independent reader.
+    boot = f"{golden}@@{offset_of(golden, roles(golden)['boot'])}"
+    assert tool("mtype", "-i", boot, "::/scripts/boot.scr").stdout == src.read_bytes()
+    assert tool("mdir", "-b", "-i", boot, "::/scripts").stdout.decode().split() == ["::/scripts/boot.scr"]
     out = tmp_path / "out.scr"
     imageprov("cp", f"{golden}:/uboot/scripts/boot.scr", out)
     assert out.read_bytes() == src.read_bytes()
@@ -195,3 +199,27 @@ def test_bad_modes(text: str) -> None:
 def test_device_paths_follow_mender_artifact(path: str, area: Area, inner: str) -> None:
     parsed = DevicePath.parse(path)
     assert (parsed.area, str(parsed.inner)) == (area, inner)
+
+
+def test_apply_writes_each_file_with_its_own_mode_and_owner(make_golden: Callable[..., Path]) -> None:
+    """A plan says where files go; their modes and owners are the caller's, never a plan's leftovers."""
+    from pathlib import PurePosixPath
+
+    from imageprov.disk.ext4 import Ext4, NewFile
+    from tests.conftest import offset_of
+
+    golden = make_golden(Scheme.MBR)
+    data = roles(golden)["data"]
+    fs = Ext4(golden, offset_of(golden, data), "data")
+    key, note = PurePosixPath("/mender/k.pem"), PurePosixPath("/new dir/note")
+    plan = fs.plan([key, note])
+    fs.apply(plan, [NewFile(key, b"secret\n", 0o400, 0, 0), NewFile(note, b"n\n", 0o640, 0, 1000)])
+    assert _stat(golden, data, "/mender/k.pem") == ("0400", "0", "0")
+    assert _stat(golden, data, "/new dir/note") == ("0640", "0", "1000")
+    assert debugfs(golden, data, 'cat "/new dir/note"') == "n\n"
+    # Replacing the file: the mode of this write, not the one it had.
+    fs.apply(fs.plan([key]), [NewFile(key, b"again\n", 0o600, 0, 0)])
+    assert _stat(golden, data, "/mender/k.pem") == ("0600", "0", "0")
+    with pytest.raises(UsageError, match="not the ones planned"):
+        fs.apply(plan, [NewFile(key, b"x")])
+    e2fsck_clean(golden, data)

@@ -6,6 +6,7 @@ import bz2
 import gzip
 import json
 import lzma
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,12 +22,14 @@ from tests.conftest import (
     imageprov,
     imageprov_pki,
     need,
+    offset_of,
     partition_bytes,
     roles,
     sfdisk_json,
     sha256,
     tool,
 )
+from tests.oracle import check_device_image
 
 ROOT = Path(__file__).resolve().parent.parent
 HTTPS_CLIENT = {"Certificate": "/data/mender/mender-cert.pem", "Key": "/data/mender/mender-cert-private.pem"}
@@ -52,12 +55,26 @@ def test_prepare_is_idempotent(golden: Path) -> None:
         e2fsck_clean(golden, roles(golden)[role])
 
 
-def test_prepare_failure_leaves_the_image_as_it_was(make_golden: Callable[..., Path]) -> None:
-    golden = make_golden(Scheme.MBR, mender_conf="[1, 2]")
+def test_prepare_failure_leaves_the_image_as_it_was(make_golden: Callable[..., Path], tmp_path: Path) -> None:
+    """The first write (rootfs A) succeeds, the second (rootfs B, full) fails: the image is as it was."""
+    golden = make_golden(Scheme.MBR, rootfs_mib=16)
+    layout = roles(golden)
+    rootfs_b = f"{golden}?offset={offset_of(golden, layout['rootfs-b'])}"
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(18 << 20))
+    script = tmp_path / "fill"
+    script.write_text(f"write {big} /fill\n")
+    tool("debugfs", "-w", "-f", script, rootfs_b)
+    assert "Free blocks:              0" in tool("debugfs", "-R", "stats", rootfs_b).stdout.decode()
     before = sha256(golden)
-    proc = imageprov("prepare", golden, check=False)
-    assert proc.returncode == 1 and "not an object" in proc.stderr
+    # A token long enough that the new mender.conf needs more blocks than the old one freed.
+    proc = imageprov("--debug", "prepare", golden, "--conf-target", "rootfs", "--tenant-token", "t" * 8192, check=False)
+    assert proc.returncode == 1, proc.stderr
+    writes = [line for line in proc.stderr.splitlines() if line.startswith("+ ") and " -w " in line]
+    assert len(writes) == 2 and f"offset={offset_of(golden, layout['rootfs-a'])}" in writes[0], writes
+    assert "partition 3 (rootfs-b)" in proc.stderr and "the filesystem is full" in proc.stderr
     assert sha256(golden) == before
+    assert [p.name for p in golden.parent.iterdir() if ".partial" in p.name] == []
 
 
 def test_stamp_on_a_prepared_image_touches_only_the_data_partition(
@@ -74,7 +91,7 @@ def test_stamp_on_a_prepared_image_touches_only_the_data_partition(
     for role in ("boot", "rootfs-a", "rootfs-b"):
         assert partition_bytes(image, layout[role]) == partition_bytes(golden, layout[role])
     assert partition_bytes(image, layout["data"]) != partition_bytes(golden, layout["data"])
-    imageprov("verify", image, "--ca", pki / "ca-cert.pem", "--device-id", "p1")
+    check_device_image(image, "p1", pki, tmp_path)
 
 
 # -- bmap and bmaptool ----------------------------------------------------------
@@ -107,6 +124,13 @@ def test_bmaptool_flashes_a_stamped_image_over_stale_data(
 ) -> None:
     need("bmaptool")
     golden = make_golden(scheme)
+    # A boot loader in the gap before the first partition (i.MX8M reads one at 33 KiB); the rest of the gap a hole.
+    loader = os.urandom(8192)
+    with open(golden, "r+b") as handle:
+        for at in (33 * 1024, 1 << 20):
+            handle.seek(at)
+            handle.write(loader)
+    first = min(int(p["start"]) for p in sfdisk_json(golden)["partitions"]) * 512
     out = tmp_path / "out"
     imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "b1", "--bmap")
     image, bmap = out / f"b1{golden.suffix}", out / "b1.bmap"
@@ -120,6 +144,9 @@ def test_bmaptool_flashes_a_stamped_image_over_stale_data(
         dst.write(src.read(size))
     # Mapped less than all: stale bytes remain in ext4 holes, and the card is still right.
     assert sha256(flashed) != sha256(image)
+    with open(flashed, "rb") as card, open(golden, "rb") as original:
+        # The table, the boot loader and the zeros between them, not the card's stale bytes.
+        assert card.read(first) == original.read(first)
     assert sfdisk_json(flashed)["partitions"] == [
         {**p, "node": p["node"].replace(str(image), str(flashed))} for p in sfdisk_json(image)["partitions"]
     ]
@@ -128,7 +155,7 @@ def test_bmaptool_flashes_a_stamped_image_over_stale_data(
         e2fsck_clean(flashed, layout[role])
     fsck_vfat_clean(flashed, layout["boot"], tmp_path)
     assert partition_bytes(flashed, layout["boot"]) == partition_bytes(image, layout["boot"])
-    imageprov("verify", flashed, "--ca", pki / "ca-cert.pem", "--device-id", "b1")
+    check_device_image(flashed, "b1", pki, tmp_path)
 
 
 # -- compressed images ----------------------------------------------------------
@@ -157,27 +184,34 @@ def test_compressed_golden_images(make_golden: Callable[..., Path], pki: Path, t
     imageprov_pki("stamp", packed, "--pki", pki, "--out", out, "--device-id", f"c-{kind}")
     image = out / f"c-{kind}.sdimg"
     assert sorted(p.name for p in out.iterdir()) == [image.name]  # the decompressed copy is gone
-    imageprov("verify", image, "--ca", pki / "ca-cert.pem", "--device-id", f"c-{kind}")
+    check_device_image(image, f"c-{kind}", pki, tmp_path)
     # Decompressed sparse: it allocates far less than its size.
     assert image.stat().st_blocks * 512 < image.stat().st_size // 4
 
 
-@pytest.mark.parametrize("kind", ["gz", "zst"])
+# Each format's own command-line tool decompresses: not imageprov, not the library it uses.
+_DECOMPRESS = {"gz": ("gzip", "-dc"), "xz": ("xz", "-dc"), "bz2": ("bzip2", "-dc"), "zst": ("zstd", "-dcq")}
+
+
+@pytest.mark.parametrize("kind", ["gz", "xz", "bz2", "zst"])
 def test_compressed_outputs(make_golden: Callable[..., Path], pki: Path, tmp_path: Path, kind: str) -> None:
-    golden = make_golden(Scheme.MBR)
+    golden = make_golden(Scheme.MBR, rootfs_mib=16, data_mib=16)
     out = tmp_path / "out"
     imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "z1", "--compress", kind, "--bmap")
     assert sorted(p.name for p in out.iterdir()) == ["z1.bmap", f"z1.sdimg.{kind}"]
+    packed = out / f"z1.sdimg.{kind}"
+    assert packed.stat().st_mode & 0o777 == 0o600  # it holds the device's private key
     plain = tmp_path / "z1.sdimg"
-    if kind == "gz":
-        plain.write_bytes(gzip.decompress((out / "z1.sdimg.gz").read_bytes()))
-    else:
-        tool("zstd", "-q", "-d", "-o", plain, out / "z1.sdimg.zst")
-    imageprov("verify", plain, "--ca", pki / "ca-cert.pem", "--device-id", "z1")
+    plain.write_bytes(tool(*_DECOMPRESS[kind], packed).stdout)
+    check_device_image(plain, "z1", pki, tmp_path)
+    # The bmap beside it describes the decompressed image, as bmaptool reads it.
+    assert f"<ImageSize> {plain.stat().st_size} </ImageSize>".encode() in (out / "z1.bmap").read_bytes()
     # A rerun leaves the delivered compressed image alone.
+    before = sha256(packed)
     proc = imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "z1", "--compress", kind,
                          "--json")  # fmt: skip
     assert json.loads(proc.stdout)["status"] == "already-delivered"
+    assert sha256(packed) == before
 
 
 def test_damaged_compressed_golden_is_one_line(make_golden: Callable[..., Path], pki: Path, tmp_path: Path) -> None:

@@ -25,8 +25,10 @@ from tests.conftest import imageprov, roles, tool
 )
 def test_roles_of_mender_layouts(make_golden: Callable[..., Path], scheme: Scheme, expected: dict[str, int]) -> None:
     image = make_golden(scheme)
-    assert roles(image) == expected
     layout = read_layout(image)
+    assert {v.role.value: v.partition.number for v in layout.volumes} == expected
+    # The independent reading tests use (sfdisk alone) agrees on the Mender volumes.
+    assert roles(image) == {k: v for k, v in expected.items() if k not in ("extended", "swap")}
     assert layout.data_partition.filesystem is Filesystem.EXT4
     assert layout.data_partition.label == "data"
     assert [v.label for v in layout.rootfs_partitions] == ["rootfs-a", "rootfs-b"]

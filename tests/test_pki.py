@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from imageprov.errors import PkiError, UsageError
-from imageprov.pki.ca import CertificateAuthority, Curve, Subject, load_ca
+from imageprov.pki.ca import CertificateAuthority, Curve, Subject, load_ca, load_cert
 from tests.conftest import PASSPHRASE as TEST_PASSPHRASE
 from tests.conftest import imageprov_pki, tool
 
@@ -306,3 +307,222 @@ def test_expired_ca_issues_nothing() -> None:
     )
     with pytest.raises(PkiError, match="expired"):
         CertificateAuthority(cert, key).issue_device("d")
+
+
+def _key_usage(**allowed: bool) -> x509.KeyUsage:
+    names = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment", "key_agreement",
+             "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")  # fmt: skip
+    return x509.KeyUsage(**{name: allowed.get(name, False) for name in names})
+
+
+def _make_ca(tmp_path: Path, extensions: list[tuple[x509.ExtensionType, bool]], *, expired: bool = False) -> Path:
+    """A CA certificate with exactly ``extensions``, its unencrypted key beside it (ca.pem, ca.key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Odd CA")])
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=400 if expired else 1)
+    builder = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=365))
+    )  # fmt: skip
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    (tmp_path / "ca.pem").write_bytes(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "ca.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return tmp_path / "ca.pem"
+
+
+def _make_leaf(tmp_path: Path, usage: x509.KeyUsage | None = None) -> Path:
+    """A client certificate signed by tmp_path's ca.pem/ca.key, whatever that CA may be."""
+    ca_cert = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((tmp_path / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "leaf")]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )  # fmt: skip
+    if usage is not None:
+        builder = builder.add_extension(usage, critical=True)
+    path = tmp_path / "leaf.pem"
+    path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+CA_BASIC = (x509.BasicConstraints(ca=True, path_length=0), True)
+SIGNS = (_key_usage(key_cert_sign=True, crl_sign=True), True)
+# (what the CA has, the leaf's keyUsage, what imageprov says is wrong: None when OpenSSL accepts the chain)
+CHAINS: dict[str, tuple[list[tuple[x509.ExtensionType, bool]], x509.KeyUsage | None, str | None]] = {
+    "imageprov's own": ([CA_BASIC, SIGNS], _key_usage(digital_signature=True), None),
+    "no keyUsage at all": ([CA_BASIC], None, None),
+    "keyUsage without keyCertSign": ([CA_BASIC, (_key_usage(crl_sign=True, digital_signature=True), True)], None,
+                                     "keyUsage does not allow keyCertSign"),
+    "CA:FALSE": ([(x509.BasicConstraints(ca=False, path_length=None), True), SIGNS], None, "CA:FALSE"),
+    "no basicConstraints": ([SIGNS], None, "no basicConstraints"),
+    "extendedKeyUsage serverAuth only": (
+        [CA_BASIC, SIGNS, (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)], None,
+        "extendedKeyUsage does not allow TLS clients"),
+    "extendedKeyUsage with clientAuth": (
+        [CA_BASIC, SIGNS, (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)], None, None),
+    "leaf keyUsage keyEncipherment only": ([CA_BASIC, SIGNS], _key_usage(key_encipherment=True),
+                                           "neither digitalSignature nor keyAgreement"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", list(CHAINS))
+def test_chain_checks_are_openssls(variant: str, tmp_path: Path) -> None:
+    """imageprov's chain checks refuse what `openssl verify -purpose sslclient` (and so nginx) refuses."""
+    from imageprov.pki.chain import leaf_problems
+
+    extensions, leaf_usage, problem = CHAINS[variant]
+    ca_path = _make_ca(tmp_path, extensions)
+    leaf_path = _make_leaf(tmp_path, leaf_usage)
+    found = leaf_problems(x509.load_pem_x509_certificate(leaf_path.read_bytes()), load_cert(ca_path))
+    openssl = tool("openssl", "verify", "-CAfile", ca_path, "-purpose", "sslclient", leaf_path, check=False)
+    if problem is None:
+        assert found == [] and openssl.returncode == 0, (found, openssl.stdout + openssl.stderr)
+    else:
+        assert problem in "; ".join(found)
+        # OpenSSL takes a v3 certificate without basicConstraints as a CA by its keyUsage; imageprov does not.
+        assert (openssl.returncode != 0) == (variant != "no basicConstraints"), openssl.stdout + openssl.stderr
+
+
+@pytest.mark.parametrize("variant", [v for v, (_, usage, problem) in CHAINS.items() if problem and usage is None])
+def test_import_refuses_a_ca_that_may_not_issue_client_certificates(variant: str, tmp_path: Path) -> None:
+    ca_path = _make_ca(tmp_path, CHAINS[variant][0])
+    proc = cli("ca", "import", tmp_path / "pki", "--cert", ca_path, "--key", tmp_path / "ca.key")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "cannot be the fleet's CA" in proc.stderr and str(CHAINS[variant][2]) in proc.stderr
+    assert not (tmp_path / "pki").exists()
+
+
+def test_import_refuses_an_expired_ca(tmp_path: Path) -> None:
+    ca_path = _make_ca(tmp_path, [CA_BASIC, SIGNS], expired=True)
+    proc = cli("ca", "import", tmp_path / "pki", "--cert", ca_path, "--key", tmp_path / "ca.key")
+    assert proc.returncode == 1 and "expired" in proc.stderr
+
+
+def test_verify_refuses_what_nginx_refuses(make_golden: Callable[..., Path], tmp_path: Path) -> None:
+    """An image stamped by a CA is checked against a certificate of that CA key that may not sign certificates."""
+    from imageprov.disk.golden import Scheme
+    from tests.conftest import debugfs, imageprov, roles
+
+    pki = tmp_path / "pki"
+    assert cli("ca", "init", pki, "--cn", "CA", "--no-passphrase", passphrase=None).returncode == 0
+    golden = make_golden(Scheme.MBR)
+    assert cli("stamp", golden, "--pki", pki, "--out", tmp_path / "out", "--device-id", "v-1").returncode == 0
+    image = tmp_path / "out" / "v-1.sdimg"
+    good = load_ca(pki, None)
+    # The same name and key, but a keyUsage that forbids signing certificates.
+    bad = (
+        x509.CertificateBuilder().subject_name(good.cert.subject).issuer_name(good.cert.subject)
+        .public_key(good.key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(good.cert.not_valid_before_utc).not_valid_after(good.cert.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(crl_sign=True), critical=True)
+        .sign(good.key, hashes.SHA256())
+    )  # fmt: skip
+    bad_path = tmp_path / "bad-ca.pem"
+    bad_path.write_bytes(bad.public_bytes(serialization.Encoding.PEM))
+    cert = tmp_path / "device.pem"
+    cert.write_text(debugfs(image, roles(image)["data"], "cat /mender/mender-cert.pem"))
+    assert tool("openssl", "verify", "-CAfile", pki / "ca-cert.pem", "-purpose", "sslclient", cert).returncode == 0
+    assert tool("openssl", "verify", "-CAfile", bad_path, "-purpose", "sslclient", cert, check=False).returncode != 0
+    assert imageprov("verify", image, "--ca", pki / "ca-cert.pem").returncode == 0
+    proc = imageprov("verify", image, "--ca", bad_path, check=False)
+    assert proc.returncode == 1
+    assert "FAIL  chain passes OpenSSL's checks  (the CA: its keyUsage does not allow keyCertSign" in proc.stdout
+    assert "ok    certificate signed by the CA" in proc.stdout  # the signature alone is right
+
+
+def test_key_passphrase_file_missing_or_a_directory(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create(Subject("CA"))
+    (tmp_path / "ca.pem").write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "ca.key").write_bytes(
+        ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.BestAvailableEncryption(b"old secret"))
+    )  # fmt: skip
+    (tmp_path / "a-dir").mkdir()
+    for secret, message in (
+        (tmp_path / "missing", f"cannot read --key-passphrase-file {tmp_path}/missing: No such file or directory"),
+        (tmp_path / "a-dir", f"cannot read --key-passphrase-file {tmp_path}/a-dir: Is a directory"),
+    ):
+        proc = cli("ca", "import", tmp_path / "pki", "--cert", tmp_path / "ca.pem", "--key", tmp_path / "ca.key",
+                   "--key-passphrase-file", secret)  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.strip() == f"imageprov: error: {message}"
+    (tmp_path / "old").write_text("old secret\n")
+    proc = cli("ca", "import", tmp_path / "pki", "--cert", tmp_path / "ca.pem", "--key", tmp_path / "ca.key",
+               "--key-passphrase-file", tmp_path / "old")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_empty_passphrase_file_says_so(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    assert cli("ca", "init", pki, "--cn", "CA").returncode == 0
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    proc = cli("device-cert", "--pki", pki, "--device-id", "d", "--out", tmp_path / "d", "--passphrase-file", empty,
+               passphrase=None)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"imageprov: error: --passphrase-file {empty} is empty (write the secret")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ca_key_open_to_others_is_refused(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    assert cli("ca", "init", pki, "--cn", "CA").returncode == 0
+    key = pki / "ca-private.key"
+    for mode in (0o666, 0o644, 0o640, 0o604):
+        key.chmod(mode)
+        proc = cli("device-cert", "--pki", pki, "--device-id", "d", "--out", tmp_path / "d")
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+        assert f"{key} is open to others (mode 0{mode:o})" in proc.stderr and f"chmod 600 {key}" in proc.stderr
+        assert not (tmp_path / "d").exists()
+    key.chmod(0o600)
+    assert cli("device-cert", "--pki", pki, "--device-id", "d", "--out", tmp_path / "d").returncode == 0
+
+
+def test_ca_without_crl_sign_makes_no_crl_nginx_would_refuse(tmp_path: Path) -> None:
+    from imageprov.pki.revocation import build_crl, crl_bytes
+
+    ca_path = _make_ca(tmp_path, [CA_BASIC, (_key_usage(key_cert_sign=True), True)])
+    proc = cli("ca", "import", tmp_path / "pki", "--cert", ca_path, "--key", tmp_path / "ca.key")
+    assert proc.returncode == 0 and "note: nginx would refuse this CA's CRLs" in proc.stderr, proc.stderr
+    assert cli("device-cert", "--pki", tmp_path / "pki", "--device-id", "d", "--out", tmp_path / "d").returncode == 0
+    proc = cli("crl", "--pki", tmp_path / "pki", "--out", tmp_path / "crl.pem")
+    assert proc.returncode == 1 and "cRLSign" in proc.stderr and "denylist" in proc.stderr
+    assert not (tmp_path / "crl.pem").exists()
+    # What imageprov refuses to make, openssl refuses to use.
+    ca_key = serialization.load_pem_private_key((tmp_path / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    odd = CertificateAuthority(load_cert(ca_path), ca_key)
+    with pytest.raises(PkiError, match="cRLSign"):
+        build_crl(odd, [], number=1)
+    crl = (
+        x509.CertificateRevocationListBuilder().issuer_name(odd.cert.subject)
+        .last_update(dt.datetime.now(dt.UTC)).next_update(dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    (tmp_path / "crl.pem").write_bytes(crl_bytes(crl))
+    proc = tool("openssl", "verify", "-CAfile", ca_path, "-CRLfile", tmp_path / "crl.pem", "-crl_check",
+                tmp_path / "d/mender-cert.pem", check=False)  # fmt: skip
+    assert proc.returncode != 0 and b"CRL signing" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_server_certificate_needs_a_ca_that_may_issue_them(tmp_path: Path) -> None:
+    """A CA limited to clientAuth would sign server certificates no TLS client accepts: refused."""
+    ca_path = _make_ca(tmp_path, [CA_BASIC, SIGNS, (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)])
+    ca_key = serialization.load_pem_private_key((tmp_path / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    odd = CertificateAuthority(load_cert(ca_path), ca_key)
+    with pytest.raises(PkiError, match="extendedKeyUsage does not allow TLS servers"):
+        odd.issue_server(["edge.local"])
+    leaf = tmp_path / "client.pem"
+    leaf.write_bytes(odd.issue_device("d").cert_pem())  # client certificates it may issue
+    assert tool("openssl", "verify", "-CAfile", ca_path, "-purpose", "sslclient", leaf).returncode == 0

@@ -13,7 +13,6 @@ import pytest
 from imageprov.disk.golden import DEFAULT_MENDER_CONF, Scheme
 from tests.conftest import (
     debugfs,
-    e2fsck_clean,
     imageprov,
     imageprov_pki,
     need,
@@ -22,6 +21,7 @@ from tests.conftest import (
     sha256,
     tool,
 )
+from tests.oracle import check_device_image
 
 KEY = "/mender/mender-cert-private.pem"
 CERT = "/mender/mender-cert.pem"
@@ -34,32 +34,6 @@ def _stamp(
 ) -> subprocess.CompletedProcess[str]:
     id_args = [arg for device_id in ids for arg in ("--device-id", device_id)]
     return imageprov_pki("stamp", golden, "--pki", pki, "--out", out, *id_args, *extra, check=check)
-
-
-def _stat(image: Path, number: int, path: str) -> tuple[str, str, str]:
-    out = debugfs(image, number, f"stat {path}")
-    return out.split("Mode:")[1].split()[0], out.split("User:")[1].split()[0], out.split("Group:")[1].split()[0]
-
-
-def _check_device_image(image: Path, device_id: str, pki: Path, tmp_path: Path) -> None:
-    """What the device will see, read with debugfs and checked with openssl and e2fsck."""
-    layout = roles(image)
-    data = layout["data"]
-    assert _stat(image, data, KEY) == ("0600", "0", "0")
-    assert _stat(image, data, CERT) == ("0644", "0", "0")
-    cert, key = tmp_path / f"{device_id}.crt", tmp_path / f"{device_id}.key"
-    cert.write_text(debugfs(image, data, f"cat {CERT}"))
-    key.write_text(debugfs(image, data, f"cat {KEY}"))
-    verified = tool("openssl", "verify", "-CAfile", pki / "ca-cert.pem", "-purpose", "sslclient", cert)
-    assert b": OK" in verified.stdout
-    subject = tool("openssl", "x509", "-in", cert, "-noout", "-subject", "-nameopt", "multiline").stdout.decode()
-    assert f"commonName                = {device_id}" in subject
-    pub_cert = tool("openssl", "x509", "-in", cert, "-noout", "-pubkey").stdout
-    assert tool("openssl", "pkey", "-in", key, "-pubout").stdout == pub_cert
-    for number in (layout["rootfs-a"], layout["rootfs-b"], data):
-        e2fsck_clean(image, number)
-    # device_type and everything else on the data partition is still there.
-    assert "device_type=imageprov-demo" in debugfs(image, data, "cat /mender/device_type")
 
 
 def _rootfs_confs(image: Path) -> list[dict[str, object]]:
@@ -80,7 +54,7 @@ def test_stamp_on_every_layout(golden: Path, pki: Path, tmp_path: Path) -> None:
         image = Path(line["image"])
         assert image == out / f"{line['device_id']}{golden.suffix}"
         assert image.stat().st_mode & 0o777 == 0o600
-        _check_device_image(image, line["device_id"], pki, tmp_path)
+        check_device_image(image, line["device_id"], pki, tmp_path)
         for conf in _rootfs_confs(image):
             # Every other key kept, in order; ServerURL set; HttpsClient added last.
             assert list(conf) == [*DEFAULT_MENDER_CONF, "HttpsClient", "Security"]
@@ -153,7 +127,7 @@ def test_conf_target_data_leaves_rootfs_byte_identical(golden: Path, pki: Path, 
     fallback = json.loads(debugfs(image, layout["data"], "cat /mender/mender.conf"))
     # --server-url is refused here: the rootfs conf sets ServerURL, and wins (tests/test_real_builds.py).
     assert fallback == {"HttpsClient": HTTPS_CLIENT, "Security": {"AuthPrivateKey": HTTPS_CLIENT["Key"]}}
-    _check_device_image(image, "d1", pki, tmp_path)
+    check_device_image(image, "d1", pki, tmp_path)
     imageprov("verify", image, "--ca", pki / "ca-cert.pem", "--device-id", "d1")
 
 
@@ -169,7 +143,7 @@ def test_mender_artifact_engine_gives_the_same_result(
                   "--conf-target", "rootfs")  # fmt: skip
     assert sha256(golden) == before
     image = out / f"ma-1{golden.suffix}"
-    _check_device_image(image, "ma-1", pki, tmp_path)
+    check_device_image(image, "ma-1", pki, tmp_path)
     for conf in _rootfs_confs(image):
         assert conf["HttpsClient"] == HTTPS_CLIENT
     # The upstream tool reads back what it wrote.
@@ -281,7 +255,7 @@ def test_rerun_finishes_what_an_interruption_left(make_golden: Callable[..., Pat
         ("d3", "revoked", "superseded"),
         ("d3", "active", None),
     ]
-    _check_device_image(out / "d3.sdimg", "d3", pki, tmp_path)
+    check_device_image(out / "d3.sdimg", "d3", pki, tmp_path)
 
 
 def test_output_over_the_golden_image_is_refused(make_golden: Callable[..., Path], pki: Path, tmp_path: Path) -> None:

@@ -27,8 +27,8 @@ def _handshake(
     *,
     hostname: str = "edge.test",
     crl: bytes | None = None,
-) -> str | None:
-    """Run one handshake; return None on success, else the server's and the client's errors."""
+) -> dict[str, str] | None:
+    """Run one handshake; return None on success, else the server's and the client's errors by side."""
     tmp.mkdir(parents=True, exist_ok=True)
     ca_file = tmp / "ca.pem"
     ca_file.write_bytes(ca.cert.public_bytes(Encoding.PEM))
@@ -77,8 +77,8 @@ def _handshake(
         result["client"] = str(exc)
     thread.join(10)
     listener.close()
-    errors = [e for e in (result.get("server"), result.get("client")) if e]
-    return " | ".join(errors) if errors else None
+    errors = {side: error for side in ("server", "client") if (error := result.get(side))}
+    return errors or None
 
 
 @pytest.fixture
@@ -95,11 +95,15 @@ def test_device_of_another_ca_is_refused(tmp_path: Path, ca: CertificateAuthorit
     other = CertificateAuthority.create(Subject("Fleet CA", "ACME"))  # same name, other key
     server = ca.issue_server(["edge.test"])
     error = _handshake(tmp_path, ca, server, other.issue_device("dev-1"))
-    assert error is not None and ("certificate" in error.lower() or "alert" in error.lower())
+    # The server cannot chain it to the fleet CA and tells the device with an unknown_ca alert.
+    assert error is not None and "unable to get local issuer certificate" in error["server"]
+    assert "TLSV1_ALERT_UNKNOWN_CA" in error["client"], error
 
 
 def test_device_without_certificate_is_refused(tmp_path: Path, ca: CertificateAuthority) -> None:
-    assert _handshake(tmp_path, ca, ca.issue_server(["edge.test"]), None) is not None
+    error = _handshake(tmp_path, ca, ca.issue_server(["edge.test"]), None)
+    assert error is not None and "PEER_DID_NOT_RETURN_A_CERTIFICATE" in error["server"]
+    assert "TLSV13_ALERT_CERTIFICATE_REQUIRED" in error["client"], error
 
 
 def test_revoked_device_is_refused_with_the_crl(tmp_path: Path, ca: CertificateAuthority) -> None:
@@ -114,7 +118,8 @@ def test_revoked_device_is_refused_with_the_crl(tmp_path: Path, ca: CertificateA
     server = ca.issue_server(["edge.test"])
     assert _handshake(tmp_path / "1", ca, server, good, crl=crl) is None
     error = _handshake(tmp_path / "2", ca, server, bad, crl=crl)
-    assert error is not None and "revoked" in error.lower()
+    assert error is not None and "certificate revoked" in error["server"]
+    assert "SSLV3_ALERT_CERTIFICATE_REVOKED" in error["client"], error
     # Without the CRL the revoked device would still get in: the CRL is what refuses it.
     assert _handshake(tmp_path / "3", ca, server, bad) is None
 
@@ -124,4 +129,6 @@ def test_hostname_is_checked_against_the_san(tmp_path: Path, ca: CertificateAuth
     device = ca.issue_device("dev-1")
     assert _handshake(tmp_path / "1", ca, server, device, hostname="127.0.0.1") is None
     error = _handshake(tmp_path / "2", ca, server, device, hostname="other.test")
-    assert error is not None and "hostname" in error.lower()
+    # This time the device refuses the edge, and says so to the server with a bad_certificate alert.
+    assert error is not None and "Hostname mismatch" in error["client"]
+    assert "SSLV3_ALERT_BAD_CERTIFICATE" in error["server"], error

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import atexit
 import getpass
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from imageprov.cli.ca_token import (
+    ModuleOpt,
+    PinFile,
+    Pkcs11Opt,
+    import_from_token,
+    init_on_token,
+    read_secret,
+    refuse_file_key_options,
+    refuse_token_options,
+    token_pin,
+)
 from imageprov.errors import UsageError
 from imageprov.pki.ca import (
     CA_CERT,
     CA_KEY,
+    CA_KEY_REFERENCE,
     CertificateAuthority,
     Curve,
     Subject,
@@ -24,6 +38,7 @@ from imageprov.pki.ca import (
     load_key,
     write_atomic,
 )
+from imageprov.pki.chain import crl_problem
 from imageprov.pki.registry import Reason, Registry, Status
 from imageprov.pki.revocation import build_crl, crl_bytes, denylist
 
@@ -53,10 +68,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts inste
 def passphrase(file: Path | None, *, new: bool = False) -> bytes | None:
     """The CA key's passphrase: --passphrase-file, then $IMAGEPROV_CA_PASSPHRASE, then a prompt on a terminal."""
     if file is not None:
-        try:
-            text = file.read_text().rstrip("\n")
-        except OSError as exc:
-            raise UsageError(f"cannot read {file}: {exc.strerror}") from exc
+        text = read_secret(file, "--passphrase-file")
     elif os.environ.get(PASSPHRASE_ENV):
         text = os.environ[PASSPHRASE_ENV]
     elif sys.stdin.isatty():
@@ -70,9 +82,18 @@ def passphrase(file: Path | None, *, new: bool = False) -> bytes | None:
     return text.encode()
 
 
-def open_ca(pki: Path, passphrase_file: Path | None) -> CertificateAuthority:
-    """Load the CA of ``pki``, asking for the passphrase only if its key is encrypted."""
-    return load_ca(pki, passphrase(passphrase_file))
+def open_ca(pki: Path, passphrase_file: Path | None, pin_file: Path | None = None) -> CertificateAuthority:
+    """Load the CA of ``pki``, asking for the passphrase only if its key is encrypted, or the PIN if on a token."""
+    ca = load_ca(pki, lambda: passphrase(passphrase_file), pin=token_pin(pin_file))
+    _close_with_command(ca.key)
+    return ca
+
+
+def _close_with_command(key: object) -> None:
+    """A token session (and its login) ends when the command does, error or not."""
+    close = getattr(key, "close", None)  # a TokenKey's; a key from a file has nothing to close
+    if callable(close):
+        atexit.register(close)
 
 
 def _require_passphrase(value: bytes | None, no_passphrase: bool) -> bytes | None:
@@ -103,19 +124,33 @@ def ca_init(
     days: Annotated[int, typer.Option("--days", help="Validity of the CA certificate.")] = 3650,
     passphrase_file: PassFile = None,
     no_passphrase: Annotated[bool, typer.Option("--no-passphrase", help="Store the CA key unencrypted.")] = False,
+    pkcs11_uri: Pkcs11Opt = None,
+    module: ModuleOpt = None,
+    pin_file: PinFile = None,
 ) -> None:
     """Create a CA: PKI/ca-cert.pem and PKI/ca-private.key (encrypted PKCS#8, 0600).
 
+    With --pkcs11, the key is generated on the token (sensitive, never
+    extractable) and PKI/ca-key.pkcs11.json records only where it is.
+
     Example: IMAGEPROV_CA_PASSPHRASE=... imageprov ca init pki --cn "Fleet CA" --org "ACME" --country NO
+
+    Example: IMAGEPROV_PKCS11_PIN=... imageprov ca init pki --cn "Fleet CA"
+    --pkcs11 'pkcs11:token=Fleet;object=fleet-ca' --module /usr/lib/softhsm/libsofthsm2.so
     """
-    if (pki / CA_KEY).exists() or (pki / CA_CERT).exists():
-        raise UsageError(f"{pki} already holds a CA", hint="choose another directory; a CA is never overwritten")
+    _refuse_existing_ca(pki)
     if subject_file is not None:
         subject = Subject.from_req_config(subject_file)
     elif cn:
         subject = Subject(cn, org, ou, email, country, locality, state)
     else:
         raise UsageError("the CA needs a name", hint="pass --cn NAME or --subject-file ca-cert.conf")
+    if pkcs11_uri is not None:
+        refuse_file_key_options(passphrase_file, no_passphrase)
+        ca = init_on_token(pki, subject, pkcs11_uri, module, pin_file, curve, days)
+        typer.echo(f"created CA {ca.cert.subject.rfc4514_string()} in {pki}, its key on the token", err=True)
+        return
+    refuse_token_options(module, pin_file)
     secret = _require_passphrase(passphrase(passphrase_file, new=True), no_passphrase)
     ca = CertificateAuthority.create(subject, curve=curve, days=days)
     ca.write_to(pki, secret)
@@ -124,23 +159,48 @@ def ca_init(
     typer.echo(f"created CA {ca.cert.subject.rfc4514_string()} in {pki}", err=True)
 
 
+def _refuse_existing_ca(pki: Path) -> None:
+    if any((pki / name).exists() for name in (CA_KEY, CA_CERT, CA_KEY_REFERENCE)):
+        raise UsageError(f"{pki} already holds a CA", hint="choose another directory; a CA is never overwritten")
+
+
 @ca_app.command("import")
 def ca_import(
     pki: Annotated[Path, typer.Argument(help="Directory to create the PKI in.")],
     cert: Annotated[Path, typer.Option("--cert", help="The CA certificate (PEM).")],
-    key: Annotated[Path, typer.Option("--key", help="The CA private key (PEM; encrypted or not).")],
+    key: Annotated[Optional[Path], typer.Option("--key", help="The CA private key (PEM; encrypted or not).")] = None,
     key_passphrase_file: Annotated[
         Optional[Path], typer.Option("--key-passphrase-file", help="Passphrase of the key being imported.")
     ] = None,
     passphrase_file: PassFile = None,
     no_passphrase: Annotated[bool, typer.Option("--no-passphrase", help="Store the CA key unencrypted.")] = False,
+    pkcs11_uri: Pkcs11Opt = None,
+    module: ModuleOpt = None,
+    pin_file: PinFile = None,
 ) -> None:
-    """Import a CA made elsewhere (e.g. with the manual recipe's openssl commands); the key is re-encrypted."""
-    if (pki / CA_KEY).exists():
-        raise UsageError(f"{pki} already holds a CA")
-    old = key_passphrase_file.read_text().rstrip("\n").encode() if key_passphrase_file else None
+    """Import a CA made elsewhere (e.g. with the manual recipe's openssl commands); the key is re-encrypted.
+
+    With --pkcs11 instead of --key, adopt a key already on a token: it must be
+    the private key of --cert, and it stays on the token.
+    """
+    _refuse_existing_ca(pki)
+    if pkcs11_uri is not None:
+        if key is not None or key_passphrase_file is not None:
+            raise UsageError("--key and --pkcs11 are two places for the one CA key: give one")
+        refuse_file_key_options(passphrase_file, no_passphrase)
+        import_from_token(pki, load_cert(cert), pkcs11_uri, module, pin_file)
+        return
+    if key is None:
+        raise UsageError("which key? pass --key FILE, or --pkcs11 URI for a key on a token")
+    refuse_token_options(module, pin_file)
+    old = read_secret(key_passphrase_file, "--key-passphrase-file").encode() if key_passphrase_file else None
     ca = check_pair(load_cert(cert), load_key(key, old), key)
     ca.check_usable()
+    no_crls = crl_problem(ca.cert)
+    if no_crls:
+        typer.echo(f"note: nginx would refuse this CA's CRLs ({no_crls}): revoke with a denylist", err=True)
+    if stat.S_IMODE(key.stat().st_mode) & 0o077:
+        typer.echo(f"note: {key} is readable by others; delete it once the import is done", err=True)
     secret = _require_passphrase(passphrase(passphrase_file, new=True), no_passphrase)
     ca.write_to(pki, secret)
     with Registry(pki):
@@ -156,10 +216,11 @@ def server_cert(
     days: Annotated[int, typer.Option("--days")] = 730,
     curve: CurveOpt = Curve.P256,
     passphrase_file: PassFile = None,
+    pin_file: PinFile = None,
     registry_url: RegistryOpt = None,
 ) -> None:
     """Issue the mTLS edge's server certificate, with every --host and --ip in subjectAltName."""
-    ca = open_ca(pki, passphrase_file)
+    ca = open_ca(pki, passphrase_file, pin_file)
     issued = ca.issue_server(host or [], ips=ip or [], days=days, curve=curve)
     with Registry(pki, registry_url) as registry:
         registry.record(issued, kind="server", delivered_to=str(out))
@@ -175,6 +236,7 @@ def device_cert(
     curve: CurveOpt = Curve.P256,
     reissue: Annotated[bool, typer.Option("--reissue", help="Revoke the device's live certificate first.")] = False,
     passphrase_file: PassFile = None,
+    pin_file: PinFile = None,
     json_out: Json = False,
     registry_url: RegistryOpt = None,
 ) -> None:
@@ -182,7 +244,7 @@ def device_cert(
     from imageprov.pki.devices import check_device_ids
 
     check_device_ids([device_id])
-    ca = open_ca(pki, passphrase_file)
+    ca = open_ca(pki, passphrase_file, pin_file)
     issued = ca.issue_device(device_id, days=days, curve=curve)
     with Registry(pki, registry_url) as registry:
         # Pending until the files are written, so that a failure leaves no
@@ -230,10 +292,11 @@ def crl(
     days: Annotated[int, typer.Option("--days", help="Days until the CRL's nextUpdate.")] = 30,
     der: Annotated[bool, typer.Option("--der", help="DER instead of PEM.")] = False,
     passphrase_file: PassFile = None,
+    pin_file: PinFile = None,
     registry_url: RegistryOpt = None,
 ) -> None:
     """Write a CRL signed by the CA, listing every revoked certificate, for the edge (nginx ssl_crl)."""
-    ca = open_ca(pki, passphrase_file)
+    ca = open_ca(pki, passphrase_file, pin_file)
     with Registry(pki, registry_url) as registry:
         revoked = registry.revoked()
         number = registry.next_crl_number()

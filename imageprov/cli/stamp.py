@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 from cryptography import x509
 
+from imageprov.cli.ca_token import PinFile
 from imageprov.cli.pki import CurveOpt, PassFile, Pki, RegistryOpt, open_ca
 from imageprov.disk.compress import Compression
 from imageprov.disk.layout import Overrides
@@ -79,6 +80,7 @@ def stamp(
         bool, typer.Option("--reissue", help="Revoke a device's live certificate and issue anew.")
     ] = False,
     passphrase_file: PassFile = None,
+    pin_file: PinFile = None,
     json_out: Json = False,
     bmap: Annotated[bool, typer.Option("--bmap", help="Write <ID>.bmap beside each image, for bmaptool copy.")] = False,
     compress: Annotated[
@@ -107,7 +109,7 @@ def stamp(
     if not image.is_file():
         raise UsageError(f"golden image {image} does not exist" if not image.exists() else f"{image} is not a file")
     check_outputs(image, out, ids, compress)
-    ca = open_ca(pki, passphrase_file)
+    ca = open_ca(pki, passphrase_file, pin_file)
     ca.check_usable()
     options = StampOptions(
         settings=Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key),

@@ -124,10 +124,9 @@ class NewFile:
 
 @dataclass(frozen=True)
 class PlannedFile:
+    """Where a file goes; what it holds, its mode and its owner come from its NewFile when the plan is applied."""
+
     path: PurePosixPath
-    mode: int
-    uid: int
-    gid: int
     replace: bool  # it exists and is removed first: debugfs's write never overwrites
 
 
@@ -139,8 +138,11 @@ class WritePlan:
     files: tuple[PlannedFile, ...]
     dir_mode: int = 0o755
 
-    def commands(self, sources: dict[PurePosixPath, Path]) -> list[str]:
-        """The script, with each file's content read from ``sources``."""
+    def commands(self, files: Sequence[NewFile], sources: dict[PurePosixPath, Path]) -> list[str]:
+        """The script writing ``files`` (each one's content read from ``sources``), with their modes and owners."""
+        by_path = {f.path: f for f in files}
+        if len(by_path) != len(files) or set(by_path) != {p.path for p in self.files}:
+            raise UsageError("the files to write are not the ones planned")
         commands = []
         for directory in self.mkdirs:
             commands += [
@@ -150,14 +152,14 @@ class WritePlan:
                 f"sif {_q(directory)} gid 0",
             ]
         for planned in self.files:
-            path = _q(planned.path)
+            new, path = by_path[planned.path], _q(planned.path)
             if planned.replace:
                 commands.append(f"rm {path}")
             commands += [
                 f"write {_q(sources[planned.path])} {path}",
-                f"sif {path} mode 0{S_IFREG | planned.mode:o}",
-                f"sif {path} uid {planned.uid}",
-                f"sif {path} gid {planned.gid}",
+                f"sif {path} mode 0{S_IFREG | new.mode:o}",
+                f"sif {path} uid {new.uid}",
+                f"sif {path} gid {new.gid}",
             ]
         return commands
 
@@ -351,17 +353,20 @@ class Ext4:
         Existing files are removed and written anew (debugfs cannot overwrite),
         then mode, uid and gid are set, and everything is read back and compared.
         """
-        self.apply(self.plan(files, dirs=dirs, dir_mode=dir_mode), files)
+        self.apply(self.plan([f.path for f in files], dirs=dirs, dir_mode=dir_mode), files)
         if files:
             self._read_back(files)
 
-    def plan(self, files: Sequence[NewFile], *, dirs: Sequence[PurePosixPath] = (), dir_mode: int = 0o755) -> WritePlan:
-        """Look at this filesystem once and decide the debugfs commands that write ``files`` (contents ignored).
+    def plan(
+        self, targets: Sequence[PurePosixPath], *, dirs: Sequence[PurePosixPath] = (), dir_mode: int = 0o755
+    ) -> WritePlan:
+        """Look at this filesystem once and decide how to write files at ``targets``: what to replace, what to make.
 
         The plan holds for every byte-identical copy of this filesystem, which is
-        how stamp writes a thousand images with one look.
+        how stamp writes a thousand images with one look. It holds no content,
+        mode or owner: those come from the files given to ``apply``, the one
+        place a caller states them.
         """
-        targets = [f.path for f in files]
         if len(set(targets)) != len(targets):
             raise UsageError("the same path is written twice")
         wanted = {a for t in targets for a in t.parents} | set(dirs) | {a for d in dirs for a in d.parents}
@@ -378,29 +383,26 @@ class Ext4:
                     hint="fix the golden image: make it a directory",
                 )
         planned = []
-        for new in files:
-            existing = found[new.path]
+        for target in targets:
+            existing = found[target]
             if existing is not None and existing.kind not in ("regular", "symlink"):
-                raise FilesystemError(f"{new.path} on {self.name} is a {existing.kind}; not replacing it")
-            planned.append(PlannedFile(new.path, new.mode, new.uid, new.gid, replace=existing is not None))
+                raise FilesystemError(f"{target} on {self.name} is a {existing.kind}; not replacing it")
+            planned.append(PlannedFile(target, replace=existing is not None))
         return WritePlan(tuple(mkdirs), tuple(planned), dir_mode)
 
     def apply(self, plan: WritePlan, files: Sequence[NewFile]) -> None:
-        """Run ``plan`` with the contents of ``files`` (one debugfs run; no read-back)."""
-        contents = {f.path: f.content for f in files}
-        if set(contents) != {p.path for p in plan.files}:
-            raise UsageError("the files to write are not the ones planned")
-        if not plan.files and not plan.mkdirs:
+        """Run ``plan`` with ``files``: their contents, modes and owners (one debugfs run; no read-back)."""
+        if not plan.files and not plan.mkdirs and not files:
             return
         with private_dir() as tmp:
             sources = {}
-            for i, planned in enumerate(plan.files):
-                source = sources[planned.path] = Path(tmp, f"f{i}")
+            for i, new in enumerate(files):
+                source = sources[new.path] = Path(tmp, f"f{i}")
                 # The source may be a private key: created 0600 in a 0700 directory.
                 fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as handle:
-                    handle.write(contents[planned.path])
-            _, errors = self._debugfs(plan.commands(sources), write=True)
+                    handle.write(new.content)
+            _, errors = self._debugfs(plan.commands(files, sources), write=True)
         self._check(errors, "writing")
 
     def _read_back(self, files: Sequence[NewFile]) -> None:

@@ -104,7 +104,7 @@ def _check_backup(fd: int, image_size: int, sector: int, table: PartitionTable) 
 
 def read(fd: int, image_size: int) -> PartitionTable:
     """Read the GPT behind a protective MBR, from the backup header if the primary is damaged."""
-    problems = []
+    problems = [f"the image is {image_size} bytes, too small for a GPT header"] if image_size < 1024 else []
     # 512-byte sectors for image files; 4096 for images of 4Kn media.
     for sector in (512, 4096):
         if image_size < 2 * sector:

@@ -242,8 +242,7 @@ class Batch:
             notes.append("golden image already prepared: only the data partition changes per device")
         disk = self.disk.at(source)
         self._check_prepared(disk)
-        placeholder = [NewFile(KEY_PATH.inner, b"", 0o600), NewFile(CERT_PATH.inner, b"", 0o644)]
-        self._plan = disk.ext(disk.layout.data_partition).plan(placeholder)
+        self._plan = disk.ext(disk.layout.data_partition).plan([KEY_PATH.inner, CERT_PATH.inner])
         self.notes = tuple(notes)
         self._source = source
         return source
@@ -441,7 +440,11 @@ class Batch:
             check_fsck(checks, temp, [data])
             failures = checks.failures
         if failures:
-            raise ImageprovError(f"the stamped image fails '{failures[0].name}': {failures[0].detail}")
+            # Every failed check is named: one fault often fails several, and the user needs all of them.
+            first, others = failures[0], ", ".join(f"'{c.name}'" for c in failures[1:])
+            detail = f": {first.detail}" if first.detail else ""
+            also = f" (also {others})" if others else ""
+            raise ImageprovError(f"the stamped image fails '{first.name}'{detail}{also}")
 
     def _finish_first(self, queue: deque[Outcome | tuple[_Job, Future[None]]]) -> Outcome:
         # Taken off the queue only once finished: an interrupt while waiting

@@ -32,6 +32,7 @@ from imageprov.mender.conf import (
     effective,
     parse,
 )
+from imageprov.pki.chain import leaf_problems
 
 KEY_PATH = DevicePath.parse(CLIENT_KEY)
 CERT_PATH = DevicePath.parse(CLIENT_CERT)
@@ -252,6 +253,9 @@ def _check_credentials(
         checks.add("certificate signed by the CA", True, ca_cert.subject.rfc4514_string())
     except (ValueError, TypeError, InvalidSignature) as exc:
         checks.add("certificate signed by the CA", False, str(exc) or "signature does not verify")
+    # What nginx refuses besides a bad signature: a CA that may not sign certificates, and the like.
+    refused = leaf_problems(cert, ca_cert, now=now)
+    checks.add("chain passes OpenSSL's checks", not refused, "; ".join(refused))
     moment = now or dt.datetime.now(dt.UTC)
     checks.add(
         "certificate within its validity",

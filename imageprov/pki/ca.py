@@ -14,6 +14,8 @@ import datetime as dt
 import enum
 import ipaddress
 import os
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,9 +25,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from imageprov.errors import PkiError, UsageError
+from imageprov.pki.chain import SERVER, ca_problems
+from imageprov.pki.pkcs11 import KEY_REFERENCE, KeyReference, PinSource
 
 CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-private.key"
+CA_KEY_REFERENCE = KEY_REFERENCE  # instead of CA_KEY when the key is on a PKCS#11 token
+Passphrase = bytes | None | Callable[[], bytes | None]
 # Leaves are backdated a little: a device or edge whose clock runs a few
 # minutes behind the signing station must not see a certificate "not yet valid".
 BACKDATE = dt.timedelta(minutes=5)
@@ -38,10 +44,11 @@ class Curve(enum.Enum):
 
     def generate(self) -> ec.EllipticCurvePrivateKey:
         """A new private key on this curve."""
-        curve: ec.EllipticCurve = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()}[
-            self.value
-        ]
-        return ec.generate_private_key(curve)
+        return ec.generate_private_key(self.ec_curve)
+
+    @property
+    def ec_curve(self) -> ec.EllipticCurve:
+        return {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()}[self.value]
 
     @property
     def hash(self) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
@@ -196,11 +203,23 @@ class CertificateAuthority:
     key: ec.EllipticCurvePrivateKey
 
     @classmethod
-    def create(cls, subject: Subject, *, curve: Curve = Curve.P256, days: int = 3650) -> CertificateAuthority:
-        """A new self-signed CA that may sign end-entity certificates only (pathlen 0)."""
+    def create(
+        cls,
+        subject: Subject,
+        *,
+        curve: Curve = Curve.P256,
+        days: int = 3650,
+        key: ec.EllipticCurvePrivateKey | None = None,
+    ) -> CertificateAuthority:
+        """A new self-signed CA that may sign end-entity certificates only (pathlen 0).
+
+        ``key``, when given, is the CA's key (e.g. one on a token); else one is made on ``curve``.
+        """
         if days < 1:
             raise UsageError("--days must be at least 1")
-        key = curve.generate()
+        if key is None:
+            key = curve.generate()
+        curve = _curve_of(key)
         name = subject.to_name()
         now = _now()
         builder = (
@@ -257,6 +276,9 @@ class CertificateAuthority:
         """
         if not hosts and not ips:
             raise UsageError("a server certificate needs at least one --host or --ip")
+        refused = ca_problems(self.cert, purposes=(SERVER,))
+        if refused:
+            raise PkiError(f"the CA cannot issue a server certificate that TLS clients accept: {'; '.join(refused)}")
         names: list[x509.GeneralName] = [x509.DNSName(_host(h)) for h in hosts]
         for text in ips or []:
             try:
@@ -286,13 +308,23 @@ class CertificateAuthority:
 
     def write_to(self, pki_dir: Path, passphrase: bytes | None) -> None:
         """Write ca-cert.pem and ca-private.key (PKCS#8, encrypted unless ``passphrase`` is None)."""
-        pki_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         encryption: serialization.KeySerializationEncryption = (
             serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
         )
         key_pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-        write_private(pki_dir / CA_KEY, key_pem)
-        write_atomic(pki_dir / CA_CERT, self.cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        self._write(pki_dir, CA_KEY, key_pem, 0o600)
+
+    def write_with_reference(self, pki_dir: Path, reference: KeyReference) -> None:
+        """Write ca-cert.pem and the reference to the token-held key (URI and module; no PIN, no key)."""
+        self._write(pki_dir, CA_KEY_REFERENCE, reference.to_json(), 0o644)
+
+    def _write(self, pki_dir: Path, key_name: str, key_data: bytes, key_mode: int) -> None:
+        try:
+            pki_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(pki_dir / key_name, key_data, key_mode)
+            write_atomic(pki_dir / CA_CERT, self.cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        except OSError as exc:
+            raise PkiError(f"cannot write the CA into {pki_dir}: {exc.strerror}") from exc
 
 
 def _builder(
@@ -347,14 +379,49 @@ def _host(name: str) -> str:
     return text
 
 
-def load_ca(pki_dir: Path, passphrase: bytes | None) -> CertificateAuthority:
-    """Load the CA from ``pki_dir``; a wrong or missing passphrase is one clear error."""
-    cert_path, key_path = pki_dir / CA_CERT, pki_dir / CA_KEY
+def load_ca(pki_dir: Path, passphrase: Passphrase, *, pin: PinSource | None = None) -> CertificateAuthority:
+    """Load the CA from ``pki_dir``; a wrong or missing passphrase or PIN is one clear error.
+
+    The key is a file (``passphrase``, or a function giving it, used only if
+    the file is encrypted) or a token (``pin`` gives the PIN if the token asks).
+    """
+    cert_path, key_path, reference_path = pki_dir / CA_CERT, pki_dir / CA_KEY, pki_dir / CA_KEY_REFERENCE
     if not pki_dir.is_dir():
         raise PkiError(f"no PKI at {pki_dir}", hint=f"create one with 'imageprov ca init {pki_dir}'")
     cert = load_cert(cert_path)
+    if reference_path.exists():
+        if key_path.exists():
+            raise PkiError(
+                f"{pki_dir} holds both {CA_KEY} and {CA_KEY_REFERENCE}",
+                hint="one CA has one key: remove the one that is not in use",
+            )
+        public = cert.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise PkiError(f"{cert_path} does not hold an EC public key")
+        from imageprov.pki.token import open_key  # python-pkcs11 is loaded only for a token
+
+        token_key = open_key(KeyReference.read(reference_path), public, pin or (lambda _: None))
+        try:
+            return check_pair(cert, token_key, reference_path)
+        except BaseException:
+            token_key.close()
+            raise
+    check_private_mode(key_path)
     key = load_key(key_path, passphrase)
     return check_pair(cert, key, key_path)
+
+
+def check_private_mode(path: Path) -> None:
+    """Refuse a private key that others may read, as OpenSSH does: its secrecy is already in doubt."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise PkiError(f"cannot read {path}: {exc.strerror}") from exc
+    if mode & 0o077:
+        raise PkiError(
+            f"{path} is open to others (mode 0{mode:o}): a CA key must be private",
+            hint=f"chmod 600 {path}, and replace the CA if others may have copied the key",
+        )
 
 
 def load_cert(path: Path) -> x509.Certificate:
@@ -366,19 +433,22 @@ def load_cert(path: Path) -> x509.Certificate:
         raise PkiError(f"{path} is not a PEM certificate") from exc
 
 
-def load_key(path: Path, passphrase: bytes | None) -> ec.EllipticCurvePrivateKey:
+def load_key(path: Path, passphrase: Passphrase) -> ec.EllipticCurvePrivateKey:
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise PkiError(f"cannot read {path}: {exc.strerror}") from exc
     encrypted = b"ENCRYPTED" in data.split(b"\n", 1)[0] or b"Proc-Type: 4,ENCRYPTED" in data
-    if encrypted and not passphrase:
-        raise PkiError(
-            f"{path} is encrypted and no passphrase was given",
-            hint="set IMAGEPROV_CA_PASSPHRASE or pass --passphrase-file",
-        )
+    secret: bytes | None = None
+    if encrypted:
+        secret = passphrase() if callable(passphrase) else passphrase  # asked for only when needed
+        if not secret:
+            raise PkiError(
+                f"{path} is encrypted and no passphrase was given",
+                hint="set IMAGEPROV_CA_PASSPHRASE or pass --passphrase-file",
+            )
     try:
-        key = serialization.load_pem_private_key(data, passphrase if encrypted else None)
+        key = serialization.load_pem_private_key(data, secret)
     except ValueError as exc:
         if encrypted:
             raise PkiError(f"wrong passphrase for {path}") from exc
@@ -391,17 +461,18 @@ def load_key(path: Path, passphrase: bytes | None) -> ec.EllipticCurvePrivateKey
 
 
 def check_pair(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, key_path: Path) -> CertificateAuthority:
-    """Refuse a key that does not belong to the certificate, or a certificate that is not a CA."""
+    """Refuse a key that does not belong to the certificate, or a certificate that OpenSSL would not take as a CA.
+
+    A CA that may not sign certificates (no CA:TRUE, a keyUsage without
+    keyCertSign, an extendedKeyUsage without clientAuth) issues device
+    certificates that every verifier, nginx included, refuses.
+    """
     if cert.public_key() != key.public_key():
         raise PkiError(f"{key_path} does not match the CA certificate", hint="the key belongs to another certificate")
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        # An X.509 v1 certificate from an old openssl has no extensions; OpenSSL
-        # treats a self-signed v1 certificate as a CA, and so do we.
-        if cert.version is not x509.Version.v1 or cert.issuer != cert.subject:
-            raise PkiError("the certificate has no basicConstraints and is not a CA") from None
-    else:
-        if not constraints.ca:
-            raise PkiError("the certificate is not a CA (basicConstraints CA:FALSE)")
+    problems = ca_problems(cert)
+    if problems:
+        raise PkiError(
+            f"the certificate cannot be the fleet's CA: {'; '.join(problems)}",
+            hint="reissue it with basicConstraints CA:TRUE and keyUsage keyCertSign, cRLSign",
+        )
     return CertificateAuthority(cert, key)

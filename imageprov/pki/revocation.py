@@ -7,8 +7,9 @@ import datetime as dt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from imageprov.errors import UsageError
+from imageprov.errors import PkiError, UsageError
 from imageprov.pki.ca import CertificateAuthority
+from imageprov.pki.chain import crl_problem
 from imageprov.pki.registry import Record
 
 
@@ -22,6 +23,12 @@ def build_crl(
     """
     if days < 1:
         raise UsageError("--days must be at least 1")
+    refused = crl_problem(ca.cert)
+    if refused:
+        raise PkiError(
+            f"nginx would refuse a CRL from this CA: {refused}",
+            hint="publish a denylist instead ('imageprov denylist'), or reissue the CA with cRLSign",
+        )
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     builder = (
         x509.CertificateRevocationListBuilder()
