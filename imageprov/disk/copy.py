@@ -66,30 +66,7 @@ def copy_fd(src: int, dst: int, *, progress: Progress | None = None) -> CopyResu
     except OSError as exc:
         if exc.errno not in _NO_CLONE:
             raise
-    copied = 0
-    in_kernel = True
-    for start, end in data_ranges(src, size):
-        offset = start
-        while offset < end:
-            length = min(_CHUNK, end - offset)
-            if in_kernel:
-                try:
-                    # Explicit offsets: neither file position matters.
-                    n = os.copy_file_range(src, dst, length, offset, offset)
-                except OSError as exc:
-                    # Across filesystems (EXDEV since Linux 5.19) or where unsupported.
-                    if exc.errno not in _NO_CLONE:
-                        raise
-                    in_kernel = False
-                    continue
-            else:
-                n = os.pwrite(dst, os.pread(src, length, offset), offset)
-            if n == 0:
-                raise CopyError("the golden image shrank while it was being copied")
-            offset += n
-            copied += n
-            if progress:
-                progress(n)
+    copied, in_kernel = _copy_data(src, 0, dst, 0, size, progress)
     os.ftruncate(dst, size)
     return CopyResult("sparse" if in_kernel else "sparse (read/write)", copied)
 
@@ -100,6 +77,16 @@ def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, length: int
     A hole in ``src`` leaves ``dst`` as it was there: copy into a new file, or
     back over the range a copy came from. Returns the bytes copied.
     """
+    copied, _ = _copy_data(src, src_offset, dst, dst_offset, length, None)
+    if os.fstat(dst).st_size < dst_offset + length:
+        os.ftruncate(dst, dst_offset + length)
+    return copied
+
+
+def _copy_data(
+    src: int, src_offset: int, dst: int, dst_offset: int, length: int, progress: Progress | None
+) -> tuple[int, bool]:
+    """Copy the data regions of a range (holes skipped); (bytes copied, whether the kernel copied them)."""
     end = src_offset + length
     copied = 0
     in_kernel = True
@@ -109,8 +96,10 @@ def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, length: int
             count, at = min(_CHUNK, stop - offset), offset - src_offset + dst_offset
             if in_kernel:
                 try:
+                    # Explicit offsets: neither file position matters.
                     n = os.copy_file_range(src, dst, count, offset, at)
                 except OSError as exc:
+                    # Across filesystems (EXDEV since Linux 5.19) or where unsupported.
                     if exc.errno not in _NO_CLONE:
                         raise
                     in_kernel = False
@@ -121,9 +110,9 @@ def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, length: int
                 raise CopyError("a file shrank while it was being copied")
             offset += n
             copied += n
-    if os.fstat(dst).st_size < dst_offset + length:
-        os.ftruncate(dst, dst_offset + length)
-    return copied
+            if progress:
+                progress(n)
+    return copied, in_kernel
 
 
 def stage(final: Path) -> Path:

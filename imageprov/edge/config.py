@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from imageprov.errors import UsageError
-from imageprov.pki.ca import CA_CERT
+from imageprov.errors import PkiError, UsageError
+from imageprov.pki.ca import CA_CERT, load_cert
 from imageprov.pki.config import Scheme, load_config
 
 ENV_UPSTREAM = "UPSTREAM_SERVER_URL"
@@ -192,11 +192,10 @@ def parse_upstream(url: str) -> str:
 
 def load_ca_cert(path: Path) -> x509.Certificate:
     try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except OSError as exc:
-        raise UsageError(f"cannot read the CA certificate {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise UsageError(f"{path} is not a PEM certificate") from exc
+        return load_cert(path)
+    except PkiError as exc:
+        # A setting of the service, so a usage error: the message already names the file.
+        raise UsageError(exc.message, hint=exc.hint) from exc
 
 
 def _has_registry(pki_dir: Path) -> bool:
