@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from imageprov.cli.pki import Pki
+from imageprov.cli.options import Pki
 from imageprov.edge.config import (
     ENV_CA,
     ENV_DENYLIST,

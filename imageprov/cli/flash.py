@@ -17,9 +17,22 @@ from typing import Annotated, Optional
 
 import typer
 
+from imageprov.cli.options import (
+    AuthKeyOpt,
+    BootPart,
+    ConfTargetOpt,
+    CurveOpt,
+    DataPart,
+    DeviceDays,
+    PassFile,
+    Pki,
+    RegistryOpt,
+    RootfsParts,
+    ServerUrl,
+    TenantToken,
+)
 from imageprov.cli.output import human_size
-from imageprov.cli.pki import CurveOpt, PassFile, Pki, RegistryOpt, open_ca
-from imageprov.cli.stamp import AuthKeyOpt, BootPart, ConfTargetOpt, DataPart, RootfsParts
+from imageprov.cli.pki import open_ca
 from imageprov.disk.blockdev import removable_disks
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
@@ -139,11 +152,11 @@ def flash(
             help="With --wait: kernel names to watch (e.g. 'sd?', 'mmcblk0'); default: every removable disk.",
         ),
     ] = None,
-    server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
-    tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
+    server_url: ServerUrl = None,
+    tenant_token: TenantToken = None,
     conf_target: ConfTargetOpt = ConfTarget.AUTO,
     auth_key: AuthKeyOpt = AuthKey.CERT,
-    days: Annotated[int, typer.Option("--days", help="Validity of the device certificates.")] = 3650,
+    days: DeviceDays = 3650,
     curve: CurveOpt = Curve.P256,
     reissue: Annotated[
         bool, typer.Option("--reissue", help="Flash a device already delivered: its old certificate is revoked.")

@@ -17,6 +17,7 @@ from imageprov.cli import flash as cli_flash
 from imageprov.cli import pki as cli_pki
 from imageprov.cli import registry as cli_registry
 from imageprov.cli import stamp as cli_stamp
+from imageprov.cli.options import BootPart, DataPart, Json, RootfsParts
 from imageprov.cli.output import layout_dict, layout_text
 from imageprov.disk.copy import edit_in_place, staged
 from imageprov.disk.golden import DEFAULT_MENDER_CONF, GoldenSpec, RootfsB, Scheme, build_golden
@@ -41,13 +42,6 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
-
-DataPart = Annotated[Optional[int], typer.Option("--data-part", help="Number of the data partition, if not found.")]
-RootfsParts = Annotated[
-    Optional[str], typer.Option("--rootfs-parts", help="Numbers of rootfs A and B, e.g. 2,3, if not found.")
-]
-BootPart = Annotated[Optional[int], typer.Option("--boot-part", help="Number of the boot partition (vfat or ext4).")]
-Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
 
 
 def _version(value: bool) -> None:

@@ -24,6 +24,7 @@ from imageprov.cli.ca_token import (
     refuse_token_options,
     token_pin,
 )
+from imageprov.cli.options import PASSPHRASE_ENV, CurveOpt, Json, PassFile, Pki, RegistryOpt
 from imageprov.errors import UsageError
 from imageprov.pki.ca import (
     CA_CERT,
@@ -43,26 +44,6 @@ from imageprov.pki.registry import Reason, Registry, Status
 from imageprov.pki.revocation import build_crl, crl_bytes, denylist
 
 ca_app = typer.Typer(help="Create or import the fleet's certificate authority.", no_args_is_help=True)
-
-PASSPHRASE_ENV = "IMAGEPROV_CA_PASSPHRASE"
-Pki = Annotated[Path, typer.Option("--pki", help="The PKI directory (made by 'imageprov ca init').")]
-RegistryOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--registry",
-        metavar="URL",
-        help="sqlite:///PATH or postgresql://HOST/DB (password from PGPASSFILE, never the URL); "
-        "default: [registry] url in PKI/imageprov.toml, else PKI/registry.sqlite.",
-    ),
-]
-PassFile = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--passphrase-file", help=f"File holding the CA key's passphrase (else ${PASSPHRASE_ENV}, else a prompt)."
-    ),
-]
-CurveOpt = Annotated[Curve, typer.Option("--curve", help="EC curve of the new key.")]
-Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
 
 
 def passphrase(file: Path | None, *, new: bool = False) -> bytes | None:

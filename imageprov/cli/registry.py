@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from imageprov.cli.pki import Json, Pki, RegistryOpt
+from imageprov.cli.options import Json, Pki, RegistryOpt
 from imageprov.errors import PkiError
 from imageprov.pki.config import CONFIG, RegistryUrl
 from imageprov.pki.registry import Registry

@@ -12,7 +12,22 @@ import typer
 from cryptography import x509
 
 from imageprov.cli.ca_token import PinFile
-from imageprov.cli.pki import CurveOpt, PassFile, Pki, RegistryOpt, open_ca
+from imageprov.cli.options import (
+    AuthKeyOpt,
+    BootPart,
+    ConfTargetOpt,
+    CurveOpt,
+    DataPart,
+    DeviceDays,
+    Json,
+    PassFile,
+    Pki,
+    RegistryOpt,
+    RootfsParts,
+    ServerUrl,
+    TenantToken,
+)
+from imageprov.cli.pki import open_ca
 from imageprov.disk.compress import Compression
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, PkiError, UsageError
@@ -23,34 +38,6 @@ from imageprov.mender.verify import verify_image
 from imageprov.pki.ca import Curve, load_cert
 from imageprov.pki.devices import check_device_ids, read_device_ids
 from imageprov.pki.registry import Registry
-
-Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts: one object per device on stdout.")]
-DataPart = Annotated[Optional[int], typer.Option("--data-part", help="Number of the data partition, if not found.")]
-RootfsParts = Annotated[
-    Optional[str], typer.Option("--rootfs-parts", help="Numbers of rootfs A and B, e.g. 2,3, if not found.")
-]
-BootPart = Annotated[Optional[int], typer.Option("--boot-part", help="Number of the boot partition (vfat or ext4).")]
-
-
-ConfTargetOpt = Annotated[
-    ConfTarget,
-    typer.Option(
-        "--conf-target",
-        help="auto (default): data, unless the rootfs mender.conf sets HttpsClient or Security (then an error); "
-        "data: /data/mender/mender.conf, which updates keep, rootfs left byte-identical; "
-        "rootfs: /etc/mender/mender.conf on each rootfs, which an update built without it removes.",
-    ),
-]
-
-
-AuthKeyOpt = Annotated[
-    AuthKey,
-    typer.Option(
-        "--auth-key",
-        help="cert: the client signs auth requests with the certificate's key (Security.AuthPrivateKey), "
-        "as an accepting edge requires; device: the key the client generates itself.",
-    ),
-]
 
 
 class StampFailed(ImageprovError):
@@ -65,16 +52,14 @@ def stamp(
     device_ids: Annotated[
         Optional[Path], typer.Option("--device-ids", help="File of ids: one per line, or CSV with device_id.")
     ] = None,
-    server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
-    tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
+    server_url: ServerUrl = None,
+    tenant_token: TenantToken = None,
     conf_target: ConfTargetOpt = ConfTarget.AUTO,
     auth_key: AuthKeyOpt = AuthKey.CERT,
     engine: Annotated[
         Engine, typer.Option("--engine", help="debugfs (fast, in place) or mender-artifact.")
     ] = Engine.DEBUGFS,
-    days: Annotated[
-        int, typer.Option("--days", min=1, max=36500, help="Validity of the device certificates, in days.")
-    ] = 3650,
+    days: DeviceDays = 3650,
     curve: CurveOpt = Curve.P256,
     reissue: Annotated[
         bool, typer.Option("--reissue", help="Revoke a device's live certificate and issue anew.")
@@ -249,8 +234,8 @@ def _load_crl(path: Path) -> x509.CertificateRevocationList:
 
 def prepare(
     image: Annotated[Path, typer.Argument(help="The build's own image, changed in place.")],
-    server_url: Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")] = None,
-    tenant_token: Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")] = None,
+    server_url: ServerUrl = None,
+    tenant_token: TenantToken = None,
     conf_target: ConfTargetOpt = ConfTarget.AUTO,
     auth_key: AuthKeyOpt = AuthKey.CERT,
     data_part: DataPart = None,
