@@ -23,6 +23,9 @@ from imageprov.disk.golden import GoldenSpec, Scheme, build_golden
 
 SBIN = os.pathsep.join(["/usr/local/sbin", "/usr/sbin", "/sbin"])
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# imageprov as this interpreter runs it: never a bare `imageprov` or `python3` from PATH,
+# which may be another install than the one under test.
+IMAGEPROV_ARGV = (sys.executable, "-m", "imageprov")
 
 
 def need(*tools: str) -> None:

@@ -9,7 +9,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.conftest import SBIN, need
+from tests.conftest import IMAGEPROV_ARGV, SBIN, need
 
 AUTH_PATH = "/api/devices/v1/authentication/auth_requests"
 USER, PASSWORD = "edge@example.com", "edge-password-1"
@@ -105,7 +104,7 @@ def edge_service(tmp_path: Path, *args: str | Path, env: dict[str, str] | None =
     full_env.update(env or {})
     with open(log, "wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "imageprov", "edge", "serve", "--listen", f"127.0.0.1:{port}", *map(str, args)],
+            [*IMAGEPROV_ARGV, "edge", "serve", "--listen", f"127.0.0.1:{port}", *map(str, args)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=full_env,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

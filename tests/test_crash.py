@@ -15,7 +15,6 @@ import random
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from imageprov.disk.golden import Scheme
-from tests.conftest import cli_env, debugfs, imageprov_pki, roles, sha256, tool
+from tests.conftest import IMAGEPROV_ARGV, cli_env, debugfs, imageprov_pki, roles, sha256, tool
 from tests.oracle import KEY, check_device_image
 
 # Generous: a batch here takes seconds; a loaded CI machine may take minutes.
@@ -31,7 +30,7 @@ BOUND = 600
 
 
 def _stamp_argv(golden: Path, pki: Path, out: Path, ids: list[str]) -> list[str]:
-    argv = [sys.executable, "-m", "imageprov", "stamp", str(golden), "--pki", str(pki), "--out", str(out), "--json"]
+    argv = [*IMAGEPROV_ARGV, "stamp", str(golden), "--pki", str(pki), "--out", str(out), "--json"]
     for device_id in ids:
         argv += ["--device-id", device_id]
     return argv

@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -29,7 +28,18 @@ from imageprov.disk.image import DiskImage
 from imageprov.errors import FilesystemError
 from imageprov.pki.ca import CA_KEY
 from imageprov.pki.devices import read_device_ids
-from tests.conftest import PASSPHRASE, cli_env, imageprov, imageprov_pki, offset_of, roles, sfdisk_json, sha256, tool
+from tests.conftest import (
+    IMAGEPROV_ARGV,
+    PASSPHRASE,
+    cli_env,
+    imageprov,
+    imageprov_pki,
+    offset_of,
+    roles,
+    sfdisk_json,
+    sha256,
+    tool,
+)
 
 KEY = "/mender/mender-cert-private.pem"
 CERT = "/mender/mender-cert.pem"
@@ -180,7 +190,7 @@ def test_ctrl_c_mid_batch_never_publishes_a_revoked_certificate(
     golden = make_golden(Scheme.MBR, rootfs_mib=16, payload_mib=8, data_mib=8)
     out = tmp_path / "out"
     ids = [f"c-{i}" for i in range(8)]
-    argv = [sys.executable, "-m", "imageprov", "stamp", str(golden), "--pki", str(pki), "--out", str(out)]
+    argv = [*IMAGEPROV_ARGV, "stamp", str(golden), "--pki", str(pki), "--out", str(out)]
     argv += [arg for device_id in ids for arg in ("--device-id", device_id)]
     proc = subprocess.Popen(argv, env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -330,14 +340,14 @@ def test_verify_survives_an_e2fsck_that_prints_nothing(
     (fake / "e2fsck").write_text(f"#!/bin/sh\n{script}\n")
     (fake / "e2fsck").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run([sys.executable, "-m", "imageprov", "verify", str(image), "--ca", str(_ca_cert(tmp_path))],
+    proc = subprocess.run([*IMAGEPROV_ARGV, "verify", str(image), "--ca", str(_ca_cert(tmp_path))],
                           capture_output=True, text=True, env=env)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert detail in proc.stdout, proc.stdout
 
 
 def _in(cwd: Path, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "imageprov", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([*IMAGEPROV_ARGV, *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=cli_env(), stdin=subprocess.DEVNULL)  # fmt: skip
     assert not check or proc.returncode == 0, proc.stderr
     return proc
@@ -432,7 +442,7 @@ def test_a_full_tmpdir_is_named(make_golden: Callable[..., Path], tmp_path: Path
     small.mkdir()
     tool("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", small)
     try:
-        proc = subprocess.run([sys.executable, "-m", "imageprov", "cat", f"{image}:/payload.bin"],
+        proc = subprocess.run([*IMAGEPROV_ARGV, "cat", f"{image}:/payload.bin"],
                               capture_output=True, env={**os.environ, "TMPDIR": str(small)})  # fmt: skip
     finally:
         tool("umount", small)
@@ -504,7 +514,7 @@ def test_ctrl_c_while_the_batch_is_prepared_says_so_in_one_line(
 ) -> None:
     golden = make_golden(Scheme.MBR, data_mib=8)
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "imageprov", "stamp", str(golden), "--pki", str(pki), "--out", str(out),
+    argv = [*IMAGEPROV_ARGV, "stamp", str(golden), "--pki", str(pki), "--out", str(out),
             "--server-url", "https://edge.example", "--conf-target", "rootfs", "--device-id", "p-1"]  # fmt: skip
     proc = subprocess.Popen(argv, env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip

@@ -15,14 +15,13 @@ import pty
 import re
 import select
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from imageprov.disk.golden import Scheme
-from tests.conftest import cli_env, imageprov_pki, roles, sha256, tool
+from tests.conftest import IMAGEPROV_ARGV, cli_env, imageprov_pki, roles, sha256, tool
 from tests.flashdev import MIB, STALE, Loops, debugfs, loop_devices, offset, partitions, read_span
 from tests.test_field import _leave_journal_unreplayed as leave_journal_unreplayed
 
@@ -231,7 +230,7 @@ def test_progress_line_per_card_on_a_terminal(make_golden: Callable[..., Path], 
     cards = [loops.card(golden.stat().st_size) for _ in range(2)]
     primary, secondary = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imageprov", "flash", golden, "--pki", pki,
+        [*IMAGEPROV_ARGV, "flash", golden, "--pki", pki,
          *(a for i, c in enumerate(cards) for a in ("--target", f"{c}=T-{i}"))],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary, env=cli_env(),
     )  # fmt: skip

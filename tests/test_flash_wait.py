@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from imageprov.disk.golden import Scheme
-from tests.conftest import cli_env, imageprov_pki, tool
+from tests.conftest import IMAGEPROV_ARGV, cli_env, imageprov_pki, tool
 from tests.flashdev import STALE, Loops, loop_devices, read_span, stale_file
 from tests.test_flash import check_card
 
@@ -114,7 +114,7 @@ def test_wait_flashes_each_new_card_skips_delivered_and_stops_on_ctrl_c(
     ids.write_text("W-0\nW-1\nW-2\nW-3\n")
     watch = ["--wait-for", slot_a.device.name, "--wait-for", slot_b.device.name]
     flash = ["flash", golden, "--pki", pki, "--device-ids", ids, "--wait", *watch, "--json"]
-    operator = Operator([sys.executable, "-m", "imageprov", *flash])
+    operator = Operator([*IMAGEPROV_ARGV, *flash])
     try:
         operator.expect(f"left alone (present before the start): {slot_b.device.name}")
         operator.expect("W-0: already delivered, skipped")
@@ -144,7 +144,7 @@ def test_ctrl_c_during_a_card_finishes_it_first(
 ) -> None:
     golden = make_golden(Scheme.GPT, **SMALL)
     slot = Writer(loops, tmp_path / "slot")
-    operator = Operator([sys.executable, "-m", "imageprov", "flash", golden, "--pki", pki, "--device-id", "C-1",
+    operator = Operator([*IMAGEPROV_ARGV, "flash", golden, "--pki", pki, "--device-id", "C-1",
                          "--device-id", "C-2", "--wait", "--wait-for", slot.device.name, "--json"])  # fmt: skip
     try:
         operator.expect("waiting for a card (2 ids")

@@ -21,7 +21,7 @@ import pytest
 
 from imageprov.disk.golden import Scheme
 from imageprov.pki.registry import Registry, Status
-from tests.conftest import cli_env, debugfs, imageprov_pki, need, roles, tool
+from tests.conftest import IMAGEPROV_ARGV, cli_env, debugfs, imageprov_pki, need, roles, tool
 from tests.pg import Db, Postgres, running_postgres
 
 
@@ -51,7 +51,7 @@ def _registry(server: Postgres, pki: Path) -> Db:
 def _station(host: str, golden: Path, pki: Path, out: Path, ids: list[str]) -> subprocess.Popen[str]:
     """``imageprov stamp`` on "another host": its own UTS namespace and host name (exec keeps the pid)."""
     argv = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host]
-    argv += [sys.executable, "-m", "imageprov", "stamp", str(golden), "--pki", str(pki), "--out", str(out)]
+    argv += [*IMAGEPROV_ARGV, "stamp", str(golden), "--pki", str(pki), "--out", str(out)]
     for device_id in ids:
         argv += ["--device-id", device_id]
     return subprocess.Popen(argv, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -12,20 +12,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from imageprov.disk.golden import Scheme
-from tests.conftest import cli_env, tool
+from tests.conftest import IMAGEPROV_ARGV, cli_env, tool
 from tests.spy import KEY_FILE, install_spy, spy_log
 
 
 def _stamp(golden: Path, pki: Path, out: Path, bin_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = cli_env(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-    argv = [sys.executable, "-m", "imageprov", "stamp", str(golden), "--pki", str(pki), "--out", str(out), *extra]
+    argv = [*IMAGEPROV_ARGV, "stamp", str(golden), "--pki", str(pki), "--out", str(out), *extra]
     return subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
 
 
@@ -72,7 +71,7 @@ def test_stamp_refuses_an_image_that_fails_a_check(
     print(f"\nuser sees: {proc.stderr.strip()}")
     assert list(out.iterdir()) == []
     records = json.loads(subprocess.run(
-        [sys.executable, "-m", "imageprov", "devices", "--pki", str(pki), "--json"],
+        [*IMAGEPROV_ARGV, "devices", "--pki", str(pki), "--json"],
         capture_output=True, text=True, env=cli_env(), check=True,
     ).stdout)  # fmt: skip
     assert [(r["device_id"], r["status"]) for r in records] == [("dev-1", "revoked")]
