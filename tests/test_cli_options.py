@@ -27,7 +27,17 @@ def test_stamp_and_flash_describe_what_each_device_gets_alike() -> None:
     from imageprov.cli.flash import flash
     from imageprov.cli.stamp import stamp
 
-    wanted = ("server_url", "tenant_token", "conf_target", "auth_key", "days", "curve", "passphrase_file", "pki")
+    wanted = (
+        "server_url",
+        "tenant_token",
+        "conf_target",
+        "auth_key",
+        "days",
+        "curve",
+        "passphrase_file",
+        "pin_file",
+        "pki",
+    )
     stamp_hints = typing.get_type_hints(stamp, include_extras=True)
     flash_hints = typing.get_type_hints(flash, include_extras=True)
     for name in wanted:

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from imageprov.cli.ca_token import PinFile
 from imageprov.cli.options import (
     AuthKeyOpt,
     BootPart,
@@ -33,12 +34,12 @@ from imageprov.cli.options import (
 )
 from imageprov.cli.output import human_size
 from imageprov.cli.pki import open_ca
+from imageprov.cli.stamp import check_golden, device_options
 from imageprov.disk.blockdev import removable_disks
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
 from imageprov.line.flash import Assignment, FlashBatch, Flashed, FlashOptions, Progress, Result
-from imageprov.line.stamp import StampOptions
-from imageprov.mender.conf import AuthKey, Settings
+from imageprov.mender.conf import AuthKey
 from imageprov.mender.prepare import ConfTarget
 from imageprov.pki.ca import Curve
 from imageprov.pki.devices import check_device_ids, read_device_ids
@@ -169,6 +170,7 @@ def flash(
         Optional[Path], typer.Option("--scratch", help="Directory for the small per-device scratch (default: TMPDIR).")
     ] = None,
     passphrase_file: PassFile = None,
+    pin_file: PinFile = None,
     registry_url: RegistryOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per card on stdout.")] = False,
     data_part: DataPart = None,
@@ -213,19 +215,12 @@ def flash(
         devices = [d for _, d in pairs]
         if len(set(devices)) != len(devices):
             raise UsageError("the same target is named twice")
-    if not image.is_file():
-        raise UsageError(f"golden image {image} does not exist" if not image.exists() else f"{image} is not a file")
-    ca = open_ca(pki, passphrase_file)
+    check_golden(image)
+    ca = open_ca(pki, passphrase_file, pin_file)
     ca.check_usable()
+    overrides = Overrides.parse(data_part, rootfs_parts, boot_part)
     options = FlashOptions(
-        stamp=StampOptions(
-            settings=Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key),
-            conf_target=conf_target,
-            days=days,
-            curve=curve,
-            reissue=reissue,
-            overrides=Overrides.parse(data_part, rootfs_parts, boot_part),
-        ),
+        stamp=device_options(server_url, tenant_token, auth_key, conf_target, days, curve, reissue, overrides),
         force=force,
         scratch_dir=scratch,
         log=log,
@@ -248,10 +243,11 @@ def flash(
     if failed:
         if len(results) == 1:
             raise FlashFailed(f"{failed[0].device_id}: {failed[0].error}")
+        delivered = len(results) - len(failed)
         raise FlashFailed(
             f"{len(failed)} of {len(results)} cards failed: "
             + ", ".join(f"{f.device_id} on {f.target}" for f in failed[:10]),
-            hint="their certificates are revoked; the others were delivered",
+            hint=f"their certificates are revoked; {f'the other {delivered}' if delivered else 'none'} were delivered",
         )
     read = batch.golden_bytes_read
     typer.echo(f"delivered {len(results)} cards; read {human_size(read)} ({read} bytes) of the golden image", err=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,6 +39,29 @@ from imageprov.mender.verify import verify_image
 from imageprov.pki.ca import Curve, load_cert
 from imageprov.pki.devices import check_device_ids, read_device_ids
 from imageprov.pki.registry import Registry
+
+
+def check_golden(image: Path) -> None:
+    """Refuse a golden image that is not there before anything is asked (a passphrase, a PIN)."""
+    if not image.is_file():
+        raise UsageError(f"golden image {image} does not exist" if not image.exists() else f"{image} is not a file")
+
+
+def device_options(
+    server_url: str | None,
+    tenant_token: str | None,
+    auth_key: AuthKey,
+    conf_target: ConfTarget,
+    days: int,
+    curve: Curve,
+    reissue: bool,
+    overrides: Overrides,
+) -> StampOptions:
+    """What each device gets, from the options stamp and flash share."""
+    settings = Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key)
+    return StampOptions(
+        settings=settings, conf_target=conf_target, days=days, curve=curve, reissue=reissue, overrides=overrides
+    )
 
 
 class StampFailed(ImageprovError):
@@ -91,22 +115,17 @@ def stamp(
     if not ids:
         raise UsageError("no device ids", hint="pass --device-id ID (repeatable) or --device-ids FILE")
     ids = check_device_ids(ids)
-    if not image.is_file():
-        raise UsageError(f"golden image {image} does not exist" if not image.exists() else f"{image} is not a file")
+    check_golden(image)
     check_outputs(image, out, ids, compress)
     ca = open_ca(pki, passphrase_file, pin_file)
     ca.check_usable()
-    options = StampOptions(
-        settings=Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key),
-        conf_target=conf_target,
+    options = replace(
+        device_options(server_url, tenant_token, auth_key, conf_target, days, curve, reissue,
+                       Overrides.parse(data_part, rootfs_parts, boot_part)),
         engine=engine,
-        days=days,
-        curve=curve,
-        reissue=reissue,
-        overrides=Overrides.parse(data_part, rootfs_parts, boot_part),
         bmap=bmap,
         compress=compress,
-    )
+    )  # fmt: skip
     failures: list[tuple[str, str]] = []
     batch: Batch | None = None
     try:
