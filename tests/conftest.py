@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,6 +27,16 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # imageprov as this interpreter runs it: never a bare `imageprov` or `python3` from PATH,
 # which may be another install than the one under test.
 IMAGEPROV_ARGV = (sys.executable, "-m", "imageprov")
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` of a child a test means to interrupt: SIGINT at its default disposition.
+
+    A runner that ignores SIGINT (``nohup``, ``cmd &`` in a script, many CI runners) passes the
+    ignored disposition on to every child; Python then installs no KeyboardInterrupt handler and a
+    shell's ``kill -INT`` does nothing, so the child would run to its end instead of being interrupted.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def need(*tools: str) -> None:

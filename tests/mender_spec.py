@@ -1,47 +1,64 @@
-"""Mender's OpenAPI files, read (never copied) from ../shared/reference/mender-api, and a small validator
-for the fields, types, required members and enums the stand-in Mender server checks requests and answers
-against."""
+"""The project's description of Mender's API (tests/mender_api.yaml), and a small validator for the fields,
+types, required members and enums that the stand-in Mender server checks requests and answers against.
+
+The same reader opens Mender's published OpenAPI files, when they are at hand, for the one test that checks
+the project's description against them (tests/test_mender_api.py); nothing else needs them.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SPEC_FILES = ("deviceauth/devices_v1.yaml", "deviceauth/management_v2.yaml", "useradm/management_v1.yaml")
+OWN_DESCRIPTION = Path(__file__).resolve().parent / "mender_api.yaml"
+# Mender's published files that hold the operations imageprov uses.
+PUBLISHED_FILES = (
+    "deviceauth/devices_v1.yaml",
+    "deviceauth/management_v2.yaml",
+    "useradm/management_v1.yaml",
+    "deployments/devices_v1.yaml",
+    "inventory/devices_v1.yaml",
+)
 
 
-def spec_dir() -> Path:
-    """../shared/reference/mender-api beside the clone (or beside the directory of worktrees)."""
+def published_dir() -> Path | None:
+    """Mender's OpenAPI files: $MENDER_API_SPECS, else shared/reference/mender-api beside the checkout."""
     if os.environ.get("MENDER_API_SPECS"):
-        return Path(os.environ["MENDER_API_SPECS"])
+        given = Path(os.environ["MENDER_API_SPECS"])
+        return given if given.is_dir() else None
     for base in (REPO.parent, REPO.parent.parent):
         candidate = base / "shared" / "reference" / "mender-api"
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"Mender's API specs are not at {REPO.parent / 'shared/reference/mender-api'}")
+    return None
+
+
+def template_pattern(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$")
 
 
 class Specs:
-    """The OpenAPI files, with $refs (to this file or another) resolved on demand."""
+    """OpenAPI files, with $refs (to the same file or another) resolved on demand."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, files: Iterable[Path]) -> None:
         import yaml
 
-        self.root = root
         self._docs: dict[Path, Any] = {}
         self._load = lambda path: yaml.safe_load(path.read_text())
-        self.operations: list[tuple[str, re.Pattern[str], Path, dict[str, Any], dict[str, Any]]] = []
-        for name in SPEC_FILES:
-            path = root / name
+        # (method, path pattern, path template, file, operation, document)
+        self.operations: list[tuple[str, re.Pattern[str], str, Path, dict[str, Any], dict[str, Any]]] = []
+        for path in files:
             doc = self.doc(path)
             for template, item in doc["paths"].items():
-                pattern = re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$")
                 for method, operation in item.items():
-                    self.operations.append((method.upper(), pattern, path, operation, doc))
+                    self.operations.append(
+                        (method.upper(), template_pattern(template), template, path.resolve(), operation, doc)
+                    )
 
     def doc(self, path: Path) -> Any:
         path = path.resolve()
@@ -64,12 +81,16 @@ class Specs:
 
     def operation(self, method: str, path: str) -> tuple[dict[str, Any], dict[str, Any], Path] | None:
         # The most specific template first: /devices/count before /devices/{id}.
-        found = [(op, doc, where, pattern) for m, pattern, where, op, doc in self.operations
+        found = [(op, doc, where, pattern) for m, pattern, _, where, op, doc in self.operations
                  if m == method and pattern.match(path)]  # fmt: skip
         if not found:
             return None
         op, doc, where, _ = min(found, key=lambda item: item[3].pattern.count("[^/]+"))
         return op, doc, where
+
+    def security_scheme(self, doc: dict[str, Any], name: str, where: Path) -> dict[str, Any]:
+        scheme, _ = self.resolve(doc["components"]["securitySchemes"][name], where)
+        return dict(scheme)
 
     def validate(self, schema: Any, value: Any, where: Path, at: str = "body") -> list[str]:
         """Deviations of ``value`` from ``schema``: type, enum, required members, properties, items."""
@@ -107,4 +128,9 @@ class Specs:
 
 @functools.cache
 def specs() -> Specs:
-    return Specs(spec_dir())
+    """The project's own description: what the stand-in holds every request and answer to."""
+    return Specs([OWN_DESCRIPTION])
+
+
+def published_specs(root: Path) -> Specs:
+    return Specs([root / name for name in PUBLISHED_FILES])

@@ -1,14 +1,17 @@
 """A stand-in for the Mender server, for the edge's tests, that holds every request to Mender's OpenAPI files.
 
 It does what the edge needs of a Mender server: login (HTTP Basic), personal
-access tokens, preauthorization, the device list with statuses and auth sets,
+access tokens, preauthorization (409 for a known identity, unless ``force``),
+the device list with statuses and auth sets, rejection and decommissioning,
 and device auth requests with their signatures verified (an unknown device
 gets 401 and is listed pending; a preauthorized one gets a JWT and becomes
-accepted). Every request it receives and every answer it gives is checked
-against the spec files in ../shared/reference/mender-api (read, never copied):
+accepted). A device's JWTs work on the device routes (deployments/next,
+inventory) until its auth set is rejected or the device is decommissioned:
+then they die, as Mender's do. Every request it receives and every answer it gives is checked
+against the project's description of Mender's API (tests/mender_api.yaml):
 the operation exists, required headers and security are present, the body
 has the content type, fields, types and required members of its schema, and
-the status code is one the spec lists. Each deviation is recorded in
+the status code is one the description lists. Each deviation is recorded in
 ``deviations``; the tests' fixture fails the test on any.
 
 It runs an aiohttp server on its own event loop in a thread, so that
@@ -115,7 +118,8 @@ class StandinMender:
         self.personal_tokens: set[str] = set()
         self.devices: dict[str, Device] = {}
         self.by_identity: dict[str, str] = {}
-        self.calls: dict[str, int] = {"login": 0, "preauthorize": 0, "auth_requests": 0, "list": 0}
+        self.calls: dict[str, int] = {"login": 0, "preauthorize": 0, "auth_requests": 0, "list": 0, "device_api": 0}
+        self.device_tokens: dict[str, str] = {}  # a device JWT -> the device it was issued to
         self.preauthorized: list[dict[str, Any]] = []  # every preauthorization body received
         self.auth_headers: list[dict[str, str]] = []  # the headers (names in lowercase) of every auth request
         self.url = ""
@@ -149,8 +153,11 @@ class StandinMender:
         app.router.add_post("/api/management/v2/devauth/devices", self.preauthorize)
         app.router.add_get("/api/management/v2/devauth/devices", self.list_devices)
         app.router.add_get("/api/management/v2/devauth/devices/{id}", self.get_device)
+        app.router.add_delete("/api/management/v2/devauth/devices/{id}", self.decommission)
         app.router.add_put("/api/management/v2/devauth/devices/{id}/auth/{aid}/status", self.set_status)
         app.router.add_post("/api/devices/v1/authentication/auth_requests", self.auth_request)
+        app.router.add_get("/api/devices/v1/deployments/device/deployments/next", self.next_deployment)
+        app.router.add_patch("/api/devices/v1/inventory/device/attributes", self.inventory)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=2048)
@@ -229,7 +236,7 @@ class StandinMender:
         op, doc, where = found
         for requirement in op.get("security", []):
             for scheme_name in requirement:
-                scheme, _ = specs().resolve(doc["components"]["securitySchemes"][scheme_name], where)
+                scheme = specs().security_scheme(doc, scheme_name, where)
                 prefix = {"basic": "Basic ", "bearer": "Bearer "}[scheme["scheme"]]
                 if not request.headers.get("Authorization", "").startswith(prefix):
                     self._deviation(request, f"no {prefix.strip()} Authorization ({scheme_name})")
@@ -238,6 +245,8 @@ class StandinMender:
             if parameter["in"] == "header":
                 if parameter.get("required") and parameter["name"] not in request.headers:
                     self._deviation(request, f"required header {parameter['name']} is missing")
+            elif parameter["in"] == "query" and parameter.get("required") and parameter["name"] not in request.query:
+                self._deviation(request, f"required query parameter {parameter['name']} is missing")
             elif parameter["in"] == "query" and parameter["name"] in request.query:
                 raw = request.query[parameter["name"]]
                 schema, _ = specs().resolve(parameter.get("schema", {}), pwhere)
@@ -342,8 +351,17 @@ class StandinMender:
         with self.lock:
             self.preauthorized.append(payload)
             existing = self.by_identity.get(_canonical(identity))
-            if existing is not None:
+            if existing is not None and not payload.get("force"):
                 return web.json_response(self.devices[existing].to_json(), status=409)
+            if existing is not None:
+                # force: the known device takes this key as a preauthorized auth set beside its others.
+                device = self.devices[existing]
+                auth = next((a for a in device.auth_sets if _same_key(a.pubkey, pubkey)), None)
+                if auth is None:
+                    device.auth_sets.append(AuthSet(str(uuid.uuid4()), identity, pubkey, "preauthorized"))
+                elif auth.status != "accepted":
+                    auth.status = "preauthorized"
+                return web.Response(status=201, headers={"Location": f"devices/{device.id}"})
             device = Device(str(uuid.uuid4()), identity, "preauthorized", [])
             device.auth_sets.append(AuthSet(str(uuid.uuid4()), identity, pubkey, "preauthorized"))
             self.devices[device.id] = device
@@ -379,7 +397,24 @@ class StandinMender:
             if device is None or auth is None:
                 return web.json_response({"error": "not found"}, status=404)
             auth.status = device.status = status
+            if status != "accepted":
+                self._revoke_tokens(device.id)
         return web.Response(status=204)
+
+    async def decommission(self, request: web.Request) -> web.Response:
+        if not self._management_token(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        with self.lock:
+            device = self.devices.pop(request.match_info["id"], None)
+            if device is None:
+                return web.json_response({"error": "not found"}, status=404)
+            self.by_identity.pop(_canonical(device.identity_data), None)
+            self._revoke_tokens(device.id)
+        return web.Response(status=204)
+
+    def _revoke_tokens(self, device_id: str) -> None:
+        for token in [t for t, owner in self.device_tokens.items() if owner == device_id]:
+            del self.device_tokens[token]
 
     # -- the device API --
 
@@ -416,7 +451,30 @@ class StandinMender:
             if auth.status != "accepted":
                 return web.json_response({"error": "unauthorized"}, status=401)
             device.tokens_issued += 1
-        return web.Response(text=_jwt(device.id), content_type="application/jwt")
+            token = _jwt(device.id)
+            self.device_tokens[token] = device.id
+        return web.Response(text=token, content_type="application/jwt")
+
+    def _device_of(self, request: web.Request) -> str | None:
+        header = request.headers.get("Authorization", "")
+        with self.lock:
+            self.calls["device_api"] += 1
+            return self.device_tokens.get(header.removeprefix("Bearer ")) if header.startswith("Bearer ") else None
+
+    async def next_deployment(self, request: web.Request) -> web.Response:
+        if self._device_of(request) is None:
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return web.Response(status=204)
+
+    async def inventory(self, request: web.Request) -> web.Response:
+        if self._device_of(request) is None:
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return web.Response(status=200)
+
+    def token_works(self, token: str) -> bool:
+        """Whether a device JWT still opens the device routes."""
+        with self.lock:
+            return token in self.device_tokens
 
 
 def _signature_ok(key: Any, body: bytes, signature: bytes) -> bool:

@@ -38,6 +38,7 @@ from tests.conftest import (
     roles,
     sfdisk_json,
     sha256,
+    sigint_default,
     tool,
 )
 
@@ -193,7 +194,7 @@ def test_ctrl_c_mid_batch_never_publishes_a_revoked_certificate(
     argv = [*IMAGEPROV_ARGV, "stamp", str(golden), "--pki", str(pki), "--out", str(out)]
     argv += [arg for device_id in ids for arg in ("--device-id", device_id)]
     proc = subprocess.Popen(argv, env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)  # fmt: skip
     # Interrupted once a worker is building an image (its hidden partial file is there).
     _wait_for(lambda: out.is_dir() and any(".partial" in p.name and "batch" not in p.name for p in out.iterdir()),
               "a worker to start building")  # fmt: skip
@@ -340,8 +341,9 @@ def test_verify_survives_an_e2fsck_that_prints_nothing(
     (fake / "e2fsck").write_text(f"#!/bin/sh\n{script}\n")
     (fake / "e2fsck").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    # The fake e2fsck interrupts itself: SIGINT must reach it at its default disposition.
     proc = subprocess.run([*IMAGEPROV_ARGV, "verify", str(image), "--ca", str(_ca_cert(tmp_path))],
-                          capture_output=True, text=True, env=env)  # fmt: skip
+                          capture_output=True, text=True, env=env, preexec_fn=sigint_default)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert detail in proc.stdout, proc.stdout
 
@@ -517,7 +519,7 @@ def test_ctrl_c_while_the_batch_is_prepared_says_so_in_one_line(
     argv = [*IMAGEPROV_ARGV, "stamp", str(golden), "--pki", str(pki), "--out", str(out),
             "--server-url", "https://edge.example", "--conf-target", "rootfs", "--device-id", "p-1"]  # fmt: skip
     proc = subprocess.Popen(argv, env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)  # fmt: skip
     # The batch's private copy is there: mender.conf is being merged into it.
     _wait_for(lambda: out.is_dir() and any("imageprov-batch" in p.name for p in out.iterdir()), "the batch copy")
     proc.send_signal(signal.SIGINT)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from imageprov.disk.golden import Scheme
-from tests.conftest import IMAGEPROV_ARGV, cli_env, imageprov_pki, tool
+from tests.conftest import IMAGEPROV_ARGV, cli_env, imageprov_pki, sigint_default, tool
 from tests.flashdev import STALE, Loops, loop_devices, read_span, stale_file
 from tests.test_flash import check_card
 
@@ -62,6 +62,8 @@ class Operator:
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
+            # The tests interrupt it as an operator's Ctrl-C would, whatever the runner ignores.
+            preexec_fn=sigint_default,
             env=cli_env(IMAGEPROV=f"{sys.executable} -m imageprov", PATH=f"/usr/sbin:/sbin:{os.environ['PATH']}"),
         )
         self.lines: queue.Queue[str] = queue.Queue()
