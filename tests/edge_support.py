@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.conftest import IMAGEPROV_ARGV, SBIN, need
+from tests.conftest import IMAGEPROV_ARGV, SBIN, imageprov_pki, need
 
 AUTH_PATH = "/api/devices/v1/authentication/auth_requests"
 USER, PASSWORD = "edge@example.com", "edge-password-1"
@@ -114,12 +115,13 @@ def edge_service(tmp_path: Path, *args: str | Path, env: dict[str, str] | None =
             if proc.poll() is not None:
                 raise AssertionError(f"edge serve exited {proc.returncode}: {log.read_text()}")
             try:
-                with urllib.request.urlopen(url + "/healthz", timeout=1) as answer:
+                # Alive: readiness (/healthz) also needs the registry and the Mender server, which some tests stop.
+                with urllib.request.urlopen(url + "/livez", timeout=1) as answer:
                     return bool(answer.status == 200)
             except OSError:
                 return False
 
-        wait_for(healthy, "edge serve to answer /healthz")
+        wait_for(healthy, "edge serve to answer /livez")
         yield {"url": url, "log": log, "proc": proc, "port": port}
     finally:
         proc.terminate()
@@ -130,10 +132,14 @@ def edge_service(tmp_path: Path, *args: str | Path, env: dict[str, str] | None =
             proc.wait(5)
 
 
+def log_lines(log: Path) -> list[dict[str, Any]]:
+    """Every line the service logged (every line must be JSON)."""
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
 def decisions(log: Path) -> list[dict[str, Any]]:
-    """The service's decision lines (every line must be JSON)."""
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return [line for line in lines if "decision" in line]
+    """The service's decision lines."""
+    return [line for line in log_lines(log) if "decision" in line]
 
 
 @contextmanager
@@ -258,8 +264,41 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float = 30) ->
         return error.code, dict(error.headers), error.read()
 
 
+def get(url: str, headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    """GET and return (status, headers, body) whatever the status."""
+    import urllib.error
+
+    request = urllib.request.Request(url, headers=headers or {}, method="GET")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
 def escaped(cert: Any) -> str:
     """The certificate as nginx's $ssl_client_escaped_cert puts it in a header."""
     from urllib.parse import quote
 
     return quote(pem(cert), safe="")
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device certificate and key made by the real CLI (``imageprov device-cert``), in the PKI's registry."""
+
+    name: str
+    cert: Any
+    key: Any
+
+    @property
+    def serial(self) -> str:
+        return f"{self.cert.serial_number:x}"
+
+
+def make_device(pki: Path, name: str, *extra: str) -> Device:
+    out = pki.parent / "devices" / f"{name}-{uuid.uuid4().hex[:8]}"
+    imageprov_pki("device-cert", "--pki", pki, "--device-id", name, "--out", out, *extra)
+    cert = x509.load_pem_x509_certificate((out / "mender-cert.pem").read_bytes())
+    key = serialization.load_pem_private_key((out / "mender-cert-private.pem").read_bytes(), None)
+    return Device(name, cert, key)

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -21,12 +21,17 @@ STALE = 0xA5
 MIB = 1 << 20
 
 
+def unavailable(message: str) -> NoReturn:
+    """Skip for want of what the test needs; fail in CI (CI=true), whose machine must provide it."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def need_root() -> None:
     need("losetup", "mount", "umount")
     if os.geteuid() != 0:
-        if IN_CI:
-            pytest.fail("the flashing tests need root (loop devices)")
-        pytest.skip("the flashing tests need root (loop devices)")
+        unavailable("the flashing tests need root (loop devices)")
 
 
 def stale_file(path: Path, size: int) -> Path:
@@ -64,7 +69,8 @@ class Loops:
     def close(self) -> None:
         while self._undo:
             kind, what = self._undo.pop()
-            tool(*(["umount", what] if kind == "umount" else ["losetup", "-d", what]), check=False)
+            argv: list[str | Path] = ["umount", what] if kind == "umount" else ["losetup", "-d", what]
+            tool(*argv, check=False)
 
 
 def loop_devices(tmp_path: Path) -> Iterator[Loops]:

@@ -2,14 +2,20 @@
 
 debugfs reads the files, openssl checks the certificate against the CA and the
 key against the certificate, e2fsck checks every filesystem that was written,
-sfdisk finds the partitions: imageprov's own readers and ``verify`` share code
-with what they would be checking, so tests judge results with these instead.
+sfdisk finds the partitions, and sqlite3 reads the registry (opened read-only,
+as a backup or an auditor would): imageprov's own readers, ``verify`` and
+``devices`` share code with what they would be checking, so tests judge
+results with these instead.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
+from contextlib import closing
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 from tests.conftest import debugfs, e2fsck_clean, roles, tool
 
@@ -62,3 +68,34 @@ def image_serial(image: Path, tmp_path: Path) -> str:
     cert = tmp_path / f"{image.name}.crt"
     cert.write_text(debugfs(image, roles(image)["data"], f"cat {CERT}"))
     return serial(cert)
+
+
+# A registry row, columns by name: TEXT as str, INTEGER as int, NULL as None.
+Row = dict[str, Any]
+
+
+def _read_registry(pki: Path, query: str) -> list[Row]:
+    uri = f"file:{quote(str(pki / 'registry.sqlite'))}?mode=ro"
+    # WAL mode: a reader is never blocked by a writer; the timeout covers a checkpoint only.
+    with closing(sqlite3.connect(uri, uri=True, timeout=60)) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute(query)]
+
+
+def registry_rows(pki: Path) -> list[Row]:
+    """Every certificate in the PKI's SQLite registry, in the order issued, as columns by name.
+
+    Read with sqlite3 on the file opened read-only (the schema is in
+    imageprov/pki/registry_sqlite.py), not with ``imageprov devices``.
+    """
+    return _read_registry(pki, "SELECT * FROM certificates ORDER BY rowid")
+
+
+def registry(pki: Path) -> dict[str, Row]:
+    """The device certificates in the registry by serial (lowercase hex without leading zeros, as ``serial``)."""
+    return {str(row["serial"]): row for row in registry_rows(pki) if row["kind"] == "device"}
+
+
+def registry_sessions(pki: Path) -> dict[int, Row]:
+    """The stations' sessions (leases) in the registry by id: host, pid, boot_id, started_at, ended_at."""
+    return {int(str(row["id"])): row for row in _read_registry(pki, "SELECT * FROM sessions ORDER BY id")}

@@ -119,7 +119,7 @@ class StandinMender:
         self.devices: dict[str, Device] = {}
         self.by_identity: dict[str, str] = {}
         self.calls: dict[str, int] = {"login": 0, "preauthorize": 0, "auth_requests": 0, "list": 0, "device_api": 0}
-        self.device_tokens: dict[str, str] = {}  # a device JWT -> the device it was issued to
+        self.device_tokens: dict[str, str] = {}  # a device JWT -> the auth set it was issued for
         self.preauthorized: list[dict[str, Any]] = []  # every preauthorization body received
         self.auth_headers: list[dict[str, str]] = []  # the headers (names in lowercase) of every auth request
         self.url = ""
@@ -396,9 +396,11 @@ class StandinMender:
             auth = next((a for a in device.auth_sets if a.id == request.match_info["aid"]), None) if device else None
             if device is None or auth is None:
                 return web.json_response({"error": "not found"}, status=404)
-            auth.status = device.status = status
+            auth.status = status
+            # As deviceauth derives it: accepted while any auth set is; a token dies with its auth set.
+            device.status = "accepted" if any(a.status == "accepted" for a in device.auth_sets) else status
             if status != "accepted":
-                self._revoke_tokens(device.id)
+                self._revoke_tokens(auth.id)
         return web.Response(status=204)
 
     async def decommission(self, request: web.Request) -> web.Response:
@@ -409,11 +411,12 @@ class StandinMender:
             if device is None:
                 return web.json_response({"error": "not found"}, status=404)
             self.by_identity.pop(_canonical(device.identity_data), None)
-            self._revoke_tokens(device.id)
+            for auth in device.auth_sets:
+                self._revoke_tokens(auth.id)
         return web.Response(status=204)
 
-    def _revoke_tokens(self, device_id: str) -> None:
-        for token in [t for t, owner in self.device_tokens.items() if owner == device_id]:
+    def _revoke_tokens(self, auth_set_id: str) -> None:
+        for token in [t for t, owner in self.device_tokens.items() if owner == auth_set_id]:
             del self.device_tokens[token]
 
     # -- the device API --
@@ -452,7 +455,7 @@ class StandinMender:
                 return web.json_response({"error": "unauthorized"}, status=401)
             device.tokens_issued += 1
             token = _jwt(device.id)
-            self.device_tokens[token] = device.id
+            self.device_tokens[token] = auth.id
         return web.Response(text=token, content_type="application/jwt")
 
     def _device_of(self, request: web.Request) -> str | None:

@@ -9,6 +9,7 @@ killed. Nothing here depends on how long anything takes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -18,12 +19,13 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from imageprov.disk.golden import Scheme
 from tests.conftest import IMAGEPROV_ARGV, cli_env, debugfs, imageprov_pki, roles, sha256, tool
-from tests.oracle import KEY, check_device_image
+from tests.oracle import KEY, check_device_image, registry, registry_rows, registry_sessions
 
 # Generous: a batch here takes seconds; a loaded CI machine may take minutes.
 BOUND = 600
@@ -38,9 +40,7 @@ def _stamp_argv(golden: Path, pki: Path, out: Path, ids: list[str]) -> list[str]
 
 def _rows(pki: Path) -> list[tuple[str, str, str, str | None]]:
     """(device_id, serial, status, reason) of every device certificate, in the order issued."""
-    with sqlite3.connect(f"file:{pki / 'registry.sqlite'}?mode=ro", uri=True, timeout=BOUND) as db:
-        query = "SELECT device_id, serial, status, reason FROM certificates WHERE kind = 'device' ORDER BY rowid"
-        return [tuple(row) for row in db.execute(query)]  # type: ignore[misc]
+    return [(r["device_id"], r["serial"], r["status"], r["reason"]) for r in registry(pki).values()]
 
 
 def _no_writer(pki: Path) -> bool:
@@ -65,7 +65,7 @@ def _delivered(out: Path) -> list[str]:
 
 
 def _stop_when(
-    proc: subprocess.Popen[bytes], pki: Path, out: Path, enough: Callable[[list[str], list[str]], bool]
+    proc: subprocess.Popen[Any], pki: Path, out: Path, enough: Callable[[list[str], list[str]], bool]
 ) -> list[str]:
     """Stop the station's process group once ``enough(delivered, pending ids without an image)`` holds.
 
@@ -167,20 +167,72 @@ def test_a_device_being_stamped_is_left_to_its_station(
     _check_consistent(pki, out, ids, tmp_path, all_delivered=True)
 
 
+def _held(lease: Path) -> bool:
+    """True if a live process holds the flock on a station's lease file (read here with fcntl, not imageprov)."""
+    fd = os.open(lease, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _station(golden: Path, pki: Path, out: Path, ids: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        _stamp_argv(golden, pki, out, ids), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
 def test_two_stations_at_once(make_golden: Callable[..., Path], pki: Path, tmp_path: Path) -> None:
+    """Two stations stamp overlapping ids into one directory, and are seen at work at the same time.
+
+    The first is stopped while it holds its lease and pending certificates; the
+    second must then issue certificates of its own (one that waited for the
+    first to finish never would), and the first delivers its pending ones after
+    that. Nothing here depends on how long anything takes.
+    """
     golden = make_golden(Scheme.MBR)
     out = tmp_path / "out"
     shared = [f"s-{i}" for i in range(6)]
     first = [f"a-{i}" for i in range(3)] + shared
     second = [f"b-{i}" for i in range(3)] + shared[::-1]
-    procs = [
-        subprocess.Popen(
-            _stamp_argv(golden, pki, out, ids), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for ids in (first, second)
-    ]
-    for proc in procs:
-        proc.communicate(timeout=BOUND)
+    station_a = _station(golden, pki, out, first)
+    stations = [station_a]
+    try:
+        _stop_when(station_a, pki, out, lambda delivered, pending: bool(pending))
+        held_by_a = {r["serial"]: r for r in registry_rows(pki) if r["status"] == "pending"}
+        [session_a] = {r["session"] for r in held_by_a.values()}
+        lease_a = pki / "registry.sqlite.leases" / f"{session_a}.lock"
+        stations.append(station_b := _station(golden, pki, out, second))
+        deadline = time.monotonic() + BOUND
+        while not (by_b := [r for r in registry_rows(pki) if r["session"] not in (None, session_a)]):
+            assert station_b.poll() is None, f"the second station ended without issuing: {station_b.communicate()}"
+            assert time.monotonic() < deadline, f"the second station issued nothing within {BOUND} s"
+            time.sleep(0.02)
+        # The second station is at work while the first, stopped, still holds its lease and its certificates.
+        assert _held(lease_a)
+        now = {r["serial"]: r["status"] for r in registry_rows(pki)}
+        assert {now[serial] for serial in held_by_a} == {"pending"}
+    except BaseException:
+        for station in stations:
+            os.killpg(station.pid, signal.SIGKILL)  # a stopped one too
+            station.wait()
+        raise
+    os.killpg(station_a.pid, signal.SIGCONT)
+    for station in stations:
+        _, errors = station.communicate(timeout=BOUND)
+        # 1: a device the other station was at is left to it, and said so.
+        assert station.returncode in (0, 1) and "Traceback" not in errors, errors
+    [session_b] = {r["session"] for r in by_b}
+    sessions = registry_sessions(pki)
+    assert (sessions[session_a]["pid"], sessions[session_b]["pid"]) == (station_a.pid, station_b.pid)
+    assert sessions[session_a]["ended_at"] and sessions[session_b]["ended_at"]
+    # What the first station held when the second began, it delivered itself, after.
+    after = {r["serial"]: r for r in registry_rows(pki)}
+    assert {(after[s]["status"], after[s]["session"]) for s in held_by_a} == {("active", session_a)}
     everyone = sorted(set(first + second))
     _check_consistent(pki, out, everyone, tmp_path, all_delivered=False)
     # What one station could not do because the other was at it, a rerun finishes; nothing is done twice.

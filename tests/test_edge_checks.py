@@ -28,8 +28,10 @@ NOW = dt.datetime.now(dt.UTC)
 
 
 def _reason(call: Any) -> Reason:
+    """Why ``call`` refused; every refusal carries a message for the device's ``{"error": ...}``."""
     with pytest.raises(Refused) as caught:
         call()
+    assert isinstance(caught.value.message, str) and caught.value.message == str(caught.value) != ""
     return caught.value.reason
 
 
@@ -66,7 +68,7 @@ def test_garbage_is_a_bad_request_never_a_crash(body: bytes) -> None:
     try:
         checks.parse_auth_request(body)
     except Refused as refused:
-        assert refused.reason is Reason.BAD_REQUEST and refused.status == 400
+        assert refused.reason is Reason.BAD_REQUEST and refused.status == 400 and refused.message
 
 
 @pytest.mark.parametrize(
@@ -76,7 +78,7 @@ def test_garbage_is_a_bad_request_never_a_crash(body: bytes) -> None:
         {"id_data": "{\"a\": 1}", "pubkey": 5}, {"id_data": "{\"a\": 1}", "pubkey": "junk"},
         {"id_data": "[]", "pubkey": "p"}, {"id_data": "{}", "pubkey": "p"},
         {"id_data": "{\"a\": 1}", "pubkey": public_pem(EC_KEY), "tenant_token": 3},
-        {"id_data": "{\"a\": 1}", "pubkey": public_pem(ec.generate_private_key(ec.SECP384R1()))},
+        {"id_data": "{\"a\": 1}", "pubkey": public_pem(ec.generate_private_key(ec.SECP256K1()))},
     ],
 )  # fmt: skip
 def test_schema_violations_are_refused(value: Any) -> None:
@@ -154,6 +156,11 @@ def test_denylist_is_reread_when_it_changes(tmp_path: Path) -> None:
         DenylistSource(path)
 
 
+def _flags(**given: Any) -> Flags:
+    """Flags for the tests of secrets and sources of settings: no revocation source, no identity rule to satisfy."""
+    return Flags(**{"no_revocation": True, "identity": "none", **given})
+
+
 def test_secret_never_shows(tmp_path: Path) -> None:
     secret = Secret("hunter2")
     assert "hunter2" not in repr(secret) and "hunter2" not in str(secret) and secret.reveal() == "hunter2"
@@ -161,7 +168,7 @@ def test_secret_never_shows(tmp_path: Path) -> None:
     ca.write_bytes(CA.cert_pem())
     password = tmp_path / "pw"
     password.write_text("hunter2\n")
-    loaded = ServeSettings.from_sources(Flags(ca=ca, upstream="http://m/", username="u", password_file=password), {})
+    loaded = ServeSettings.from_sources(_flags(ca=ca, upstream="http://m/", username="u", password_file=password), {})
     assert "hunter2" not in repr(loaded) and loaded.upstream == "http://m"
 
 
@@ -170,18 +177,18 @@ def test_flags_win_over_the_environment(tmp_path: Path) -> None:
     ca.write_bytes(CA.cert_pem())
     env = {"UPSTREAM_SERVER_URL": "http://env", "MTLS_CA_CERTIFICATE": str(ca), "MTLS_MENDER_USERNAME": "env-user",
            "MTLS_MENDER_PASSWORD": "env-pass"}  # fmt: skip
-    from_env = ServeSettings.from_sources(Flags(), env)
+    from_env = ServeSettings.from_sources(_flags(), env)
     assert (from_env.upstream, from_env.credentials.username) == ("http://env", "env-user")  # type: ignore[union-attr]
     ambassador = {"MTLS_MENDER_BACKEND": "http://amb", "MTLS_CA_CERTIFICATE": str(ca), "MTLS_MENDER_USER": "a",
                   "MTLS_MENDER_PASS": "p"}  # fmt: skip
-    from_ambassador = ServeSettings.from_sources(Flags(), ambassador)
+    from_ambassador = ServeSettings.from_sources(_flags(), ambassador)
     assert (from_ambassador.upstream, from_ambassador.credentials.username) == ("http://amb", "a")  # type: ignore[union-attr]
     token = tmp_path / "token"
     token.write_text("pat")
     with pytest.raises(UsageError, match="not both"):
-        ServeSettings.from_sources(Flags(token_file=token, username="u"), env)
+        ServeSettings.from_sources(_flags(token_file=token, username="u"), env)
     flagged = ServeSettings.from_sources(
-        Flags(upstream="http://flag", token_file=token), {**env, "MTLS_MENDER_USERNAME": ""}
+        _flags(upstream="http://flag", token_file=token), {**env, "MTLS_MENDER_USERNAME": ""}
     )
     assert flagged.upstream == "http://flag" and flagged.credentials.token.reveal() == "pat"  # type: ignore[union-attr]
 

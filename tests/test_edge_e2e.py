@@ -16,6 +16,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from tests.edge_support import (
     running_standin,
     sign,
     signed_request,
+    wait_for,
 )
 
 IDENTITY_DIR = Path("/usr/share/mender/identity")
@@ -308,3 +310,77 @@ def test_refused_through_nginx_and_never_preauthorized(tmp_path: Path, pki: Path
         assert [p["identity_data"] for p in standin.preauthorized] == [{"mac": "case:ok"}]
         assert [d["identity_data"] for d in _list(standin, "accepted")] == [{"mac": "case:ok"}]
         assert _list(standin, "pending") == []
+
+
+def _tls_request(port: int, ca_cert: Path, device: Path, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[int, bytes]:  # fmt: skip
+    """One request through nginx with the device's certificate and key (``device``: its directory)."""
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    context.load_cert_chain(device / "mender-cert.pem", device / "mender-cert-private.pem")
+    connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
+    try:
+        connection.request(method, path, body, headers or {})
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
+
+
+def test_through_nginx_identity_is_bound_revocation_cuts_off_and_only_device_routes_pass(
+    tmp_path: Path, pki: Path
+) -> None:
+    """Real nginx and the service, as a fleet on the internet meets them: a stolen key cannot take another
+    device's identity; a revoked device loses every route within 10 s of `imageprov revoke`, with no reload;
+    nothing but the device API is reachable."""
+    need("nginx")
+    port = free_port()
+    server = tmp_path / "edge"
+    imageprov_pki("server-cert", "--pki", pki, "--host", "localhost", "--ip", "127.0.0.1", "--out", server)
+    devices = tmp_path / "devices"
+    for name in ("pin-a", "pin-b", "cut-1"):
+        imageprov_pki("device-cert", "--pki", pki, "--device-id", name, "--out", devices / name)
+    password = tmp_path / "password"
+    password.write_text(PASSWORD)
+    ca = pki / "ca-cert.pem"
+    next_update = "/api/devices/v1/deployments/device/deployments/next?artifact_name=a&device_type=b"
+
+    def authenticate(name: str, identity: dict[str, Any]) -> tuple[int, bytes]:
+        key = serialization.load_pem_private_key((devices / name / "mender-cert-private.pem").read_bytes(), None)
+        signed = signed_request(key, identity)
+        headers = {"Content-Type": "application/json", "X-MEN-Signature": signed.signature}
+        return _tls_request(port, ca, devices / name, "POST", AUTH_PATH, signed.body, headers)
+
+    with running_standin() as standin:
+        with (
+            edge_service(tmp_path, "--pki", pki, "--upstream", standin.url, "--username", USER,
+                         "--password-file", password) as service,
+            nginx(tmp_path, _edge_conf(pki, server, standin.url, port, service["url"]), port),
+        ):  # fmt: skip
+            # Identity pinned: pin-a's key cannot become pin-b, and pin-b is still accepted after.
+            assert authenticate("pin-a", {"device_id": "pin-a"})[0] == 200
+            assert authenticate("pin-a", {"device_id": "pin-b"})[0] == 401
+            assert authenticate("pin-b", {"device_id": "pin-b"})[0] == 200
+            # Only the device API: the UI and the management API are not there.
+            for path in ("/", "/api/management/v2/devauth/devices", "/api/management/v1/useradm/auth/login"):
+                assert _tls_request(port, ca, devices / "pin-a", "GET", path)[0] == 404, path
+            # A revoked device is cut off on deployments/next within 10 s, with no reload.
+            status, token = authenticate("cut-1", {"device_id": "cut-1"})
+            assert status == 200
+            bearer = {"Authorization": f"Bearer {token.decode()}"}
+            assert _tls_request(port, ca, devices / "cut-1", "GET", next_update, headers=bearer)[0] == 204
+            imageprov_pki("revoke", "--pki", pki, "cut-1")
+            revoked = time.monotonic()
+            wait_for(lambda: _tls_request(port, ca, devices / "cut-1", "GET", next_update, headers=bearer)[0]
+                     == 403, "deployments/next to refuse the revoked device", timeout=10)  # fmt: skip
+            through_edge = time.monotonic() - revoked
+            # ...and in Mender itself, where the edge is not in the way.
+            wait_for(lambda: not standin.token_works(token.decode()), "Mender to reject it", timeout=10)
+            in_mender = time.monotonic() - revoked
+            assert authenticate("cut-1", {"device_id": "cut-1"})[0] == 401
+            # The others go on.
+            _, other = authenticate("pin-b", {"device_id": "pin-b"})
+            other_bearer = {"Authorization": f"Bearer {other.decode()}"}
+            assert _tls_request(port, ca, devices / "pin-b", "GET", next_update, headers=other_bearer)[0] == 204
+        assert [p["identity_data"] for p in standin.preauthorized if p["identity_data"].get("device_id") == "pin-b"] \
+            == [{"device_id": "pin-b"}]  # fmt: skip
+    print(f"revoked device cut off: through the edge {through_edge:.1f} s, in Mender {in_mender:.1f} s")

@@ -38,12 +38,12 @@ def test_a_revocation_in_the_registry_is_refused_at_once(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest, standin: Any
 ) -> None:
     pki = tmp_path / "pki"
-    imageprov_pki("ca", "init", pki, "--cn", "Fleet CA", "--org", "ACME")
+    pki.mkdir()
     db = Db.make(kind, request.getfixturevalue("postgres") if kind == "postgresql" else None)
-    db.configure(pki)
+    db.configure(pki)  # before the CA, which makes its registry where imageprov.toml says
+    imageprov_pki("ca", "init", pki, "--cn", "Fleet CA", "--org", "ACME")
     if kind == "postgresql":
-        # Nothing of the registry is left in the PKI directory but its URL.
-        (pki / "registry.sqlite").unlink(missing_ok=True)
+        assert not (pki / "registry.sqlite").exists()  # nothing of the registry in the PKI directory but its URL
     devices = tmp_path / "devices"
     for name in ("live-1", "gone-1"):
         imageprov_pki("device-cert", "--pki", pki, "--device-id", name, "--out", devices / name)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.conftest import imageprov, imageprov_pki
 from tests.edge_support import (
@@ -30,6 +31,10 @@ from tests.edge_support import (
     sign,
     signed_request,
 )
+
+# A CA with no registry: nothing to pin identities in, nothing to revoke from.
+UNBOUND = ("--no-revocation", "--identity", "none")
+TOKEN = ["--ca", "CA", "--upstream", "http://x", "--token-file", "TOKEN", *UNBOUND]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +63,10 @@ def service(
     tmp_path_factory: pytest.TempPathFactory, standin: Any, fleet: tuple[FleetCA, Path], password_file: Path
 ) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("service")
+    # The service's mechanics, with a CA of the test's own and no registry: identity binding
+    # and revocation have their own tests (test_edge_binding.py, and below).
     with edge_service(tmp, "--ca", fleet[1], "--upstream", standin.url, "--username", USER,
-                      "--password-file", password_file) as running:  # fmt: skip
+                      "--password-file", password_file, *UNBOUND) as running:  # fmt: skip
         yield running
 
 
@@ -172,7 +179,7 @@ def test_health_and_metrics(service: dict[str, Any], fleet: tuple[FleetCA, Path]
     assert _send(service, cert, request.body, request.signature)[0] == 200
     _send(service, cert, request.body, "")
     with urllib.request.urlopen(service["url"] + "/healthz") as answer:
-        assert json.loads(answer.read()) == {"status": "ok"}
+        assert json.loads(answer.read()) == {"status": "ready"}
     with urllib.request.urlopen(service["url"] + "/metrics") as answer:
         text = answer.read().decode()
     assert 'imageprov_edge_refused_total{reason="bad-signature"}' in text
@@ -223,7 +230,8 @@ def test_personal_access_token(tmp_path: Path, standin: Any, fleet: tuple[FleetC
     token.write_text(_create_personal_token(standin))
     logins = standin.calls["login"]
     standin.expire_logins()  # the token is not a login: it outlives them
-    with edge_service(tmp_path, "--ca", fleet[1], "--upstream", standin.url, "--token-file", token) as running:
+    with edge_service(tmp_path, "--ca", fleet[1], "--upstream", standin.url, "--token-file", token,
+                      *UNBOUND) as running:  # fmt: skip
         assert _one_device(running, fleet[0], "02:00:00:00:30:01")[0] == 200
         assert token.read_text() not in running["log"].read_text()
     assert standin.calls["login"] == logins
@@ -233,7 +241,7 @@ def test_wrong_password_gives_503_and_never_accepts(tmp_path: Path, standin: Any
     wrong = tmp_path / "wrong"
     wrong.write_text("not-the-password")
     with edge_service(tmp_path, "--ca", fleet[1], "--upstream", standin.url, "--username", USER,
-                      "--password-file", wrong) as running:  # fmt: skip
+                      "--password-file", wrong, *UNBOUND) as running:  # fmt: skip
         status, _ = _one_device(running, fleet[0], "02:00:00:00:40:01")
         log = running["log"].read_text()
     assert status == 503 and standin.device({"mac": "02:00:00:00:40:01"}) is None
@@ -245,7 +253,7 @@ def test_mender_down_gives_503_with_retry_after(
 ) -> None:
     down = f"http://127.0.0.1:{free_port()}"
     with edge_service(tmp_path, "--ca", fleet[1], "--upstream", down, "--username", USER,
-                      "--password-file", password_file, "--retry-after", "7") as running:  # fmt: skip
+                      "--password-file", password_file, "--retry-after", "7", *UNBOUND) as running:  # fmt: skip
         key = ec.generate_private_key(ec.SECP256R1())
         cert, _ = fleet[0].issue("dev-down", key)
         request = signed_request(key, {"mac": "02:00:00:00:50:01"})
@@ -310,7 +318,8 @@ def test_crl_alone_and_denylist_alone(tmp_path: Path, pki: Path, standin: Any) -
         request = signed_request(key, {"mac": name})
         return _send(running, cert, request.body, request.signature)[0]
 
-    common = ["--pki", pki, "--no-registry", "--upstream", standin.url, "--username", USER, "--password-file", password]
+    common = ["--pki", pki, "--no-registry", "--identity", "none", "--upstream", standin.url, "--username", USER,
+              "--password-file", password]  # fmt: skip
     with edge_service(tmp_path, *common, "--crl", tmp_path / "crl.der") as running:
         assert (attempt(running, "c-1"), attempt(running, "d-1")) == (401, 200)
     with edge_service(tmp_path, *common, "--denylist", denylist) as running:
@@ -329,7 +338,7 @@ def test_mender_gateway_environment(tmp_path: Path, standin: Any, fleet: tuple[F
     denylist.write_text(f"{cert.serial_number:x}\n")
     env = {"UPSTREAM_SERVER_URL": standin.url, "MTLS_CA_CERTIFICATE": str(fleet[1]), "MTLS_MENDER_USERNAME": USER,
            "MTLS_MENDER_PASSWORD": PASSWORD, "MTLS_BLACKLIST_PATH": str(denylist)}  # fmt: skip
-    with edge_service(tmp_path, env=env) as running:
+    with edge_service(tmp_path, "--identity", "none", env=env) as running:
         request = signed_request(key, {"mac": "02:00:00:00:60:01"})
         assert _send(running, cert, request.body, request.signature)[0] == 401
         assert _one_device(running, ca, "02:00:00:00:60:02")[0] == 200
@@ -345,10 +354,43 @@ def test_mender_gateway_environment(tmp_path: Path, standin: Any, fleet: tuple[F
         (["--ca", "CA", "--upstream", "http://x", "--username", "u"], "no password for u"),
         (["--ca", "CA", "--upstream", "ftp://x", "--token-file", "CA"], "not an http(s) URL"),
         (["--ca", "CA", "--upstream", "http://x", "--token-file", "CA", "--listen", "9080"], "not ADDR:PORT"),
+        ([*TOKEN, "--listen", "0.0.0.0:9080"], "anyone who can reach this address"),
+        ([*TOKEN, "--listen", "999.0.0.1:9999"], "is not an IP address"),
+        ([*TOKEN, "--listen", "unix:relative.sock"], "needs an absolute path"),
+        (["--ca", "CA", "--upstream", "https://[::1", "--token-file", "CA"], "is not a valid URL"),
+        (["--ca", "CA", "--upstream", "http://edge:SECRET-PW@x", "--token-file", "CA"], "does not belong in this URL"),
+        ([*TOKEN, "--upstream-ca", "TOKEN"], "is not a PEM certificate bundle"),
+        (["--ca", "CA", "--upstream", "http://x", "--token-file", "CA"], "no revocation source"),
+        (["--ca", "CA", "--upstream", "http://x", "--token-file", "CA", "--no-revocation"], "--identity pin keeps"),
+        ([*TOKEN, "--identity", "bogus"], "is not pin, attribute:NAME or none"),
+        ([*TOKEN, "--identity", "attribute:"], "is not pin, attribute:NAME or none"),
+        (["--ca", "LEAF", "--upstream", "http://x", "--token-file", "CA", *UNBOUND], "cannot vouch for device"),
     ],
 )
 def test_bad_settings_are_one_line_and_exit_2(tmp_path: Path, fleet: tuple[FleetCA, Path], args: list[str],
                                               message: str) -> None:  # fmt: skip
-    argv = [str(fleet[1]) if a == "CA" else a for a in args]
+    token = tmp_path / "token"
+    token.write_text("SECRET-TOKEN\n")
+    leaf = tmp_path / "leaf.pem"  # a device's certificate where the CA's belongs: it is not a CA
+    leaf.write_bytes(fleet[0].issue("dev-ca", ec.generate_private_key(ec.SECP256R1()))[0].public_bytes(Encoding.PEM))
+    named = {"CA": str(fleet[1]), "TOKEN": str(token), "LEAF": str(leaf)}
+    argv = [named.get(a, a) for a in args]
     proc = imageprov("edge", "serve", *argv, check=False)
-    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "SECRET" not in proc.stderr + proc.stdout
+
+
+def test_a_port_in_use_is_one_line_and_exit_1(tmp_path: Path, fleet: tuple[FleetCA, Path]) -> None:
+    import socket
+
+    token = tmp_path / "token"
+    token.write_text("SECRET-TOKEN\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = imageprov("edge", "serve", "--ca", fleet[1], "--upstream", "http://x", "--token-file", token,
+                         *UNBOUND, "--listen", f"127.0.0.1:{port}", check=False)  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("{")]  # the JSON log lines aside
+    assert proc.returncode == 1 and len(lines) == 1 and "cannot listen on" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

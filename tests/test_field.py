@@ -2,7 +2,9 @@
 
 Each test feeds imageprov what a real site gave it (a dd of a running device,
 a Yocto deploy link, Ctrl-C mid-batch, a CSV from a spreadsheet) and checks the
-result with other real tools: debugfs, e2fsck, dumpe2fs, openssl.
+result with other real tools: debugfs, e2fsck, dumpe2fs, openssl, sfdisk, and
+sqlite3 for the registry (tests/oracle.py), never with imageprov's own readers
+alone: an image ``verify`` passes is also read with those.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ from tests.conftest import (
     imageprov,
     imageprov_pki,
     offset_of,
+    partition_bytes,
     roles,
     sfdisk_json,
     sha256,
     sigint_default,
     tool,
 )
+from tests.oracle import check_device_image, registry, registry_rows
 
 KEY = "/mender/mender-cert-private.pem"
 CERT = "/mender/mender-cert.pem"
@@ -116,6 +120,7 @@ def test_stamp_replays_an_unreplayed_journal_on_its_copy(
     assert sha256(golden) == before
     assert "needs_recovery" not in _features(image, data)
     imageprov("verify", image, "--ca", pki / "ca-cert.pem", "--device-id", "j-1")
+    _check_delivered(image, "j-1", pki, tmp_path)
 
 
 def test_verify_fails_an_image_with_an_unreplayed_journal(
@@ -164,17 +169,21 @@ def test_debugfs_never_writes_behind_an_unreplayed_journal(make_golden: Callable
 # -- 2. Ctrl-C mid-batch; 5. --reissue and stamping after revoke ---------------------------
 
 
-def _registry(pki: Path) -> dict[str, dict[str, str]]:
-    """serial -> record, read with the CLI."""
-    records = json.loads(imageprov_pki("devices", "--pki", pki, "--json").stdout)
-    return {r["serial"]: r for r in records}
-
-
 def _serial(image: Path) -> str:
     """The serial of the certificate in an image, read with debugfs and openssl."""
     pem = _cat(_fs(image, roles(image)["data"]), CERT)
     out = tool("openssl", "x509", "-noout", "-serial", input=pem).stdout.decode()
     return out.strip().split("=", 1)[1].lower().lstrip("0")
+
+
+def _check_delivered(image: Path, device_id: str, pki: Path, tmp_path: Path, *, cwd: Path | None = None) -> str:
+    """What the device finds (debugfs, openssl, e2fsck) and what the registry says (sqlite3) agree; the serial."""
+    serial = check_device_image(image, device_id, pki, tmp_path)
+    record = registry(pki)[serial]
+    # The registry names the image as the station was given it: relative to its working directory ``cwd``.
+    delivered_to = (cwd or Path()) / str(record["delivered_to"])
+    assert (record["device_id"], record["status"], delivered_to) == (device_id, "active", image)
+    return serial
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
@@ -206,19 +215,25 @@ def test_ctrl_c_mid_batch_never_publishes_a_revoked_certificate(
     assert re.fullmatch(r"imageprov: interrupted: delivered (\d) of 8 devices; rerun the same command to stamp "
                         r"the other (\d)", last), err  # fmt: skip
     delivered = int(last.split("delivered ")[1].split()[0])
-    registry = _registry(pki)
+    records = registry(pki)
     images = sorted(out.glob("*.sdimg"))
     assert len(images) == delivered
     for image in images:
         # Every published image holds its device's active certificate.
-        assert registry[_serial(image)]["status"] == "active", image
-    assert not [r for r in registry.values() if r["status"] == "pending"]
+        record = records[_serial(image)]
+        assert (record["device_id"], record["status"]) == (image.stem, "active"), image
+    assert not [r for r in records.values() if r["status"] == "pending"]
+    # A device interrupted after its certificate was issued has it revoked: nothing live without an image.
+    for device_id in set(ids) - {image.stem for image in images}:
+        assert {r["status"] for r in records.values() if r["device_id"] == device_id} <= {"revoked"}, device_id
 
     rerun = imageprov_pki("stamp", golden, "--pki", pki, "--out", out, *argv[9:]).stderr
     assert f"delivered {len(ids)} images" in rerun
-    registry = _registry(pki)
+    records = registry(pki)
     for device_id in ids:
-        assert registry[_serial(out / f"{device_id}.sdimg")]["status"] == "active"
+        record = records[_serial(out / f"{device_id}.sdimg")]
+        assert (record["device_id"], record["status"]) == (device_id, "active")
+    assert sorted(r["device_id"] for r in records.values() if r["status"] != "revoked") == sorted(ids)
 
 
 def test_rerun_after_revoke_stamps_a_new_image_and_moves_the_old_aside(
@@ -234,10 +249,12 @@ def test_rerun_after_revoke_stamps_a_new_image_and_moves_the_old_aside(
     assert f"r-1.sdimg holds certificate {old}, which is revoked or unknown to the registry: moved it to" in err, err
     assert "stamping a new image" in err and "already-delivered" not in err
     new = _serial(image)
-    assert new != old and _registry(pki)[new]["status"] == "active"
+    assert new != old
     [aside] = (out / "superseded").iterdir()
     assert _serial(aside) == old
     imageprov("verify", image, "--ca", pki / "ca-cert.pem", "--device-id", "r-1")
+    assert _check_delivered(image, "r-1", pki, tmp_path) == new
+    assert (registry(pki)[old]["status"], registry(pki)[old]["reason"]) == ("revoked", "key-compromise")
 
 
 def test_reissue_stamps_a_new_image_when_the_image_exists(
@@ -250,9 +267,10 @@ def test_reissue_stamps_a_new_image_when_the_image_exists(
     err = _stamp(golden, pki, out, "r-2", extra=("--reissue", "--bmap"))
     assert f"--reissue: r-2.sdimg's certificate {old} is revoked as superseded; moved it to" in err, err
     new = _serial(out / "r-2.sdimg")
-    registry = _registry(pki)
-    assert new != old and registry[new]["status"] == "active"
-    assert (registry[old]["status"], registry[old]["reason"]) == ("revoked", "superseded")
+    records = registry(pki)
+    assert new != old and records[new]["status"] == "active"
+    assert (records[old]["status"], records[old]["reason"]) == ("revoked", "superseded")
+    assert [s for s, r in records.items() if r["device_id"] == "r-2"] == [old, new]
     assert sorted(p.name.split("-", 1)[1] for p in (out / "superseded").iterdir()) == ["r-2.bmap", "r-2.sdimg"]
     assert (out / "r-2.bmap").is_file()
 
@@ -370,9 +388,10 @@ def test_image_names_with_a_dash_or_a_question_mark_reach_debugfs(
     assert "n.txt" in _in(tmp_path, "ls", f"{name}:/data").stdout
     _in(tmp_path, "stamp", name, "--pki", pki, "--out", "out", "--device-id", "q-1", "--conf-target", "rootfs")
     report = json.loads(_in(tmp_path, "verify", name, "--ca", pki / "ca-cert.pem", "--json", check=False).stdout)
-    assert [c["name"] for c in report["checks"] if not c["ok"]] == ["/data/mender/mender-cert-private.pem present",
-                                                                    "/data/mender/mender-cert.pem present"]  # fmt: skip
+    missing = ["mender-cert-private.pem", "mender-cert.pem", "imageprov-device-id"]
+    assert [c["name"] for c in report["checks"] if not c["ok"]] == [f"/data/mender/{m} present" for m in missing]
     imageprov("verify", tmp_path / "out/q-1.uefiimg", "--ca", pki / "ca-cert.pem", "--device-id", "q-1")
+    _check_copy_of(alias, tmp_path / "out/q-1.uefiimg", "q-1", pki, tmp_path, cwd=tmp_path)
     tool("zstd", "-q", "-o", tmp_path / "-z.uefiimg.zst", "--", image)
     _in(
         tmp_path,
@@ -388,6 +407,16 @@ def test_image_names_with_a_dash_or_a_question_mark_reach_debugfs(
         "rootfs",
     )
     imageprov("verify", tmp_path / "out/q-2.uefiimg", "--ca", pki / "ca-cert.pem", "--device-id", "q-2")
+    _check_copy_of(alias, tmp_path / "out/q-2.uefiimg", "q-2", pki, tmp_path, cwd=tmp_path)
+
+
+def _check_copy_of(golden: Path, image: Path, device_id: str, pki: Path, tmp_path: Path, *, cwd: Path) -> None:
+    """``image`` is ``golden`` (partition table and boot partition, by sfdisk) with the device's credentials."""
+    table = [(p["start"], p["size"], p["type"]) for p in sfdisk_json(golden)["partitions"]]
+    assert [(p["start"], p["size"], p["type"]) for p in sfdisk_json(image)["partitions"]] == table
+    boot = roles(golden)["boot"]
+    assert partition_bytes(image, boot) == partition_bytes(golden, boot)
+    _check_delivered(image, device_id, pki, tmp_path, cwd=cwd)
 
 
 # -- messages that mislead -----------------------------------------------------------------
@@ -414,7 +443,7 @@ def test_a_golden_data_partition_failing_e2fsck_is_refused_once_with_its_finding
     assert "the golden image's partition 4 (data) fails e2fsck -fn:" in line, line
     assert re.search(r"Inode \d+ ref count is 5, should be 1", line), line
     assert "e2fsck 1.4" not in line  # the findings, not the banner
-    assert _registry(pki) == {}
+    assert registry_rows(pki) == []
 
 
 def test_a_golden_data_partition_with_quota_is_refused_before_issuing(
@@ -424,7 +453,7 @@ def test_a_golden_data_partition_with_quota_is_refused_before_issuing(
     tool("tune2fs", "-O", "quota", _fs(golden, roles(golden)["data"]))
     line = _one_error_line(_stamp_proc(golden, pki, tmp_path / "out"))
     assert "partition 4 (data) has the quota feature" in line and "tune2fs -O ^quota" in line, line
-    assert _registry(pki) == {}
+    assert registry_rows(pki) == []
 
 
 def test_zero_days_is_a_usage_error_before_any_work(
@@ -433,7 +462,7 @@ def test_zero_days_is_a_usage_error_before_any_work(
     golden = make_golden(Scheme.MBR, data_mib=8)
     proc = _stamp_proc(golden, pki, tmp_path / "out", "--days", "0")
     assert proc.returncode == 2 and "--days" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert not (tmp_path / "out").exists() and _registry(pki) == {}
+    assert not (tmp_path / "out").exists() and registry_rows(pki) == []
 
 
 def test_a_full_tmpdir_is_named(make_golden: Callable[..., Path], tmp_path: Path) -> None:

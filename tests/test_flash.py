@@ -2,7 +2,8 @@
 
 Each card is checked with other tools than imageprov's readers: sfdisk --json,
 e2fsck -fn, fsck.vfat -n, debugfs for modes and owners, openssl for the
-certificate read off the card.
+certificate read off the card, and sqlite3 for what the registry says of it
+(tests/oracle.py), never ``imageprov devices`` or ``verify`` alone.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 from imageprov.disk.golden import Scheme
 from tests.conftest import IMAGEPROV_ARGV, cli_env, imageprov_pki, roles, sha256, tool
 from tests.flashdev import MIB, STALE, Loops, debugfs, loop_devices, offset, partitions, read_span
+from tests.oracle import registry, serial
 from tests.test_field import _leave_journal_unreplayed as leave_journal_unreplayed
 
 SMALL = {"rootfs_mib": 16, "data_mib": 16}
@@ -38,13 +40,11 @@ def _flash(golden: Path, pki: Path, *args: str | Path, check: bool = True) -> tu
     return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
 
 
-def _registry(pki: Path) -> dict[str, dict[str, object]]:
-    records = json.loads(imageprov_pki("devices", "--pki", pki, "--json").stdout)
-    return {r["serial"]: r for r in records}
+def check_card(card: Path, golden: Path, pki: Path, device_id: str, tmp: Path) -> str:
+    """The card holds the golden image's table and filesystems, and this device's credentials, by other tools.
 
-
-def check_card(card: Path, golden: Path, pki: Path, device_id: str, tmp: Path) -> None:
-    """The card holds the golden image's table and filesystems, and this device's credentials, by other tools."""
+    Returns the serial of the certificate on the card, as openssl reads it.
+    """
     want = [(p["start"], p["size"], p["type"]) for p in partitions(golden)]
     assert [(p["start"], p["size"], p["type"]) for p in partitions(card)] == want
     # Boot loaders live before the first partition: it must read as in the image, holes included.
@@ -70,6 +70,18 @@ def check_card(card: Path, golden: Path, pki: Path, device_id: str, tmp: Path) -
     assert f"CN = {device_id}" in subject or f"CN={device_id}" in subject
     from_cert = tool("openssl", "x509", "-in", cert, "-noout", "-pubkey").stdout
     assert tool("openssl", "pkey", "-in", key, "-pubout").stdout == from_cert
+    return serial(cert)
+
+
+def check_delivered(card: Path, golden: Path, pki: Path, device_id: str, tmp: Path) -> str:
+    """``check_card``, and the registry (read with sqlite3) has the certificate on the card as delivered to it."""
+    on_card = check_card(card, golden, pki, device_id, tmp)
+    record = registry(pki)[on_card]
+    assert (record["device_id"], record["status"]) == (device_id, "active"), record
+    assert str(record["delivered_to"]).startswith(f"card {card}: "), record["delivered_to"]
+    live = [s for s, r in registry(pki).items() if r["device_id"] == device_id and r["status"] != "revoked"]
+    assert live == [on_card]
+    return on_card
 
 
 @pytest.mark.parametrize("scheme", list(Scheme), ids=[s.value for s in Scheme])
@@ -92,15 +104,13 @@ def test_four_stale_cards_at_once(
     assert code == 0, stderr
     assert [r["result"] for r in results] == ["delivered"] * 4
     assert [r["device_id"] for r in results] == ids and [r["target"] for r in results] == [str(c) for c in cards]
-    registry = _registry(pki)
     where = ("rootfs-a", "/etc/mender/mender.conf") if conf else ("data", "/mender/mender.conf")
     for card, device_id, result in zip(cards, ids, results):
-        check_card(card, golden, pki, device_id, tmp_path)
+        assert check_delivered(card, golden, pki, device_id, tmp_path) == result["serial"]
         settings = json.loads(debugfs(card, roles(golden)[where[0]], f"cat {where[1]}"))
         assert settings["HttpsClient"]["Key"] == "/data/mender/mender-cert-private.pem"
-        record = registry[str(result["serial"])]
-        assert record["status"] == "active" and str(card) in str(record["delivered_to"])
         assert int(str(result["bytes_written"])) > 0
+    assert len(registry(pki)) == 4
     # Every card got the same bytes outside the data partition, and its own inside it.
     data = roles(golden)["data"]
     keys = {debugfs(c, data, "cat /mender/mender-cert-private.pem") for c in cards}
@@ -132,10 +142,12 @@ def test_card_failing_mid_write_fails_alone(
     failed = results[1]
     assert str(bad) in str(failed["error"]) and "byte" in str(failed["error"]), failed["error"]
     assert "bad-1 on " + str(bad) in stderr and "the other 2 were delivered" in stderr
-    registry = _registry(pki)
-    assert registry[str(failed["serial"])]["status"] == "revoked"
+    # The failed card's certificate was issued, and revoked: nothing live for bad-1.
+    [(bad_serial, bad_record)] = [(s, r) for s, r in registry(pki).items() if r["device_id"] == "bad-1"]
+    assert bad_serial == failed["serial"]
+    assert (bad_record["status"], bad_record["reason"]) == ("revoked", "cessation-of-operation"), bad_record
     for card, device_id in zip(good, ("ok-0", "ok-2")):
-        check_card(card, golden, pki, device_id, tmp_path)
+        check_delivered(card, golden, pki, device_id, tmp_path)
     log = [json.loads(line) for line in (pki / "line-log.jsonl").read_text().splitlines()]
     assert [e["result"] for e in log] == ["delivered", "failed", "delivered"]
 
@@ -154,11 +166,11 @@ def test_delivered_id_never_goes_on_a_second_card(
     assert read_span(second, 0, 1 << 20) == bytes([STALE]) * (1 << 20)  # not touched
     code, [again], _ = _flash(golden, pki, "--target", f"{second}=SN-1", "--reissue")
     assert code == 0 and again["result"] == "delivered"
-    registry = _registry(pki)
-    assert registry[str(done["serial"])]["status"] == "revoked"
-    assert registry[str(done["serial"])]["reason"] == "superseded"
-    assert registry[str(again["serial"])]["status"] == "active"
-    check_card(second, golden, pki, "SN-1", tmp_path)
+    records = registry(pki)
+    assert [s for s, r in records.items() if r["device_id"] == "SN-1"] == [done["serial"], again["serial"]]
+    assert (records[str(done["serial"])]["status"], records[str(done["serial"])]["reason"]) == ("revoked", "superseded")
+    assert str(records[str(done["serial"])]["delivered_to"]).startswith(f"card {first}: ")
+    assert check_delivered(second, golden, pki, "SN-1", tmp_path) == again["serial"]
     log = [json.loads(line)["result"] for line in (pki / "line-log.jsonl").read_text().splitlines()]
     assert log == ["delivered", "failed", "delivered"]
 
@@ -178,6 +190,7 @@ def test_verify_reads_a_card(make_golden: Callable[..., Path], pki: Path, loops:
     assert f"removed {stale}" in stderr and list(scratch.iterdir()) == []
     proc = imageprov_pki("verify", card, "--ca", pki / "ca-cert.pem", "--device-id", "V-1")
     assert "e2fsck -fn on data" in proc.stdout
+    check_delivered(card, golden, pki, "V-1", tmp_path)  # what verify passed is so, read with other tools
     # A card with the key gone fails verify.
     data = roles(golden)["data"]
     tool("debugfs", "-w", "-R", "rm /mender/mender-cert-private.pem", f"{card}?offset={offset(card, data)}")
@@ -222,7 +235,7 @@ def test_compressed_golden_image(make_golden: Callable[..., Path], pki: Path, lo
     card = loops.card(golden.stat().st_size)
     code, [result], _ = _flash(packed, pki, "--target", f"{card}=Z-1", "--conf-target", "data")
     assert code == 0 and result["result"] == "delivered"
-    check_card(card, golden, pki, "Z-1", tmp_path)
+    check_delivered(card, golden, pki, "Z-1", tmp_path)
 
 
 def test_progress_line_per_card_on_a_terminal(make_golden: Callable[..., Path], pki: Path, loops: Loops) -> None:
@@ -247,7 +260,9 @@ def test_progress_line_per_card_on_a_terminal(make_golden: Callable[..., Path], 
     assert "\x1b[2F" in text  # redrawn in place
 
 
-def test_golden_with_unreplayed_journals(make_golden: Callable[..., Path], pki: Path, loops: Loops) -> None:
+def test_golden_with_unreplayed_journals(
+    make_golden: Callable[..., Path], pki: Path, loops: Loops, tmp_path: Path
+) -> None:
     # A golden image made with dd of a running device: the journals are replayed
     # on the batch's private copy, and the cards get the replayed filesystems.
     golden = make_golden(Scheme.MBR, **SMALL)
@@ -262,4 +277,5 @@ def test_golden_with_unreplayed_journals(make_golden: Callable[..., Path], pki: 
     for name in ("rootfs-a", "data"):
         features = tool("dumpe2fs", "-h", f"{card}?offset={offset(card, role[name])}").stdout.decode()
         assert "needs_recovery" not in features
+    check_delivered(card, golden, pki, "J-1", tmp_path)
     assert sha256(golden) == before

@@ -1,12 +1,19 @@
 """Which targets the line station refuses: one test per refusal of ``check_target``, and the CLI's refusals.
 
 A refused card is never written: every CLI test checks that the card still
-holds its stale bytes.
+holds its stale bytes, and the registry is read with sqlite3 (tests/oracle.py).
+The disks a station must never take are made here, as root, on any machine: a
+system disk is a loop device mounted as ``/`` in a mount namespace of its own,
+a fixed disk a zram device of the test's own.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,8 +21,9 @@ import pytest
 
 from imageprov.disk.blockdev import TargetError, check_target, removable_disks
 from imageprov.disk.golden import Scheme
-from tests.conftest import imageprov_pki, tool
-from tests.flashdev import MIB, STALE, Loops, loop_devices, read_span
+from tests.conftest import SBIN, imageprov_pki, need, tool
+from tests.flashdev import MIB, STALE, Loops, loop_devices, need_root, read_span, unavailable
+from tests.oracle import registry_rows
 
 SIZE = 64 * MIB
 
@@ -55,12 +63,40 @@ def test_refuses_a_partition(loops: Loops) -> None:
     _refused(partition, "is partition 1 of /dev/loop")
 
 
-def test_refuses_the_disk_holding_root() -> None:
-    source = tool("findmnt", "-no", "SOURCE", "/").stdout.decode().strip()
-    if not source.startswith("/dev/"):
-        pytest.skip(f"/ is on {source}, not a block device")
-    disk = tool("lsblk", "-no", "PKNAME", source).stdout.decode().strip()
-    _refused(Path(f"/dev/{disk}") if disk else Path(source), "holds the root filesystem /", image_size=0)
+# Run by a child in a mount namespace of its own (unshare --mount): a filesystem on the loop
+# device becomes its /, with the kernel's /dev, /proc and /sys bound in, and check_target is
+# asked about that device there. imageprov is imported first: the new root holds nothing else.
+_AS_SYSTEM_DISK = """
+import os, subprocess, sys
+from pathlib import Path
+from imageprov.disk.blockdev import TargetError, check_target
+
+device, root = sys.argv[1:]
+subprocess.run(["mount", device, root], check=True)
+for tree in ("dev", "proc", "sys"):
+    os.mkdir(f"{root}/{tree}")
+    subprocess.run(["mount", "--rbind", f"/{tree}", f"{root}/{tree}"], check=True)
+os.chroot(root)
+os.chdir("/")
+try:
+    check_target(Path(device), image_size=0)
+except TargetError as exc:
+    print(exc.message)
+else:
+    print("accepted")
+"""
+
+
+def test_refuses_the_disk_holding_root(loops: Loops, tmp_path: Path) -> None:
+    need("unshare")
+    system = loops.card(SIZE)
+    tool("mkfs.ext4", "-q", system)
+    root = tmp_path / "root"
+    root.mkdir()
+    seen = tool("unshare", "--mount", "--propagation", "private", sys.executable, "-c", _AS_SYSTEM_DISK, system, root)
+    assert seen.stdout.decode().strip() == f"target {system} ({system.name}) holds the root filesystem /"
+    # The same disk, seen from the host's own /, is a card like any other.
+    assert check_target(system, image_size=0).name == system.name
 
 
 def test_refuses_the_loop_device_holding_the_golden_image(loops: Loops, tmp_path: Path) -> None:
@@ -103,21 +139,37 @@ def test_refuses_a_disk_smaller_than_the_image(loops: Loops) -> None:
 
 
 @pytest.fixture
-def fixed_disk() -> Iterator[Path]:
-    """zram0 set up as a small disk: a real block device that is neither removable nor a loop device."""
-    zram = Path("/sys/block/zram0")
-    if not zram.exists() or (zram / "disksize").read_text().strip() != "0":
-        pytest.skip("no unused zram0 to stand for a fixed disk")
-    (zram / "disksize").write_text(str(SIZE))
+def fixed_disk(tmp_path: Path) -> Iterator[Path]:
+    """A zram disk of this test's own: a real block device that is neither removable nor a loop device.
+
+    Added with zram-control's hot_add and removed after, so that a zram0 in
+    use as swap, or another test's, is never touched.
+    """
+    need_root()
+    control = Path("/sys/class/zram-control")
+    if not control.exists() and shutil.which("modprobe", path=f"{os.environ.get('PATH', '')}{os.pathsep}{SBIN}"):
+        tool("modprobe", "zram", "num_devices=0", check=False)  # the module alone: devices are added below
+    if not control.exists():
+        unavailable("no zram to stand for a fixed disk (modprobe zram: a kernel with CONFIG_ZRAM)")
+    number = int((control / "hot_add").read_text())
+    sysdir = Path(f"/sys/block/zram{number}")
     try:
-        yield Path("/dev/zram0")
+        (sysdir / "disksize").write_text(str(SIZE))
+        device = Path(f"/dev/zram{number}")
+        if not device.exists():  # a /dev that is no devtmpfs (a container's): a node of the test's own
+            device = tmp_path / device.name
+            major, minor = map(int, (sysdir / "dev").read_text().split(":"))
+            os.mknod(device, stat.S_IFBLK | 0o600, os.makedev(major, minor))
+        yield device
     finally:
-        (zram / "reset").write_text("1")
+        (sysdir / "reset").write_text("1")
+        (control / "hot_remove").write_text(str(number))
 
 
 def test_refuses_a_fixed_disk_unless_forced(fixed_disk: Path) -> None:
+    assert (Path("/sys/block") / fixed_disk.name / "removable").read_text().strip() == "0"
     _refused(fixed_disk, "is not a removable disk")
-    assert check_target(fixed_disk, image_size=SIZE, force=True).name == "zram0"
+    assert check_target(fixed_disk, image_size=SIZE, force=True).name == fixed_disk.name
 
 
 # -- the CLI: refused cards are not written, and the others are ------------------------
@@ -152,8 +204,9 @@ def test_cli_refuses_mounted_partition_and_golden_loop_but_flashes_the_good_card
     assert "is mounted" in errors[0] and "is partition 1" in errors[1] and f"holds {golden}" in errors[2]
     assert _stale(holder) and not _stale(good)
     # Refused before any certificate was issued: only the good card's is in the registry.
-    records = json.loads(imageprov_pki("devices", "--pki", pki, "--json").stdout)
+    records = registry_rows(pki)
     assert [(r["device_id"], r["status"]) for r in records] == [("ok-1", "active")]
+    assert str(records[0]["delivered_to"]).startswith(f"card {good}: ")
 
 
 def test_cli_refuses_a_plain_file_and_the_same_disk_twice(
@@ -169,6 +222,7 @@ def test_cli_refuses_a_plain_file_and_the_same_disk_twice(
     assert [r["result"] for r in results] == ["failed", "delivered", "failed"]
     assert "does not exist" in str(results[0]["error"]) and "same disk" in str(results[2]["error"])
     assert not (tmp_path / "card.img").exists()
+    assert [(r["device_id"], r["status"]) for r in registry_rows(pki)] == [("a-1", "active")]
 
 
 def test_wait_takes_only_removable_disks_unless_named(loops: Loops) -> None:

@@ -6,6 +6,7 @@ against a real PostgreSQL started by the test session (tests/pg.py).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import multiprocessing
 import sqlite3
@@ -44,9 +45,11 @@ def db(request: pytest.FixtureRequest) -> Db:
 
 @pytest.fixture
 def pki(tmp_path: Path, db: Db) -> Path:
+    """A PKI whose imageprov.toml names the registry before ``ca init``, which makes it there."""
     path = tmp_path / "pki"
-    assert cli("ca", "init", path, "--cn", "Fleet CA", "--org", "ACME").returncode == 0
+    path.mkdir()
     db.configure(path)
+    assert cli("ca", "init", path, "--cn", "Fleet CA", "--org", "ACME").returncode == 0
     return path
 
 
@@ -116,6 +119,8 @@ def test_revoke_crl_and_denylist(pki: Path, tmp_path: Path) -> None:
     crl = x509.load_pem_x509_crl((tmp_path / "crl.pem").read_bytes())
     assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 1
     assert (crl.next_update_utc - crl.last_update_utc).days == 7  # type: ignore[operator]
+    # Backdated as the certificates are: an edge whose clock is a minute behind still takes it.
+    assert crl.last_update_utc < dt.datetime.now(dt.UTC) - dt.timedelta(minutes=4)
 
     assert cli("crl", "--pki", pki, "--out", tmp_path / "crl.der", "--der").returncode == 0
     der = x509.load_der_x509_crl((tmp_path / "crl.der").read_bytes())
@@ -320,7 +325,7 @@ def test_a_newer_schema_is_refused(pki: Path, db: Db) -> None:
     else:
         db.execute(pki, "UPDATE meta SET value = 99 WHERE key = 'schema_version'")
     line = _one_error_line(cli("devices", "--pki", pki))
-    assert "schema version 99, newer than this imageprov knows (2)" in line and "upgrade imageprov" in line
+    assert "schema version 99, newer than this imageprov knows (3)" in line and "upgrade imageprov" in line
 
 
 def test_a_registry_of_imageprov_0_1_is_upgraded_in_place(tmp_path: Path) -> None:
@@ -349,7 +354,7 @@ def test_a_registry_of_imageprov_0_1_is_upgraded_in_place(tmp_path: Path) -> Non
         None,
     )
     check = sqlite3.connect(pki / "registry.sqlite")
-    assert check.execute("PRAGMA user_version").fetchone() == (2,)
+    assert check.execute("PRAGMA user_version").fetchone() == (3,)
     assert check.execute("SELECT COUNT(*) FROM sessions").fetchone() == (0,)
     # Its owner is unknown: no station can still be delivering it, so a new certificate supersedes it.
     with Registry(pki) as registry:
@@ -360,7 +365,7 @@ def test_a_registry_of_imageprov_0_1_is_upgraded_in_place(tmp_path: Path) -> Non
 def _open_at_once(pki: str, barrier: Any, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     barrier.wait()
     try:
-        with Registry(Path(pki)) as registry:
+        with Registry(Path(pki), create=True) as registry:
             queue.put(registry.backend.schema_version())
     except PkiError as exc:
         queue.put(str(exc))
@@ -369,7 +374,7 @@ def _open_at_once(pki: str, barrier: Any, queue: multiprocessing.Queue) -> None:
 def test_stations_opening_a_new_registry_at_once(tmp_path: Path, db: Db) -> None:
     pki = tmp_path / "pki"
     pki.mkdir()
-    db.configure(pki)  # a new database: the first stations to open it create its schema
+    db.configure(pki)  # a new database: the first of the stations making it creates its schema
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(3)
     queue: multiprocessing.Queue = context.Queue()  # type: ignore[type-arg]
@@ -378,14 +383,14 @@ def test_stations_opening_a_new_registry_at_once(tmp_path: Path, db: Db) -> None
         job.start()
     for job in jobs:
         job.join(120)
-    assert [queue.get(timeout=10) for _ in jobs] == [2, 2, 2]
+    assert [queue.get(timeout=10) for _ in jobs] == [3, 3, 3]
 
 
 def test_registry_check_finds_what_the_schema_should_have_refused(pki: Path, db: Db) -> None:
     for device in ("d1", "d2"):
         assert cli("device-cert", "--pki", pki, "--device-id", device, "--out", pki / device).returncode == 0
     ok = imageprov_pki("registry", "check", "--pki", pki)
-    assert "schema 2, 2 certificates (2 active)" in ok.stdout and "problem" not in ok.stdout
+    assert "schema 3, 2 certificates (2 active), 0 identity pins" in ok.stdout and "problem" not in ok.stdout
     # Someone dropped the index and gave d1 a second live certificate by hand.
     db.execute(pki, "DROP INDEX one_live_certificate_per_device")
     columns = "device_id, kind, public_key, not_before, not_after, issued_at, status"

@@ -41,10 +41,10 @@ def line(tmp_path: Path, make_golden: Callable[..., Path]) -> tuple[Path, Path]:
 
 
 def _registry(server: Postgres, pki: Path) -> Db:
-    """A new database for the PKI, named in its imageprov.toml, and made (the schema) by the CLI."""
+    """A new database for the PKI: the registry moved there by the CLI, then named in its imageprov.toml."""
     db = Db.make("postgresql", server)
+    imageprov_pki("registry", "migrate", "--pki", pki, "--to", db.url(pki))
     db.configure(pki)
-    imageprov_pki("devices", "--pki", pki)
     return db
 
 

@@ -110,7 +110,7 @@ def test_revoked_device_is_refused_with_the_crl(tmp_path: Path, ca: CertificateA
     pki = tmp_path / "pki"
     ca.write_to(pki, None)
     good, bad = ca.issue_device("good"), ca.issue_device("bad")
-    with Registry(pki) as registry:
+    with Registry(pki, create=True) as registry:
         for issued in (good, bad):
             registry.record(issued, status=Status.ACTIVE)
         registry.revoke(device_id="bad", reason=Reason.KEY_COMPROMISE)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from imageprov.disk.golden import Scheme
-from imageprov.pki.ca import CertificateAuthority, Subject
-from tests.conftest import imageprov, imageprov_pki, offset_of, roles, tool
+from imageprov.pki.ca import CertificateAuthority, Subject, load_ca
+from tests.conftest import PASSPHRASE, imageprov, imageprov_pki, offset_of, roles, tool
 
 
 @pytest.fixture
@@ -147,3 +152,47 @@ def test_verify_leaves_the_image_unchanged(stamped: Path, pki: Path, tmp_path: P
     shutil.copyfile(stamped, copy)
     _verify(stamped, pki)
     assert copy.read_bytes() == stamped.read_bytes()
+
+
+def _device_cert(pki: Path, key: ec.EllipticCurvePrivateKey, usage: list[x509.ObjectIdentifier] | None) -> bytes:
+    """A certificate for v-1 signed by the PKI's CA, with ``usage`` as its extendedKeyUsage (None: none at all)."""
+    ca = load_ca(pki, PASSPHRASE.encode())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "v-1")]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+    )
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize(
+    ("curve", "usage", "failed"),
+    [
+        # RFC 5280: no extendedKeyUsage restricts nothing; nginx and the edge take it.
+        (ec.SECP256R1(), None, set()),
+        # OpenSSL (and so nginx) refuses anyExtendedKeyUsage alone for a TLS client.
+        (ec.SECP256R1(), [ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE],
+         {"chain passes OpenSSL's checks", "certificate allows TLS client use"}),
+        (ec.SECP256R1(), [ExtendedKeyUsageOID.SERVER_AUTH],
+         {"chain passes OpenSSL's checks", "certificate allows TLS client use"}),
+        # OpenSSL takes secp256k1; Mender's deviceauth cannot parse it as an auth key.
+        (ec.SECP256K1(), [ExtendedKeyUsageOID.CLIENT_AUTH], {"certificate key is one Mender takes"}),
+    ],
+)  # fmt: skip
+def test_verify_passes_what_the_edge_and_mender_take(
+    stamped: Path, pki: Path, tmp_path: Path, curve: ec.EllipticCurve, usage: list[x509.ObjectIdentifier] | None,
+    failed: set[str],
+) -> None:  # fmt: skip
+    key = ec.generate_private_key(curve)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    _replace(stamped, "data", "/mender/mender-cert.pem", _device_cert(pki, key, usage), tmp_path)
+    _replace(stamped, "data", "/mender/mender-cert-private.pem", pem, tmp_path, "0100600")
+    code, checks = _verify(stamped, pki, "--device-id", "v-1")
+    assert {name for name, ok in checks.items() if not ok} == failed and code == (1 if failed else 0)

@@ -7,7 +7,9 @@ classes are not here either: the test recipe inherits the class the way
 image.bbclass does (``IMAGE_CLASSES``), and runs ``ROOTFS_POSTPROCESS_COMMAND``
 the way OE-core's ``execute_pre_post_process`` does. The resulting tree is
 made into a data partition with ``mke2fs -d`` as meta-mender's dataimg does,
-and the real Mender client reads the configuration.
+and the real Mender client reads the configuration. The identity script the
+class installs is run by ``tests/test_device_identity.py`` (dash, and the real
+client), through :func:`installed_identity_script`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from imageprov.mender.verify import DEVICE_ID_FILE
 from tests.conftest import IN_CI, need, tool
 from tests.mender_client import client_config
 
@@ -30,6 +33,9 @@ TRANSIENT = {"ServerURL": "https://mender.example.com", "UpdatePollIntervalSecon
 PERSISTENT = {"RootfsPartA": "/dev/mmcblk0p2", "RootfsPartB": "/dev/mmcblk0p3"}
 # The client signs its auth requests with the certificate's key: what an accepting edge checks.
 SECURITY = {"AuthPrivateKey": BLOCK["Key"]}
+# Where the Mender client (3.x and 4.x) runs its identity script, in the rootfs tree.
+IDENTITY_SCRIPT = "usr/share/mender/identity/mender-device-identity"
+LAYER_IDENTITY_SCRIPT = LAYER / "files" / "mender-device-identity"
 
 
 def _bb() -> Any:
@@ -182,3 +188,106 @@ def test_auth_key_device_leaves_security_as_the_build_has_it(tmp_path: Path) -> 
     # Anything else is a build error, not a silent default.
     with pytest.raises(bb.BBHandledException):
         _postprocess(_parse(tmp_path, rootfs, 'IMAGEPROV_AUTH_KEY = "yes"\n'))
+
+
+# -- the identity script (IMAGEPROV_IDENTITY_ATTRIBUTE) -----------------------------------------------------------
+
+
+def installed_identity_script(tmp_path: Path, attribute: str, id_file: Path | str) -> Path:
+    """The identity script the class installs into a rootfs tree in ``tmp_path``, for ``attribute`` and ``id_file``."""
+    rootfs = _rootfs(tmp_path)
+    extra = f'IMAGEPROV_IDENTITY_ATTRIBUTE = "{attribute}"\nIMAGEPROV_DEVICE_ID_FILE = "{id_file}"\n'
+    _postprocess(_parse(tmp_path, rootfs, extra))
+    return rootfs / IDENTITY_SCRIPT
+
+
+def _meta_mender_identity(rootfs: Path) -> Path:
+    """The MAC address script meta-mender's client package installs."""
+    script = rootfs / IDENTITY_SCRIPT
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\necho mac=$(cat /sys/class/net/eth0/address)\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_identity_script_is_opt_in(tmp_path: Path) -> None:
+    rootfs = _rootfs(tmp_path)
+    ours = _meta_mender_identity(rootfs)
+    before = ours.read_bytes()
+    d = _parse(tmp_path, rootfs)
+    assert d.getVar("ROOTFS_POSTPROCESS_COMMAND").split() == ["imageprov_mender_conf"]
+    _postprocess(d)
+    assert ours.read_bytes() == before
+    d = _parse(tmp_path, rootfs, 'IMAGEPROV_IDENTITY_ATTRIBUTE = "device_id"\n')
+    assert d.getVar("ROOTFS_POSTPROCESS_COMMAND").split() == ["imageprov_mender_conf", "imageprov_identity_script"]
+    # The script's bytes are part of do_rootfs's signature: editing it rebuilds the rootfs.
+    assert f"{LAYER_IDENTITY_SCRIPT}:True" in d.getVarFlag("do_rootfs", "file-checksums").split()
+    body = d.getVar("imageprov_identity_script", False)
+    assert "subprocess" not in body and "imageprov " not in body
+
+
+def test_identity_attribute_installs_the_script_over_the_clients(tmp_path: Path) -> None:
+    rootfs = _rootfs(tmp_path)
+    script = _meta_mender_identity(rootfs)
+    id_file = tmp_path / "data" / "imageprov-device-id"
+    extra = f'IMAGEPROV_IDENTITY_ATTRIBUTE = "serial"\nIMAGEPROV_DEVICE_ID_FILE = "{id_file}"\n'
+    _postprocess(_parse(tmp_path, rootfs, extra))
+    assert script.stat().st_mode & 0o7777 == 0o755
+    # The layer's file, with the build's two settings and nothing else changed.
+    layer = LAYER_IDENTITY_SCRIPT.read_text().splitlines()
+    installed = script.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(layer, installed) if a != b]
+    assert len(installed) == len(layer)
+    assert changed == [
+        ("attribute='device_id'", "attribute='serial'"),
+        ("id_file='/data/mender/imageprov-device-id'", f"id_file='{id_file}'"),
+    ]
+    need("dash")
+    id_file.parent.mkdir()
+    id_file.write_text("SN-0007\n")
+    ran = tool("dash", script)
+    assert (ran.stdout, ran.stderr) == (b"serial=SN-0007\n", b"")
+    # Idempotent: a second run (a rebuild from sstate) gives the same bytes.
+    first = script.read_bytes()
+    _postprocess(_parse(tmp_path, rootfs, extra))
+    assert script.read_bytes() == first
+
+
+def test_the_default_identity_reads_the_file_stamp_writes(tmp_path: Path) -> None:
+    rootfs = _rootfs(tmp_path)
+    _postprocess(_parse(tmp_path, rootfs, 'IMAGEPROV_IDENTITY_ATTRIBUTE = "device_id"\n'))
+    text = (rootfs / IDENTITY_SCRIPT).read_text()
+    assert "\nattribute='device_id'\n" in text
+    # The path imageprov stamp and flash write, as imageprov itself names it.
+    assert f"\nid_file='{DEVICE_ID_FILE}'\n" in text
+    assert text == LAYER_IDENTITY_SCRIPT.read_text()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        'IMAGEPROV_IDENTITY_ATTRIBUTE = "device id"\n',  # the client would read "device" and " id"...
+        'IMAGEPROV_IDENTITY_ATTRIBUTE = "a=b"\n',  # ...or split at the first "="
+        "IMAGEPROV_IDENTITY_ATTRIBUTE = \"x';reboot;'\"\n",  # never shell code in the script
+        'IMAGEPROV_IDENTITY_ATTRIBUTE = "device_id"\nIMAGEPROV_DEVICE_ID_FILE = "data/id"\n',
+        'IMAGEPROV_IDENTITY_ATTRIBUTE = "device_id"\nIMAGEPROV_DEVICE_ID_FILE = "/data/../etc/id"\n',
+    ],
+    ids=["space", "equals", "quote", "relative-file", "dotdot-file"],
+)
+def test_bad_identity_settings_are_build_errors(tmp_path: Path, extra: str) -> None:
+    bb = _bb()
+    rootfs = _rootfs(tmp_path)
+    with pytest.raises(bb.BBHandledException):
+        _postprocess(_parse(tmp_path, rootfs, extra))
+    assert not (rootfs / IDENTITY_SCRIPT).exists()
+
+
+def test_a_device_id_file_in_the_build_is_refused(tmp_path: Path) -> None:
+    bb = _bb()
+    rootfs = _rootfs(tmp_path)
+    before = (rootfs / "data/mender/mender.conf").read_bytes()
+    # Every device would share it: the id is stamped on the line, as the key is.
+    (rootfs / DEVICE_ID_FILE.lstrip("/")).write_text("SN-0001\n")
+    with pytest.raises(bb.BBHandledException):
+        _postprocess(_parse(tmp_path, rootfs))
+    assert (rootfs / "data/mender/mender.conf").read_bytes() == before

@@ -93,7 +93,7 @@ def init_on_token(
     try:
         ca = CertificateAuthority.create(subject, days=days, key=key)
         ca.write_with_reference(pki, reference)
-        with Registry(pki):
+        with Registry(pki, create=True):
             pass  # creates the registry now, so that a PKI never lacks one
     except BaseException:
         # A key pair no CA certificate names would only block the next try.
@@ -119,7 +119,7 @@ def import_from_token(
         ca.check_usable()
         reference = KeyReference(replace(uri, id=key.key_id, module_path=None), find_module(module, uri))
         ca.write_with_reference(pki, reference)
-        with Registry(pki):
+        with Registry(pki, create=True):
             pass  # creates the registry now, so that a PKI never lacks one
         protection = key.attributes()
     finally:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,9 +22,11 @@ from imageprov.edge.config import (
     ENV_UPSTREAM,
     ENV_USERNAME,
     Flags,
+    IdentityRule,
     ServeSettings,
 )
 from imageprov.edge.nginx import EdgeConfig, render_nginx
+from imageprov.errors import ImageprovError
 from imageprov.pki.ca import CA_CERT
 
 edge_app = typer.Typer(help="The mTLS edge in front of the Mender server.", no_args_is_help=True)
@@ -38,17 +43,38 @@ def edge_nginx(
     crl_file: Annotated[Optional[Path], typer.Option("--crl", help="CRL to refuse revoked devices with.")] = None,
     accept: Annotated[
         Optional[str],
-        typer.Option("--accept", help="Send auth requests to 'imageprov edge serve' at this URL (http://ADDR:PORT)."),
+        typer.Option(
+            "--accept",
+            help="'imageprov edge serve' at unix:/PATH (a socket nginx's worker user can write) or http://ADDR:PORT: "
+            "it gets the auth requests, and checks every other device request first.",
+        ),
     ] = None,
+    routes: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--route",
+            metavar="PREFIX",
+            help="Also pass this path prefix to the Mender server (repeatable), e.g. /api/management/v1/useradm/; "
+            "with --accept, checked like the device API.",
+        ),
+    ] = None,
+    retry_after: Annotated[
+        int, typer.Option("--retry-after", min=0, help="Seconds a device waits after a 503 (the check failed).")
+    ] = 5,
 ) -> None:
     """Print an nginx.conf for the mTLS edge (run it with: nginx -p DIR -c FILE).
 
+    Only the device API (/api/devices/) and the --route prefixes reach the
+    Mender server; every other path (the UI, the management API) is 404.
     Without --accept, a device with a good certificate reaches the Mender
     server and waits there, pending, for someone to accept it. With --accept,
     its auth request goes through 'imageprov edge serve', which preauthorizes
-    it, so it is accepted at once.
+    it, so it is accepted at once; and every other request of the device is
+    checked by the service first (nginx's auth_request), so that a revoked
+    device is cut off at once, without reloading nginx.
 
-    Example: imageprov edge nginx --pki pki --server-cert edge --upstream https://hosted.mender.io --accept http://127.0.0.1:9080
+    Example: imageprov edge nginx --pki pki --server-cert edge --upstream https://hosted.mender.io \
+    --accept unix:/run/imageprov/edge.sock
     """
     config = EdgeConfig(
         ca_cert=pki / CA_CERT,
@@ -58,6 +84,8 @@ def edge_nginx(
         listen=listen,
         crl=crl_file,
         accept=accept,
+        routes=tuple(routes or ()),
+        retry_after=retry_after,
     )
     typer.echo(render_nginx(config), nl=False)
 
@@ -70,9 +98,30 @@ def edge_serve(
     upstream: Annotated[
         Optional[str], typer.Option("--upstream", help=f"The Mender server (else ${ENV_UPSTREAM}).")
     ] = None,
-    listen: Annotated[str, typer.Option("--listen", help="ADDR:PORT for nginx to send auth requests to.")] = (
-        "127.0.0.1:9080"
-    ),
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen",
+            help="Where nginx reaches the service: unix:/run/imageprov/edge.sock, or ADDR:PORT on loopback.",
+        ),
+    ] = "127.0.0.1:9080",
+    allow_remote: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote",
+            help="Allow a --listen address other hosts can reach. Dangerous: the service believes the "
+            "certificate header, so only nginx may reach it (a firewall, a private network).",
+        ),
+    ] = False,
+    identity_rule: Annotated[
+        str,
+        typer.Option(
+            "--identity",
+            help="Bind the identity to the certificate: 'pin' (the first identity a certificate presents is "
+            "recorded in the registry; afterwards each holds only the other), 'attribute:NAME' (id_data[NAME] "
+            "must be the CN), or 'none' (any identity; Mender Gateway's behaviour).",
+        ),
+    ] = "pin",
     username: Annotated[
         Optional[str], typer.Option("--username", help=f"Mender user that preauthorizes (else ${ENV_USERNAME}).")
     ] = None,
@@ -96,6 +145,21 @@ def edge_serve(
     no_registry: Annotated[
         bool, typer.Option("--no-registry", help="Do not ask the PKI's registry about revocations.")
     ] = False,
+    no_revocation: Annotated[
+        bool,
+        typer.Option(
+            "--no-revocation",
+            help="Run with no revocation source at all (refused otherwise): a revoked device is accepted.",
+        ),
+    ] = False,
+    recheck: Annotated[
+        float,
+        typer.Option(
+            "--recheck",
+            help="Seconds a certificate found in good standing is not asked about again on device routes: "
+            "the longest a revocation takes to cut a device off (0: ask every time).",
+        ),
+    ] = 2.0,
     upstream_ca: Annotated[
         Optional[Path], typer.Option("--upstream-ca", help="CA bundle for an https Mender server (else the system's).")
     ] = None,
@@ -131,9 +195,15 @@ def edge_serve(
     flags = Flags(
         pki=pki, ca=ca, upstream=upstream, listen=listen, username=username, password_file=password_file,
         token_file=token_file, crl=crl, denylist=denylist, registry=not no_registry, upstream_ca=upstream_ca,
-        timeout=timeout, retry_after=retry_after, cache_size=cache_size,
+        timeout=timeout, retry_after=retry_after, cache_size=cache_size, identity=identity_rule,
+        no_revocation=no_revocation, allow_remote=allow_remote, recheck=recheck,
     )  # fmt: skip
     settings = ServeSettings.from_sources(flags, os.environ)
+    run_edge(settings)
+
+
+def run_edge(settings: ServeSettings) -> None:
+    """Serve until stopped; a start-up failure (the port taken, the registry missing) is one ImageprovError."""
     # Imported here: aiohttp and prometheus_client are for this command only.
     from aiohttp import web
 
@@ -146,9 +216,55 @@ def edge_serve(
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    logger.info(f"listening on {settings.host}:{settings.port}, Mender server {settings.upstream}")
-    # nginx may open a connection per request in a burst: a deep accept queue.
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, backlog=4096)
+    logger.info(f"listening on {settings.listen}, Mender server {settings.upstream}, identity {settings.identity}")
+    if not settings.revocation_checked:
+        logger.warning("no revocation source (--no-revocation): a revoked device is accepted")
+    if settings.identity.rule is IdentityRule.NONE:
+        logger.warning("--identity none: one device's key can enroll any identity and lock real devices out")
+    if not settings.listen.loopback:
+        logger.warning(f"listening on {settings.listen}, reachable from other hosts (--allow-remote)")
+    try:
+        if settings.listen.path is not None:
+            with unix_socket(settings.listen.path) as sock:
+                web.run_app(app, sock=sock, print=None, access_log=None, backlog=4096)
+        else:
+            # nginx may open a connection per request in a burst: a deep accept queue.
+            web.run_app(app, host=settings.listen.host, port=settings.listen.port, print=None, access_log=None,
+                        backlog=4096)  # fmt: skip
+    except OSError as exc:
+        raise ImageprovError(f"edge serve cannot listen on {settings.listen}: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
+def unix_socket(path: Path) -> Iterator[socket.socket]:
+    """A listening Unix socket at ``path`` (a stale one from a killed service replaced), removed after.
+
+    Mode 0666: nginx's workers run as another user (nobody, www-data) and must connect. The
+    directory guards it: keep it where only nginx's user can search (systemd: RuntimeDirectory
+    with RuntimeDirectoryMode=0750 and nginx's group), since whoever connects is believed about
+    the certificate."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
+    try:
+        if path.is_socket():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except ConnectionRefusedError:
+                path.unlink()  # nobody listens there: left by a service that was killed
+            else:
+                raise ImageprovError(f"another service already listens on unix:{path}")
+            finally:
+                probe.close()
+        sock.bind(str(path))
+        bound = True
+        os.chmod(path, 0o666)
+        sock.listen(4096)
+        yield sock
+    finally:
+        sock.close()
+        if bound:
+            path.unlink(missing_ok=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -249,3 +249,20 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("imageprov: interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        # Ctrl-C inside cleanup code (shutil.rmtree of a temporary directory) can
+        # surface as the OSError of a half-done step, with the interrupt as its
+        # context: still an interruption, never a traceback.
+        if not _interrupted(exc):
+            raise
+        typer.echo("imageprov: interrupted", err=True)
+        sys.exit(130)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False

@@ -135,7 +135,7 @@ def ca_init(
     secret = _require_passphrase(passphrase(passphrase_file, new=True), no_passphrase)
     ca = CertificateAuthority.create(subject, curve=curve, days=days)
     ca.write_to(pki, secret)
-    with Registry(pki):
+    with Registry(pki, create=True):
         pass  # creates the registry now, so that a PKI never lacks one
     typer.echo(f"created CA {ca.cert.subject.rfc4514_string()} in {pki}", err=True)
 
@@ -184,7 +184,7 @@ def ca_import(
         typer.echo(f"note: {key} is readable by others; delete it once the import is done", err=True)
     secret = _require_passphrase(passphrase(passphrase_file, new=True), no_passphrase)
     ca.write_to(pki, secret)
-    with Registry(pki):
+    with Registry(pki, create=True):
         pass  # creates the registry now, so that a PKI never lacks one
     typer.echo(f"imported CA {ca.cert.subject.rfc4514_string()} into {pki}", err=True)
 

@@ -23,7 +23,7 @@ registry_app = typer.Typer(
 @registry_app.command("check")
 def check_cmd(pki: Pki, registry_url: RegistryOpt = None, json_out: Json = False) -> None:
     """Verify the registry's invariants: one live certificate per device, unique serials and fingerprints,
-    consistent states, the storage itself. Exit 1 on any problem.
+    consistent states, one certificate per identity pin, the storage itself. Exit 1 on any problem.
 
     Example: imageprov registry check --pki pki
     """
@@ -33,7 +33,10 @@ def check_cmd(pki: Pki, registry_url: RegistryOpt = None, json_out: Json = False
         typer.echo(json.dumps({**dataclasses.asdict(report), "ok": report.ok}, indent=2))
     else:
         counts = ", ".join(f"{n} {status}" for status, n in sorted(report.by_status.items())) or "empty"
-        typer.echo(f"{report.registry}: schema {report.schema_version}, {report.certificates} certificates ({counts})")
+        typer.echo(
+            f"{report.registry}: schema {report.schema_version}, {report.certificates} certificates ({counts}), "
+            f"{report.pins} identity pins"
+        )
         for note in report.notes:
             typer.echo(f"note: {note}")
         for problem in report.problems:
@@ -49,10 +52,11 @@ def migrate_cmd(
     registry_url: RegistryOpt = None,
     json_out: Json = False,
 ) -> None:
-    """Copy the registry into another database and verify every certificate arrived (counts, fingerprints).
+    """Copy the registry (certificates and identity pins) into another database, made there if it is new, and
+    verify every certificate arrived (counts, fingerprints).
 
     Safe to run again: it copies what is new and moves forward what was delivered or revoked since. Stop
-    every station first. The password comes from PGPASSFILE, PGPASSWORD or a service file, never the URL.
+    every station and edge first. The password comes from PGPASSFILE, PGPASSWORD or a service file, never the URL.
 
     Example: PGPASSFILE=~/.pgpass imageprov registry migrate --pki pki --to postgresql://db.lan/imageprov
     """
@@ -60,14 +64,16 @@ def migrate_cmd(
         target_url = RegistryUrl.parse(to, base=pki)
         if target_url == source.config.registry:
             raise PkiError("--to names the registry being copied")
-        with Registry.at(target_url, timeout=source.config.timeout) as target:
+        with Registry.at(target_url, timeout=source.config.timeout, create=True) as target:
             report = migrate(source, target)
     if json_out:
         typer.echo(json.dumps(dataclasses.asdict(report), indent=2))
         return
     typer.echo(
         f"{report.target}: {report.copied} copied, {report.updated} moved forward, {report.unchanged} already there; "
-        f"verified {report.verified} of {report.verified} certificates by fingerprint; CRL number {report.crl_number}",
+        f"verified {report.verified} of {report.verified} certificates by fingerprint; CRL number {report.crl_number}; "
+        f"identity pins: {report.pins_copied} copied, {report.pins_updated} moved forward, {report.pins_verified} "
+        "verified",
         err=True,
     )
     typer.echo(f'to use it, put [registry] url = "{report.target}" in {pki / CONFIG}', err=True)

@@ -11,6 +11,12 @@ string holding a JSON object, ``pubkey`` a PEM public key, ``tenant_token``
 an optional string; ``X-MEN-Signature`` is base64 of an RSA PKCS#1 v1.5 or
 ECDSA (ASN.1 DER) signature over SHA-256 of the raw body, or of an Ed25519
 signature over the raw body itself.
+
+The server parses the same body with Go's encoding/json, which matches struct
+fields case-insensitively and takes the last of repeated keys; what the edge
+and the server could read differently (a second ``PubKey``, numbers that do
+not fit a float64, a lone surrogate, another encoding than UTF-8) is refused
+here, so that both decide on the same request.
 """
 
 from __future__ import annotations
@@ -21,17 +27,21 @@ import datetime as dt
 import enum
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
-# What Mender accepts as a device key (deviceauth's supported algorithms).
+from imageprov.pki import chain
+
+# What Mender accepts as a device key (deviceauth's supported algorithms; chain.device_key_problem has the rest).
 DeviceKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 
 
@@ -48,6 +58,14 @@ class Reason(enum.Enum):
     REVOKED = "revoked"
     KEY_MISMATCH = "key-mismatch"
     BAD_SIGNATURE = "bad-signature"
+    UNHANDLED_EXTENSION = "unhandled-critical-extension"
+    # What the registry says (edge/standing.py).
+    NOT_DELIVERED = "not-delivered"
+    UNKNOWN_CERTIFICATE = "unknown-certificate"
+    # Identity bound to the certificate (edge/identity.py).
+    IDENTITY_MISMATCH = "identity-mismatch"
+    IDENTITY_PINNED = "identity-pinned-elsewhere"
+    IDENTITY_TAKEN = "identity-taken"
 
 
 # Malformed input is the device's bug (400); everything else is "not you" (401),
@@ -98,39 +116,95 @@ def public_pem(key: DeviceKey) -> str:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
+# The fields of Mender's AuthRequest (deviceauth's model/authreq.go).
+_FIELDS = ("id_data", "pubkey", "tenant_token")
+# The first PEM block begins here, as Go's pem.Decode finds it; its label must be PUBLIC KEY (utils.ParsePubKey).
+_PEM_BEGIN = re.compile(r"-----BEGIN ([^\r\n-]*)-----\r?\n")
+
+
+def _float(text: str) -> float:
+    # Go decodes a JSON number as a float64, and fails on one that does not fit.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:12]}... does not fit a float64")
+    return value
+
+
+def _int(text: str) -> int:
+    _float(text)  # also keeps int() from the thousands of digits it refuses (or takes its time over)
+    return int(text)
+
+
+def _constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError("an object repeats a name")
+    return dict(pairs)
+
+
+def _json(text: bytes | str, what: str) -> Any:
+    try:
+        # Strict UTF-8: json.loads would also take UTF-16 and UTF-32 bytes, which Go does not.
+        decoded = text.decode() if isinstance(text, bytes) else text
+        value = json.loads(
+            decoded, parse_float=_float, parse_int=_int, parse_constant=_constant, object_pairs_hook=_object
+        )
+        canonical(value)  # a lone surrogate parses, but cannot be encoded: not hashed, not sent on
+    except RecursionError as exc:
+        raise Refused(Reason.BAD_REQUEST, f"{what} is nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeError and the refusals above
+        raise Refused(Reason.BAD_REQUEST, f"{what} is not JSON: {exc}") from exc
+    return value
+
+
 def parse_auth_request(body: bytes) -> AuthRequest:
     """Parse and check an auth request body against Mender's AuthRequest schema."""
-    try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Refused(Reason.BAD_REQUEST, f"the body is not JSON: {exc}") from exc
+    value = _json(body, "the body")
     if not isinstance(value, dict):
         raise Refused(Reason.BAD_REQUEST, "the body is not a JSON object")
+    for name in value:
+        if name not in _FIELDS and name.casefold() in _FIELDS:
+            # Go would read it as that field, and the last one wins there: the server could see another key.
+            raise Refused(Reason.BAD_REQUEST, f"the body names {name!r}, which Mender reads as {name.casefold()}")
     for name in ("id_data", "pubkey"):
         if name not in value:
             raise Refused(Reason.BAD_REQUEST, f"{name} is missing")
-    for name in ("id_data", "pubkey", "tenant_token"):
+    for name in _FIELDS:
         if name in value and not isinstance(value[name], str):
             raise Refused(Reason.BAD_REQUEST, f"{name} is not a string")
-    try:
-        identity = json.loads(value["id_data"])
-    except json.JSONDecodeError as exc:
-        raise Refused(Reason.BAD_REQUEST, "id_data does not hold JSON") from exc
+    identity = _json(value["id_data"], "id_data")
     if not isinstance(identity, dict) or not identity:
         raise Refused(Reason.BAD_REQUEST, "id_data does not hold a non-empty JSON object")
     return AuthRequest(identity, load_device_key(value["pubkey"]), value["pubkey"], value.get("tenant_token"))
 
 
 def load_device_key(pem: str) -> DeviceKey:
+    """The key ``pem`` holds, if Mender's server takes it as a device key (see ``chain.device_key_problem``)."""
+    begin = _PEM_BEGIN.search(pem)
+    if begin is None:
+        raise Refused(Reason.BAD_REQUEST, "pubkey is not a PEM public key")
+    # One pass for the end, from the first beginning only: a body of many beginnings costs no more to read.
+    end = pem.find(f"-----END {begin[1]}-----", begin.end())
+    if end < 0:
+        raise Refused(Reason.BAD_REQUEST, "pubkey is a PEM block without its end")
+    if begin[1] != "PUBLIC KEY":
+        raise Refused(Reason.BAD_REQUEST, f"pubkey is a PEM {begin[1][:40]!r} block; Mender takes PUBLIC KEY only")
     try:
-        key = serialization.load_pem_public_key(pem.encode())
-    except (ValueError, UnsupportedAlgorithm) as exc:
+        der = base64.b64decode("".join(pem[begin.end() : end].split()), validate=True)
+        key = serialization.load_der_public_key(der)
+    except (ValueError, UnsupportedAlgorithm) as exc:  # binascii.Error is a ValueError
         raise Refused(Reason.BAD_REQUEST, "pubkey is not a PEM public key") from exc
-    if isinstance(key, ec.EllipticCurvePublicKey) and not isinstance(key.curve, ec.SECP256R1):
-        raise Refused(Reason.BAD_REQUEST, f"pubkey is on curve {key.curve.name}; Mender takes P-256")
-    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
-        raise Refused(Reason.BAD_REQUEST, "pubkey is not RSA, ECDSA P-256 or Ed25519")
-    return key
+    problem = chain.device_key_problem(key)
+    if problem is not None:
+        raise Refused(Reason.BAD_REQUEST, f"pubkey: {problem}")
+    if key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != der:
+        # Go's parser takes DER's one encoding only, and uncompressed EC points only.
+        raise Refused(Reason.BAD_REQUEST, "pubkey is not in the encoding Mender parses (a compressed EC point?)")
+    return cast(DeviceKey, key)  # device_key_problem passes these three kinds only
 
 
 def parse_client_cert(header: str | None) -> x509.Certificate:
@@ -138,9 +212,15 @@ def parse_client_cert(header: str | None) -> x509.Certificate:
     if not header:
         raise Refused(Reason.NO_CERTIFICATE, "no client certificate")
     try:
-        return x509.load_pem_x509_certificate(unquote(header).encode())
-    except ValueError as exc:
+        cert = x509.load_pem_x509_certificate(unquote(header).encode())
+        # Parsed lazily by cryptography: read now, so that no later check meets a parse error.
+        cert.subject, cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise Refused(Reason.BAD_CERTIFICATE, "the client certificate does not parse") from exc
+    problem = chain.extension_problem(cert)
+    if problem is not None:
+        raise Refused(Reason.BAD_CERTIFICATE, f"the client certificate: {problem}")
+    return cert
 
 
 def check_certificate(cert: x509.Certificate, ca_cert: x509.Certificate, now: dt.datetime) -> None:
@@ -150,25 +230,29 @@ def check_certificate(cert: x509.Certificate, ca_cert: x509.Certificate, now: dt
 
 
 def check_issuer(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:
-    """Signed by the fleet CA itself (device certificates are; nginx: ssl_verify_depth 1)."""
+    """Signed by the fleet CA itself (device certificates are; nginx: ssl_verify_depth 1), a CA that may sign them."""
     try:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise Refused(Reason.UNTRUSTED, "the certificate is not signed by the fleet CA") from exc
+    problems = chain.ca_problems(ca_cert)
+    if problems:
+        raise Refused(Reason.UNTRUSTED, f"the fleet CA may not issue client certificates: {'; '.join(problems)}")
 
 
 def check_validity_and_usage(cert: x509.Certificate, now: dt.datetime) -> None:
-    """Within its validity at ``now``, and allows clientAuth."""
+    """Within its validity at ``now`` (both ends included, as OpenSSL has it), allows TLS client use,
+    and has no critical extension the edge does not process (RFC 5280, 4.2)."""
     if now < cert.not_valid_before_utc:
         raise Refused(Reason.NOT_YET_VALID, "the certificate is not valid yet")
     if now > cert.not_valid_after_utc:
         raise Refused(Reason.EXPIRED, "the certificate has expired")
-    try:
-        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        usages = None
-    if usages is None or ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
-        raise Refused(Reason.NO_CLIENT_AUTH, "the certificate does not allow clientAuth")
+    problems = chain.usage_problems(cert)
+    if problems:
+        raise Refused(Reason.NO_CLIENT_AUTH, f"the certificate may not be a TLS client's: {'; '.join(problems)}")
+    unhandled = chain.unhandled_critical(cert)
+    if unhandled:
+        raise Refused(Reason.UNHANDLED_EXTENSION, f"the certificate: {'; '.join(unhandled)}")
 
 
 def check_key_matches(cert: x509.Certificate, request: AuthRequest) -> None:

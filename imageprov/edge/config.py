@@ -11,16 +11,20 @@ or log line shows them.
 
 from __future__ import annotations
 
+import enum
+import ipaddress
+import math
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from imageprov.edge.nginx import parse_upstream
 from imageprov.errors import PkiError, UsageError
 from imageprov.pki.ca import CA_CERT, load_cert
-from imageprov.pki.config import Scheme, load_config
+from imageprov.pki.chain import ca_problems
 
 ENV_UPSTREAM = "UPSTREAM_SERVER_URL"
 ENV_CA = "MTLS_CA_CERTIFICATE"
@@ -70,6 +74,58 @@ class Token:
     token: Secret
 
 
+class IdentityRule(enum.Enum):
+    """How an auth request's identity is bound to the certificate it comes with (``--identity``)."""
+
+    # The first identity a certificate presents is recorded in the registry; afterwards the
+    # certificate may present only that identity, and only that certificate may present it.
+    PIN = "pin"
+    # id_data[NAME] must equal the certificate's CN.
+    ATTRIBUTE = "attribute"
+    # Any identity: Mender Gateway's behaviour, where one stolen key can enroll any device.
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class IdentityPolicy:
+    rule: IdentityRule
+    attribute: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> IdentityPolicy:
+        """``pin``, ``attribute:NAME`` or ``none``."""
+        name, sep, attribute = text.partition(":")
+        if name == IdentityRule.ATTRIBUTE.value and sep and attribute.strip():
+            return cls(IdentityRule.ATTRIBUTE, attribute.strip())
+        if name in (IdentityRule.PIN.value, IdentityRule.NONE.value) and not sep:
+            return cls(IdentityRule(name))
+        raise UsageError(f"--identity {text!r} is not pin, attribute:NAME or none", hint="e.g. --identity pin")
+
+    def __str__(self) -> str:
+        return f"attribute:{self.attribute}" if self.rule is IdentityRule.ATTRIBUTE else self.rule.value
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where the service listens: a TCP address, or a Unix socket (``unix:/run/imageprov/edge.sock``)."""
+
+    host: str | None = None
+    port: int | None = None
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.path is not None else f"{self.host}:{self.port}"
+
+    @property
+    def loopback(self) -> bool:
+        if self.path is not None:
+            return True
+        try:
+            return ipaddress.ip_address(self.host or "").is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+
 @dataclass(frozen=True)
 class Flags:
     """What the command line gave (None: not given)."""
@@ -88,12 +144,17 @@ class Flags:
     timeout: float = 10.0
     retry_after: int = 5
     cache_size: int = 100_000
+    identity: str = IdentityRule.PIN.value
+    no_revocation: bool = False
+    allow_remote: bool = False
+    # Seconds a certificate found delivered and unrevoked is not asked about again on
+    # device routes: the longest a revocation can take to cut a device off there.
+    recheck: float = 2.0
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    host: str
-    port: int
+    listen: Listen
     ca_path: Path
     ca_cert: x509.Certificate
     upstream: str
@@ -105,12 +166,26 @@ class ServeSettings:
     timeout: float
     retry_after: int
     cache_size: int
+    identity: IdentityPolicy
+    recheck: float
+
+    @property
+    def revocation_checked(self) -> bool:
+        return self.registry_dir is not None or self.crl is not None or self.denylist is not None
 
     @classmethod
     def from_sources(cls, flags: Flags, env: Mapping[str, str]) -> ServeSettings:
         """Settle every setting, or raise ``UsageError`` naming the flag and variable to set."""
         env = {**{name: env[old] for name, old in AMBASSADOR.items() if env.get(old)}, **env}
-        host, port = parse_listen(flags.listen)
+        listen = parse_listen(flags.listen)
+        if not listen.loopback and not flags.allow_remote:
+            raise UsageError(
+                f"--listen {flags.listen}: the service trusts the client certificate that nginx puts in a header; "
+                "anyone who can reach this address can claim any device's certificate",
+                hint="listen on loopback or a Unix socket (unix:/run/imageprov/edge.sock), or pass --allow-remote "
+                "if only nginx can reach it",
+            )
+        identity = IdentityPolicy.parse(flags.identity)
         ca_path = flags.ca or (flags.pki / CA_CERT if flags.pki else None) or _path(env.get(ENV_CA))
         if ca_path is None:
             raise UsageError("no fleet CA", hint=f"pass --pki PKI or --ca FILE, or set {ENV_CA}")
@@ -121,12 +196,17 @@ class ServeSettings:
         for what, path in (("--crl", flags.crl), ("--denylist", denylist), ("--upstream-ca", flags.upstream_ca)):
             if path is not None and not path.is_file():
                 raise UsageError(f"{what} {path} does not exist")
-        if flags.timeout <= 0 or flags.retry_after < 1 or flags.cache_size < 0:
-            raise UsageError("--upstream-timeout and --retry-after must be positive, --cache-size at least 0")
-        registry_dir = flags.pki if flags.registry and flags.pki and _has_registry(flags.pki) else None
-        return cls(
-            host=host,
-            port=port,
+        if not (0 < flags.timeout <= 3600) or not (1 <= flags.retry_after <= 3600) or flags.cache_size < 0:
+            raise UsageError("--upstream-timeout and --retry-after must be 1 to 3600 s, --cache-size at least 0")
+        if not (0 <= flags.recheck <= 60) or math.isnan(flags.recheck):
+            raise UsageError("--recheck must be 0 to 60 s")
+        if flags.upstream_ca is not None:
+            check_ca_bundle(flags.upstream_ca)
+        # With a PKI, its registry is the revocation source, and it must open: a
+        # typo in imageprov.toml or a missing file is an error, never "no check".
+        registry_dir = flags.pki if flags.registry and flags.pki else None
+        settings = cls(
+            listen=listen,
             ca_path=ca_path,
             ca_cert=load_ca_cert(ca_path),
             upstream=parse_upstream(upstream),
@@ -138,7 +218,20 @@ class ServeSettings:
             timeout=flags.timeout,
             retry_after=flags.retry_after,
             cache_size=flags.cache_size,
+            identity=identity,
+            recheck=flags.recheck,
         )
+        if not settings.revocation_checked and not flags.no_revocation:
+            raise UsageError(
+                "no revocation source: a revoked device would be accepted",
+                hint="pass --pki PKI (its registry), --crl FILE or --denylist FILE; --no-revocation to run without",
+            )
+        if identity.rule is IdentityRule.PIN and registry_dir is None:
+            raise UsageError(
+                "--identity pin keeps each certificate's identity in the PKI's registry, and there is none",
+                hint="pass --pki PKI, or --identity attribute:NAME (id_data[NAME] must be the CN) or --identity none",
+            )
+        return settings
 
 
 def _path(text: str | None) -> Path | None:
@@ -176,29 +269,46 @@ def credentials(flags: Flags, env: Mapping[str, str]) -> Login | Token:
     raise UsageError(f"no password for {username}", hint=f"pass --password-file FILE or set {ENV_PASSWORD}")
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str) -> Listen:
+    """``ADDR:PORT`` (an IP address or localhost) or ``unix:/absolute/path``."""
+    if text.startswith("unix:"):
+        path = Path(text.removeprefix("unix:"))
+        if not path.is_absolute() or not path.name:
+            raise UsageError(f"--listen {text!r}: a Unix socket needs an absolute path", hint="e.g. unix:/run/e.sock")
+        return Listen(path=path)
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--listen {text!r} is not ADDR:PORT", hint="e.g. 127.0.0.1:9080")
-    return host.strip("[]"), int(port)
+        raise UsageError(f"--listen {text!r} is not ADDR:PORT or unix:PATH", hint="e.g. 127.0.0.1:9080")
+    bare = host.removeprefix("[").removesuffix("]")
+    if bare != "localhost":
+        try:
+            ipaddress.ip_address(bare)
+        except ValueError as exc:
+            raise UsageError(f"--listen {text!r}: {host!r} is not an IP address", hint="e.g. 127.0.0.1:9080") from exc
+    return Listen(host=bare, port=int(port))
 
 
-def parse_upstream(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-        raise UsageError(f"upstream {url!r} is not an http(s) URL", hint="e.g. https://hosted.mender.io")
-    return url.rstrip("/")
+def check_ca_bundle(path: Path) -> None:
+    """``--upstream-ca`` holds at least one certificate a TLS client can trust."""
+    try:
+        context = ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--upstream-ca {path} is not a PEM certificate bundle: {exc}") from exc
+    if not context.get_ca_certs():
+        raise UsageError(f"--upstream-ca {path} holds no CA certificate")
 
 
 def load_ca_cert(path: Path) -> x509.Certificate:
     try:
-        return load_cert(path)
+        cert = load_cert(path)
     except PkiError as exc:
         # A setting of the service, so a usage error: the message already names the file.
         raise UsageError(exc.message, hint=exc.hint) from exc
-
-
-def _has_registry(pki_dir: Path) -> bool:
-    """Whether the PKI has a registry to ask: PostgreSQL as its imageprov.toml says, or its SQLite file."""
-    url = load_config(pki_dir).registry
-    return url.scheme is not Scheme.SQLITE or url.path.is_file()
+    problems = ca_problems(cert)
+    if problems:
+        # Every device would be refused, one 401 at a time: say so once, at start.
+        raise UsageError(
+            f"--ca {path} cannot vouch for device certificates: {'; '.join(problems)}",
+            hint="pass the fleet CA's certificate (PKI/ca-cert.pem)",
+        )
+    return cert

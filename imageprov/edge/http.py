@@ -4,13 +4,19 @@ nginx terminates TLS, verifies the client certificate and sends the auth
 request here with that certificate in ``X-SSL-Client-Cert`` (a header nginx
 sets itself, whatever the client sent). Every check is made again here; a
 request is passed to the Mender server only once all of them hold, and only
-after the device is preauthorized. One JSON log line per decision; ``/healthz``
-and ``/metrics`` (Prometheus) for operations.
+after the device is preauthorized. nginx also asks ``CHECK`` before every
+other device request (``auth_request``), so that a revoked certificate is cut
+off on every route within ``--recheck`` seconds, and a background task
+rejects a revoked device's auth set in Mender, so that its token dies even
+where the edge is not in the way. One JSON log line per decision;
+``/healthz`` (readiness: the registry and the Mender server answer),
+``/livez`` and ``/metrics`` (Prometheus) for operations.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -24,11 +30,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from imageprov.edge import checks
+from imageprov.edge import checks, identity
 from imageprov.edge.checks import Reason, Refused
-from imageprov.edge.config import BODY_LIMIT, ServeSettings
+from imageprov.edge.config import BODY_LIMIT, IdentityRule, ServeSettings
 from imageprov.edge.mender_client import (
     AUTH_REQUESTS,
     Answer,
@@ -37,8 +45,11 @@ from imageprov.edge.mender_client import (
     UpstreamUnavailable,
     forwardable,
 )
-from imageprov.edge.revocation import CrlSource, DenylistSource, RegistrySource, RevocationSource
+from imageprov.edge.nginx import CHECK
+from imageprov.edge.revocation import CrlSource, DenylistSource, RevocationSource
+from imageprov.edge.standing import RegistryGate, Standing
 from imageprov.errors import ImageprovError
+from imageprov.pki.registry import Pin
 
 CERT_HEADER = "X-SSL-Client-Cert"
 # The deadline of one auth request upstream, in --upstream-timeout units: login,
@@ -67,6 +78,17 @@ class Metrics:
             "imageprov_edge_request_seconds", "Time to answer an auth request", registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )  # fmt: skip
+        self.route_checks = Counter(
+            "imageprov_edge_route_checks", "Device requests nginx asked about, by result and reason",
+            ["result", "reason"], registry=self.registry,
+        )  # fmt: skip
+        self.cut_off = Counter(
+            "imageprov_edge_cut_off", "Revoked devices whose auth sets were rejected in Mender", registry=self.registry
+        )
+        self.settings = Gauge(
+            "imageprov_edge_settings", "1 for the identity rule in force and whether revocation is checked",
+            ["identity", "revocation"], registry=self.registry,
+        )  # fmt: skip
 
 
 class Remembered:
@@ -94,14 +116,57 @@ class Remembered:
         self._items.pop(key, None)
 
 
+class Recent:
+    """Serials found in good standing, each for ``seconds``: what a device route need not ask again."""
+
+    def __init__(self, seconds: float, size: int) -> None:
+        self.seconds = seconds
+        self.size = size
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def __contains__(self, serial: str) -> bool:
+        until = self._until.get(serial)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._until[serial]
+            return False
+        return True
+
+    def add(self, serial: str) -> None:
+        if self.seconds <= 0 or self.size == 0:
+            return
+        self._until[serial] = time.monotonic() + self.seconds
+        self._until.move_to_end(serial)
+        while len(self._until) > self.size:
+            self._until.popitem(last=False)
+
+
+@dataclass
+class Readiness:
+    """The last readiness probe: when, and what was wrong (empty: ready)."""
+
+    checked: float = float("-inf")
+    problems: dict[str, str] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 SETTINGS = web.AppKey("settings", ServeSettings)
 CLIENT = web.AppKey("client", MenderClient)
 SOURCES = web.AppKey("sources", list[RevocationSource])
+GATE = web.AppKey("gate", RegistryGate)
 METRICS = web.AppKey("metrics", Metrics)
-# (identity, key) pairs already preauthorized and accepted upstream.
+# (certificate, identity, key) already preauthorized and accepted upstream.
 CACHE = web.AppKey("cache", Remembered)
 # Digests of certificates whose signature by the fleet CA was verified.
 ISSUED = web.AppKey("issued", Remembered)
+RECENT = web.AppKey("recent", Recent)
+READINESS = web.AppKey("readiness", Readiness)
+# Serials revoked in a CRL or denylist that the cut-off has already dealt with.
+FILE_REVOKED = web.AppKey("file_revoked", set[str])
+# Seconds between two readiness probes, and between two rounds of cutting revoked devices off in Mender.
+PROBE_INTERVAL = 2.0
+CUT_INTERVAL = 1.0
 
 
 @dataclass
@@ -172,6 +237,40 @@ async def auth_request(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _checked(app: web.Application, cert: x509.Certificate) -> None:
+    """The certificate nginx verified, checked again: the fleet CA's, valid now, for clientAuth."""
+    # The signature on a certificate never changes: verified once, remembered by its digest.
+    issued = hashlib.sha256(cert.tbs_certificate_bytes + cert.signature).digest()
+    if issued not in app[ISSUED]:
+        checks.check_issuer(cert, app[SETTINGS].ca_cert)
+        app[ISSUED].add(issued)
+    checks.check_validity_and_usage(cert, dt.datetime.now(dt.UTC))
+
+
+async def _standing(app: web.Application, serial: str) -> None:
+    """Refuse unless every revocation source says not revoked and the registry says delivered.
+
+    Raises ``ImageprovError`` (503 for the device) when a source cannot answer within its deadline."""
+    settings = app[SETTINGS]
+    try:
+        async with asyncio.timeout(settings.timeout):
+            for source in app[SOURCES]:
+                if await source.revoked(serial):
+                    raise Refused(Reason.REVOKED, f"the certificate is revoked ({source.name})")
+    except TimeoutError:
+        raise ImageprovError(f"a revocation source did not answer within {settings.timeout:g} s") from None
+    gate = app.get(GATE)
+    if gate is None:
+        return
+    standing = await gate.standing(serial)
+    if standing is Standing.REVOKED:
+        raise Refused(Reason.REVOKED, "the certificate is revoked (registry)")
+    if standing is Standing.PENDING:
+        raise Refused(Reason.NOT_DELIVERED, "the certificate was never confirmed delivered by the line")
+    if standing is Standing.UNKNOWN:
+        raise Refused(Reason.UNKNOWN_CERTIFICATE, "the registry has no record of this certificate")
+
+
 async def _decide(request: web.Request, decision: Decision) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
@@ -181,36 +280,41 @@ async def _decide(request: web.Request, decision: Decision) -> web.StreamRespons
     except web.HTTPRequestEntityTooLarge:
         decision.reason = Reason.BAD_REQUEST.value
         return _error(413, f"the auth request is larger than {BODY_LIMIT} bytes")
+    force = False
     try:
         cert = checks.parse_client_cert(request.headers.get(CERT_HEADER))
         decision.cn, decision.serial = checks.common_name(cert), checks.serial_hex(cert)
         auth = checks.parse_auth_request(body)
         decision.identity = auth.identity_hash
-        # The signature on a certificate never changes: verified once, remembered by its digest.
-        issued = hashlib.sha256(cert.tbs_certificate_bytes + cert.signature).digest()
-        if issued not in app[ISSUED]:
-            checks.check_issuer(cert, settings.ca_cert)
-            app[ISSUED].add(issued)
-        checks.check_validity_and_usage(cert, dt.datetime.now(dt.UTC))
-        for source in app[SOURCES]:
-            if await source.revoked(decision.serial):
-                raise Refused(Reason.REVOKED, f"the certificate is revoked ({source.name})")
+        await _checked(app, cert)
+        await _standing(app, decision.serial)
         checks.check_key_matches(cert, auth)
         checks.verify_signature(auth.pubkey, body, request.headers.get("X-MEN-Signature"))
+        # The identity is bound last: only a request proven to come from the key may pin one.
+        policy = settings.identity
+        if policy.rule is IdentityRule.ATTRIBUTE:
+            assert policy.attribute is not None
+            identity.check_attribute(auth.identity, policy.attribute, decision.cn)
+        key = hashlib.sha256(decision.serial.encode() + b"\0" + auth.cache_key).digest()
+        known = key in app[CACHE]
+        if policy.rule is IdentityRule.PIN and not known:
+            force = identity.check_pin(await app[GATE].pin(decision.serial, checks.canonical(auth.identity).decode()))
     except Refused as refused:
         decision.reason = refused.reason.value
         return _error(refused.status, refused.message)
-    except ImageprovError as exc:  # a revocation source that cannot answer: never accept without it
+    except ImageprovError as exc:  # a source that cannot answer: never accept without it
         decision.decision, decision.reason = "unavailable", "revocation-unknown"
         log.warning(str(exc))
-        return _error(503, "the edge cannot check revocation now", **retry)
+        return _error(503, "the edge cannot check this certificate now", **retry)
     cache, client = app[CACHE], app[CLIENT]
-    known = auth.cache_key in cache
     try:
         # Every call has its own timeouts; this bounds the whole exchange, queueing included.
         async with asyncio.timeout(settings.timeout * DEADLINE_CALLS):
             if not known:
-                decision.upstream_status = await client.preauthorize(auth.identity, auth.pubkey_pem)
+                done = await client.preauthorize(auth.identity, auth.pubkey_pem, force=force)
+                decision.upstream_status = done.status
+                if done.device_id is not None and GATE in app and settings.identity.rule is IdentityRule.PIN:
+                    await app[GATE].set_mender_device(decision.serial, done.device_id)
             decision.preauthorized = not known
             headers = forwardable(request.headers.items(), drop=[CERT_HEADER])
             answer = await client.forward_auth_request(body, headers)
@@ -219,8 +323,12 @@ async def _decide(request: web.Request, decision: Decision) -> web.StreamRespons
         decision.reason = "upstream-refused" if isinstance(exc, UpstreamRefused) else "upstream-unavailable"
         log.warning(str(exc) or "the Mender server did not answer in time")
         return _error(503, "the Mender server is unavailable; try again", **retry)
+    except ImageprovError as exc:  # the registry, recording the Mender device id
+        decision.decision, decision.reason = "unavailable", "registry-unavailable"
+        log.warning(str(exc))
+        return _error(503, "the edge cannot record this device now", **retry)
     decision.upstream_status = answer.status
-    return _answer(answer, decision, cache, auth.cache_key, retry)
+    return _answer(answer, decision, cache, key, retry)
 
 
 def _answer(answer: Answer, decision: Decision, cache: Remembered, key: bytes, retry: dict[str, str]) -> web.Response:
@@ -241,13 +349,131 @@ def _answer(answer: Answer, decision: Decision, cache: Remembered, key: bytes, r
     return response
 
 
+async def check(request: web.Request) -> web.Response:
+    """nginx's ``auth_request`` before every device request: 204 lets it through, 403 cuts it off.
+
+    The certificate is checked as for an auth request, and its standing asked again
+    at most every ``--recheck`` seconds; a source that cannot answer gives 503."""
+    app = request.app
+    metrics = app[METRICS]
+    serial = None
+    try:
+        cert = checks.parse_client_cert(request.headers.get(CERT_HEADER))
+        serial = checks.serial_hex(cert)
+        await _checked(app, cert)
+        if serial not in app[RECENT]:
+            await _standing(app, serial)
+            app[RECENT].add(serial)
+    except Refused as refused:
+        metrics.route_checks.labels(result="refused", reason=refused.reason.value).inc()
+        fields = {
+            "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            "event": "route-refused",
+            "serial": serial,
+            "reason": refused.reason.value,
+            "uri": request.headers.get("X-Original-URI"),
+        }
+        log.info("route refused", extra={"fields": fields})
+        return _error(401 if refused.reason is Reason.NO_CERTIFICATE else 403, refused.message)
+    except ImageprovError as exc:
+        metrics.route_checks.labels(result="unavailable", reason="registry-unavailable").inc()
+        log.warning(str(exc))
+        return _error(503, "the edge cannot check this certificate now")
+    metrics.route_checks.labels(result="allowed", reason="").inc()
+    return web.Response(status=204)
+
+
+async def _probe(app: web.Application) -> dict[str, str]:
+    """What keeps the service from deciding now: the registry, the Mender server (empty: ready)."""
+    problems: dict[str, str] = {}
+    gate = app.get(GATE)
+    if gate is not None:
+        try:
+            await gate.ping()
+        except ImageprovError as exc:
+            problems["registry"] = exc.message
+    try:
+        async with asyncio.timeout(app[SETTINGS].timeout):
+            await app[CLIENT].reachable()
+    except (ImageprovError, TimeoutError) as exc:
+        problems["upstream"] = getattr(exc, "message", "") or "the Mender server did not answer in time"
+    return problems
+
+
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """Readiness: 200 while the registry and the Mender server answer, else 503 saying which does not."""
+    readiness = request.app[READINESS]
+    async with readiness.lock:  # one probe at a time, however many load balancers ask
+        if time.monotonic() - readiness.checked > PROBE_INTERVAL:
+            readiness.problems = await _probe(request.app)
+            readiness.checked = time.monotonic()
+    if readiness.problems:
+        return web.json_response({"status": "not-ready", "problems": readiness.problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def livez(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
 
 
 async def metrics(request: web.Request) -> web.Response:
     registry = request.app[METRICS].registry
     return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _cut(app: web.Application, pin: Pin, source: str) -> None:
+    """Reject ``pin``'s device's auth set in Mender (its token dies there) and record that it was."""
+    gate, client = app[GATE], app[CLIENT]
+    record = await gate.record_of(pin.serial)
+    rejected = 0
+    if pin.mender_device_id is not None and record is not None:
+        key = serialization.load_pem_public_key(record.public_key.encode())
+        rejected = await client.reject(pin.mender_device_id, key)
+    await gate.mark_cut(pin.serial)
+    app[METRICS].cut_off.inc()
+    log.info("cut off", extra={"fields": {
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), "event": "cut-off", "source": source,
+        "serial": pin.serial, "mender_device": pin.mender_device_id, "auth_sets_rejected": rejected}})  # fmt: skip
+
+
+async def cut_off_revoked(app: web.Application) -> int:
+    """One round: reject in Mender the auth set of every revoked certificate not yet cut off; how many were.
+
+    Revoked in the registry: its own list of those not cut off yet. Revoked
+    in a CRL or denylist file: the serials new since the last round, each
+    looked up in the registry for the device it pinned."""
+    gate = app[GATE]
+    done = 0
+    for pin in await gate.uncut_revoked_pins():
+        await _cut(app, pin, "registry")
+        done += 1
+    seen = app[FILE_REVOKED]
+    for source in app[SOURCES]:
+        serials = await source.revoked_serials()
+        for serial in sorted(serials - seen):
+            pinned = await gate.pin_of(serial)
+            if pinned is not None and pinned.cut_at is None:
+                await _cut(app, pinned, source.name)
+                done += 1
+            seen.add(serial)  # once cut (or never pinned: refused before it could be), never asked again
+    return done
+
+
+async def _cut_off_loop(app: web.Application) -> AsyncIterator[None]:
+    async def loop() -> None:
+        while True:
+            try:
+                await cut_off_revoked(app)
+            except (ImageprovError, TimeoutError) as exc:  # the next round tries again
+                log.warning(f"cutting revoked devices off in Mender: {exc}")
+            await asyncio.sleep(CUT_INTERVAL)
+
+    task = asyncio.create_task(loop()) if GATE in app else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -264,11 +490,18 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-def revocation_sources(settings: ServeSettings) -> list[RevocationSource]:
-    """Every revocation source configured; each is asked, and any one can refuse."""
-    sources: list[RevocationSource] = []
+async def _registry_gate(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
     if settings.registry_dir is not None:
-        sources.append(RegistrySource(settings.registry_dir))
+        app[GATE] = RegistryGate(settings.registry_dir, timeout=settings.timeout)
+    yield
+    if GATE in app:
+        app[GATE].close()
+
+
+def revocation_sources(settings: ServeSettings) -> list[RevocationSource]:
+    """The revocation files configured; each is asked, and any one can refuse. (The registry is asked apart.)"""
+    sources: list[RevocationSource] = []
     if settings.crl is not None:
         sources.append(CrlSource(settings.crl, settings.ca_cert))
     if settings.denylist is not None:
@@ -282,10 +515,19 @@ def make_app(settings: ServeSettings) -> web.Application:
     app[SETTINGS] = settings
     app[SOURCES] = revocation_sources(settings)
     app[METRICS] = Metrics()
+    app[METRICS].settings.labels(
+        identity=str(settings.identity), revocation="checked" if settings.revocation_checked else "disabled"
+    ).set(1)
     app[CACHE] = Remembered(settings.cache_size)
     app[ISSUED] = Remembered(settings.cache_size)
-    app.cleanup_ctx.append(_upstream_session)
+    app[RECENT] = Recent(settings.recheck, settings.cache_size)
+    app[READINESS] = Readiness()
+    app[FILE_REVOKED] = set()
+    # Order matters: the registry and the client exist before the cut-off loop starts, and outlive it.
+    app.cleanup_ctx.extend([_registry_gate, _upstream_session, _cut_off_loop])
     app.router.add_post(AUTH_REQUESTS, auth_request)
+    app.router.add_get(CHECK, check)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics)
     return app

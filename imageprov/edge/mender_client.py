@@ -7,7 +7,13 @@ Retry-After so that the device tries again. Endpoints, from Mender's API:
 - ``POST /api/management/v1/useradm/auth/login``, HTTP Basic: the JWT as text
   (``application/jwt``), kept and renewed when the server answers 401;
 - ``POST /api/management/v2/devauth/devices`` with ``identity_data`` and
-  ``pubkey``: 201 (preauthorized) or 409 (the device exists), both fine;
+  ``pubkey`` (and ``force`` for a reissued device's new key): 201
+  (preauthorized; ``Location`` names the device) or 409 (the device exists;
+  the body is the device), both fine;
+- ``GET /api/management/v2/devauth/devices/{id}`` and
+  ``PUT .../devices/{id}/auth/{aid}/status`` with ``{"status": "rejected"}``:
+  a revoked certificate's auth set is rejected, and Mender stops honouring
+  the device's token wherever it is used;
 - ``POST /api/devices/v1/authentication/auth_requests``: the device's request,
   passed on byte for byte.
 """
@@ -15,17 +21,22 @@ Retry-After so that the device tries again. Endpoints, from Mender's API:
 from __future__ import annotations
 
 import asyncio
+import json as json_module
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from imageprov.edge.config import Login, Token
 from imageprov.errors import ImageprovError
 
 LOGIN = "/api/management/v1/useradm/auth/login"
 PREAUTHORIZE = "/api/management/v2/devauth/devices"
+DEVICE = "/api/management/v2/devauth/devices/{id}"
+AUTH_SET_STATUS = "/api/management/v2/devauth/devices/{id}/auth/{aid}/status"
 AUTH_REQUESTS = "/api/devices/v1/authentication/auth_requests"
 
 # RFC 9110 7.6.1: connection-specific headers are not forwarded; the length
@@ -42,6 +53,14 @@ class UpstreamUnavailable(ImageprovError):
 
 class UpstreamRefused(ImageprovError):
     """The Mender server refused the edge itself (login, token, permission, or a request it calls invalid)."""
+
+
+@dataclass(frozen=True)
+class Preauthorized:
+    """Mender's answer to a preauthorization: 201 or 409, and the device's id when Mender named it."""
+
+    status: int
+    device_id: str | None
 
 
 @dataclass(frozen=True)
@@ -75,12 +94,14 @@ class MenderClient:
     async def _call(
         self, path: str, *, body: bytes | None = None, json: Any = None,
         headers: Mapping[str, str] | list[tuple[str, str]] | None = None, auth: aiohttp.BasicAuth | None = None,
+        method: str = "POST",
     ) -> Answer:  # fmt: skip
         url = self.base_url + path
         try:
-            async with self.session.post(
-                url, data=body, json=json, headers=headers, auth=auth, timeout=self.timeout, allow_redirects=False
-            ) as response:
+            async with self.session.request(
+                method, url, data=body, json=json, headers=headers, auth=auth, timeout=self.timeout,
+                allow_redirects=False,
+            ) as response:  # fmt: skip
                 data = await response.read()
                 return Answer(response.status, tuple(response.headers.items()), data)
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -113,24 +134,92 @@ class MenderClient:
             raise UpstreamUnavailable("login: the Mender server answered an empty token")
         return token
 
-    async def preauthorize(self, identity: dict[str, Any], pubkey_pem: str) -> int:
-        """Preauthorize (identity, key); 201 or 409 (already known), else raise."""
-        payload = {"identity_data": identity, "pubkey": pubkey_pem}
+    async def _management(self, method: str, path: str, json: Any = None) -> Answer:
+        """A management call with the service user's token, logged in again once if it has expired."""
         token = await self._token()
-        answer = await self._call(PREAUTHORIZE, json=payload, headers={"Authorization": f"Bearer {token}"})
+        answer = await self._call(path, json=json, headers={"Authorization": f"Bearer {token}"}, method=method)
         if answer.status == 401:
             token = await self._token(stale=token)
-            answer = await self._call(PREAUTHORIZE, json=payload, headers={"Authorization": f"Bearer {token}"})
-        if answer.status in (201, 409):
-            return answer.status
+            answer = await self._call(path, json=json, headers={"Authorization": f"Bearer {token}"}, method=method)
         if answer.status >= 500:
-            raise UpstreamUnavailable(f"preauthorize: the Mender server answered {answer.status}")
+            raise UpstreamUnavailable(f"{method} {path}: the Mender server answered {answer.status}")
+        return answer
+
+    async def preauthorize(self, identity: dict[str, Any], pubkey_pem: str, *, force: bool = False) -> Preauthorized:
+        """Preauthorize (identity, key); 201 or 409 (already known), else raise.
+
+        ``force``: the device may exist with other keys (a reissued certificate); add this one anyway."""
+        payload: dict[str, Any] = {"identity_data": identity, "pubkey": pubkey_pem}
+        if force:
+            payload["force"] = True
+        answer = await self._management("POST", PREAUTHORIZE, payload)
+        if answer.status == 201:
+            location = dict((k.lower(), v) for k, v in answer.headers).get("location", "")
+            return Preauthorized(201, location.rstrip("/").rpartition("/")[2] or None)
+        if answer.status == 409:
+            return Preauthorized(409, _device_id(answer.body))
         raise UpstreamRefused(
             f"preauthorize: the Mender server answered {answer.status}: {answer.body[:200]!r}",
             hint="the service user needs permission to preauthorize devices",
         )
 
+    async def reject(self, device_id: str, pubkey: Any) -> int:
+        """Reject every auth set of the device whose key is ``pubkey``; how many were rejected.
+
+        A device that Mender no longer knows (decommissioned) has nothing left to reject."""
+        answer = await self._management("GET", DEVICE.format(id=device_id))
+        if answer.status == 404:
+            return 0
+        if answer.status != 200:
+            raise UpstreamRefused(f"device {device_id}: the Mender server answered {answer.status}",
+                                  hint="the service user needs permission to read and reject devices")  # fmt: skip
+        rejected = 0
+        for auth_set in _auth_sets(answer.body):
+            if auth_set.get("status") == "rejected" or not _same_key(auth_set.get("pubkey"), pubkey):
+                continue
+            path = AUTH_SET_STATUS.format(id=device_id, aid=auth_set["id"])
+            status = (await self._management("PUT", path, {"status": "rejected"})).status
+            if status not in (204, 404):
+                raise UpstreamRefused(f"rejecting device {device_id}: the Mender server answered {status}",
+                                      hint="the service user needs permission to reject devices")  # fmt: skip
+            rejected += status == 204
+        return rejected
+
+    async def reachable(self) -> None:
+        """Raise unless the server answers the service user: one device listed, as the readiness probe."""
+        answer = await self._management("GET", PREAUTHORIZE + "?per_page=1")
+        if answer.status != 200:
+            raise UpstreamRefused(f"listing devices: the Mender server answered {answer.status}",
+                                  hint="the service user needs permission to list devices")  # fmt: skip
+
     async def forward_auth_request(self, body: bytes, headers: Iterable[tuple[str, str]]) -> Answer:
         """Pass the device's auth request on unchanged, and return the server's answer."""
         answer = await self._call(AUTH_REQUESTS, body=body, headers=list(headers))
         return Answer(answer.status, tuple(forwardable(answer.headers)), answer.body)
+
+
+def _device_id(body: bytes) -> str | None:
+    try:
+        value = json_module.loads(body)
+    except ValueError:
+        return None
+    found = value.get("id") if isinstance(value, dict) else None
+    return found if isinstance(found, str) else None
+
+
+def _auth_sets(body: bytes) -> list[dict[str, Any]]:
+    try:
+        value = json_module.loads(body)
+    except ValueError:
+        return []
+    sets = value.get("auth_sets") if isinstance(value, dict) else None
+    return [a for a in sets if isinstance(a, dict) and isinstance(a.get("id"), str)] if isinstance(sets, list) else []
+
+
+def _same_key(pem: object, key: Any) -> bool:
+    if not isinstance(pem, str):
+        return False
+    try:
+        return bool(serialization.load_pem_public_key(pem.encode()) == key)
+    except (ValueError, UnsupportedAlgorithm):
+        return False

@@ -1,17 +1,23 @@
-"""Where the edge learns that a certificate is revoked: the registry, a CRL or a denylist.
+"""Where the edge learns that a certificate is revoked besides the registry: a CRL or a denylist.
 
 One small interface, ``RevocationSource``, so that the service asks the same
 question of each (``await source.revoked(serial)``) and a new backend (a
-registry on PostgreSQL) is one more class. Files are reread when they change,
-so a new CRL or denylist takes effect without a restart; the registry is asked
-on every request, so a revocation takes effect at once.
+source is one more class. Files are reread when they change, so a new CRL or
+denylist takes effect without a restart. The registry is not one of them: it
+says more than "revoked" (pending, unknown, the identity pin), and
+``standing.RegistryGate`` asks it.
+
+Fail closed: a file that is removed, damaged or replaced by one that is not
+good (a CRL of another key, an older CRL) makes ``revoked`` raise, with the
+reason, on every request until a good one is back; the contents read before are
+never served in its place.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,8 +25,7 @@ from typing import Protocol
 from cryptography import x509
 
 from imageprov.errors import PkiError, UsageError
-from imageprov.pki.config import Scheme, load_config
-from imageprov.pki.registry import REGISTRY, Registry, Status
+from imageprov.pki.chain import crl_problem
 
 
 class RevocationSource(Protocol):
@@ -30,12 +35,18 @@ class RevocationSource(Protocol):
 
     async def revoked(self, serial: str) -> bool: ...
 
+    async def revoked_serials(self) -> frozenset[str]:
+        """Every serial the source revokes now (read anew if it changed): what the edge cuts off in Mender."""
+        ...
+
 
 @dataclass
 class _Loaded:
-    stamp: tuple[int, int]
+    stamp: tuple[int, ...]
     serials: frozenset[str]
     next_update: dt.datetime | None = None
+    last_update: dt.datetime | None = None
+    number: int | None = None
 
 
 def normalize_serial(text: str) -> str:
@@ -45,12 +56,17 @@ def normalize_serial(text: str) -> str:
     return cleaned.lstrip("0") or "0"
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _stamp(path: Path) -> tuple[int, ...]:
     try:
         info = os.stat(path)
     except OSError as exc:
         raise PkiError(f"cannot read {path}: {exc.strerror}") from exc
-    return info.st_mtime_ns, info.st_size
+    # The inode too: a file renamed into place may have the same size and (coarse) mtime.
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def _read(path: Path) -> bytes:
@@ -82,10 +98,13 @@ class DenylistSource:
                 raise UsageError(f"{self.path}:{number}: {text!r} is not a hex serial") from exc
         return _Loaded(stamp, frozenset(serials))
 
-    async def revoked(self, serial: str) -> bool:
+    async def revoked_serials(self) -> frozenset[str]:
         if _stamp(self.path) != self._loaded.stamp:
             self._loaded = self._load()
-        return serial in self._loaded.serials
+        return self._loaded.serials
+
+    async def revoked(self, serial: str) -> bool:
+        return serial in await self.revoked_serials()
 
 
 class CrlSource:
@@ -94,50 +113,46 @@ class CrlSource:
 
     name = "crl"
 
-    def __init__(self, path: Path, ca_cert: x509.Certificate) -> None:
+    def __init__(self, path: Path, ca_cert: x509.Certificate, *, clock: Callable[[], dt.datetime] = _utcnow) -> None:
         self.path = path
         self.ca_cert = ca_cert
-        self._loaded = self._load()
+        self.clock = clock
+        problem = crl_problem(ca_cert)
+        if problem is not None:  # OpenSSL, and so nginx, refuses every device with such a CRL
+            raise PkiError(f"the fleet CA cannot sign CRLs: {problem}", hint="use --denylist")
+        self._loaded = self._load(None)
 
-    def _load(self) -> _Loaded:
+    def _load(self, previous: _Loaded | None) -> _Loaded:
         stamp = _stamp(self.path)
         data = _read(self.path)
         try:
             crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----") else x509.load_der_x509_crl(data)
-        except ValueError as exc:
+            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        except x509.ExtensionNotFound:
+            number = None
+        except (ValueError, x509.DuplicateExtension) as exc:
             raise PkiError(f"{self.path} is not a CRL") from exc
         if crl.issuer != self.ca_cert.subject or not crl.is_signature_valid(self.ca_cert.public_key()):  # type: ignore[arg-type]
             raise PkiError(f"{self.path} is not signed by the fleet CA")
+        critical = [e.oid.dotted_string for e in crl.extensions if e.critical]
+        if critical:  # a delta CRL or one that covers only some certificates: what is missing could be revoked
+            raise PkiError(f"{self.path} has a critical extension the edge does not process ({', '.join(critical)})")
+        if previous is not None and (
+            crl.last_update_utc < (previous.last_update or crl.last_update_utc)
+            or (number is not None and previous.number is not None and number < previous.number)
+        ):
+            # A CRL from before the one in force would bring back what was revoked since.
+            raise PkiError(f"{self.path} is older than the CRL it replaces", hint="publish a new one: imageprov crl")
         serials = frozenset(f"{entry.serial_number:x}" for entry in crl)
-        return _Loaded(stamp, serials, crl.next_update_utc)
+        return _Loaded(stamp, serials, crl.next_update_utc, crl.last_update_utc, number)
 
-    async def revoked(self, serial: str) -> bool:
+    async def revoked_serials(self) -> frozenset[str]:
         if _stamp(self.path) != self._loaded.stamp:
-            self._loaded = self._load()
+            self._loaded = self._load(self._loaded)
         next_update = self._loaded.next_update
-        if next_update is not None and dt.datetime.now(dt.UTC) > next_update:
+        if next_update is not None and self.clock() > next_update:
             raise PkiError(f"the CRL {self.path} is past its nextUpdate", hint="publish a new one: imageprov crl")
-        return serial in self._loaded.serials
-
-
-class RegistrySource:
-    """The PKI's registry, asked on every request: a revocation counts from the moment it is committed."""
-
-    name = "registry"
-
-    def __init__(self, pki_dir: Path) -> None:
-        url = load_config(pki_dir).registry
-        if url.scheme is Scheme.SQLITE and not url.path.is_file():
-            raise UsageError(f"{pki_dir} has no {REGISTRY}", hint="pass the PKI directory made by 'imageprov ca init'")
-        self.pki_dir = pki_dir
-        # One connection (SQLite or PostgreSQL, as PKI/imageprov.toml says) for
-        # every lookup, from worker threads: status_of_serial allows that, and
-        # opens a lost PostgreSQL connection again by itself.
-        self._registry = Registry(pki_dir)
-
-    def _lookup(self, serial: str) -> bool:
-        # In a worker thread: a lookup must not stall the event loop.
-        return self._registry.status_of_serial(serial) is Status.REVOKED
+        return self._loaded.serials
 
     async def revoked(self, serial: str) -> bool:
-        return await asyncio.to_thread(self._lookup, serial)
+        return serial in await self.revoked_serials()

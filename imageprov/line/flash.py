@@ -3,7 +3,8 @@
 Per batch, what is the same for every device is prepared once, as ``stamp``
 does (the same code: :class:`imageprov.line.stamp.Batch`), but in a sparse
 scratch file that holds only the partitions that change. Per device, a key
-and certificate are issued and written into a private sparse copy of the
+and certificate are issued and written, with the device id
+(:func:`imageprov.line.stamp.device_files`), into a private sparse copy of the
 data partition only, which is checked as ``stamp`` checks an image. Then
 every card is written at once from one pass over the golden image
 (:mod:`imageprov.disk.fanout`): the blocks a bmap covers, each card's data

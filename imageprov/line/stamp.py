@@ -3,7 +3,7 @@
 What is the same for every device (mender.conf on both rootfs partitions, or
 the data partition's fallback config) is done and checked once per batch, on
 a private copy of the golden image (``prepare``). Per device, that copy is
-copied again (reflink or sparse), the device's key and certificate are
+copied again (reflink or sparse), the device's key, certificate and id are
 written into the data partition with a write plan made once, the data
 partition is checked, and the image is published under its final name only
 once its data are on disk. Publishing runs in a second thread, so that one
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import os
+import tempfile
 import threading
 import time
 from collections import deque
@@ -50,11 +51,14 @@ from imageprov.mender.prepare import ConfTarget, apply_changes, plan_changes, re
 from imageprov.mender.verify import (
     CERT_PATH,
     DATA_CONF_PATH,
+    DEVICE_ID_FILE,
+    DEVICE_ID_PATH,
     KEY_PATH,
     Checks,
     check_data_partition,
     check_fsck,
     check_mender_confs,
+    device_id_text,
     verify_image,
 )
 from imageprov.pki.ca import CertificateAuthority, Curve, Issued
@@ -64,6 +68,22 @@ from imageprov.pki.registry import Reason, Registry, RegistryUnavailable, Status
 IMAGE_MODE = 0o600
 # Where images that are not delivered (their certificate is not live) are moved, inside OUT.
 SUPERSEDED = "superseded"
+# Where device_files() go on the data partition: known before any certificate is issued, so that
+# one write plan serves the whole batch (a plan and files that differ are refused when applied).
+DEVICE_PATHS = (KEY_PATH.inner, CERT_PATH.inner, DEVICE_ID_PATH.inner)
+
+
+def device_files(device_id: str, issued: Issued) -> list[NewFile]:
+    """What one device gets on its data partition, for stamp and flash alike.
+
+    Its key (0600) and certificate, and its id in ``DEVICE_ID_FILE`` for an
+    identity script to send as ``id_data[NAME]`` (``edge serve --identity attribute:NAME``).
+    """
+    return [
+        NewFile(KEY_PATH.inner, issued.key_pem(), 0o600),
+        NewFile(CERT_PATH.inner, issued.cert_pem()),
+        NewFile(DEVICE_ID_PATH.inner, device_id_text(device_id)),
+    ]
 
 
 class Engine(enum.Enum):
@@ -242,7 +262,7 @@ class Batch:
             notes.append("golden image already prepared: only the data partition changes per device")
         disk = self.disk.at(source)
         self._check_prepared(disk)
-        self._plan = disk.ext(disk.layout.data_partition).plan([KEY_PATH.inner, CERT_PATH.inner])
+        self._plan = disk.ext(disk.layout.data_partition).plan(DEVICE_PATHS)
         self.notes = tuple(notes)
         self._source = source
         return source
@@ -424,6 +444,11 @@ class Batch:
             mender_artifact.stamp(
                 self._source, temp, issued, self.options.settings, data_conf=self._conf_target is ConfTarget.DATA
             )
+            # mender_artifact.stamp writes the key and certificate; the device id goes in the same way.
+            with tempfile.TemporaryDirectory(prefix="imageprov-ma-") as tmp:
+                local = Path(tmp, "device-id")
+                local.write_bytes(device_id_text(device_id))
+                mender_artifact.install(local, temp, DEVICE_ID_FILE, 0o644)
             report = verify_image(temp, self.ca.cert, device_id=device_id, overrides=self.options.overrides,
                                   auth_key=self.options.settings.auth_key)  # fmt: skip
             failures = report.failures
@@ -432,7 +457,7 @@ class Batch:
             self._copy_for_device(temp)
             disk = self.disk.at(temp)
             data = disk.layout.data_partition
-            files = [NewFile(KEY_PATH.inner, issued.key_pem(), 0o600), NewFile(CERT_PATH.inner, issued.cert_pem())]
+            files = device_files(device_id, issued)
             disk.ext(data).apply(self._plan, files)
             checks = Checks()
             expected = {f.path: f.content for f in files}

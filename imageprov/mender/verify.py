@@ -15,7 +15,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from imageprov.disk.ext4 import Ext4, Inode, fsck
 from imageprov.disk.image import DevicePath, DiskImage
@@ -32,10 +32,15 @@ from imageprov.mender.conf import (
     effective,
     parse,
 )
-from imageprov.pki.chain import leaf_problems
+from imageprov.pki.chain import device_key_problem, extension_problem, leaf_problems, usage_problems
+
+# The device id the line stamped, one line, for the device's identity script:
+# an edge with ``--identity attribute:NAME`` wants it in id_data[NAME], equal to the CN.
+DEVICE_ID_FILE = "/data/mender/imageprov-device-id"
 
 KEY_PATH = DevicePath.parse(CLIENT_KEY)
 CERT_PATH = DevicePath.parse(CLIENT_CERT)
+DEVICE_ID_PATH = DevicePath.parse(DEVICE_ID_FILE)
 DATA_CONF_PATH = DevicePath.parse(DATA_CONF)
 ROOTFS_CONF_PATH = PurePosixPath(ROOTFS_CONF)
 
@@ -163,13 +168,14 @@ def check_data_partition(
     expected: dict[PurePosixPath, bytes] | None = None,
     strict: bool = False,
 ) -> DataFindings:
-    """Check the key and certificate on the data partition, in one debugfs run.
+    """Check the key, the certificate and the device id file on the data partition, in one debugfs run.
 
     ``expected``, when given, are contents just written, which must read back
     byte for byte.
     """
+    wanted = [KEY_PATH.inner, CERT_PATH.inner, DEVICE_ID_PATH.inner, DATA_CONF_PATH.inner]
     try:
-        found = disk.ext(disk.layout.data_partition).fetch([KEY_PATH.inner, CERT_PATH.inner, DATA_CONF_PATH.inner])
+        found = disk.ext(disk.layout.data_partition).fetch(wanted)
     except ImageprovError as exc:
         checks.add("data partition readable", False, str(exc))
         return DataFindings(readable=False)
@@ -179,8 +185,19 @@ def check_data_partition(
         checks.add(f"{path} reads back as written", found[path][1] == want)
     _check_file(checks, CLIENT_KEY, key_inode, 0o600)
     _check_file(checks, CLIENT_CERT, cert_inode, 0o644)
+    id_inode, id_text = found[DEVICE_ID_PATH.inner]
+    _check_file(checks, DEVICE_ID_FILE, id_inode, 0o644)
     cert = _check_credentials(checks, key_pem, cert_pem, ca_cert, device_id, crl, now, strict)
+    if cert is not None and id_inode is not None:
+        # What the device's identity script sends as id_data[NAME]; the edge compares it with the CN.
+        checks.add(f"{DEVICE_ID_FILE} holds the certificate's CN", id_text == device_id_text(_cn(cert)),
+                   repr(id_text.decode(errors="replace")) if id_text is not None else "unreadable")  # fmt: skip
     return DataFindings(cert, found[DATA_CONF_PATH.inner][1])
+
+
+def device_id_text(device_id: str) -> bytes:
+    """What :data:`DEVICE_ID_FILE` holds: the device id and a newline."""
+    return f"{device_id}\n".encode()
 
 
 def check_mender_confs(
@@ -275,12 +292,13 @@ def _check_credentials(
                    f"revoked {revoked.revocation_date_utc:%Y-%m-%d}" if revoked else "")  # fmt: skip
     if device_id is not None:
         checks.add("certificate CN is the device id", _cn(cert) == device_id, _cn(cert))
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        client_auth = ExtendedKeyUsageOID.CLIENT_AUTH in eku
-    except x509.ExtensionNotFound:
-        client_auth = False
-    checks.add("certificate allows clientAuth", client_auth)
+    # The same rules as the edge's (pki/chain.py): an absent extendedKeyUsage
+    # restricts nothing, anyExtendedKeyUsage alone does not do.
+    unreadable = extension_problem(cert)
+    usage = [unreadable] if unreadable is not None else usage_problems(cert)
+    checks.add("certificate allows TLS client use", not usage, "; ".join(usage))
+    weak = device_key_problem(cert.public_key())
+    checks.add("certificate key is one Mender takes", weak is None, weak or "")
     if key_pem is not None:
         try:
             key = serialization.load_pem_private_key(key_pem, None)

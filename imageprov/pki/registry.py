@@ -9,11 +9,20 @@ partial unique index), unique serials and fingerprints, the three states.
 A ``pending`` certificate belongs to a station session that holds a lease
 (an flock, or a PostgreSQL advisory lock): another station revokes it only
 once that lease is gone, never while its owner may still deliver it.
+
+A device certificate is bound to the first identity it presents at the edge
+(``pin_identity``): the schema keeps one identity per certificate and one
+current certificate per identity, so edges racing on either end with a verdict.
+
+A registry is made only where a PKI starts (``create=True``: ``ca init``,
+``ca import``, the target of ``registry migrate``); anything else that names a
+registry that is not there gets ``RegistryMissing``, never a new, empty one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from types import TracebackType
 
@@ -26,26 +35,44 @@ from imageprov.pki.config import PkiConfig, RegistryUrl, Scheme, load_config
 from imageprov.pki.registry_base import (
     COLUMNS,
     Backend,
+    Pin,
+    PinResult,
+    PinVerdict,
     Reason,
     Record,
     RegistryBusy,
     RegistryConflict,
     RegistryDamaged,
+    RegistryMissing,
+    RegistryTimeout,
     RegistryUnavailable,
     Station,
     Status,
+    Tx,
 )
 from imageprov.pki.registry_sqlite import SqliteBackend
 
 __all__ = [
-    "Reason", "Record", "Registry", "RegistryBusy", "RegistryConflict", "RegistryDamaged", "RegistryUnavailable",
-    "Status", "normalize_serial",
+    "Pin", "PinResult", "PinVerdict", "Reason", "Record", "Registry", "RegistryBusy", "RegistryConflict",
+    "RegistryDamaged", "RegistryMissing", "RegistryTimeout", "RegistryUnavailable", "Status", "normalize_serial",
 ]  # fmt: skip
 
 REGISTRY = "registry.sqlite"
 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM certificates"
-_LIVE = "device_id = ? AND kind = 'device' AND status != 'revoked'"
+# Spelled as the partial index one_live_certificate_per_device is, so that both databases use it.
+_LIVE = "device_id = ? AND kind = 'device' AND status IN ('pending', 'active')"
+_PIN = "SELECT serial, identity, mender_device_id, pinned_at, cut_at FROM pins"
+# The current holder of an identity, and whether the certificate asking supersedes it: the holder is
+# revoked, or it is an older certificate of the same device (of two issued in one second, the one recorded first).
+_HOLDER = (
+    "SELECT p.serial, p.mender_device_id, (h.status = 'revoked' OR (h.device_id = c.device_id AND "
+    "(h.issued_at < c.issued_at OR (h.issued_at = c.issued_at AND h.rowid < c.rowid)))) AS superseded "
+    "FROM pins p JOIN certificates h ON h.serial = p.serial JOIN certificates c ON c.serial = ? "
+    "WHERE p.identity = ? AND p.released_at IS NULL"
+)
+_PIN_ATTEMPTS = 5
+MAX_IDENTITY = 2048  # bytes of canonical JSON: the schema's CHECK, within a btree entry of PostgreSQL
 
 
 def _now() -> str:
@@ -63,32 +90,52 @@ def _required(pki_dir: Path | None) -> Path:
     return pki_dir
 
 
-def connect(url: RegistryUrl, *, timeout: float) -> Backend:
-    """Open (and migrate forward) the registry at ``url``."""
+def connect(url: RegistryUrl, *, timeout: float, create: bool = False) -> Backend:
+    """Open (and migrate forward) the registry at ``url``; make it only if ``create``."""
     if url.scheme is Scheme.SQLITE:
-        return SqliteBackend(url.path, timeout=timeout)
+        return SqliteBackend(url.path, timeout=timeout, create=create)
     from imageprov.pki.registry_pg import PostgresBackend  # psycopg only where it is used
 
-    return PostgresBackend(url.target, url.display, timeout=timeout)
+    return PostgresBackend(url.target, url.display, timeout=timeout, create=create)
+
+
+class _LostRace(Exception):
+    """Another transaction changed what a decision was based on: decide again."""
+
+
+def _canonical(identity: str) -> str:
+    try:
+        same = json.dumps(json.loads(identity), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except ValueError:
+        same = None
+    if same != identity:
+        raise PkiError("an identity to pin must be canonical JSON",
+                       hint='json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)')  # fmt: skip
+    if len(identity.encode()) > MAX_IDENTITY:
+        raise PkiError(f"an identity of {len(identity.encode())} bytes is too long to pin (at most {MAX_IDENTITY})")
+    return identity
 
 
 class Registry:
     """The certificate registry of one PKI directory. Use as a context manager.
 
     ``url`` (--registry) overrides the PKI's ``imageprov.toml``; without
-    either, the registry is ``PKI/registry.sqlite``.
+    either, the registry is ``PKI/registry.sqlite``. Only ``create`` makes it
+    if it is not there; otherwise that raises ``RegistryMissing``.
     """
 
-    def __init__(self, pki_dir: Path | None, url: str | None = None, *, config: PkiConfig | None = None) -> None:
+    def __init__(
+        self, pki_dir: Path | None, url: str | None = None, *, config: PkiConfig | None = None, create: bool = False
+    ) -> None:
         self.config: PkiConfig = config or load_config(_required(pki_dir), url)
-        self._db = connect(self.config.registry, timeout=self.config.timeout)
+        self._db = connect(self.config.registry, timeout=self.config.timeout, create=create)
         self._session: int | None = None
         self.station = Station.this()
 
     @classmethod
-    def at(cls, url: RegistryUrl, *, timeout: float) -> Registry:
+    def at(cls, url: RegistryUrl, *, timeout: float, create: bool = False) -> Registry:
         """A registry by URL alone (no PKI directory), e.g. the target of a migration."""
-        return cls(None, config=PkiConfig(url, timeout))
+        return cls(None, config=PkiConfig(url, timeout), create=create)
 
     @property
     def display(self) -> str:
@@ -300,11 +347,127 @@ class Registry:
         try:
             with self._db.autocommit() as tx:
                 found = tx.query(sql, key)
-        except RegistryUnavailable:
-            if self._session is not None:
+        except RegistryUnavailable as exc:
+            if self._session is not None or isinstance(exc, RegistryTimeout):  # a slow server stays slow
                 raise
             self._db.close()
             self._db = connect(self.config.registry, timeout=self.config.timeout)
             with self._db.autocommit() as tx:
                 found = tx.query(sql, key)
         return Status(found[0]["status"]) if found else None
+
+    def record_of(self, serial: str) -> Record | None:
+        """The certificate with ``serial`` (hex, any case), None if the CA never issued it."""
+        found = self._select("serial = ?", (normalize_serial(serial),))
+        return found[0] if found else None
+
+    # -- identity pins ----------------------------------------------------------
+
+    def pin_identity(self, serial: str, identity: str) -> PinResult:
+        """Bind ``identity`` (canonical JSON) to the device certificate ``serial`` if it is the first it presents.
+
+        The verdicts, decided in one transaction:
+
+        - the certificate holds (or once held) another identity: CERTIFICATE_PINNED_ELSEWHERE; a certificate is
+          bound to its first identity for good;
+        - it holds this one: SAME; it held it and lost it (it was revoked, or its device reissued): IDENTITY_TAKEN,
+          with the certificate holding it now (a certificate never takes an identity back);
+        - nobody holds it: PINNED;
+        - its holder is revoked, or is an older certificate of the same device_id: REPINNED, with that holder; the
+          holder's row stays as history (``released_at``, ``released_to``) and hands on its Mender device id;
+        - otherwise: IDENTITY_TAKEN, with the holder.
+
+        Edges racing on one identity or one certificate: the schema's unique keys let one win, the others
+        decide again on what it committed. Raises ``PkiError`` if ``serial`` is no device certificate of the CA's.
+        """
+        serial = normalize_serial(serial)
+        identity = _canonical(identity)
+        # Every request after a device's first: answered by one read, without taking the write lock. A
+        # certificate's row never changes its identity, and a current pin is only ever released later.
+        with self._db.autocommit() as tx:
+            own = tx.query("SELECT identity, released_to FROM pins WHERE serial = ?", (serial,))
+        if own and own[0]["identity"] != identity:
+            return PinResult(PinVerdict.CERTIFICATE_PINNED_ELSEWHERE, None)
+        if own and own[0]["released_to"] is None:
+            return PinResult(PinVerdict.SAME, None)
+        for _ in range(_PIN_ATTEMPTS):
+            try:
+                with self._db.transaction() as tx:
+                    return self._pin(tx, serial, identity)
+            except (RegistryConflict, _LostRace):
+                continue
+        raise RegistryConflict(
+            f"the identity pin of certificate {serial} kept changing while being decided",
+            hint="several edges are at this device at once; its next request is decided anew",
+        )
+
+    def _pin(self, tx: Tx, serial: str, identity: str) -> PinResult:
+        found = tx.query("SELECT kind FROM certificates WHERE serial = ?", (serial,))
+        if not found or found[0]["kind"] != "device":
+            raise PkiError(
+                f"certificate {serial} is not a device certificate of this CA's registry"
+                + (f" (it is a {found[0]['kind']} certificate)" if found else ""),
+                hint="only certificates the registry recorded for devices take an identity",
+            )
+        own = tx.query("SELECT identity, released_to FROM pins WHERE serial = ?", (serial,))
+        if own and own[0]["identity"] != identity:
+            return PinResult(PinVerdict.CERTIFICATE_PINNED_ELSEWHERE, None)
+        if own and own[0]["released_to"] is None:
+            return PinResult(PinVerdict.SAME, None)
+        held = tx.query(_HOLDER, (serial, identity))
+        if own:  # lost to a newer certificate or for its revocation: for good
+            return PinResult(PinVerdict.IDENTITY_TAKEN, str(held[0]["serial"]) if held else own[0]["released_to"])
+        now = _now()
+        if not held:
+            tx.execute("INSERT INTO pins (serial, identity, pinned_at) VALUES (?, ?, ?)", (serial, identity, now))
+            return PinResult(PinVerdict.PINNED, None)
+        holder = str(held[0]["serial"])
+        if not held[0]["superseded"]:
+            return PinResult(PinVerdict.IDENTITY_TAKEN, holder)
+        released = tx.execute(
+            "UPDATE pins SET released_at = ?, released_to = ? WHERE serial = ? AND released_at IS NULL",
+            (now, serial, holder),
+        )
+        if released != 1:
+            raise _LostRace  # another edge moved it first
+        tx.execute(
+            "INSERT INTO pins (serial, identity, mender_device_id, pinned_at) VALUES (?, ?, ?, ?)",
+            (serial, identity, held[0]["mender_device_id"], now),
+        )
+        return PinResult(PinVerdict.REPINNED, holder)
+
+    def pin_of(self, serial: str) -> Pin | None:
+        """The identity certificate ``serial`` holds now; None if it never pinned one, or lost it."""
+        with self._db.autocommit() as tx:
+            found = tx.query(f"{_PIN} WHERE serial = ? AND released_at IS NULL", (normalize_serial(serial),))
+        return Pin.from_row(found[0]) if found else None
+
+    def set_mender_device(self, serial: str, mender_device_id: str) -> None:
+        """Record the Mender device id the edge learned when it preauthorized certificate ``serial``'s key."""
+        serial = normalize_serial(serial)
+        with self._db.transaction() as tx:
+            changed = tx.execute("UPDATE pins SET mender_device_id = ? WHERE serial = ?", (mender_device_id, serial))
+        if changed != 1:
+            raise PkiError(f"certificate {serial} holds no identity", hint="pin_identity comes first")
+
+    def uncut_revoked_pins(self) -> list[Pin]:
+        """Current pins whose certificate is revoked and whose device the edge has not rejected in Mender yet.
+
+        Read through the partial index pins_not_cut (current pins not yet cut), each certificate by its key: the
+        cost grows with the fleet, not with the certificates it went through."""
+        with self._db.autocommit() as tx:
+            found = tx.query(
+                "SELECT p.serial, p.identity, p.mender_device_id, p.pinned_at, p.cut_at "
+                "FROM pins p JOIN certificates c ON c.serial = p.serial "
+                "WHERE p.released_at IS NULL AND p.cut_at IS NULL AND c.status = 'revoked' ORDER BY p.serial"
+            )
+        return [Pin.from_row(row) for row in found]
+
+    def mark_cut(self, serial: str) -> None:
+        """Record that the edge rejected certificate ``serial``'s device in Mender; marking it again changes nothing."""
+        serial = normalize_serial(serial)
+        with self._db.transaction() as tx:
+            tx.execute("UPDATE pins SET cut_at = ? WHERE serial = ? AND cut_at IS NULL", (_now(), serial))
+            known = tx.query("SELECT 1 AS k FROM pins WHERE serial = ?", (serial,))
+        if not known:
+            raise PkiError(f"certificate {serial} holds no identity", hint="only a pinned device can be cut off")

@@ -1,4 +1,7 @@
-"""Looking after a registry: check its invariants, copy it into another database (SQLite to PostgreSQL)."""
+"""Looking after a registry: check its invariants, copy it into another database (SQLite to PostgreSQL).
+
+Both cover the certificates and the identity pins the edge keeps beside them.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from dataclasses import dataclass, field
 
 from imageprov.errors import PkiError
 from imageprov.pki.registry import Registry
-from imageprov.pki.registry_base import COLUMNS, Record, Status, rows_of
+from imageprov.pki.registry_base import COLUMNS, PIN_COLUMNS, Record, Row, Status, Tx, rows_of
 
 # A certificate only ever moves forward: pending -> active -> revoked (or pending -> revoked).
 _RANK = {Status.PENDING: 0, Status.ACTIVE: 1, Status.REVOKED: 2}
@@ -22,6 +25,7 @@ class CheckReport:
     by_status: dict[str, int]
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    pins: int = 0  # identity pins, current and moved on
 
     @property
     def ok(self) -> bool:
@@ -62,6 +66,12 @@ def check(registry: Registry) -> CheckReport:
             problems.append(f"certificate {serial} has an impossible state")
         counts = {str(r["status"]): int(r["n"]) for r in tx.query(
             "SELECT status, COUNT(*) AS n FROM certificates GROUP BY status")}  # fmt: skip
+        problems += _pin_problems(tx)
+        [pins] = tx.query(
+            "SELECT COUNT(*) AS n, COUNT(released_at) AS released, "
+            "SUM(CASE WHEN released_at IS NULL AND cut_at IS NULL AND serial IN "
+            "(SELECT serial FROM certificates WHERE status = 'revoked') THEN 1 ELSE 0 END) AS uncut FROM pins"
+        )
     pending = [r for r in registry.all() if r.status is Status.PENDING]
     orphans = [r for r in pending if not registry.owner_alive(r)]
     if orphans:
@@ -73,9 +83,36 @@ def check(registry: Registry) -> CheckReport:
         registry_notes = []
     if len(pending) > len(orphans):
         registry_notes.append(f"{len(pending) - len(orphans)} pending certificate(s) of stations at work")
+    if pins["uncut"]:
+        registry_notes.append(f"{pins['uncut']} revoked device(s) not yet rejected in Mender by the edge")
+    if pins["released"]:
+        registry_notes.append(f"{pins['released']} identity pin(s) moved on to a newer certificate (kept as history)")
     return CheckReport(
-        registry.display, backend.schema_version(), sum(counts.values()), counts, problems, registry_notes
-    )
+        registry.display, backend.schema_version(), sum(counts.values()), counts, problems, registry_notes,
+        int(pins["n"]),
+    )  # fmt: skip
+
+
+def _pin_problems(tx: Tx) -> list[str]:
+    """The pins' invariants: one current certificate per identity, device certificates only, history that adds up."""
+    checks = [
+        ("SELECT identity AS k FROM pins WHERE released_at IS NULL GROUP BY identity HAVING COUNT(*) > 1",
+         "identity {} is held by more than one certificate"),
+        ("SELECT p.serial AS k FROM pins p LEFT JOIN certificates c ON c.serial = p.serial "
+         "WHERE c.serial IS NULL OR c.kind != 'device'",
+         "certificate {} holds an identity but is no device certificate of the registry's"),
+        ("SELECT serial AS k FROM pins WHERE (released_at IS NULL) != (released_to IS NULL) OR released_to = serial",
+         "the identity pin of certificate {} has an impossible state"),
+        ("SELECT p.serial AS k FROM pins p LEFT JOIN pins n ON n.serial = p.released_to "
+         "WHERE p.released_to IS NOT NULL AND (n.serial IS NULL OR n.identity != p.identity)",
+         "certificate {}'s identity moved on to a certificate that never held it"),
+        # An identity moves on only from a revoked certificate, or from an older one of a device whose newer
+        # certificate revoked it: a live certificate that lost its identity was changed by hand.
+        ("SELECT p.serial AS k FROM pins p JOIN certificates c ON c.serial = p.serial "
+         "WHERE p.released_at IS NOT NULL AND c.status != 'revoked'",
+         "certificate {} is live but lost its identity"),
+    ]  # fmt: skip
+    return [message.format(row["k"]) for sql, message in checks for row in tx.query(sql)]
 
 
 @dataclass(frozen=True)
@@ -87,6 +124,9 @@ class MigrateReport:
     unchanged: int
     verified: int  # every certificate of the source, found with the same fingerprint
     crl_number: int
+    pins_copied: int = 0  # identity pins new in the target
+    pins_updated: int = 0  # already there, moved forward (moved on to another certificate, cut, a Mender device id)
+    pins_verified: int = 0  # every pin of the source, found holding the same identity, never behind
 
 
 def migrate(source: Registry, target: Registry) -> MigrateReport:
@@ -103,18 +143,14 @@ def migrate(source: Registry, target: Registry) -> MigrateReport:
         )
     with source.backend.autocommit() as tx:
         found = tx.query("SELECT value FROM meta WHERE key = 'crl_number'")
+        pins = tx.query(f"SELECT {', '.join(PIN_COLUMNS)} FROM pins ORDER BY serial")
     crl_number = int(found[0]["value"]) if found else 0
     copied = updated = unchanged = 0
     with target.backend.transaction() as tx:
         there = {r.serial: r for r in (Record.from_row(row) for row in tx.query(
             f"SELECT {', '.join(COLUMNS)} FROM certificates"))}  # fmt: skip
-        new = [r for r in records if r.serial not in there]
-        # Sessions belong to the database they ran against: none of them runs against the target.
-        tx.executemany(
-            f"INSERT INTO certificates ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})",
-            rows_of(_without_session(r) for r in new),
-        )
-        copied = len(new)
+        # Moved forward first: a device reissued since the last copy has its old certificate revoked in the
+        # target before its new one arrives (one live certificate per device, at every statement).
         for record in records:
             old = there.get(record.serial)
             if old is None:
@@ -134,11 +170,76 @@ def migrate(source: Registry, target: Registry) -> MigrateReport:
                 updated += 1
             else:
                 unchanged += 1
+        new = [r for r in records if r.serial not in there]
+        # Sessions belong to the database they ran against: none of them runs against the target.
+        tx.executemany(
+            f"INSERT INTO certificates ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})",
+            rows_of(_without_session(r) for r in new),
+        )
+        copied = len(new)
         tx.execute("INSERT INTO meta VALUES ('crl_number', 0) ON CONFLICT (key) DO NOTHING")
         # CRL numbers must keep increasing after the move (RFC 5280, 5.2.3).
         tx.execute("UPDATE meta SET value = ? WHERE key = 'crl_number' AND value < ?", (crl_number, crl_number))
+        pins_copied, pins_updated = _copy_pins(pins, tx, source, target)
     verified = _verify(records, target)
-    return MigrateReport(source.display, target.display, copied, updated, unchanged, verified, crl_number)
+    pins_verified = _verify_pins(pins, target)
+    return MigrateReport(
+        source.display, target.display, copied, updated, unchanged, verified, crl_number,
+        pins_copied, pins_updated, pins_verified,
+    )  # fmt: skip
+
+
+def _copy_pins(pins: list[Row], tx: Tx, source: Registry, target: Registry) -> tuple[int, int]:
+    """Copy the identity pins after the certificates they name; return (copied, moved forward)."""
+    there = {row["serial"]: row for row in tx.query(f"SELECT {', '.join(PIN_COLUMNS)} FROM pins")}
+    updated = 0
+    # Changes first: an identity that moved on leaves its old holder before its new holder's row arrives.
+    for pin in pins:
+        old = there.get(pin["serial"])
+        if old is None:
+            continue
+        if old["identity"] != pin["identity"]:
+            raise PkiError(
+                f"certificate {pin['serial']} holds different identities in {source.display} and {target.display}",
+                hint="the target holds another registry's pins: migrate into an empty database",
+            )
+        forward = {
+            "released_at": old["released_at"] is None and pin["released_at"] is not None,
+            "released_to": old["released_to"] is None and pin["released_to"] is not None,
+            "cut_at": old["cut_at"] is None and pin["cut_at"] is not None,
+            "mender_device_id": pin["mender_device_id"] is not None
+            and pin["mender_device_id"] != old["mender_device_id"],
+        }
+        moved = [name for name, changed in forward.items() if changed]
+        if moved:
+            tx.execute(
+                f"UPDATE pins SET {', '.join(f'{name} = ?' for name in moved)} WHERE serial = ?",
+                (*(pin[name] for name in moved), pin["serial"]),
+            )
+            updated += 1
+    new = [pin for pin in pins if pin["serial"] not in there]
+    tx.executemany(
+        f"INSERT INTO pins ({', '.join(PIN_COLUMNS)}) VALUES ({', '.join('?' for _ in PIN_COLUMNS)})",
+        [tuple(pin[name] for name in PIN_COLUMNS) for pin in new],
+    )
+    return len(new), updated
+
+
+def _verify_pins(pins: list[Row], target: Registry) -> int:
+    """Read the target's pins back: every source pin there, the same identity, moved on and cut if it was."""
+    with target.backend.autocommit() as tx:
+        there = {row["serial"]: row for row in tx.query(f"SELECT {', '.join(PIN_COLUMNS)} FROM pins")}
+    wrong = [
+        pin["serial"]
+        for pin in pins
+        if (t := there.get(pin["serial"])) is None
+        or t["identity"] != pin["identity"]
+        or (pin["released_to"] is not None and t["released_to"] != pin["released_to"])
+        or (pin["cut_at"] is not None and t["cut_at"] is None)
+    ]
+    if wrong:
+        raise PkiError(f"{len(wrong)} identity pin(s) did not arrive intact in {target.display} (e.g. {wrong[0]})")
+    return len(pins)
 
 
 def _without_session(record: Record) -> Record:

@@ -24,12 +24,15 @@ from imageprov.errors import PkiError
 # Schema versions, numbered. Every backend migrates forward to this one on
 # open, in one transaction; a registry with a higher number was made by a newer
 # imageprov and is refused rather than misread.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 COLUMNS = (
     "serial", "device_id", "kind", "fingerprint", "public_key", "not_before", "not_after", "issued_at",
     "status", "revoked_at", "reason", "delivered_to", "delivered_at", "owner", "session",
 )  # fmt: skip
+
+# The identity pins (version 3): a device certificate is bound to the first identity it presents.
+PIN_COLUMNS = ("serial", "identity", "mender_device_id", "pinned_at", "released_at", "released_to", "cut_at")
 
 Row = dict[str, Any]
 
@@ -90,12 +93,55 @@ class Record:
         }
 
 
+class PinVerdict(enum.Enum):
+    """What became of a certificate's claim to an identity (``Registry.pin_identity``)."""
+
+    PINNED = "pinned"  # first use: recorded now
+    SAME = "same"  # this certificate already holds this identity
+    # The identity moved to this certificate: its holder was revoked, or this is
+    # a newer certificate (later issued_at) of the same device_id (a reissued device).
+    REPINNED = "repinned"
+    CERTIFICATE_PINNED_ELSEWHERE = "certificate-pinned-elsewhere"  # this certificate holds (or held) another identity
+    IDENTITY_TAKEN = "identity-taken"  # another certificate, live and not superseded by this one, holds this identity
+
+
+@dataclass(frozen=True)
+class PinResult:
+    verdict: PinVerdict
+    holder: str | None  # the other serial: the one holding the identity (IDENTITY_TAKEN) or that held it (REPINNED)
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The identity a certificate holds, and what the edge did with it in Mender."""
+
+    serial: str
+    identity: str  # canonical JSON of the identity data the device sent
+    mender_device_id: str | None  # learned at preauthorization
+    pinned_at: str
+    cut_at: str | None  # when the edge rejected the device in Mender (its certificate revoked)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Pin:
+        return cls(**{name: row[name] for name in ("serial", "identity", "mender_device_id", "pinned_at", "cut_at")})
+
+
 class RegistryBusy(PkiError):
     """Another process holds a lock on the registry for longer than we wait."""
 
 
 class RegistryUnavailable(PkiError):
     """The registry cannot be reached (database down, connection lost): no device can be issued."""
+
+
+class RegistryTimeout(RegistryUnavailable):
+    """The registry did not answer within ``[registry] timeout`` (an overloaded or stuck server)."""
+
+
+class RegistryMissing(PkiError):
+    """The registry named (by imageprov.toml, --registry, or the PKI's default) does not exist.
+
+    Only the commands that start a PKI create one (``Registry(..., create=True)``)."""
 
 
 class RegistryDamaged(PkiError):
@@ -187,6 +233,14 @@ class Backend(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+
+def missing(where: str) -> RegistryMissing:
+    return RegistryMissing(
+        f"no registry at {where}",
+        hint="check [registry] url in PKI/imageprov.toml (or --registry), or restore it from a backup; a registry is "
+        "made only by 'imageprov ca init', 'ca import' or 'registry migrate --to'",
+    )
 
 
 def newer_schema(display: str, version: int) -> PkiError:

@@ -1,5 +1,10 @@
 """The PostgreSQL backend (psycopg 3): one registry for the stations of many hosts.
 
+Every call has a deadline, ``[registry] timeout``: connecting (``connect_timeout``),
+waiting for a lock (``lock_timeout``), and any statement (``statement_timeout``,
+a second longer so that a lock wait is reported as one). A server that is slow
+gives ``RegistryTimeout`` (a ``RegistryUnavailable``), never a hang.
+
 A station's lease is a session-level advisory lock held on its connection:
 PostgreSQL drops it the moment the connection ends, whatever ended it (the
 process killed, the host gone once TCP keepalives give up, the server
@@ -10,6 +15,7 @@ records who held it (host, pid, boot id) for people to read.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -23,6 +29,8 @@ from imageprov.pki.registry_base import (
     Backend,
     RegistryBusy,
     RegistryConflict,
+    RegistryMissing,
+    RegistryTimeout,
     RegistryUnavailable,
     Row,
     Station,
@@ -70,7 +78,27 @@ _MIGRATIONS: dict[int, list[str]] = {
         )""",
         "ALTER TABLE certificates ADD COLUMN session BIGINT REFERENCES sessions (id)",
     ],
+    3: [
+        # As in registry_sqlite.py: one row per certificate, for good; one current holder per identity.
+        """CREATE TABLE pins (
+            serial           TEXT PRIMARY KEY REFERENCES certificates (serial),
+            -- canonical JSON; bounded so that it always fits a btree entry (2704 bytes)
+            identity         TEXT NOT NULL CHECK (octet_length(identity) BETWEEN 1 AND 2048),
+            mender_device_id TEXT,
+            pinned_at        TIMESTAMPTZ NOT NULL,
+            released_at      TIMESTAMPTZ,
+            released_to      TEXT REFERENCES certificates (serial),
+            cut_at           TIMESTAMPTZ,
+            CHECK ((released_at IS NULL) = (released_to IS NULL)),
+            CHECK (released_to <> serial)
+        )""",
+        "CREATE UNIQUE INDEX one_certificate_per_identity ON pins (identity) WHERE released_at IS NULL",
+        # What the edge polls: the current pins not yet cut, each certificate's status then read by its key.
+        "CREATE INDEX pins_not_cut ON pins (serial) WHERE released_at IS NULL AND cut_at IS NULL",
+    ],
 }
+
+INDEXES = ("one_live_certificate_per_device", "one_certificate_per_identity", "pins_not_cut")
 
 
 _CLIENT_DEFAULTS = {
@@ -104,10 +132,16 @@ class _PgTx(Tx):
 
 
 class PostgresBackend(Backend):
-    def __init__(self, url: str, display: str, *, timeout: float) -> None:
+    """``create``: give an empty database the registry's schema (only a command that starts a PKI, or the
+    target of a migration); otherwise a database without one raises ``RegistryMissing``."""
+
+    def __init__(self, url: str, display: str, *, timeout: float, create: bool = False) -> None:
         self.display = display
         self._timeout = timeout
         self._session: int | None = None
+        # One connection, used by one thread at a time (the edge asks from a pool): a
+        # transaction's statements must not interleave with another thread's.
+        self._lock = threading.RLock()
         # A station must notice a server it can no longer reach rather than
         # wait on a dead TCP connection; values in the URL win.
         try:
@@ -123,12 +157,21 @@ class PostgresBackend(Backend):
         try:
             with self._errors():
                 # Timestamps come back in UTC, as SQLite's text has them; a
-                # lock another transaction holds is waited for as long as SQLite would.
+                # lock another transaction holds is waited for as long as SQLite
+                # would, and any statement a second longer.
                 self._conn.execute(
-                    "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false)",
-                    (f"{int(timeout * 1000)}ms",),
+                    "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false),"
+                    " set_config('statement_timeout', %s, false)",
+                    (f"{int(timeout * 1000)}ms", f"{int(timeout * 1000) + 1000}ms"),
                 )
-                if self.schema_version() != SCHEMA_VERSION:
+                version = self.schema_version()
+                if version == 0 and not create:
+                    raise RegistryMissing(
+                        f"the database {display} holds no registry",
+                        hint="check the database in [registry] url (PKI/imageprov.toml) or --registry; a registry "
+                        "is made there by 'imageprov registry migrate --pki PKI --to URL' or 'imageprov ca init'",
+                    )
+                if version != SCHEMA_VERSION:
                     self._migrate()
         except BaseException:
             self._conn.close()
@@ -170,11 +213,19 @@ class PostgresBackend(Backend):
             yield
         except psycopg.errors.IntegrityError as exc:
             raise RegistryConflict(f"the registry {self.display} refused a change: {_first_line(exc)}") from exc
+        except psycopg.errors.TransactionRollback as exc:  # a deadlock or serialization failure: a race lost
+            raise RegistryConflict(f"the registry {self.display} refused a change: {_first_line(exc)}") from exc
         except psycopg.errors.LockNotAvailable as exc:
             raise RegistryBusy(
                 f"the registry {self.display} is locked by another session",
                 hint=f"waited {self._timeout:g} s; find it in pg_stat_activity, or raise [registry] timeout "
                 "in PKI/imageprov.toml",
+            ) from exc
+        except psycopg.errors.QueryCanceled as exc:  # statement_timeout
+            raise RegistryTimeout(
+                f"the registry {self.display} did not answer within {self._timeout + 1:g} s",
+                hint="the database server is overloaded or stuck; [registry] timeout in PKI/imageprov.toml "
+                "sets the deadline",
             ) from exc
         except psycopg.OperationalError as exc:
             raise RegistryUnavailable(
@@ -186,14 +237,14 @@ class PostgresBackend(Backend):
 
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[Tx]:
-        with self._errors(), self._conn.transaction():
+        with self._lock, self._errors(), self._conn.transaction():
             if not durable:  # the WAL writer flushes it within wal_writer_delay, in order
                 self._conn.execute("SET LOCAL synchronous_commit = off")
             yield _PgTx(self._conn)
 
     @contextmanager
     def autocommit(self) -> Iterator[Tx]:
-        with self._errors():
+        with self._lock, self._errors():
             yield _PgTx(self._conn)
 
     def start_lease(self, station: Station) -> int:
@@ -229,8 +280,10 @@ class PostgresBackend(Backend):
 
     def structure_problems(self) -> list[str]:
         with self.autocommit() as tx:
-            index = tx.query("SELECT 1 FROM pg_indexes WHERE indexname = 'one_live_certificate_per_device'")
-        return [] if index else ["the index one_live_certificate_per_device is missing"]
+            present = {
+                r["indexname"] for r in tx.query("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")
+            }
+        return [f"the index {name} is missing" for name in INDEXES if name not in present]
 
     def close(self) -> None:
         try:

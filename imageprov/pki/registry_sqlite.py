@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+from urllib.parse import quote
 
 from imageprov.errors import PkiError
 from imageprov.locks import held, hold
@@ -27,6 +28,7 @@ from imageprov.pki.registry_base import (
     Row,
     Station,
     Tx,
+    missing,
     newer_schema,
 )
 
@@ -67,7 +69,32 @@ _MIGRATIONS: dict[int, list[str]] = {
         )""",
         "ALTER TABLE certificates ADD COLUMN session INTEGER REFERENCES sessions (id)",
     ],
+    3: [
+        # A device certificate is bound to the first identity it presents at
+        # the edge, for good: one row per certificate (its primary key), one
+        # current holder per identity (the partial unique index). A row whose
+        # identity moved on (its certificate revoked, or its device reissued)
+        # stays as history: released_at, released_to.
+        """CREATE TABLE pins (
+            serial           TEXT PRIMARY KEY REFERENCES certificates (serial),
+            -- canonical JSON of the identity data, bounded as in PostgreSQL (a btree entry)
+            identity         TEXT NOT NULL CHECK (length(CAST(identity AS BLOB)) BETWEEN 1 AND 2048),
+            mender_device_id TEXT,                                  -- learned at preauthorization
+            pinned_at        TEXT NOT NULL,
+            released_at      TEXT,                                  -- when the identity moved on to released_to
+            released_to      TEXT REFERENCES certificates (serial),
+            cut_at           TEXT,                                  -- when the edge rejected the device in Mender
+            CHECK ((released_at IS NULL) = (released_to IS NULL)),
+            CHECK (released_to <> serial)
+        )""",
+        "CREATE UNIQUE INDEX one_certificate_per_identity ON pins (identity) WHERE released_at IS NULL",
+        # What the edge polls: the current pins not yet cut, each certificate's status then read by its key.
+        "CREATE INDEX pins_not_cut ON pins (serial) WHERE released_at IS NULL AND cut_at IS NULL",
+    ],
 }
+
+# Indexes that carry an invariant or keep the edge's lookups off a table scan; `registry check` looks for them.
+INDEXES = ("one_live_certificate_per_device", "one_certificate_per_identity", "pins_not_cut")
 
 
 class _SqliteTx(Tx):
@@ -85,7 +112,10 @@ class _SqliteTx(Tx):
 
 
 class SqliteBackend(Backend):
-    def __init__(self, path: Path, *, timeout: float) -> None:
+    """``create``: make the file if it is not there (only a command that starts a PKI); otherwise a file that
+    is missing or holds no registry raises ``RegistryMissing``, never becomes a new, empty registry."""
+
+    def __init__(self, path: Path, *, timeout: float, create: bool = False) -> None:
         self.path = path
         self.display = f"sqlite://{path}"
         self._timeout = timeout
@@ -93,17 +123,26 @@ class SqliteBackend(Backend):
         self._lease_path: Path | None = None
         self._session: int | None = None
         with self._errors():
+            if not create and not path.is_file():
+                raise missing(str(path))
             if not path.parent.is_dir():
                 raise PkiError(f"no directory {path.parent} for the registry {path}")
             # Autocommit mode: transactions are begun explicitly, IMMEDIATE, below.
             # Any thread may use it (the edge asks from a pool), one at a time (_lock).
-            self._db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+            # mode=rw: a file removed since the check above is not made anew either.
+            self._db = sqlite3.connect(
+                f"file:{quote(str(path))}?mode={'rwc' if create else 'rw'}",
+                uri=True, timeout=timeout, isolation_level=None, check_same_thread=False,
+            )  # fmt: skip
         self._lock = threading.RLock()
         try:
             with self._errors():
                 self._db.row_factory = sqlite3.Row
                 self._db.execute("PRAGMA synchronous=FULL")
-                if self.schema_version() != SCHEMA_VERSION:
+                version = self.schema_version()
+                if version == 0 and not create:  # an empty file (touched, or cut short): not a registry
+                    raise missing(str(path))
+                if version != SCHEMA_VERSION:
                     self._db.execute("PRAGMA journal_mode=WAL")  # kept in the file: once is enough
                     self._migrate()
         except BaseException:
@@ -217,10 +256,8 @@ class SqliteBackend(Backend):
             problems = [
                 r["integrity_check"] for r in tx.query("PRAGMA integrity_check") if r["integrity_check"] != "ok"
             ]
-            index = tx.query("SELECT 1 FROM sqlite_master WHERE name = 'one_live_certificate_per_device'")
-        if not index:
-            problems.append("the index one_live_certificate_per_device is missing")
-        return problems
+            present = {r["name"] for r in tx.query("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        return problems + [f"the index {name} is missing" for name in INDEXES if name not in present]
 
     def close(self) -> None:
         try:

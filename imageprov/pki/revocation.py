@@ -8,7 +8,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from imageprov.errors import PkiError, UsageError
-from imageprov.pki.ca import CertificateAuthority
+from imageprov.pki.ca import BACKDATE, CertificateAuthority
 from imageprov.pki.chain import crl_problem
 from imageprov.pki.registry import Record
 
@@ -33,7 +33,9 @@ def build_crl(
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.cert.subject)
-        .last_update(now)
+        # An edge whose clock runs behind would refuse a CRL from its future
+        # (OpenSSL: "CRL is not yet valid"), and with it every device.
+        .last_update(now - BACKDATE)
         .next_update(now + dt.timedelta(days=days))
         .add_extension(x509.CRLNumber(number), critical=False)  # increases with every CRL
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)

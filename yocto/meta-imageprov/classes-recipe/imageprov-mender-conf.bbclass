@@ -27,10 +27,30 @@ IMAGEPROV_CLIENT_KEY ?= "/data/mender/mender-cert-private.pem"
 # (Security.AuthPrivateKey), which an accepting edge checks; "device": leave
 # the key the client generates on the device in charge.
 IMAGEPROV_AUTH_KEY ?= "cert"
+# Where imageprov stamp and flash write the device id (one line: the certificate's
+# CN), which the identity script below reads; imageprov always writes it here.
+IMAGEPROV_DEVICE_ID_FILE ?= "/data/mender/imageprov-device-id"
+
+# Opt-in, for an edge running `imageprov edge serve --identity attribute:NAME`:
+#
+#   IMAGEPROV_IDENTITY_ATTRIBUTE = "device_id"
+#
+# installs the layer's files/mender-device-identity as the Mender client's
+# identity script, printing NAME=<the id in IMAGEPROV_DEVICE_ID_FILE>; it fails
+# on a device that was not stamped. It is written over the script meta-mender's
+# client package ships (the MAC address) in the rootfs tree: a second package
+# holding that path would conflict with the client's at do_rootfs, and a
+# bbappend would have to name a client recipe that differs between meta-mender
+# releases. Being in the rootfs, it is in every update built here.
+IMAGEPROV_IDENTITY_ATTRIBUTE ?= ""
+IMAGEPROV_IDENTITY_SCRIPT_SOURCE ?= "${IMAGEPROV_LAYERDIR}/files/mender-device-identity"
+# A change to the script rebuilds the rootfs, as a change to a variable does.
+do_rootfs[file-checksums] += "${IMAGEPROV_IDENTITY_SCRIPT_SOURCE}:True"
 
 # In do_rootfs, after the packages (and meta-mender's two mender.conf files)
 # are installed, before the image types are made: current syntax, no ";".
 ROOTFS_POSTPROCESS_COMMAND += "imageprov_mender_conf"
+ROOTFS_POSTPROCESS_COMMAND += "${@'imageprov_identity_script' if d.getVar('IMAGEPROV_IDENTITY_ATTRIBUTE') else ''}"
 
 python imageprov_mender_conf() {
     import json
@@ -58,11 +78,11 @@ python imageprov_mender_conf() {
             bb.fatal("imageprov: %s in the image is not a JSON object" % device_path)
         return path, value
 
-    for device_path in (block["Key"], block["Certificate"]):
-        # Per-device credentials belong to the line: in a build they would land in
-        # sstate and the deploy directory, and every device would share them.
+    for device_path in (block["Key"], block["Certificate"], d.getVar("IMAGEPROV_DEVICE_ID_FILE")):
+        # Per-device files (credentials, the id) belong to the line: in a build they would
+        # land in sstate and the deploy directory, and every device would share them.
         if os.path.lexists(os.path.join(rootfs, device_path.lstrip("/"))):
-            bb.fatal("imageprov: the image holds %s: per-device credentials must not be built in; "
+            bb.fatal("imageprov: the image holds %s: per-device files must not be built in; "
                      "they are stamped on the production line" % device_path)
 
     if target != main_conf:
@@ -100,4 +120,41 @@ python imageprov_mender_conf() {
     os.chmod(partial, mode)
     os.replace(partial, path)
     bb.note("imageprov: HttpsClient in %s -> %s, %s" % (target, block["Certificate"], block["Key"]))
+}
+
+python imageprov_identity_script() {
+    import os
+    import re
+
+    rootfs = d.getVar("IMAGE_ROOTFS")
+    attribute = d.getVar("IMAGEPROV_IDENTITY_ATTRIBUTE")
+    id_file = d.getVar("IMAGEPROV_DEVICE_ID_FILE")
+    source = d.getVar("IMAGEPROV_IDENTITY_SCRIPT_SOURCE")
+    # Where the Mender client runs it: a fixed path in the client (3.x and 4.x), not ${datadir}.
+    script = "/usr/share/mender/identity/mender-device-identity"
+    # The client reads NAME=value lines, split at the first "=": a name without "=", spaces or quotes.
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", attribute):
+        bb.fatal("imageprov: IMAGEPROV_IDENTITY_ATTRIBUTE must be a name of letters, digits, '_', '.', '-', "
+                 "not %r" % attribute)
+    if not re.fullmatch(r"/[A-Za-z0-9_./-]+", id_file) or ".." in id_file.split("/"):
+        bb.fatal("imageprov: IMAGEPROV_DEVICE_ID_FILE must be an absolute path, not %r" % id_file)
+    with open(source, encoding="utf-8") as handle:
+        text = handle.read()
+    for name, value in (("attribute", attribute), ("id_file", id_file)):
+        # Both values are checked above to need no quoting beyond single quotes.
+        text, count = re.subn(r"^%s='[^'\n]*'$" % name, "%s='%s'" % (name, value), text, flags=re.M)
+        if count != 1:
+            bb.fatal("imageprov: %s has no single %s='...' line to set" % (source, name))
+    path = os.path.join(rootfs, script.lstrip("/"))
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+        bb.fatal("imageprov: %s in the image is not a regular file" % script)
+    if os.path.lexists(path):
+        bb.note("imageprov: replacing the client package's %s" % script)
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    partial = path + ".imageprov"
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chmod(partial, 0o755)
+    os.replace(partial, path)
+    bb.note("imageprov: %s prints %s=<the id in %s>" % (script, attribute, id_file))
 }
