@@ -67,6 +67,21 @@ TARGETS = {
     "revocation": Target(
         "imageprov/edge/revocation.py", ("tests/test_edge_checks.py", "tests/test_revocation_sources.py")
     ),
+    # The service's decision path, in this process (tests/test_edge_decisions.py):
+    # what is accepted, refused, cut off or answered 503. The rest of http.py is
+    # plumbing (metrics, logging, start-up) that the subprocess tests cover.
+    "edge-http": Target(
+        "imageprov/edge/http.py",
+        ("tests/test_edge_decisions.py",),
+        tuple(
+            f"imageprov.edge.http.x_{name}__mutmut_*"
+            for name in ("_decide", "_standing", "_checked", "_answer", "check", "cut_off_revoked", "_cut")
+        ),
+    ),
+    "standing": Target(
+        "imageprov/edge/standing.py", ("tests/test_edge_decisions.py", "tests/test_revocation_sources.py")
+    ),
+    "identity": Target("imageprov/edge/identity.py", ("tests/test_edge_decisions.py",)),
     # What `verify` and `ca import` refuse, which the edge's checks also ask. Of
     # test_pki.py, the tests that call it in this process.
     "chain": Target(
