@@ -4,7 +4,11 @@ passes them on (the verified certificate in X-SSL-Client-Cert). Through real ngi
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
+import stat
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.conftest import imageprov, imageprov_pki
+from tests.conftest import IMAGEPROV_ARGV, imageprov, imageprov_pki
 from tests.edge_support import (
     AUTH_PATH,
     PASSWORD,
@@ -30,6 +34,7 @@ from tests.edge_support import (
     running_standin,
     sign,
     signed_request,
+    wait_for,
 )
 
 # A CA with no registry: nothing to pin identities in, nothing to revoke from.
@@ -394,3 +399,62 @@ def test_a_port_in_use_is_one_line_and_exit_1(tmp_path: Path, fleet: tuple[Fleet
     lines = [line for line in proc.stderr.splitlines() if not line.startswith("{")]  # the JSON log lines aside
     assert proc.returncode == 1 and len(lines) == 1 and "cannot listen on" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket, as nginx reaches the service with --accept unix:PATH."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=10)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(self.path))
+
+
+def _over_socket(path: Path, method: str, url: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> int:  # fmt: skip
+    connection = _UnixConnection(path)
+    try:
+        connection.request(method, url, body=body, headers=headers or {})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_a_unix_socket_replaces_a_stale_one_serves_and_is_removed(
+    tmp_path: Path, standin: Any, fleet: tuple[FleetCA, Path]
+) -> None:
+    path = tmp_path / "run" / "edge.sock"
+    path.parent.mkdir()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # what a killed service leaves behind: nobody listens
+    stale.close()
+    password = tmp_path / "password"
+    password.write_text(PASSWORD)
+    argv = [*IMAGEPROV_ARGV, "edge", "serve", "--listen", f"unix:{path}", "--ca", str(fleet[1]), "--upstream",
+            standin.url, "--username", USER, "--password-file", str(password), *UNBOUND]  # fmt: skip
+    log = tmp_path / "edge.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+
+        def alive() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                return _over_socket(path, "GET", "/livez") == 200
+            except OSError:
+                return False
+
+        wait_for(alive, "edge serve to answer on its socket")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666  # nginx's worker user must be able to connect
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert, _ = fleet[0].issue("dev-sock", key)
+        request = signed_request(key, {"mac": "02:00:00:00:70:01"})
+        headers = {**request.headers, "X-SSL-Client-Cert": escaped(cert)}
+        assert _over_socket(path, "POST", AUTH_PATH, request.body, headers) == 200
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    assert not path.exists(), "the socket is removed when the service stops"
