@@ -79,6 +79,9 @@ class GoldenSpec:
     boot_fs: str = "vfat"  # or "ext4"
     rootfs_b: RootfsB = RootfsB.COPY
     split_conf: bool = False
+    # What rootfs A's /etc/fstab mounts at /data; None: the data partition by
+    # device name, as meta-mender writes it (${MENDER_DATA_PART}); "": no such line.
+    data_mount: str | None = None
 
 
 def build_golden(path: Path, spec: GoldenSpec = GoldenSpec()) -> Path:
@@ -104,6 +107,8 @@ def build_golden(path: Path, spec: GoldenSpec = GoldenSpec()) -> Path:
     _partition(path, spec.scheme, starts, sizes)
     boot, rootfs_a, rootfs_b, *rest = starts
     data = rest[-1]
+    # Logical partitions are numbered from 5, after the extended one at 4.
+    data_number = 4 + len(rest) if spec.scheme is Scheme.MBR_EXTENDED else len(starts)
     # mkfs.vfat picks the FAT size from the whole file's size, not the
     # partition's, and fails on a small partition in a large image: name it.
     uboot_env = b"bootcmd=run mender_setup\n"
@@ -118,7 +123,7 @@ def build_golden(path: Path, spec: GoldenSpec = GoldenSpec()) -> Path:
             run(["mkfs.vfat", "-F", fat, "--offset", str(boot // SECTOR), "-n", "BOOT", str(path),
                  str(spec.boot_mib * 1024)])  # fmt: skip
             Vfat(path, boot, "boot").write(PurePosixPath("/uboot.env"), uboot_env)
-        rootfs_tree = _rootfs_tree(Path(tmp, "rootfs"), spec)
+        rootfs_tree = _rootfs_tree(Path(tmp, "rootfs"), spec, data_number)
         data_tree = _data_tree(Path(tmp, "data"), spec)
         _mke2fs(path, rootfs_a, spec.rootfs_mib, "rootfs-a", rootfs_tree)
         if spec.rootfs_b is RootfsB.COPY:
@@ -190,9 +195,18 @@ def _mke2fs(path: Path, offset: int, mib: int, label: str, tree: Path) -> None:
     )
 
 
-def _rootfs_tree(root: Path, spec: GoldenSpec) -> Path:
+def _rootfs_tree(root: Path, spec: GoldenSpec, data_number: int) -> Path:
     (root / "etc/mender").mkdir(parents=True)
     (root / "data").mkdir()
+    # meta-mender's fstab (base-files): MENDER_BOOT_PART at /uboot, MENDER_DATA_PART at /data.
+    device = "/dev/sda" if spec.scheme is Scheme.GPT else "/dev/mmcblk0p"
+    source = spec.data_mount if spec.data_mount is not None else f"{device}{data_number}"
+    lines = ["/dev/root            /                    auto       defaults              1  1",
+             "proc                 /proc                proc       defaults              0  0",
+             f"{device}1 /uboot {spec.boot_fs} defaults 0 0"]  # fmt: skip
+    if source:
+        lines.append(f"{source} /data ext4 defaults 0 0")
+    (root / "etc/fstab").write_text("\n".join(lines) + "\n")
     conf = root / "etc/mender/mender.conf"
     if spec.split_conf:
         transient = {k: v for k, v in json.loads(spec.mender_conf).items() if k not in PERSISTENT_KEYS}

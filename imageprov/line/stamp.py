@@ -48,6 +48,7 @@ from imageprov.errors import ImageprovError, UsageError
 from imageprov.mender import mender_artifact
 from imageprov.mender.conf import Settings
 from imageprov.mender.prepare import ConfTarget, apply_changes, plan_changes, resolve_target
+from imageprov.mender.roles import confirm_data_partition
 from imageprov.mender.verify import (
     CERT_PATH,
     DATA_CONF_PATH,
@@ -221,6 +222,7 @@ class Batch:
             self.disk = DiskImage.open(self.plain, options.overrides)
             if self.disk.layout.is_bare:
                 raise UsageError(f"{golden} is a bare filesystem image", hint="stamp needs the whole disk image")
+            confirm_data_partition(self.disk)
         except BaseException:
             self.__exit__()
             raise

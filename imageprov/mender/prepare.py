@@ -19,6 +19,7 @@ from imageprov.disk.image import EMPTY_ROOTFS_B_NOTE, DiskImage
 from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import FilesystemError, UsageError
 from imageprov.mender.conf import DATA_CONF, ROOTFS_CONF, Settings, conflicts, merge, parse
+from imageprov.mender.roles import confirm_data_partition
 from imageprov.mender.verify import DATA_CONF_PATH, KEY_PATH, ROOTFS_CONF_PATH
 
 # A partition, files to write on it and directories to make.
@@ -152,6 +153,7 @@ def prepare_in_place(
 ) -> Prepared:
     """Prepare ``image`` in place, atomically; an image already prepared is not written to at all."""
     disk = DiskImage.open(image, overrides)
+    confirm_data_partition(disk)
     replayed: list[str] = []
     unreplayed = bool(disk.unreplayed())
     if not unreplayed:

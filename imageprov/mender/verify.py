@@ -32,6 +32,7 @@ from imageprov.mender.conf import (
     effective,
     parse,
 )
+from imageprov.mender.roles import confirm_data_partition
 from imageprov.pki.chain import device_key_problem, extension_problem, leaf_problems, usage_problems
 
 # The device id the line stamped, one line, for the device's identity script:
@@ -127,6 +128,7 @@ def verify_image(
     checks = Checks()
     try:
         disk = DiskImage.open(image, overrides)
+        confirm_data_partition(disk)
         volumes = disk.rootfs_volumes
     except ImageprovError as exc:
         checks.add("partition table and layout", False, str(exc))
