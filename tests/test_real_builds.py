@@ -97,10 +97,11 @@ def test_a_contradiction_names_the_partitions_and_the_flags(make_golden: Callabl
         handle.seek(offset_of(golden, 2))
         handle.write(bytes(8192))
     proc = imageprov("inspect", golden, check=False)
-    _one_line_error(proc, 1, "partition 2 (rootfs A) holds empty", "--rootfs-parts", "--data-part", "--boot-part")
+    # The image (rootfs B's copy of the configuration) says partition 2 is rootfs A: it holds nothing.
+    _one_line_error(proc, 1, "partition 2 is rootfs-a, but holds empty", "--rootfs-parts", "--data-part", "--boot-part")
     # Roles never shift: rootfs B is not taken for A.
     proc = imageprov("ls", f"{golden}:/etc", check=False)
-    _one_line_error(proc, 1, "partition 2 (rootfs A)")
+    _one_line_error(proc, 1, "partition 2 is rootfs-a")
     proc = imageprov("inspect", make_golden(Scheme.MBR, name="ok.sdimg"), "--data-part", "3", check=False)
     _one_line_error(proc, 1, "partition 3 would be both rootfs-b (by position) and data (--data-part)")
 
@@ -133,14 +134,20 @@ def test_no_boot_partition_and_swap_need_the_overrides(tmp_path: Path) -> None:
     }
 
 
-def test_extended_layout_keeps_signature_rules_and_takes_an_empty_b_by_flag(
+def test_extended_layout_with_an_unformatted_b_is_read_from_the_image(
     make_golden: Callable[..., Path], pki: Path, tmp_path: Path
 ) -> None:
+    """Signatures alone see two ext partitions for three roles; rootfs A's fstab and mender.conf say which."""
     golden = make_golden(Scheme.MBR_EXTENDED, rootfs_b=RootfsB.UNFORMATTED)
-    _one_line_error(imageprov("inspect", golden, check=False), 1, "2 ext partitions", "--rootfs-parts A,B")
+    assert _roles(golden)["rootfs-b"] == (3, "empty") and _roles(golden)["data"] == (6, "ext4")
+    # Rootfs A without its files: the signatures alone cannot tell, and say which flags do.
+    bare = make_golden(Scheme.MBR_EXTENDED, name="bare.sdimg", rootfs_b=RootfsB.UNFORMATTED)
+    for path in ("/etc/mender/mender.conf", "/etc/fstab"):
+        tool("debugfs", "-w", "-R", f"rm {path}", f"{bare}?offset={offset_of(bare, 2)}")
+    _one_line_error(imageprov("inspect", bare, check=False), 1, "2 ext partitions", "--rootfs-parts A,B")
     flags = ("--rootfs-parts", "2,3", "--data-part", "6")
-    assert _roles(golden, *flags)["rootfs-b"] == (3, "empty")
-    _stamp(golden, pki, tmp_path / "out", "x-1", *flags)
+    assert _roles(bare, *flags)["rootfs-b"] == (3, "empty")
+    _stamp(golden, pki, tmp_path / "out", "x-1")
     image = tmp_path / "out" / "x-1.sdimg"
     assert _conf(image, 6, "/mender/mender.conf") == {"HttpsClient": BLOCK, "Security": SECURITY}
     imageprov("verify", image, "--ca", pki / "ca-cert.pem", *flags)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 
+from imageprov.disk.confirm import confirm
 from imageprov.disk.ext4 import Ext4, NewFile, fs_path
 from imageprov.disk.layout import Layout, Overrides, Role, Volume, read_layout
 from imageprov.disk.vfat import Vfat
@@ -75,7 +76,8 @@ class DiskImage:
             raise UsageError(f"{path} does not exist")
         if not path.is_file() and not path.is_block_device():  # a flashed card is read in place
             raise UsageError(f"{path} is not a regular file or a block device")
-        return cls(path, read_layout(path, overrides or Overrides()))
+        overrides = overrides or Overrides()
+        return cls(path, confirm(path, read_layout(path, overrides), overrides))
 
     def at(self, path: Path) -> DiskImage:
         """The same layout, for a copy of this image at ``path``."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from imageprov.disk.partitions import read_table
 from imageprov.disk.probe import EXT_MAGIC, Filesystem, Probe, probe, probe_at
@@ -74,6 +74,15 @@ class Overrides:
 class Layout:
     table: PartitionTable
     volumes: tuple[Volume, ...]
+    # Why the table and signatures alone did not give the roles (None: they
+    # did). The image's own files may still say (disk/confirm.py); if they do
+    # not, this is the error.
+    unresolved: LayoutError | None = field(default=None, compare=False)
+
+    def with_roles(self, roles: dict[int, Role]) -> Layout:
+        """The same partitions with these roles (by number); every other one is swap, extended or other."""
+        volumes = tuple(replace(v, role=_role_of(v.partition, v.filesystem, roles)) for v in self.volumes)
+        return Layout(self.table, volumes)
 
     def _role(self, role: Role) -> Volume | None:
         return next((v for v in self.volumes if v.role is role), None)
@@ -108,6 +117,7 @@ class Layout:
 
 def read_layout(path: str | os.PathLike[str], overrides: Overrides | None = None) -> Layout:
     """Read the table of the image at ``path`` and assign Mender's roles to its partitions."""
+    _refuse_unwritable(path)
     bare = _read_bare(path)
     if bare is not None:
         if overrides is not None and overrides != Overrides():
@@ -119,15 +129,27 @@ def read_layout(path: str | os.PathLike[str], overrides: Overrides | None = None
         probes = {p.number: probe(fd, p) for p in table.filesystem_partitions}
     finally:
         os.close(fd)
-    roles = _assign(table, probes, overrides or Overrides())
+    unresolved = None
+    try:
+        roles = _assign(table, probes, overrides or Overrides())
+    except LayoutError as exc:
+        if overrides is not None and overrides != Overrides():
+            raise  # what the user named does not fit: say so now
+        # Many layouts meta-mender builds (no boot partition, extra partitions)
+        # are not told by signatures alone; the image's files may tell them.
+        roles, unresolved = {}, exc
     volumes = []
     for part in table.partitions:
         found = probes.get(part.number, Probe(Filesystem.UNKNOWN))
-        role = Role.EXTENDED if part.is_extended else roles.get(part.number, Role.OTHER)
-        if role is Role.OTHER and (found.filesystem is Filesystem.SWAP or part.type in SWAP_TYPES):
-            role = Role.SWAP
-        volumes.append(Volume(part, found.filesystem, found.label, role, found.size))
-    return Layout(table, tuple(volumes))
+        volumes.append(Volume(part, found.filesystem, found.label, _role_of(part, found.filesystem, roles), found.size))
+    return Layout(table, tuple(volumes), unresolved)
+
+
+def _role_of(part: Partition, filesystem: Filesystem, roles: dict[int, Role]) -> Role:
+    role = Role.EXTENDED if part.is_extended else roles.get(part.number, Role.OTHER)
+    if role is Role.OTHER and (filesystem is Filesystem.SWAP or part.type in SWAP_TYPES):
+        return Role.SWAP
+    return role
 
 
 # meta-mender's image type for the data partition alone; any other bare
@@ -158,6 +180,38 @@ def _read_bare(path: str | os.PathLike[str]) -> Layout | None:
 
 
 _FLAGS = "name the roles with --boot-part N, --rootfs-parts A,B and --data-part N"
+# What it would take to write into filesystems imageprov does not: say so in one line.
+UNWRITABLE = {
+    Filesystem.BTRFS: 'build the data partition as ext4 (MENDER_DATA_PART_FSTYPE = "ext4"): btrfs cannot be '
+    "written without mounting it, and imageprov never mounts",
+    Filesystem.F2FS: 'build the data partition as ext4 (MENDER_DATA_PART_FSTYPE = "ext4"): f2fs has no tool '
+    "that writes files into it without mounting it, and imageprov never mounts",
+    Filesystem.SQUASHFS: "a read-only squashfs root filesystem is not supported yet: stamp the build's .dataimg "
+    "or an image whose rootfs is ext4",
+}
+# UBI images (.ubimg, for raw NAND) start with an erase counter header: "UBI#".
+_UBI_MAGIC = b"UBI#"
+
+
+def _refuse_unwritable(path: str | os.PathLike[str]) -> None:
+    """One line for an image of a kind imageprov does not write: UBI, or a bare btrfs, f2fs or squashfs."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # read_table says why
+    try:
+        size = os.fstat(fd).st_size
+        if os.pread(fd, 4, 0) == _UBI_MAGIC:
+            raise LayoutError(
+                f"{os.fspath(path)} is a UBI image (raw NAND flash), not a disk image",
+                hint="imageprov writes ext4 partitions of .sdimg/.uefiimg/.gptimg images and .dataimg files; a UBI "
+                "image would have to be rebuilt with ubinize from its volumes",
+            )
+        found = probe_at(fd, 0, size).filesystem if size >= 8192 else Filesystem.UNKNOWN
+    finally:
+        os.close(fd)
+    if found in UNWRITABLE:
+        raise LayoutError(f"{os.fspath(path)} is a bare {found.value} filesystem", hint=UNWRITABLE[found])
 
 
 def _assign(table: PartitionTable, probes: dict[int, Probe], overrides: Overrides) -> dict[int, Role]:

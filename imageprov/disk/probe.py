@@ -27,6 +27,11 @@ class Filesystem(enum.Enum):
     EXT2 = "ext2"
     VFAT = "vfat"
     SWAP = "swap"
+    # Filesystems meta-mender can build that imageprov reads (squashfs, a
+    # read-only rootfs) or names when it refuses them (btrfs, f2fs data).
+    SQUASHFS = "squashfs"
+    BTRFS = "btrfs"
+    F2FS = "f2fs"
     # Zeros where every filesystem keeps its signature: a partition never
     # formatted (meta-mender can leave rootfs B so until the first update).
     EMPTY = "empty"
@@ -53,9 +58,36 @@ def probe(fd: int, part: Partition) -> Probe:
 def probe_at(fd: int, offset: int, size: int) -> Probe:
     """Identify the filesystem at byte ``offset`` of an image, in a region of ``size`` bytes."""
     head = os.pread(fd, min(size, 8192), offset)
-    if head and not any(head):
+    found = _ext(head) or _fat(head) or _swap(head) or _squashfs(head) or _f2fs(head)
+    if found is None and size > _BTRFS_SUPER + 4096:
+        # btrfs leaves its first 64 KiB to boot loaders: zeros there are not yet "empty".
+        found = _btrfs(os.pread(fd, 4096, offset + _BTRFS_SUPER))
+    if found is None and head and not any(head):
         return Probe(Filesystem.EMPTY)
-    return _ext(head) or _fat(head) or _swap(head) or Probe(Filesystem.UNKNOWN)
+    return found or Probe(Filesystem.UNKNOWN)
+
+
+def _squashfs(head: bytes) -> Probe | None:
+    # The superblock's magic "hsqs" and, at 40, the bytes the filesystem uses.
+    if head[:4] != b"hsqs" or len(head) < 48:
+        return None
+    return Probe(Filesystem.SQUASHFS, "", struct.unpack_from("<Q", head, 40)[0])
+
+
+def _f2fs(head: bytes) -> Probe | None:
+    if len(head) < 1028 or struct.unpack_from("<I", head, 1024)[0] != 0xF2F52010:
+        return None
+    return Probe(Filesystem.F2FS)
+
+
+# btrfs keeps its superblock at 64 KiB, its magic 64 bytes in and its label at 0x12b.
+_BTRFS_SUPER = 0x10000
+
+
+def _btrfs(super_block: bytes) -> Probe | None:
+    if super_block[0x40:0x48] != b"_BHRfS_M":
+        return None
+    return Probe(Filesystem.BTRFS, _text(super_block[0x12B : 0x12B + 256]))
 
 
 def _ext(head: bytes) -> Probe | None:

@@ -48,7 +48,6 @@ from imageprov.errors import ImageprovError, UsageError
 from imageprov.mender import mender_artifact
 from imageprov.mender.conf import Settings
 from imageprov.mender.prepare import ConfTarget, apply_changes, plan_changes, resolve_target
-from imageprov.mender.roles import confirm_data_partition
 from imageprov.mender.verify import (
     CERT_PATH,
     DATA_CONF_PATH,
@@ -220,9 +219,10 @@ class Batch:
                 self._decompressed = self.plain = stage(out_dir / inner_name(golden))
                 decompress_sparse(golden, self.plain)
             self.disk = DiskImage.open(self.plain, options.overrides)
-            if self.disk.layout.is_bare:
-                raise UsageError(f"{golden} is a bare filesystem image", hint="stamp needs the whole disk image")
-            confirm_data_partition(self.disk)
+            if self.disk.layout.is_bare and self.disk.layout.data_volume is None:
+                # A .dataimg is stamped (for lines that flash partitions apart); a rootfs holds no credentials.
+                raise UsageError(f"{golden} is a bare root filesystem image",
+                                 hint="stamp the whole disk image, or the build's .dataimg")  # fmt: skip
         except BaseException:
             self.__exit__()
             raise
