@@ -128,6 +128,34 @@ def test_refuses_a_disk_with_a_mounted_partition(loops: Loops, tmp_path: Path) -
     _refused(card, "or holds a mounted partition")
 
 
+def test_refuses_a_card_mounted_through_a_loop_device_over_it(loops: Loops, tmp_path: Path) -> None:
+    """mount -o loop,offset=... /dev/CARD: the mount is on a loop device whose backing file is the card's node."""
+    card = loops.card(SIZE)
+    view = loops.attach(card, "--offset", str(MIB))  # what mount -o loop,offset=1M makes
+    tool("mkfs.ext4", "-q", view)
+    loops.mount(view, tmp_path / "mnt")
+    _refused(card, "is mounted")
+    # A second loop device over the card, as a target, while the card's contents are mounted: the same card.
+    other = loops.attach(card)
+    _refused(other, f"through /dev/{card.name}")
+
+
+def test_refuses_a_loop_device_over_a_card_whose_partition_is_mounted(loops: Loops, tmp_path: Path) -> None:
+    card = loops.card(SIZE, None, "-P")
+    partition = _partition(loops, card)
+    tool("mkfs.ext4", "-q", partition)
+    loops.mount(partition, tmp_path / "mnt")
+    over = loops.attach(card)
+    _refused(over, f"holds a mounted partition through /dev/{card.name}")
+
+
+def test_refuses_a_card_that_a_loop_device_is_over(loops: Loops) -> None:
+    """Not mounted, but viewed: a loop device over the card would read what the flash is rewriting."""
+    card = loops.card(SIZE)
+    over = loops.attach(card)
+    _refused(card, f"in use by {over.name}")
+
+
 def test_refuses_a_read_only_disk(loops: Loops, tmp_path: Path) -> None:
     locked = tmp_path / "locked.img"
     locked.write_bytes(bytes(SIZE))

@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,8 +20,9 @@ from imageprov.cli import pki as cli_pki
 from imageprov.cli import registry as cli_registry
 from imageprov.cli import stamp as cli_stamp
 from imageprov.cli.options import BootPart, DataPart, Json, RootfsParts
-from imageprov.cli.output import layout_dict, layout_text
-from imageprov.disk.copy import edit_in_place, staged
+from imageprov.cli.output import layout_dict, layout_text, progress_bar
+from imageprov.disk.compress import decompressed, editing
+from imageprov.disk.copy import staged
 from imageprov.disk.golden import DEFAULT_MENDER_CONF, GoldenSpec, RootfsB, Scheme, build_golden
 from imageprov.disk.image import (
     EMPTY_ROOTFS_B_NOTE,
@@ -65,6 +68,13 @@ def _open(image: Path, data_part: int | None, rootfs_parts: str | None, boot_par
     return DiskImage.open(image, Overrides.parse(data_part, rootfs_parts, boot_part))
 
 
+@contextmanager
+def _opened(image: Path, data_part: int | None, rootfs_parts: str | None, boot_part: int | None) -> Iterator[DiskImage]:
+    """The image, to read: a compressed one through a private decompressed copy, removed after."""
+    with decompressed(image, meter=progress_bar) as plain:
+        yield _open(plain, data_part, rootfs_parts, boot_part)
+
+
 def _reading(disk: DiskImage) -> DiskImage:
     # debugfs reads what is on disk, not what the journal holds: the device, which replays it, may see otherwise.
     try:
@@ -87,10 +97,13 @@ def inspect(
 ) -> None:
     """Show the partition table and which partition is boot, rootfs A/B and data.
 
-    Example: imageprov inspect golden.sdimg --json
+    Takes a compressed image too (.gz, .xz, .bz2, .zst), as every command that reads one.
+
+    Example: imageprov inspect golden.sdimg.bz2 --json
     """
-    disk = _open(image, data_part, rootfs_parts, boot_part)
-    typer.echo(json.dumps(layout_dict(disk.layout), indent=2) if json_out else layout_text(disk.layout))
+    with _opened(image, data_part, rootfs_parts, boot_part) as disk:
+        layout = disk.layout
+    typer.echo(json.dumps(layout_dict(layout), indent=2) if json_out else layout_text(layout))
 
 
 @app.command()
@@ -107,7 +120,8 @@ def ls(
     partition, anything else rootfs A.
     """
     image, path = split_image_path(spec)
-    entries = _reading(_open(image, data_part, rootfs_parts, boot_part)).listdir(path)
+    with _opened(image, data_part, rootfs_parts, boot_part) as disk:
+        entries = _reading(disk).listdir(path)
     if json_out:
         typer.echo(json.dumps([{"name": n, "mode": m, "size": s} for n, m, s in entries], indent=2))
     else:
@@ -124,7 +138,8 @@ def cat(
 ) -> None:
     """Print a file from inside the image to stdout (rootfs paths are read from rootfs A)."""
     image, path = split_image_path(spec)
-    data = _reading(_open(image, data_part, rootfs_parts, boot_part)).read(path)
+    with _opened(image, data_part, rootfs_parts, boot_part) as disk:
+        data = _reading(disk).read(path)
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
 
@@ -144,7 +159,8 @@ def cp(
     """Copy a file into the image (in place, atomically) or out of it.
 
     Into the image, a rootfs path is written to both rootfs A and B, and the
-    image changes only if every write succeeds and reads back right.
+    image changes only if every write succeeds and reads back right. A
+    compressed image (.gz, .xz, .bz2, .zst) is written back in its own compression.
 
     Example: imageprov cp device.key golden.sdimg:/data/mender/mender-cert-private.pem --mode 600
     """
@@ -154,8 +170,8 @@ def cp(
         perm, (uid, gid) = parse_mode(mode), parse_owner(owner)
         if path.area is Area.BOOT and (mode, owner) == ("0644", "0:0"):
             perm, uid, gid = 0o644, 0, 0
-        disk = _open(image, data_part, rootfs_parts, boot_part)
-        with edit_in_place(image) as staging:
+        with editing(image, meter=progress_bar) as (source, staging):
+            disk = _open(source, data_part, rootfs_parts, boot_part)
             replayed = disk.at(staging).replay_journals()
             written = disk.at(staging).write(path, content, mode=perm, uid=uid, gid=gid)
         for name in replayed:
@@ -168,7 +184,8 @@ def cp(
             typer.echo(f"note: {EMPTY_ROOTFS_B_NOTE}", err=True)
     elif _is_image_spec(src):
         image, path = split_image_path(src)
-        data = _reading(_open(image, data_part, rootfs_parts, boot_part)).read(path)
+        with _opened(image, data_part, rootfs_parts, boot_part) as disk:
+            data = _reading(disk).read(path)
         target = Path(dest)
         if target.is_dir():
             target = target / path.device_path.name

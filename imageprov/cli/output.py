@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import typer
+
+from imageprov.disk.copy import Progress
 from imageprov.disk.layout import Layout
+
+
+@contextmanager
+def progress_bar(label: str, total: int) -> Iterator[Progress]:
+    """A bar on stderr for long work (a ``Meter``), drawn only on a terminal, as stamp's is."""
+    with typer.progressbar(length=total, label=label, file=sys.stderr, hidden=not sys.stderr.isatty()) as bar:
+        yield bar.update
 
 
 def layout_dict(layout: Layout) -> dict[str, Any]:

@@ -28,14 +28,16 @@ from imageprov.cli.options import (
     ServerUrl,
     TenantToken,
 )
+from imageprov.cli.output import progress_bar
 from imageprov.cli.pki import open_ca
-from imageprov.disk.compress import Compression
+from imageprov.disk.compress import Compression, decompressed
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, PkiError, UsageError
+from imageprov.line.prepare import prepare_image
 from imageprov.line.stamp import Batch, Engine, Failed, Stamped, StampOptions, check_outputs
 from imageprov.mender.conf import AuthKey, Settings
-from imageprov.mender.prepare import ConfTarget, prepare_in_place
-from imageprov.mender.verify import verify_image
+from imageprov.mender.prepare import ConfTarget
+from imageprov.mender.verify import Report, verify_image
 from imageprov.pki.ca import Curve, load_cert
 from imageprov.pki.devices import check_device_ids, read_device_ids
 from imageprov.pki.registry import Registry
@@ -221,14 +223,18 @@ def verify(
     only a rootfs holds it, and Security.AuthPrivateKey at the key (unless
     --auth-key device); that no journal is left unreplayed; and e2fsck -fn.
     With --crl, a CRL past its nextUpdate is a warning (a failure with
-    --strict). Takes a bare rootfs.ext4 or .dataimg too, and checks what it holds.
+    --strict). Takes a bare rootfs.ext4 or .dataimg too, and checks what it holds,
+    and a compressed image (.gz, .xz, .bz2, .zst), such as stamp --compress writes.
     """
     if not image.exists():
         raise UsageError(f"{image} does not exist")
-    report = verify_image(image, load_cert(ca), device_id=device_id, crl=_load_crl(crl) if crl else None,
-                          overrides=Overrides.parse(data_part, rootfs_parts, boot_part),
-                          settings=Settings(server_url=server_url, tenant_token=tenant_token),
-                          strict=strict, auth_key=auth_key)  # fmt: skip
+    ca_cert, revoked = load_cert(ca), _load_crl(crl) if crl else None
+    with decompressed(image, meter=progress_bar) as plain:
+        report = verify_image(plain, ca_cert, device_id=device_id, crl=revoked,
+                              overrides=Overrides.parse(data_part, rootfs_parts, boot_part),
+                              settings=Settings(server_url=server_url, tenant_token=tenant_token),
+                              strict=strict, auth_key=auth_key)  # fmt: skip
+    report = _named(report, image)
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -238,6 +244,14 @@ def verify(
     if not report.ok:
         names = ", ".join(c.name for c in report.failures)
         raise StampFailed(f"{image}: {len(report.failures)} checks failed: {names}")
+
+
+def _named(report: Report, image: Path) -> Report:
+    """The report of a decompressed copy, as the user named the image."""
+    if report.image == image:
+        return report
+    checks = tuple(replace(c, detail=c.detail.replace(str(report.image), str(image))) for c in report.checks)
+    return replace(report, image=image, checks=checks)
 
 
 def _load_crl(path: Path) -> x509.CertificateRevocationList:
@@ -267,13 +281,16 @@ def prepare(
     mender.conf and creates /data/mender. Idempotent: a prepared image is not
     written to. Atomic: a failure leaves the image as it was. stamp on a
     prepared image touches only the data partition. Takes a bare rootfs.ext4
-    (with --conf-target rootfs) or .dataimg too. In a Yocto build, the
-    meta-imageprov layer (yocto/meta-imageprov) does this in the rootfs instead.
+    (with --conf-target rootfs) or .dataimg too, and a compressed image (.gz,
+    .xz, .bz2, .zst: written back in its own compression, beside itself). In a
+    Yocto build, the meta-imageprov layer (yocto/meta-imageprov) does this in
+    the rootfs instead.
     """
     if not image.is_file():
         raise UsageError(f"{image} does not exist" if not image.exists() else f"{image} is not a file")
     settings = Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key)
-    done = prepare_in_place(image, settings, conf_target, Overrides.parse(data_part, rootfs_parts, boot_part))
+    overrides = Overrides.parse(data_part, rootfs_parts, boot_part)
+    done = prepare_image(image, settings, conf_target, overrides, meter=progress_bar)
     for note in done.notes:
         typer.echo(f"note: {note}", err=True)
     if done.changed and image.is_symlink():

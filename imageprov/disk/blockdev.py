@@ -100,9 +100,12 @@ def _underlying(sysdir: Path, seen: set[Path] | None = None) -> set[Path]:
     backing = _read(disk / "loop" / "backing_file")
     if backing:
         try:
-            dev = os.stat(backing.removesuffix(" (deleted)")).st_dev
+            info = os.stat(backing.removesuffix(" (deleted)"))
         except OSError:
             return seen
+        # A loop device over a device node (mount -o loop,offset=... /dev/sdb) lives on
+        # that device (st_rdev); over a file, on the disk holding the file (st_dev).
+        dev = info.st_rdev if stat.S_ISBLK(info.st_mode) else info.st_dev
         if os.major(dev) != 0 and _sysdir(dev).exists():
             _underlying(_sysdir(dev), seen)
     return seen
@@ -166,6 +169,38 @@ def _mounted_disks() -> dict[Path, str]:
         if stat.S_ISBLK(swap.st_mode):
             for disk in _underlying(_sysdir(swap.st_rdev)):
                 found.setdefault(disk, "swap")
+    return found
+
+
+def _same_bytes(disk: Path) -> set[Path]:
+    """``disk`` and every disk whose bytes it shows: a loop device over a device node is that device.
+
+    (A loop device over a regular file shows the file, not the disk holding it.)"""
+    found = {disk}
+    backing = _read(disk / "loop" / "backing_file")
+    if backing:
+        try:
+            info = os.stat(backing.removesuffix(" (deleted)"))
+        except OSError:
+            return found
+        if stat.S_ISBLK(info.st_mode):
+            found |= _same_bytes(_disk_of(_sysdir(info.st_rdev)))
+    return found
+
+
+def _loops_over(disks: set[Path]) -> list[Path]:
+    """The loop devices whose backing file is one of ``disks`` or a partition of them."""
+    found = []
+    for loop in (SYS / "block").glob("loop*"):
+        backing = _read(loop / "loop" / "backing_file")
+        if not backing:
+            continue
+        try:
+            info = os.stat(backing.removesuffix(" (deleted)"))
+        except OSError:
+            continue
+        if stat.S_ISBLK(info.st_mode) and _disk_of(_sysdir(info.st_rdev)) in disks:
+            found.append(loop.resolve())
     return found
 
 
@@ -241,13 +276,19 @@ def check_target(
     for kept in protected:
         if sysdir in disks_holding(kept) or _backs(device, kept):
             raise TargetError(f"target {path} ({device.name}) holds {kept}", hint="it would be overwritten")
+    # The target and the disks it is another name for (a loop device over the card is the card).
+    under = _same_bytes(sysdir)
     mounted = _mounted_disks()
-    if sysdir in mounted:
+    for disk in sorted(under & set(mounted)):
+        through = "" if disk == sysdir else f" through /dev/{disk.name}"
         raise TargetError(
-            f"target {path} ({device.name}) is mounted, or holds a mounted partition (on {mounted[sysdir]})",
+            f"target {path} ({device.name}) is mounted, or holds a mounted partition{through} (on {mounted[disk]})",
             hint="unmount it first (umount), or check that this is the card",
         )
     holders = sorted(p.name for p in [*sysdir.glob("holders/*"), *sysdir.glob(f"{sysdir.name}*/holders/*")])
+    # A loop device over the card (or one of its partitions) holds it, though sysfs
+    # lists no holder for a loop device: found from the loop devices' backing files.
+    holders += sorted(loop.name for loop in _loops_over(under) if loop != sysdir)
     if holders:
         raise TargetError(f"target {path} ({device.name}) is in use by {', '.join(holders)}")
     if device.read_only:

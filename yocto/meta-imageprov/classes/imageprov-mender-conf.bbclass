@@ -6,6 +6,12 @@
 #
 #   IMAGE_CLASSES += "imageprov-mender-conf"
 #
+# IMAGE_CLASSES applies it to every image of the build: one without the Mender
+# client (no /etc/mender/mender.conf) is left as it is, with a note.
+#
+# It lives in classes/, not classes-recipe/: kirkstone's BitBake (2.0) looks for
+# classes in classes/ only; later ones look there after classes-recipe/.
+#
 # The block names where the production line puts each device's key and
 # certificate (`imageprov stamp`); the files themselves never enter the build,
 # its sstate or its deploy directory.
@@ -15,8 +21,13 @@
 # meta-mender makes the data partition (.dataimg, and the data partition of
 # .sdimg/.uefiimg) from ${IMAGE_ROOTFS}/data, and leaves data/ out of the root
 # filesystem image, so rootfs.ext4, the .mender artifact and its checksums do
-# not change. Set IMAGEPROV_MENDER_CONF = "/etc/mender/mender.conf" to put it
-# into the root filesystem instead: then every update built here carries it.
+# not change. The client reads that file as /var/lib/mender/mender.conf, through
+# the link to /data/mender that meta-mender makes with its mender-image feature:
+# an image where /var/lib/mender is anything else (a directory, as meta-mender
+# makes it without mender-image) fails to build, since the block would go where
+# the client never reads it. Set IMAGEPROV_MENDER_CONF = "/etc/mender/mender.conf"
+# to put it into the root filesystem instead: then every update built here
+# carries it.
 # ServerURL and TenantToken are meta-mender's (MENDER_SERVER_URL,
 # MENDER_TENANT_TOKEN).
 
@@ -48,20 +59,77 @@ IMAGEPROV_IDENTITY_SCRIPT_SOURCE ?= "${IMAGEPROV_LAYERDIR}/files/mender-device-i
 do_rootfs[file-checksums] += "${IMAGEPROV_IDENTITY_SCRIPT_SOURCE}:True"
 
 # In do_rootfs, after the packages (and meta-mender's two mender.conf files)
-# are installed, before the image types are made: current syntax, no ";".
-ROOTFS_POSTPROCESS_COMMAND += "imageprov_mender_conf"
-ROOTFS_POSTPROCESS_COMMAND += "${@'imageprov_identity_script' if d.getVar('IMAGEPROV_IDENTITY_ATTRIBUTE') else ''}"
+# are installed, before the image types are made. Each entry ends in " ;", which
+# both rules of OE-core's execute_pre_post_process read as intended:
+# - kirkstone splits the list at ";" (an entry without one merges with the next
+#   into a function name that does not exist), and BitBake parses the list as
+#   shell code for do_rootfs's signature, where a leading ";" is a syntax error;
+# - scarthgap and later split at ";" and whitespace alike, and take the words as
+#   do_rootfs's vardeps, where "name;" (no space) would not name the function:
+#   editing it would not rebuild the rootfs.
+ROOTFS_POSTPROCESS_COMMAND += "imageprov_mender_conf ;"
+ROOTFS_POSTPROCESS_COMMAND += "${@'imageprov_identity_script ;' if d.getVar('IMAGEPROV_IDENTITY_ATTRIBUTE') else ''}"
+
+IMAGEPROV_MAIN_CONF = "/etc/mender/mender.conf"
+
+def imageprov_has_mender(d):
+    """Whether the image holds the Mender client's main conf; a note where it does not."""
+    import os
+    main_conf = d.getVar("IMAGEPROV_MAIN_CONF")
+    if os.path.lexists(os.path.join(d.getVar("IMAGE_ROOTFS"), main_conf.lstrip("/"))):
+        return True
+    bb.note("imageprov: %s has no %s (an image without the Mender client): left as it is"
+            % (d.getVar("PN"), main_conf))
+    return False
+
+def imageprov_check_data_link(d, target):
+    """Fail unless the client reads a conf under /data/mender: /var/lib/mender must link there."""
+    import os
+    path = os.path.join(d.getVar("IMAGE_ROOTFS"), "var/lib/mender")
+    if os.path.islink(path):
+        link = os.readlink(path)
+        if os.path.normpath(os.path.join("/var/lib", link)) == "/data/mender":
+            return
+        found = "a link to %s" % link
+    elif os.path.isdir(path):
+        found = "a directory"
+    elif os.path.lexists(path):
+        found = "a file"
+    else:
+        found = "missing"
+    bb.fatal("imageprov: /var/lib/mender in the image is %s, not the link to /data/mender that meta-mender "
+             "makes with MENDER_FEATURES mender-image: the Mender client would never read %s. Build the image "
+             "with mender-image, or set IMAGEPROV_MENDER_CONF = \"%s\" to write the root filesystem's conf"
+             % (found, target, d.getVar("IMAGEPROV_MAIN_CONF")))
+
+def imageprov_check_no_link_on_the_way(d, device_path):
+    """Fail where a directory above device_path in the image is a link: it would lead out of the image tree."""
+    import os
+    rootfs = d.getVar("IMAGE_ROOTFS")
+    parents = device_path.strip("/").split("/")[:-1]
+    for depth in range(1, len(parents) + 1):
+        parent = os.path.join(rootfs, *parents[:depth])
+        if os.path.islink(parent):
+            # An absolute link resolves on the build host, not in the image.
+            bb.fatal("imageprov: /%s in the image is a link to %s: %s would be written through it, out of the "
+                     "image tree; set IMAGEPROV_MENDER_CONF to the path it leads to"
+                     % ("/".join(parents[:depth]), os.readlink(parent), device_path))
 
 python imageprov_mender_conf() {
     import json
     import os
 
+    if not imageprov_has_mender(d):
+        return
     rootfs = d.getVar("IMAGE_ROOTFS")
     target = d.getVar("IMAGEPROV_MENDER_CONF")
     block = {"Certificate": d.getVar("IMAGEPROV_CLIENT_CERT"), "Key": d.getVar("IMAGEPROV_CLIENT_KEY")}
-    main_conf = "/etc/mender/mender.conf"
+    main_conf = d.getVar("IMAGEPROV_MAIN_CONF")
     if not target.startswith("/") or ".." in target.split("/"):
         bb.fatal("imageprov: IMAGEPROV_MENDER_CONF must be an absolute path, not %r" % target)
+    imageprov_check_no_link_on_the_way(d, target)
+    if target != main_conf:
+        imageprov_check_data_link(d, target)
 
     def load(device_path):
         path = os.path.join(rootfs, device_path.lstrip("/"))
@@ -126,6 +194,8 @@ python imageprov_identity_script() {
     import os
     import re
 
+    if not imageprov_has_mender(d):
+        return
     rootfs = d.getVar("IMAGE_ROOTFS")
     attribute = d.getVar("IMAGEPROV_IDENTITY_ATTRIBUTE")
     id_file = d.getVar("IMAGEPROV_DEVICE_ID_FILE")
