@@ -187,7 +187,9 @@ def test_auth_private_key_is_the_certificate_key_by_default() -> None:
 @pytest.mark.parametrize(
     ("config", "key"),
     [({}, None), ({"Security": None}, None), ({"Security": {}}, None), ({"Security": {"AuthPrivateKey": ""}}, None),
-     ({"Security": {"AuthPrivateKey": 7}}, None), ({"Security": {"AuthPrivateKey": "/k"}}, "/k")],
+     ({"Security": {"AuthPrivateKey": 7}}, None), ({"Security": {"AuthPrivateKey": "/k"}}, "/k"),
+     # The client matches keys without regard to case.
+     ({"SECURITY": {"authPrivateKey": "/k"}}, "/k")],
 )  # fmt: skip
 def test_auth_private_key_of_a_conf(config: dict[str, object], key: str | None) -> None:
     assert auth_private_key(config) == key

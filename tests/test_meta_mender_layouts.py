@@ -152,7 +152,6 @@ def _write_into(image: Path, number: int, content: Path) -> None:
     [
         ("btrfs", "partition 4 (data) holds btrfs"),
         ("f2fs", "partition 4 (data) holds f2fs"),
-        ("squashfs", "partition 2 holds squashfs"),
     ],
 )
 def test_filesystems_imageprov_does_not_write_are_one_line(
@@ -160,18 +159,10 @@ def test_filesystems_imageprov_does_not_write_are_one_line(
 ) -> None:
     golden = make_golden(Scheme.MBR, data_mib=128)
     content = tmp_path / f"fs.{kind}"
-    if kind == "squashfs":
-        tree = tmp_path / "tree"
-        (tree / "etc/mender").mkdir(parents=True)
-        (tree / "etc/fstab").write_text("/dev/mmcblk0p4 /data ext4 defaults 0 0\n")
-        tool("mksquashfs", tree, content, "-quiet", "-noappend")
-        _write_into(golden, 2, content)
-        _write_into(golden, 3, content)
-    else:
-        with open(content, "wb") as handle:
-            handle.truncate(128 << 20)
-        tool("mkfs.btrfs", "-q", "-f", content) if kind == "btrfs" else tool("mkfs.f2fs", "-q", "-f", content)
-        _write_into(golden, 4, content)
+    with open(content, "wb") as handle:
+        handle.truncate(128 << 20)
+    tool("mkfs.btrfs", "-q", "-f", content) if kind == "btrfs" else tool("mkfs.f2fs", "-q", "-f", content)
+    _write_into(golden, 4, content)
     before = hashlib.sha256(golden.read_bytes()).hexdigest()
     out = tmp_path / "out"
     stamp = imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "u-1", check=False)
@@ -179,9 +170,8 @@ def test_filesystems_imageprov_does_not_write_are_one_line(
     assert len(stamp.stderr.strip().splitlines()) == 1 and "Traceback" not in stamp.stderr
     assert hashlib.sha256(golden.read_bytes()).hexdigest() == before and not (out / "u-1.sdimg").exists()
     # The same filesystem bare, as a build deploys it: one line too.
-    if kind != "squashfs":
-        bare = imageprov_pki("stamp", content, "--pki", pki, "--out", out, "--device-id", "u-2", check=False)
-        assert bare.returncode in (1, 2) and f"is a bare {kind} filesystem" in bare.stderr, bare.stderr
+    bare = imageprov_pki("stamp", content, "--pki", pki, "--out", out, "--device-id", "u-2", check=False)
+    assert bare.returncode in (1, 2) and f"is a bare {kind} filesystem" in bare.stderr, bare.stderr
 
 
 def test_a_ubi_image_is_one_line(pki: Path, tmp_path: Path) -> None:
@@ -216,3 +206,30 @@ def test_a_bare_dataimg_is_stamped_into_one_dataimg_per_device(pki: Path, tmp_pa
     rootfs = build_filesystem_image(tmp_path / "rootfs.ext4", GoldenSpec())
     refused = imageprov_pki("stamp", rootfs, "--pki", pki, "--out", out, "--device-id", "t-3", check=False)
     assert refused.returncode == 2 and "bare root filesystem image" in refused.stderr
+
+
+def test_a_squashfs_rootfs_is_read_and_credentials_go_to_data(
+    make_golden: Callable[..., Path], pki: Path, tmp_path: Path
+) -> None:
+    """ARTIFACTIMG_FSTYPE = "squashfs": the roles and the configuration are read with unsquashfs; nothing is
+    written into the read-only rootfs, the block goes to the data conf."""
+    golden = make_golden(Scheme.MBR, name="ro.sdimg", rootfs_fs="squashfs")
+    rootfs = {n: _partition_bytes(golden, n) for n in (2, 3)}
+    assert imageprov("cat", f"{golden}:/etc/mender/mender.conf").stdout.startswith("{")
+    imageprov_pki("stamp", golden, "--pki", pki, "--out", tmp_path / "out", "--device-id", "r-1")
+    stamped = tmp_path / "out" / "r-1.sdimg"
+    assert {n: _partition_bytes(stamped, n) for n in (2, 3)} == rootfs
+    conf = json.loads(_debugfs_cat(stamped, 4, "/mender/mender.conf"))
+    assert conf["HttpsClient"]["Certificate"] == "/data/mender/mender-cert.pem"
+    assert b"BEGIN CERTIFICATE" in _debugfs_cat(stamped, 4, "/mender/mender-cert.pem")
+    imageprov("verify", stamped, "--ca", pki / "ca-cert.pem", "--device-id", "r-1")
+    refused = imageprov_pki("stamp", golden, "--pki", pki, "--out", tmp_path / "out2", "--device-id", "r-2",
+                            "--conf-target", "rootfs", check=False)  # fmt: skip
+    assert refused.returncode != 0 and "squashfs, which is read-only" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    squashfs = tmp_path / "rootfs.squashfs"
+    tool("dd", f"if={golden}", f"of={squashfs}", "bs=512", f"skip={offset_of(golden, 2) // 512}", "count=8192",
+         "status=none")  # fmt: skip
+    bare = imageprov_pki("stamp", squashfs, "--pki", pki, "--out", tmp_path / "out3", "--device-id", "r-3",
+                         check=False)  # fmt: skip
+    assert bare.returncode != 0 and "is a bare squashfs filesystem" in bare.stderr, bare.stderr

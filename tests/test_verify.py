@@ -196,3 +196,19 @@ def test_verify_passes_what_the_edge_and_mender_take(
     _replace(stamped, "data", "/mender/mender-cert-private.pem", pem, tmp_path, "0100600")
     code, checks = _verify(stamped, pki, "--device-id", "v-1")
     assert {name for name, ok in checks.items() if not ok} == failed and code == (1 if failed else 0)
+
+
+def test_the_report_says_what_the_client_uses_and_from_which_file(stamped: Path, pki: Path) -> None:
+    proc = imageprov("verify", stamped, "--ca", pki / "ca-cert.pem", "--json")
+    client = json.loads(proc.stdout)["client"]
+    rootfs = "/etc/mender/mender.conf"  # --conf-target rootfs: the block is there
+    for role in ("rootfs-a", "rootfs-b"):
+        assert client[role] == {
+            "ServerURL": {"value": "https://mender.example.com", "from": rootfs},
+            "HttpsClient.Certificate": {"value": "/data/mender/mender-cert.pem", "from": rootfs},
+            "HttpsClient.Key": {"value": "/data/mender/mender-cert-private.pem", "from": rootfs},
+            "Security.AuthPrivateKey": {"value": "/data/mender/mender-cert-private.pem", "from": rootfs},
+        }
+    text = imageprov("verify", stamped, "--ca", pki / "ca-cert.pem").stdout
+    assert (f'ok    configuration the client uses (rootfs-b)  (ServerURL "https://mender.example.com" from {rootfs}; '
+            f'HttpsClient.Certificate "/data/mender/mender-cert.pem" from {rootfs}; ') in text  # fmt: skip

@@ -23,6 +23,7 @@ from imageprov.disk.ext4 import Ext4
 from imageprov.disk.layout import UNWRITABLE, Layout, Overrides, Role, Volume
 from imageprov.disk.mounts import is_specific, mount_of, named_volume
 from imageprov.disk.probe import Filesystem
+from imageprov.disk.squashfs import Squashfs
 from imageprov.errors import FilesystemError, LayoutError
 
 FSTAB = PurePosixPath("/etc/fstab")
@@ -59,10 +60,6 @@ def confirm(path: Path, layout: Layout, overrides: Overrides) -> Layout:
                 hint="the image's own files say where the device looks: drop the flag, or fix the image",
             )
     if not said:
-        squashfs = [v for v in layout.volumes if v.filesystem is Filesystem.SQUASHFS]
-        if squashfs and layout.unresolved is not None:
-            raise LayoutError(f"partition {squashfs[0].partition.number} holds squashfs",
-                              hint=UNWRITABLE[Filesystem.SQUASHFS])  # fmt: skip
         if layout.unresolved is not None:
             raise layout.unresolved
         return layout
@@ -116,8 +113,9 @@ def _check(layout: Layout, chosen: dict[Role, int]) -> None:
         found = volume.filesystem
         fits = {
             Role.DATA: found.is_ext,
-            Role.ROOTFS_A: found.is_ext,
-            Role.ROOTFS_B: found.is_ext or found is Filesystem.EMPTY,
+            # A read-only squashfs rootfs is read, never written (disk/squashfs.py).
+            Role.ROOTFS_A: found.is_ext or found is Filesystem.SQUASHFS,
+            Role.ROOTFS_B: found.is_ext or found in (Filesystem.EMPTY, Filesystem.SQUASHFS),
             Role.BOOT: found in (Filesystem.VFAT, *_EXT),
         }[role]
         if not fits and found in UNWRITABLE:
@@ -185,25 +183,32 @@ def _resolve(layout: Layout, source: str, role: Role, where: str, said: list[Sai
 
 
 def _root_filesystem(path: Path, layout: Layout) -> tuple[Volume, dict[PurePosixPath, bytes]] | None:
-    """The first ext partition (the guessed rootfs A first) holding an fstab or a Mender configuration."""
-    candidates = [v for v in layout.volumes if v.filesystem.is_ext and not v.partition.is_extended]
+    """The first ext or squashfs partition (the guessed rootfs A first) holding an fstab or a Mender conf."""
+    readable = (*_EXT, Filesystem.SQUASHFS)
+    candidates = [v for v in layout.volumes if v.filesystem in readable and not v.partition.is_extended]
     candidates.sort(key=lambda v: (v.role is not Role.ROOTFS_A, v.partition.number))
     for volume in candidates:
         try:
-            found = Ext4(path, volume.partition.offset, f"partition {volume.partition.number}").fetch(
-                [FSTAB, ROOTFS_CONF]
-            )
+            found = read_files(path, volume, [FSTAB, ROOTFS_CONF])
         except FilesystemError:
             continue  # not readable as a root filesystem: another candidate may be
-        files = {p: content for p, (_, content) in found.items() if content is not None}
+        files = {p: content for p, content in found.items() if content is not None}
         if files:
             return volume, files
     return None
 
 
+def read_files(path: Path, volume: Volume, paths: list[PurePosixPath]) -> dict[PurePosixPath, bytes | None]:
+    """The regular files at ``paths`` in an ext or squashfs volume (None: not there)."""
+    name = f"partition {volume.partition.number}"
+    if volume.filesystem is Filesystem.SQUASHFS:
+        return Squashfs(path, volume.partition.offset, name).fetch(paths)
+    return {p: content for p, (_, content) in Ext4(path, volume.partition.offset, name).fetch(paths).items()}
+
+
 def _read(path: Path, volume: Volume, inner: PurePosixPath) -> bytes | None:
     try:
-        return Ext4(path, volume.partition.offset, f"partition {volume.partition.number}").fetch([inner])[inner][1]
+        return read_files(path, volume, [inner])[inner]
     except FilesystemError:
         return None
 

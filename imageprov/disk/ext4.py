@@ -252,7 +252,7 @@ class Ext4:
                     first += f" (in {tempfile.gettempdir()}, the temporary directory)"
                     hint = "free space there, or point TMPDIR at a directory with room"
                 else:
-                    first += f" (on the filesystem holding {self.image})"
+                    first += f" (on the filesystem holding {self.image.parent})"  # the image, not a copy's name
                     hint = "free space there"
             raise FilesystemError(f"{doing} on {self.name} failed: {first}", hint=hint)
 

@@ -83,6 +83,7 @@ class GoldenSpec:
     # None: swap in an MBR_EXTENDED image only (its swap 5, data 6).
     swap_part: bool | None = None
     extra_parts: int = 0  # MENDER_EXTRA_PARTS: ext4 partitions after data
+    rootfs_fs: str = "ext4"  # or "squashfs" (ARTIFACTIMG_FSTYPE): read-only rootfs A and B
     extra_mib: int = 8
     # What rootfs A's /etc/fstab mounts at /data; None: the data partition by
     # device name, as meta-mender writes it (${MENDER_DATA_PART}); "": no such line.
@@ -150,14 +151,17 @@ def build_golden(path: Path, spec: GoldenSpec = GoldenSpec()) -> Path:
             Vfat(path, boot.start, "boot").write(PurePosixPath("/uboot.env"), uboot_env)
         rootfs_tree = _rootfs_tree(Path(tmp, "rootfs"), spec, {p.role: p.number for p in parts})
         data_tree = _data_tree(Path(tmp, "data"), spec, {p.role: p.number for p in parts})
-        _mke2fs(path, by_role["rootfs-a"].start, spec.rootfs_mib, "rootfs-a", rootfs_tree)
-        rootfs_b = by_role["rootfs-b"].start
-        if spec.rootfs_b is RootfsB.COPY:
-            _mke2fs(path, rootfs_b, spec.rootfs_mib, "rootfs-b", rootfs_tree)
-        elif spec.rootfs_b is RootfsB.EMPTY_EXT4:
-            empty = Path(tmp, "empty")
-            empty.mkdir()
-            _mke2fs(path, rootfs_b, spec.rootfs_mib, "rootfs-b", empty)
+        rootfs_a, rootfs_b = by_role["rootfs-a"].start, by_role["rootfs-b"].start
+        if spec.rootfs_fs == "squashfs":  # both slots hold the same read-only tree
+            _squashfs(path, [rootfs_a, rootfs_b], rootfs_tree, Path(tmp, "rootfs.squashfs"))
+        else:
+            _mke2fs(path, rootfs_a, spec.rootfs_mib, "rootfs-a", rootfs_tree)
+            if spec.rootfs_b is RootfsB.COPY:
+                _mke2fs(path, rootfs_b, spec.rootfs_mib, "rootfs-b", rootfs_tree)
+            elif spec.rootfs_b is RootfsB.EMPTY_EXT4:
+                empty = Path(tmp, "empty")
+                empty.mkdir()
+                _mke2fs(path, rootfs_b, spec.rootfs_mib, "rootfs-b", empty)
         _mke2fs(path, by_role["data"].start, spec.data_mib, "data", data_tree)
         for part in parts:
             if part.role.startswith("extra"):
@@ -196,6 +200,16 @@ def _partition(path: Path, scheme: Scheme, parts: list[_Part]) -> None:
         lines.append(f"start={start}, size={size}, type={kind}" + (", bootable" if part.role == "boot" else ""))
     script = "\n".join(lines) + "\n"
     run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(path)], input=script.encode())
+
+
+def _squashfs(path: Path, offsets: list[int], tree: Path, scratch: Path) -> None:
+    """The tree as a squashfs (owned by root, as an image build makes it) at each of ``offsets``."""
+    run(["mksquashfs", str(tree), str(scratch), "-noappend", "-quiet", "-all-root", "-no-progress"])
+    data = scratch.read_bytes()
+    with open(path, "r+b") as handle:
+        for offset in offsets:
+            handle.seek(offset)
+            handle.write(data)
 
 
 def _mke2fs(path: Path, offset: int, mib: int, label: str, tree: Path) -> None:

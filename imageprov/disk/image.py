@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 
-from imageprov.disk.confirm import confirm
+from imageprov.disk.confirm import confirm, read_files
 from imageprov.disk.ext4 import Ext4, NewFile, fs_path
 from imageprov.disk.layout import Layout, Overrides, Role, Volume, read_layout
+from imageprov.disk.probe import Filesystem
 from imageprov.disk.vfat import Vfat
 from imageprov.errors import FilesystemError, UsageError
 
@@ -68,20 +69,22 @@ def split_image_path(spec: str) -> tuple[Path, DevicePath]:
 class DiskImage:
     path: Path
     layout: Layout
+    # What messages call the image when ``path`` is a private copy of the user's file (cp's staging copy).
+    shown: Path | None = None
 
     @classmethod
-    def open(cls, path: Path, overrides: Overrides | None = None) -> DiskImage:
+    def open(cls, path: Path, overrides: Overrides | None = None, *, shown: Path | None = None) -> DiskImage:
         """Read the table and roles of the image at ``path``."""
         if not path.exists():
             raise UsageError(f"{path} does not exist")
         if not path.is_file() and not path.is_block_device():  # a flashed card is read in place
             raise UsageError(f"{path} is not a regular file or a block device")
         overrides = overrides or Overrides()
-        return cls(path, confirm(path, read_layout(path, overrides), overrides))
+        return cls(path, confirm(path, read_layout(path, overrides), overrides), shown)
 
     def at(self, path: Path) -> DiskImage:
         """The same layout, for a copy of this image at ``path``."""
-        copy = DiskImage(path, self.layout)
+        copy = DiskImage(path, self.layout, self.shown)
         if "rootfs_volumes" in self.__dict__:  # a copy holds the same filesystems: no second look
             copy.__dict__["rootfs_volumes"] = self.rootfs_volumes
         return copy
@@ -97,6 +100,8 @@ class DiskImage:
         if len(volumes) < 2:
             return volumes
         rootfs_b = volumes[1]
+        if rootfs_b.filesystem is Filesystem.SQUASHFS:
+            return volumes  # a squashfs is never empty: it is made from a tree
         if rootfs_b.filesystem.is_ext and self.ext(rootfs_b).stat(PurePosixPath("/etc")) is not None:
             return volumes
         return volumes[:1]
@@ -109,9 +114,20 @@ class DiskImage:
     def ext(self, volume: Volume) -> Ext4:
         """The ext filesystem on ``volume``, checked to fit its partition."""
         _check_fits(volume)
+        if volume.filesystem is Filesystem.SQUASHFS:
+            raise FilesystemError(
+                f"{volume_name(volume)} holds squashfs, which is read-only",
+                hint="what the device must get goes to the data partition: /data/..., --conf-target data",
+            )
         if not volume.filesystem.is_ext:
             raise FilesystemError(f"{volume_name(volume)} holds {volume.filesystem.value}, not ext4")
         return Ext4(self.path, volume.partition.offset, volume_name(volume))
+
+    def read_files(self, volume: Volume, paths: list[PurePosixPath]) -> dict[PurePosixPath, bytes | None]:
+        """Regular files of an ext or squashfs volume (None: not there): what reading needs, whichever it is."""
+        if volume.filesystem is Filesystem.SQUASHFS:
+            return read_files(self.path, volume, paths)
+        return {p: content for p, (_, content) in self.ext(volume).fetch(paths).items()}
 
     def unreplayed(self) -> list[Ext4]:
         """The ext filesystems whose journal holds transactions never written to them."""
@@ -139,7 +155,7 @@ class DiskImage:
             return self.rootfs_volumes
         boot = self.layout.boot_partition
         if boot is None:
-            raise FilesystemError(f"{self.path} has no boot partition", hint="name it with --boot-part N")
+            raise FilesystemError(f"{self.shown or self.path} has no boot partition", hint="name it with --boot-part N")
         return (boot,)
 
     def _bare_volume(self, area: Area) -> tuple[Volume, ...]:
@@ -148,7 +164,7 @@ class DiskImage:
         if area is not holds:
             what = "the data partition (/data/...)" if holds is Area.DATA else "a root filesystem"
             raise UsageError(
-                f"{self.path} is a bare filesystem image holding {what}: it has no {area.value} area",
+                f"{self.shown or self.path} is a bare filesystem image holding {what}: it has no {area.value} area",
                 hint="name a path in it, or open the disk image (.sdimg, .uefiimg)",
             )
         return (volume,)
@@ -162,6 +178,11 @@ class DiskImage:
         volume = self.volumes_for(path.area)[0]
         if self._is_vfat(path, volume):
             return self.vfat(volume).read(path.inner)
+        if volume.filesystem is Filesystem.SQUASHFS:
+            content = self.read_files(volume, [path.inner])[path.inner]
+            if content is None:
+                raise FilesystemError(f"{path.device_path} is not a file in {volume_name(volume)}")
+            return content
         return self.ext(volume).read(path.inner)
 
     def listdir(self, path: DevicePath) -> list[tuple[str, str, int]]:

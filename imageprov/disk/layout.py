@@ -186,8 +186,8 @@ UNWRITABLE = {
     "written without mounting it, and imageprov never mounts",
     Filesystem.F2FS: 'build the data partition as ext4 (MENDER_DATA_PART_FSTYPE = "ext4"): f2fs has no tool '
     "that writes files into it without mounting it, and imageprov never mounts",
-    Filesystem.SQUASHFS: "a read-only squashfs root filesystem is not supported yet: stamp the build's .dataimg "
-    "or an image whose rootfs is ext4",
+    Filesystem.SQUASHFS: "a bare squashfs root filesystem is read-only and holds no data partition: use the disk "
+    "image or the build's .dataimg",
 }
 # UBI images (.ubimg, for raw NAND) start with an erase counter header: "UBI#".
 _UBI_MAGIC = b"UBI#"

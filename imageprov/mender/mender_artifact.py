@@ -55,7 +55,8 @@ def stamp(golden: Path, image: Path, issued: Issued, settings: Settings, *, data
             raise ToolError(f"mender-artifact could not read {ROOTFS_CONF} from {image}")
         conf.write_bytes(merge(current, settings, target).text)
         if data_conf:
-            install(conf, image, target, 0o644)
+            # 0600, as meta-mender makes it (mender-artifact cannot read back an existing file's mode).
+            install(conf, image, target, 0o600)
         else:
             # mender-artifact cp writes a rootfs path to both rootfs partitions.
             _ma("cp", str(conf), f"{image}:{target}")

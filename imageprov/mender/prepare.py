@@ -15,12 +15,11 @@ from typing import Any
 
 from imageprov.disk.copy import edit_in_place
 from imageprov.disk.ext4 import Inode, NewFile
-from imageprov.disk.image import EMPTY_ROOTFS_B_NOTE, DiskImage
+from imageprov.disk.image import EMPTY_ROOTFS_B_NOTE, DiskImage, volume_name
 from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import FilesystemError, UsageError
-from imageprov.mender.conf import DATA_CONF, ROOTFS_CONF, Settings, conflicts, merge, parse
-from imageprov.mender.roles import confirm_data_partition
-from imageprov.mender.verify import DATA_CONF_PATH, KEY_PATH, ROOTFS_CONF_PATH
+from imageprov.mender.conf import DATA_CONF, ROOTFS_CONF, Settings, conflicts, merge, parse, spelling
+from imageprov.mender.verify import DATA_CONF_PATH, KEY_PATH, ROOTFS_CONF_PATH, migrate_scripts, migrate_warning
 
 # A partition, files to write on it and directories to make.
 Change = tuple[Volume, list[NewFile], list[PurePosixPath]]
@@ -36,6 +35,8 @@ class ConfTarget(enum.Enum):
 # Blocks a rootfs conf may hold only if the site builds them into every update:
 # the default refuses to guess which of the two confs should carry them.
 ROOTFS_OWNED = ("HttpsClient", "Security")
+# meta-mender's mode for both confs (they may hold a tenant token), and so ours for a data conf we create.
+NEW_DATA_CONF_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -53,25 +54,45 @@ def _rootfs_confs(disk: DiskImage) -> list[tuple[Volume, str, dict[str, Any]]]:
     confs = []
     for volume in disk.rootfs_volumes:
         where = f"{ROOTFS_CONF} on {volume.role.value}"
-        confs.append((volume, where, parse(disk.ext(volume).read(ROOTFS_CONF_PATH), where)))
+        # Read whatever the rootfs is (ext4, or a read-only squashfs).
+        content = disk.read_files(volume, [ROOTFS_CONF_PATH])[ROOTFS_CONF_PATH]
+        if content is None:
+            raise FilesystemError(f"{ROOTFS_CONF_PATH} does not exist on {volume_name(volume)}")
+        confs.append((volume, where, parse(content, where)))
     return confs
 
 
+def _check_data_conf(disk: DiskImage) -> None:
+    """Refuse a data partition conf that the clients would read apart, whichever conf is written."""
+    data = disk.layout.data_volume
+    if data is not None:
+        text = disk.ext(data).fetch([DATA_CONF_PATH.inner])[DATA_CONF_PATH.inner][1]
+        if text is not None:
+            parse(text, DATA_CONF)
+
+
 def resolve_target(disk: DiskImage, target: ConfTarget) -> ConfTarget:
-    """The conf that ``target`` means for this image: ``auto`` becomes ``data``, or a one-line refusal."""
+    """The conf that ``target`` means for this image: ``auto`` becomes ``data``, or a one-line refusal.
+
+    Every conf in the image is read first, whichever is to be written: one
+    that the clients would read apart (a key in two spellings) is refused here,
+    before a certificate is issued or anything is written, with either engine.
+    """
     if disk.layout.data_volume is None:
-        if target is ConfTarget.ROOTFS:
-            return target
-        raise UsageError(
-            f"{disk.path} is a bare root filesystem: it has no data partition for {DATA_CONF}",
-            hint="prepare the disk image or the .dataimg, or pass --conf-target rootfs",
-        )
-    if disk.layout.is_bare and target is ConfTarget.ROOTFS:
+        if target is not ConfTarget.ROOTFS:
+            raise UsageError(
+                f"{disk.path} is a bare root filesystem: it has no data partition for {DATA_CONF}",
+                hint="prepare the disk image or the .dataimg, or pass --conf-target rootfs",
+            )
+    elif disk.layout.is_bare and target is ConfTarget.ROOTFS:
         raise UsageError(f"{disk.path} holds only the data partition", hint="use --conf-target data")
+    rootfs_confs = _rootfs_confs(disk)
+    _check_data_conf(disk)
     if target is not ConfTarget.AUTO:
         return target
-    for _, where, conf in _rootfs_confs(disk):
-        owned = [key for key in ROOTFS_OWNED if key in conf]
+    for _, where, conf in rootfs_confs:
+        # In the file's own spelling: the client reads "httpsclient" as HttpsClient.
+        owned = [key for name in ROOTFS_OWNED if (key := spelling(conf, name)) is not None]
         if owned:
             raise UsageError(
                 f"{where} sets {' and '.join(owned)}, which the client reads over {DATA_CONF}, "
@@ -130,16 +151,22 @@ def plan_changes(disk: DiskImage, settings: Settings, target: ConfTarget) -> tup
         if merged.replaced_auth_key is not None:
             notes.append(f"{DATA_CONF}: replaced Security.AuthPrivateKey {merged.replaced_auth_key}")
         if merged.changed or inode is None:
-            changes.append((layout.data_partition, [_keeping_owner(inode, DATA_CONF_PATH.inner, merged.text)], []))
+            new = _keeping_owner(inode, DATA_CONF_PATH.inner, merged.text, NEW_DATA_CONF_MODE)
+            changes.append((layout.data_partition, [new], []))
+        # The script runs on the device at an update: it rewrites the conf written here.
+        scripts = migrate_scripts(disk)
+        if scripts:
+            notes.append(migrate_warning(scripts))
     if data is not None and mender_dir is None:
         changes.append((data, [], [KEY_PATH.inner.parent]))
     return changes, notes
 
 
-def _keeping_owner(inode: Inode | None, path: PurePosixPath, text: bytes) -> NewFile:
-    # meta-mender installs both confs 0600 (they may hold a tenant token): a merge keeps what was there.
+def _keeping_owner(inode: Inode | None, path: PurePosixPath, text: bytes, new_mode: int = 0o644) -> NewFile:
+    # meta-mender installs both confs 0600 (they may hold a tenant token): a
+    # merge keeps the mode and owner that were there, a new file gets ``new_mode``, root's.
     if inode is None or inode.kind != "regular":
-        return NewFile(path, text, 0o644)
+        return NewFile(path, text, new_mode)
     return NewFile(path, text, inode.mode, inode.uid, inode.gid)
 
 
@@ -153,7 +180,6 @@ def prepare_in_place(
 ) -> Prepared:
     """Prepare ``image`` in place, atomically; an image already prepared is not written to at all."""
     disk = DiskImage.open(image, overrides)
-    confirm_data_partition(disk)
     replayed: list[str] = []
     unreplayed = bool(disk.unreplayed())
     if not unreplayed:

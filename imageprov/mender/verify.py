@@ -8,6 +8,7 @@ failed, so that a report shows everything that is wrong at once.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -30,9 +31,10 @@ from imageprov.mender.conf import (
     Settings,
     auth_private_key,
     effective,
+    lookup,
+    lookup_path,
     parse,
 )
-from imageprov.mender.roles import confirm_data_partition
 from imageprov.pki.chain import device_key_problem, extension_problem, leaf_problems, usage_problems
 
 # The device id the line stamped, one line, for the device's identity script:
@@ -44,6 +46,22 @@ CERT_PATH = DevicePath.parse(CLIENT_CERT)
 DEVICE_ID_PATH = DevicePath.parse(DEVICE_ID_FILE)
 DATA_CONF_PATH = DevicePath.parse(DATA_CONF)
 ROOTFS_CONF_PATH = PurePosixPath(ROOTFS_CONF)
+
+# meta-mender's mender-migrate-configuration installs itself as the Artifact
+# state script ArtifactCommit_Enter_10_migrate-configuration
+# (mender-migrate-configuration.bb; mender-client-migrate-configuration.bb
+# before scarthgap): it goes into the .mender artifacts the build makes, and
+# the client keeps the installed artifact's scripts in /var/lib/mender/scripts,
+# that is /data/mender/scripts. A copy under /etc/mender/scripts (where the
+# rootfs's own Idle/Sync/Download scripts go) shows that a build carries it too.
+MIGRATE_SUFFIX = "_migrate-configuration"
+ARTIFACT_SCRIPTS = DevicePath.parse("/data/mender/scripts")
+ROOTFS_SCRIPTS = PurePosixPath("/etc/mender/scripts")
+# The temporary file only that script writes: it finds the script under another name.
+_MIGRATE_MARK = b"mender-persistent.conf"
+
+# What the client reads that decides where it connects and with which credentials.
+VIEWED = ("ServerURL", "HttpsClient.Certificate", "HttpsClient.Key", "Security.AuthPrivateKey")
 
 
 @dataclass(frozen=True)
@@ -57,12 +75,38 @@ class Check:
 
 
 @dataclass(frozen=True)
+class Used:
+    """A value the client uses, and the file it comes from."""
+
+    value: str  # "" where no file sets it: the client's own default
+    source: str | None  # ROOTFS_CONF or DATA_CONF; None where no file sets it
+
+    def __str__(self) -> str:
+        return f"{json.dumps(self.value, ensure_ascii=False)} from {self.source}" if self.source else "not set"
+
+
+@dataclass(frozen=True)
+class ClientView:
+    """What the client uses from the main conf over the fallback, on one rootfs (or the data partition alone)."""
+
+    role: str  # "rootfs-a", "rootfs-b", or "data" for a bare data partition
+    fields: tuple[tuple[str, Used], ...]  # by the dotted names of VIEWED
+
+    def get(self, name: str) -> Used:
+        return dict(self.fields)[name]
+
+    def to_dict(self) -> dict[str, dict[str, str | None]]:
+        return {name: {"value": used.value, "from": used.source} for name, used in self.fields}
+
+
+@dataclass(frozen=True)
 class Report:
     image: Path
     checks: tuple[Check, ...]
     device_id: str | None = None
     serial: str | None = None
     fingerprint: str | None = None
+    client: tuple[ClientView, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -80,6 +124,7 @@ class Report:
             "serial": self.serial,
             "fingerprint": self.fingerprint,
             "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "warning": c.warning} for c in self.checks],
+            "client": {view.role: view.to_dict() for view in self.client},
         }
 
 
@@ -128,7 +173,6 @@ def verify_image(
     checks = Checks()
     try:
         disk = DiskImage.open(image, overrides)
-        confirm_data_partition(disk)
         volumes = disk.rootfs_volumes
     except ImageprovError as exc:
         checks.add("partition table and layout", False, str(exc))
@@ -146,8 +190,10 @@ def verify_image(
         found = check_data_partition(checks, disk, ca_cert, device_id=device_id, crl=crl, now=now, strict=strict)
     if not found.readable:
         return Report(image, tuple(checks.items), device_id)
-    check_mender_confs(checks, disk, found.fallback, settings, auth_key=auth_key)
-    touched = [*([data] if data else ()), *(volumes if fsck_rootfs else ())]
+    views = check_mender_confs(checks, disk, found.fallback, settings, auth_key=auth_key)
+    check_migrate_script(checks, disk)
+    # e2fsck for the ext filesystems; a squashfs rootfs is read-only and was never written.
+    touched = [v for v in (*([data] if data else ()), *(volumes if fsck_rootfs else ())) if v.filesystem.is_ext]
     check_fsck(checks, image, touched)
     cert = found.cert
     return Report(
@@ -156,6 +202,7 @@ def verify_image(
         _cn(cert) if cert else device_id,
         f"{cert.serial_number:x}" if cert else None,
         cert.fingerprint(hashes.SHA256()).hex() if cert else None,
+        tuple(views),
     )
 
 
@@ -209,27 +256,72 @@ def check_mender_confs(
     settings: Settings | None = None,
     *,
     auth_key: AuthKey = AuthKey.CERT,
-) -> None:
+) -> list[ClientView]:
     """Check the configuration the client will use when booted from rootfs A and from rootfs B.
 
     That is the rootfs's /etc/mender/mender.conf over the data partition's
-    fallback, field by field (:func:`imageprov.mender.conf.effective`). An
-    empty rootfs B is not checked: the first update brings its root filesystem.
+    fallback, field by field, keys matched as the client matches them
+    (:func:`imageprov.mender.conf.effective`). An empty rootfs B is not
+    checked: the first update brings its root filesystem. Returns what the
+    client uses on each rootfs whose confs could be read.
     """
     if disk.rootfs_b_empty:
         checks.add("rootfs B", True, "empty: it receives its root filesystem and mender.conf from the first update")
+    views: list[ClientView] = []
     volumes = disk.rootfs_volumes
     if not volumes:  # a bare data partition: its fallback is all there is to see
-        _check_conf(checks, "mender.conf on the data partition", None, fallback, settings, bare_data=True,
-                    auth_key=auth_key)  # fmt: skip
+        views += _check_conf(checks, "mender.conf on the data partition", None, fallback, settings, bare_data=True,
+                             auth_key=auth_key)  # fmt: skip
     for volume in volumes:
         try:
-            main = disk.ext(volume).fetch([ROOTFS_CONF_PATH])[ROOTFS_CONF_PATH][1]
+            main = disk.read_files(volume, [ROOTFS_CONF_PATH])[ROOTFS_CONF_PATH]
         except ImageprovError as exc:
             checks.add(f"mender.conf on {volume.role.value}", False, str(exc))
             continue
-        _check_conf(checks, f"mender.conf on {volume.role.value}", main, fallback, settings,
-                    bare_data=False, role=volume.role.value, auth_key=auth_key)  # fmt: skip
+        views += _check_conf(checks, f"mender.conf on {volume.role.value}", main, fallback, settings,
+                             bare_data=False, role=volume.role.value, auth_key=auth_key)  # fmt: skip
+    return views
+
+
+def migrate_scripts(disk: DiskImage) -> list[str]:
+    """Where the image holds meta-mender's migrate-configuration state script, as device paths."""
+    places: list[tuple[Volume, PurePosixPath, str]] = []
+    if disk.layout.data_volume is not None:
+        places.append((disk.layout.data_volume, ARTIFACT_SCRIPTS.inner, str(ARTIFACT_SCRIPTS.device_path)))
+    places += [(volume, ROOTFS_SCRIPTS, f"{ROOTFS_SCRIPTS} on {volume.role.value}") for volume in disk.rootfs_volumes]
+    found = []
+    for volume, directory, shown in places:
+        try:
+            fs = disk.ext(volume)
+            inode = fs.stat(directory)
+            if inode is None or inode.kind != "directory":
+                continue
+            names = [entry.name for entry in fs.listdir(directory) if not entry.is_dir]
+            contents = fs.fetch([directory / name for name in names])
+        except ImageprovError:
+            # A partition imageprov cannot read (a squashfs rootfs, a damaged
+            # filesystem) is reported by the checks that need it; the others are still looked at.
+            continue
+        for name in names:
+            content = contents[directory / name][1] or b""
+            if name.endswith(MIGRATE_SUFFIX) or _MIGRATE_MARK in content:
+                found.append(f"{shown}/{name}")
+    return found
+
+
+def migrate_warning(found: list[str]) -> str:
+    """What the migrate-configuration script found at ``found`` does to the credentials, and what to do."""
+    return (f"{', '.join(found)}: meta-mender's mender-migrate-configuration, at the ArtifactCommit of an update "
+            f"that carries it, rewrites {DATA_CONF} keeping only RootfsPartA/B: HttpsClient and Security there are "
+            f"lost; build them into every update's {ROOTFS_CONF}, or remove mender-migrate-configuration "
+            "from the build")  # fmt: skip
+
+
+def check_migrate_script(checks: Checks, disk: DiskImage) -> None:
+    """Warn where the image holds the state script that drops our blocks from the data partition's conf."""
+    found = migrate_scripts(disk)
+    if found:
+        checks.add("mender-migrate-configuration state script", True, migrate_warning(found), warning=True)
 
 
 def check_fsck(checks: Checks, image: Path, volumes: list[Volume]) -> None:
@@ -325,46 +417,60 @@ def _check_conf(
     bare_data: bool,
     role: str = "",
     auth_key: AuthKey = AuthKey.CERT,
-) -> None:
+) -> list[ClientView]:
     try:
         main = parse(main_text, f"{ROOTFS_CONF} on {role}") if main_text is not None else {}
         extra = parse(fallback, DATA_CONF) if fallback is not None else {}
     except ImageprovError as exc:
         checks.add(name, False, str(exc))
-        return
+        return []
+    suffix = f" ({role})" if role else ""
+    view = ClientView(role or "data", tuple((path, _used(main, extra, path)) for path in VIEWED))
+    checks.add(f"configuration the client uses{suffix}", True,
+               "; ".join(f"{path} {used}" for path, used in view.fields))  # fmt: skip
     wanted = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
     used = effective(main, extra)
     if auth_key is AuthKey.CERT:
-        _check_auth_key(checks, used, role)
+        _check_auth_key(checks, used, role, view.get("Security.AuthPrivateKey").source)
     for key, value in (
         ("ServerURL", settings and settings.server_url),
         ("TenantToken", settings and settings.tenant_token),
     ):
         if value is not None:
-            source = ROOTFS_CONF if main.get(key) is not None else DATA_CONF
-            checks.add(f"{key} the client uses{f' ({role})' if role else ''}", used.get(key) == value,
+            source = ROOTFS_CONF if lookup(main, key) is not None else DATA_CONF
+            checks.add(f"{key} the client uses{suffix}", used.get(key) == value,
                        f"{used.get(key)!r} from {source}")  # fmt: skip
     block = used.get("HttpsClient")
     # Where the client finds each field: the rootfs conf wins, field by field.
-    main_block = main.get("HttpsClient") or {}
-    where = ROOTFS_CONF if any(main_block.get(k) is not None for k in wanted) else DATA_CONF
+    where = ROOTFS_CONF if any(lookup_path(main, f"HttpsClient.{k}") is not None for k in wanted) else DATA_CONF
     if not isinstance(block, dict):
         checks.add(name, False, "no HttpsClient block")
-        return
+        return [view]
     got = {k: block.get(k) for k in wanted}
     if got["Key"] == CLIENT_CERT:
         checks.add(name, False, f"HttpsClient.Key in {where} points at the certificate, not the key")
-        return
+        return [view]
     if not checks.add(name, got == wanted, f"HttpsClient in {where}: {got}"):
-        return
+        return [view]
     kept = effective({}, extra).get("HttpsClient")
     if not bare_data and (not isinstance(kept, dict) or {k: kept.get(k) for k in wanted} != wanted):
         checks.add(f"HttpsClient survives an update ({role})", True,
                    f"only in {ROOTFS_CONF}: an update built without it removes it; "
                    f"put it in {DATA_CONF} (--conf-target data) or into the build", warning=True)  # fmt: skip
+    return [view]
 
 
-def _check_auth_key(checks: Checks, used: dict[str, Any], role: str) -> None:
+def _used(main: dict[str, Any], fallback: dict[str, Any], path: str) -> Used:
+    """The value at ``path`` that the client uses, and its file: the main conf's unless it leaves it unset or null."""
+    for conf, source in ((main, ROOTFS_CONF), (fallback, DATA_CONF)):
+        value = lookup_path(conf, path)
+        if value is not None:
+            # parse() let through only strings at these paths.
+            return Used(str(value), source)
+    return Used("", None)
+
+
+def _check_auth_key(checks: Checks, used: dict[str, Any], role: str, source: str | None) -> None:
     name = f"auth requests signed with the certificate's key{f' on {role}' if role else ''}"
     signing = auth_private_key(used)
     if signing is None:
@@ -373,7 +479,7 @@ def _check_auth_key(checks: Checks, used: dict[str, Any], role: str) -> None:
         checks.add(name, False, "no Security.AuthPrivateKey: the client may sign with a key of its own")
     else:
         # CLIENT_KEY is the file checked above to hold the certificate's key.
-        checks.add(name, signing == CLIENT_KEY, f"Security.AuthPrivateKey: {signing}")
+        checks.add(name, signing == CLIENT_KEY, f"Security.AuthPrivateKey: {signing} from {source}")
 
 
 def _check_fsck(checks: Checks, image: Path, volume: Volume) -> None:
