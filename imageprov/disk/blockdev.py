@@ -97,18 +97,25 @@ def _underlying(sysdir: Path, seen: set[Path] | None = None) -> set[Path]:
     seen.add(disk)
     for slave in (disk / "slaves").glob("*"):
         _underlying(slave, seen)
-    backing = _read(disk / "loop" / "backing_file")
-    if backing:
-        try:
-            info = os.stat(backing.removesuffix(" (deleted)"))
-        except OSError:
-            return seen
+    info = _backing(disk)
+    if info is not None:
         # A loop device over a device node (mount -o loop,offset=... /dev/sdb) lives on
         # that device (st_rdev); over a file, on the disk holding the file (st_dev).
         dev = info.st_rdev if stat.S_ISBLK(info.st_mode) else info.st_dev
         if os.major(dev) != 0 and _sysdir(dev).exists():
             _underlying(_sysdir(dev), seen)
     return seen
+
+
+def _backing(disk: Path) -> os.stat_result | None:
+    """What a loop device reads (its backing file or device node); None for another disk or a file gone."""
+    backing = _read(disk / "loop" / "backing_file")
+    if not backing:
+        return None
+    try:
+        return os.stat(backing.removesuffix(" (deleted)"))
+    except OSError:
+        return None
 
 
 def _mounts() -> list[tuple[str, str, str]]:
@@ -177,14 +184,9 @@ def _same_bytes(disk: Path) -> set[Path]:
 
     (A loop device over a regular file shows the file, not the disk holding it.)"""
     found = {disk}
-    backing = _read(disk / "loop" / "backing_file")
-    if backing:
-        try:
-            info = os.stat(backing.removesuffix(" (deleted)"))
-        except OSError:
-            return found
-        if stat.S_ISBLK(info.st_mode):
-            found |= _same_bytes(_disk_of(_sysdir(info.st_rdev)))
+    info = _backing(disk)
+    if info is not None and stat.S_ISBLK(info.st_mode):
+        found |= _same_bytes(_disk_of(_sysdir(info.st_rdev)))
     return found
 
 
@@ -192,14 +194,8 @@ def _loops_over(disks: set[Path]) -> list[Path]:
     """The loop devices whose backing file is one of ``disks`` or a partition of them."""
     found = []
     for loop in (SYS / "block").glob("loop*"):
-        backing = _read(loop / "loop" / "backing_file")
-        if not backing:
-            continue
-        try:
-            info = os.stat(backing.removesuffix(" (deleted)"))
-        except OSError:
-            continue
-        if stat.S_ISBLK(info.st_mode) and _disk_of(_sysdir(info.st_rdev)) in disks:
+        info = _backing(loop)
+        if info is not None and stat.S_ISBLK(info.st_mode) and _disk_of(_sysdir(info.st_rdev)) in disks:
             found.append(loop.resolve())
     return found
 
