@@ -37,5 +37,6 @@ def client_config(main: Path, fallback: Path, tmp_path: Path) -> dict[str, Any]:
         },
         "Security": {"AuthPrivateKey": field(r'Security\{AuthPrivateKey:"([^"]*)"')},
         "ServerURL": field(r'ServerURL:"([^"]*)"'),
+        "ServerCertificate": field(r'ServerCertificate:"([^"]*)"'),
         "TenantToken": field(r'TenantToken:"([^"]*)"'),
     }

@@ -91,9 +91,12 @@ def identity_runner(tmp_path: Path) -> Iterator[Any]:
         (IDENTITY_DIR / "mender-device-identity").unlink(missing_ok=True)
 
 
-def _client_root(tmp_path: Path, image: Path, name: str, ca_cert: Path, server_url: str) -> Path:
+def _client_root(tmp_path: Path, image: Path, name: str, ca_cert: Path | None, server_url: str) -> Path:
     """The image's mender.conf and fallback conf, key and certificate, device paths mapped under a temporary
-    root; ServerURL set to the edge, as the build would (MENDER_SERVER_URL)."""
+    root; ServerURL set to the edge, as the build would (MENDER_SERVER_URL).
+
+    ``ca_cert``: the edge's trust, set as ServerCertificate by hand; None: the image's own (stamp --server-ca),
+    the file its conf names read out of the image like the credentials."""
     extracted = tmp_path / f"extracted-{image.stem}"  # read out of each image once
     if not extracted.exists():
         staging = tmp_path / f"staging-{image.stem}"
@@ -102,6 +105,11 @@ def _client_root(tmp_path: Path, image: Path, name: str, ca_cert: Path, server_u
         fallback = imageprov("cat", f"{image}:/data/mender/mender.conf", check=False)
         (staging / "fallback.conf").write_text(fallback.stdout if fallback.returncode == 0 else "{}")
         for device_path in ("/data/mender/mender-cert.pem", "/data/mender/mender-cert-private.pem"):
+            imageprov("cp", f"{image}:{device_path}", staging / device_path.lstrip("/"))
+        trusted = {
+            json.loads((staging / f).read_text()).get("ServerCertificate") for f in ("mender.conf", "fallback.conf")
+        }
+        for device_path in trusted - {None}:
             imageprov("cp", f"{image}:{device_path}", staging / device_path.lstrip("/"))
         staging.rename(extracted)
     root = tmp_path / f"device-{name}"
@@ -116,7 +124,10 @@ def _client_root(tmp_path: Path, image: Path, name: str, ca_cert: Path, server_u
         for block, field in (("HttpsClient", "Certificate"), ("HttpsClient", "Key"), ("Security", "AuthPrivateKey")):
             if (conf.get(block) or {}).get(field):
                 conf[block][field] = str(root / conf[block][field].lstrip("/"))
-    confs["mender.conf"]["ServerCertificate"] = str(ca_cert)  # the edge's certificate is signed by the fleet CA
+        if conf.get("ServerCertificate"):
+            conf["ServerCertificate"] = str(root / conf["ServerCertificate"].lstrip("/"))
+    if ca_cert is not None:
+        confs["mender.conf"]["ServerCertificate"] = str(ca_cert)  # the edge's certificate is signed by the fleet CA
     confs["mender.conf"]["ServerURL"] = server_url
     for file, conf in confs.items():
         (root / file).write_text(json.dumps(conf))
@@ -172,14 +183,18 @@ def test_stamped_device_is_accepted_through_the_edge_and_pending_without_it(
     accept_port, plain_port = free_port(), free_port()
     accept_url = f"https://localhost:{accept_port}"
     out = tmp_path / "out"
-    # The default --conf-target: the credentials' settings in the data partition's fallback conf.
-    imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "good-1", "--device-id", "rev-1")
+    ca_cert = pki / "ca-cert.pem"
+    # The default --conf-target: the credentials' settings in the data partition's fallback conf. The
+    # devices trust the edge through the image alone: its certificate is signed by the fleet CA, which
+    # --server-ca installs as /data/mender/server.crt and names in ServerCertificate.
+    imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "good-1", "--device-id", "rev-1",
+                  "--server-ca", ca_cert)  # fmt: skip
+    imageprov("verify", out / "good-1.sdimg", "--ca", ca_cert, "--server-ca", ca_cert)
     server = tmp_path / "edge"
     imageprov_pki("server-cert", "--pki", pki, "--host", "localhost", "--ip", "127.0.0.1", "--out", server)
     imageprov_pki("revoke", "--pki", pki, "rev-1", "--reason", "key-compromise")
     password = tmp_path / "password"
     password.write_text(PASSWORD)
-    ca_cert = pki / "ca-cert.pem"
     good_cert = x509.load_pem_x509_certificate(imageprov("cat", f"{out / 'good-1.sdimg'}:/data/mender/mender-cert.pem",
                                                          ).stdout.encode())  # fmt: skip
 
@@ -188,15 +203,25 @@ def test_stamped_device_is_accepted_through_the_edge_and_pending_without_it(
                           "--password-file", password) as service:  # fmt: skip
             conf = _edge_conf(pki, server, standin.url, accept_port, service["url"])
             with nginx(tmp_path, conf, accept_port):
-                good_root = _client_root(tmp_path, out / "good-1.sdimg", "good", ca_cert, accept_url)
+                good_root = _client_root(tmp_path, out / "good-1.sdimg", "good", None, accept_url)
+                assert json.loads((good_root / "fallback.conf").read_text())["ServerCertificate"] == str(
+                    good_root / "data/mender/server.crt"
+                )
+                # Without the image's ServerCertificate the client does not trust the edge at all:
+                # the trust above comes from --server-ca, nothing else.
+                untrusting = _client_root(tmp_path, out / "good-1.sdimg", "untrusting", None, accept_url)
+                (untrusting / "data/mender/server.crt").unlink()
+                refused = _bootstrap(identity_runner, untrusting, "02:00:00:00:00:01")
+                assert refused.returncode != 0
+                assert "certificate signed by unknown authority" in refused.stderr, refused.stderr[-2000:]
                 good = _bootstrap(identity_runner, good_root, "02:00:00:00:00:01")
                 assert good.returncode == 0, good.stderr
-                revoked_root = _client_root(tmp_path, out / "rev-1.sdimg", "rev", ca_cert, accept_url)
+                revoked_root = _client_root(tmp_path, out / "rev-1.sdimg", "rev", None, accept_url)
                 revoked = _bootstrap(identity_runner, revoked_root, "02:00:00:00:00:02")
                 assert revoked.returncode != 0
                 # Signing with a key other than the certificate's: refused (what --auth-key device does
                 # where the client generates its key).
-                own = _client_root(tmp_path, out / "good-1.sdimg", "own-key", ca_cert, accept_url)
+                own = _client_root(tmp_path, out / "good-1.sdimg", "own-key", None, accept_url)
                 conf = json.loads((own / "mender.conf").read_text())
                 agent = own / "data" / "mender-agent.pem"
                 agent.write_bytes(key_pem(ec.generate_private_key(ec.SECP256R1())))
@@ -223,7 +248,7 @@ def test_stamped_device_is_accepted_through_the_edge_and_pending_without_it(
     # The same device through nginx alone: the Mender server holds it pending for a person to accept.
     with running_standin() as standin:
         with nginx(tmp_path, _edge_conf(pki, server, standin.url, plain_port), plain_port):
-            root = _client_root(tmp_path, out / "good-1.sdimg", "plain", ca_cert, f"https://localhost:{plain_port}")
+            root = _client_root(tmp_path, out / "good-1.sdimg", "plain", None, f"https://localhost:{plain_port}")
             pending = _bootstrap(identity_runner, root, "02:00:00:00:00:01")
         assert pending.returncode != 0
         assert [d["identity_data"] for d in _list(standin, "pending")] == [{"mac": "02:00:00:00:00:01"}]

@@ -16,6 +16,7 @@ from tests.conftest import (
     imageprov,
     imageprov_pki,
     need,
+    offset_of,
     partition_bytes,
     roles,
     sha256,
@@ -79,6 +80,12 @@ def test_production_conf_keeps_its_keys(
 ) -> None:
     original = (datafiles / "mender.conf.production").read_text()
     golden = make_golden(Scheme.GPT, mender_conf=original)
+    # Its ServerCertificate, as meta-mender's recipes installed it with this conf: the stamp and verify
+    # check that the file it names is there.
+    for role in ("rootfs-a", "rootfs-b"):
+        number = roles(golden)[role]
+        tool("debugfs", "-w", "-R", f"write {pki / 'ca-cert.pem'} /etc/mender/server.crt",
+             f"{golden}?offset={offset_of(golden, number)}")  # fmt: skip
     proc = imageprov_pki("stamp", golden, "--pki", pki, "--out", tmp_path / "out", "--device-id", "p1",
                          "--conf-target", "rootfs")  # fmt: skip
     assert "replaced HttpsClient" in proc.stderr and "SSLEngine" in proc.stderr
@@ -87,6 +94,9 @@ def test_production_conf_keeps_its_keys(
         expected["HttpsClient"] = HTTPS_CLIENT
         expected["Security"] = {"AuthPrivateKey": HTTPS_CLIENT["Key"]}
         assert conf == expected and list(conf) == list(expected)
+    report = imageprov("verify", tmp_path / "out/p1.uefiimg", "--ca", pki / "ca-cert.pem", "--json").stdout
+    trusted = [c for c in json.loads(report)["checks"] if c["name"].startswith("server certificate the client")]
+    assert [(c["ok"], "/etc/mender/server.crt" in c["detail"]) for c in trusted] == [(True, True)] * 2, trusted
 
 
 def test_two_spaces_and_the_mender_conf_rendering(make_golden: Callable[..., Path], pki: Path, tmp_path: Path) -> None:

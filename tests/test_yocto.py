@@ -491,6 +491,131 @@ def test_a_target_through_a_link_is_refused(tmp_path: Path, caplog: pytest.LogCa
     assert error.startswith("imageprov: /var/lib/mender in the image is a link to /data/mender: ")
 
 
+# -- keys matched as the clients match them -----------------------------------------------------------------------
+
+
+def test_keys_in_another_case_are_replaced_in_place_in_menders_spelling(tmp_path: Path) -> None:
+    rootfs = _rootfs(tmp_path)
+    data = {**PERSISTENT, "httpsclient": {"certificate": "/old.pem", "KEY": "/old.key"},
+            "SECURITY": {"sslengine": "pkcs11"}, "Extra": 1}  # fmt: skip
+    (rootfs / "data/mender/mender.conf").write_text(json.dumps(data))
+    _postprocess(_parse(tmp_path, rootfs))
+    conf_path = rootfs / "data/mender/mender.conf"
+    conf = json.loads(conf_path.read_text())
+    # One key each, where it was, in Mender's spelling; the other Security field kept as spelled.
+    assert list(conf) == [*PERSISTENT, "HttpsClient", "Security", "Extra"]
+    assert conf["HttpsClient"] == BLOCK
+    assert conf["Security"] == {"sslengine": "pkcs11", "AuthPrivateKey": BLOCK["Key"]}
+    effective = client_config(rootfs / "etc/mender/mender.conf", conf_path, tmp_path)
+    assert effective["HttpsClient"] == BLOCK and effective["Security"]["AuthPrivateKey"] == BLOCK["Key"]
+
+
+def test_a_rootfs_block_in_another_case_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The client reads "httpsclient" in /etc/mender/mender.conf as HttpsClient, over the data conf.
+    rootfs = _rootfs(tmp_path, {**TRANSIENT, "httpsclient": {"Certificate": "/etc/c.pem"}})
+    before = (rootfs / "data/mender/mender.conf").read_bytes()
+    error = _build_error(tmp_path, rootfs, caplog)
+    assert error.startswith("imageprov: /etc/mender/mender.conf in the image sets httpsclient, which the client")
+    assert (rootfs / "data/mender/mender.conf").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("where", "text", "said"),
+    [
+        ("data", '{"HttpsClient": {}, "httpsClient": {}}', 'holds "HttpsClient" and "httpsClient", one key'),
+        ("data", '{"Security": {"AuthPrivateKey": "/a", "authprivatekey": "/b"}}',
+         'holds "Security.AuthPrivateKey" and "Security.authprivatekey", one key'),
+        ("data", '{"RootfsPartA": "/dev/a", "RootfsPartA": "/dev/b"}', 'holds the key "RootfsPartA" twice'),
+        ("main", '{"ServerURL": "https://a", "serverurl": "https://b"}', 'holds "ServerURL" and "serverurl"'),
+        ("data", '{"Httpsclient": {}, "\u017fecurity": {}}', r'has the key "\u017fecurity"'),
+        ("main", '{"ServerURL": 1}', "has a ServerURL that is not a string"),
+        ("data", '{"HttpsClient": "x"}', "has a HttpsClient that is not a JSON object"),
+    ],
+    ids=["two-spellings", "in-a-block", "twice", "in-main", "long-s", "not-a-string", "not-an-object"],
+)  # fmt: skip
+def test_a_conf_the_clients_read_apart_fails_the_build(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str, text: str, said: str
+) -> None:
+    rootfs = _rootfs(tmp_path)
+    path = rootfs / ("data/mender/mender.conf" if where == "data" else "etc/mender/mender.conf")
+    path.write_text(text)
+    data_before = (rootfs / "data/mender/mender.conf").read_bytes()
+    error = _build_error(tmp_path, rootfs, caplog)
+    assert error.startswith(f"imageprov: {'/data' if where == 'data' else '/etc'}/mender/mender.conf in the image ")
+    assert said in error, error
+    assert (rootfs / "data/mender/mender.conf").read_bytes() == data_before
+
+
+# -- trust in the edge (IMAGEPROV_SERVER_CA) ----------------------------------------------------------------------
+
+
+def _openssl_cert(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.crt"
+    tool("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", key, "-out", cert, "-subj", f"/CN={name}", "-days", "30")  # fmt: skip
+    return cert, key
+
+
+def test_server_ca_is_installed_and_named_in_the_conf(tmp_path: Path) -> None:
+    cert, _ = _openssl_cert(tmp_path, "edge-ca")
+    # As `openssl x509 -text` writes it: the text before the block is not installed.
+    source = tmp_path / "edge-ca.pem"
+    source.write_text("Certificate:\n    Data: ...\n" + cert.read_text())
+    rootfs = _rootfs(tmp_path)
+    _postprocess(_parse(tmp_path, rootfs, f'IMAGEPROV_SERVER_CA = "{source}"\n'))
+    installed = rootfs / "data/mender/server.crt"
+    assert installed.read_text() == cert.read_text()
+    assert installed.stat().st_mode & 0o7777 == 0o644
+    conf_path = rootfs / "data/mender/mender.conf"
+    assert json.loads(conf_path.read_text())["ServerCertificate"] == "/data/mender/server.crt"
+    assert "ServerCertificate" not in json.loads((rootfs / "etc/mender/mender.conf").read_text())
+    assert client_config(rootfs / "etc/mender/mender.conf", conf_path, tmp_path)["ServerCertificate"] == (
+        "/data/mender/server.crt"
+    )
+    # openssl reads the installed file as the certificate given.
+    fingerprint = ("openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in")
+    assert tool(*fingerprint, installed).stdout == tool(*fingerprint, cert).stdout
+    # In the rootfs conf, when that is the target; the file stays on the data partition.
+    rootfs2 = _rootfs(tmp_path / "second")
+    extra = f'IMAGEPROV_SERVER_CA = "{cert}"\nIMAGEPROV_MENDER_CONF = "/etc/mender/mender.conf"\n'
+    _postprocess(_parse(tmp_path / "second", rootfs2, extra))
+    assert (
+        json.loads((rootfs2 / "etc/mender/mender.conf").read_text())["ServerCertificate"] == "/data/mender/server.crt"
+    )
+    assert (rootfs2 / "data/mender/server.crt").read_text() == cert.read_text()
+
+
+def test_without_server_ca_nothing_is_installed(tmp_path: Path) -> None:
+    rootfs = _rootfs(tmp_path)
+    _postprocess(_parse(tmp_path, rootfs))
+    assert not (rootfs / "data/mender/server.crt").exists()
+    assert "ServerCertificate" not in json.loads((rootfs / "data/mender/mender.conf").read_text())
+
+
+@pytest.mark.parametrize("case", ["key", "cert-and-key", "not-pem", "relative", "missing", "rootfs-overrides"])
+def test_a_bad_server_ca_fails_the_build(tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str) -> None:
+    cert, key = _openssl_cert(tmp_path, "edge")
+    both = tmp_path / "both.pem"
+    both.write_text(cert.read_text() + key.read_text())
+    junk = tmp_path / "junk.pem"
+    junk.write_text("hello\n")
+    source, said, main = {
+        "key": (key, "holds a private key", None),
+        "cert-and-key": (both, "holds a private key", None),
+        "not-pem": (junk, "holds no PEM certificate", None),
+        "relative": (Path("edge.crt"), "must be an absolute path", None),
+        "missing": (tmp_path / "absent.pem", "cannot read IMAGEPROV_SERVER_CA", None),
+        "rootfs-overrides": (cert, "sets serverCertificate, which the client reads over",
+                             {**TRANSIENT, "serverCertificate": "/etc/other.crt"}),
+    }[case]  # fmt: skip
+    rootfs = _rootfs(tmp_path, main)
+    before = (rootfs / "data/mender/mender.conf").read_bytes()
+    error = _build_error(tmp_path, rootfs, caplog, f'IMAGEPROV_SERVER_CA = "{source}"\n')
+    assert error.startswith("imageprov: ") and said in error, error
+    assert (rootfs / "data/mender/mender.conf").read_bytes() == before
+    assert not (rootfs / "data/mender/server.crt").exists()
+
+
 # -- the identity script (IMAGEPROV_IDENTITY_ATTRIBUTE) -----------------------------------------------------------
 
 

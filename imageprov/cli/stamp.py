@@ -37,10 +37,23 @@ from imageprov.line.prepare import prepare_image
 from imageprov.line.stamp import Batch, Engine, Failed, Stamped, StampOptions, check_outputs
 from imageprov.mender.conf import AuthKey, Settings
 from imageprov.mender.prepare import ConfTarget
+from imageprov.mender.server_ca import SERVER_CERT, ServerCa
 from imageprov.mender.verify import Report, verify_image
 from imageprov.pki.ca import Curve, load_cert
 from imageprov.pki.devices import check_device_ids, read_device_ids
 from imageprov.pki.registry import Registry
+
+# The edge's certificate or CA for the client to trust. Here rather than in cli/options.py only until
+# that file is free to edit: flash takes it the same way.
+ServerCaOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--server-ca",
+        metavar="FILE",
+        help=f"PEM certificate(s) of the edge or its CA: installed at {SERVER_CERT} (0644), "
+        "and ServerCertificate set to it in the conf written.",
+    ),
+]
 
 
 def check_golden(image: Path) -> None:
@@ -58,9 +71,11 @@ def device_options(
     curve: Curve,
     reissue: bool,
     overrides: Overrides,
+    server_ca: Path | None = None,
 ) -> StampOptions:
     """What each device gets, from the options stamp and flash share."""
-    settings = Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key)
+    settings = Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key,
+                        server_ca=ServerCa.load(server_ca) if server_ca is not None else None)  # fmt: skip
     return StampOptions(
         settings=settings, conf_target=conf_target, days=days, curve=curve, reissue=reissue, overrides=overrides
     )
@@ -101,6 +116,7 @@ def stamp(
     rootfs_parts: RootfsParts = None,
     boot_part: BootPart = None,
     registry_url: RegistryOpt = None,
+    server_ca: ServerCaOpt = None,
 ) -> None:
     """Write one ready, verified image per device: its own key and CA-signed certificate, and mender.conf.
 
@@ -119,11 +135,13 @@ def stamp(
     ids = check_device_ids(ids)
     check_golden(image)
     check_outputs(image, out, ids, compress)
+    # Before the CA is opened: a wrong --server-ca is refused before a passphrase or PIN is asked.
+    base = device_options(server_url, tenant_token, auth_key, conf_target, days, curve, reissue,
+                          Overrides.parse(data_part, rootfs_parts, boot_part), server_ca)  # fmt: skip
     ca = open_ca(pki, passphrase_file, pin_file)
     ca.check_usable()
     options = replace(
-        device_options(server_url, tenant_token, auth_key, conf_target, days, curve, reissue,
-                       Overrides.parse(data_part, rootfs_parts, boot_part)),
+        base,
         engine=engine,
         bmap=bmap,
         compress=compress,
@@ -211,6 +229,12 @@ def verify(
     rootfs_parts: RootfsParts = None,
     boot_part: BootPart = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too (a CRL past its nextUpdate).")] = False,
+    server_ca: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--server-ca", metavar="FILE", help="PEM certificate(s) that the file ServerCertificate names must hold."
+        ),
+    ] = None,
 ) -> None:
     """Prove an image right before it is flashed; exit 0 only if every check holds.
 
@@ -223,16 +247,20 @@ def verify(
     only a rootfs holds it, and Security.AuthPrivateKey at the key (unless
     --auth-key device); that no journal is left unreplayed; and e2fsck -fn.
     With --crl, a CRL past its nextUpdate is a warning (a failure with
-    --strict). Takes a bare rootfs.ext4 or .dataimg too, and checks what it holds,
+    --strict). Where ServerCertificate is set, the file it names must be in the
+    image and hold PEM certificates (with --server-ca, those of FILE). Takes a
+    bare rootfs.ext4 or .dataimg too, and checks what it holds,
     and a compressed image (.gz, .xz, .bz2, .zst), such as stamp --compress writes.
     """
     if not image.exists():
         raise UsageError(f"{image} does not exist")
     ca_cert, revoked = load_cert(ca), _load_crl(crl) if crl else None
+    expected_server_ca = ServerCa.load(server_ca) if server_ca is not None else None
     with decompressed(image, meter=progress_bar) as plain:
         report = verify_image(plain, ca_cert, device_id=device_id, crl=revoked,
                               overrides=Overrides.parse(data_part, rootfs_parts, boot_part),
-                              settings=Settings(server_url=server_url, tenant_token=tenant_token),
+                              settings=Settings(server_url=server_url, tenant_token=tenant_token,
+                                                server_ca=expected_server_ca),
                               strict=strict, auth_key=auth_key)  # fmt: skip
     report = _named(report, image)
     if json_out:
@@ -274,6 +302,7 @@ def prepare(
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
     boot_part: BootPart = None,
+    server_ca: ServerCaOpt = None,
 ) -> None:
     """Do, once and in place, the part of stamping that is the same for every device.
 
@@ -288,7 +317,8 @@ def prepare(
     """
     if not image.is_file():
         raise UsageError(f"{image} does not exist" if not image.exists() else f"{image} is not a file")
-    settings = Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key)
+    settings = Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key,
+                        server_ca=ServerCa.load(server_ca) if server_ca is not None else None)  # fmt: skip
     overrides = Overrides.parse(data_part, rootfs_parts, boot_part)
     done = prepare_image(image, settings, conf_target, overrides, meter=progress_bar)
     for note in done.notes:

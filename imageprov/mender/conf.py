@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imageprov.errors import ImageprovError
+from imageprov.mender.server_ca import SERVER_CERT, ServerCa
 
 CLIENT_CERT = "/data/mender/mender-cert.pem"
 CLIENT_KEY = "/data/mender/mender-cert-private.pem"
@@ -46,6 +47,7 @@ DATA_CONF = "/data/mender/mender.conf"
 # HttpsClient and Security.
 SCHEMA: dict[str, dict[str, Any]] = {
     "ServerURL": {},
+    "ServerCertificate": {},
     "TenantToken": {},
     "Servers": {},
     "HttpsClient": {"Certificate": {}, "Key": {}, "SSLEngine": {}},
@@ -54,8 +56,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
 BLOCKS = ("HttpsClient", "Security")
 # Values both clients read only as strings: the Go client refuses the whole
 # file for another type, the C++ client skips the key (config_parser.cpp).
-STRINGS = ("ServerURL", "TenantToken", "HttpsClient.Certificate", "HttpsClient.Key", "HttpsClient.SSLEngine",
-           "Security.AuthPrivateKey", "Security.SSLEngine")  # fmt: skip
+STRINGS = ("ServerURL", "ServerCertificate", "TenantToken", "HttpsClient.Certificate", "HttpsClient.Key",
+           "HttpsClient.SSLEngine", "Security.AuthPrivateKey", "Security.SSLEngine")  # fmt: skip
 # Characters Go's case folding takes for ASCII letters (long s for s, the Kelvin sign for k) and C++'s does not.
 _GO_ONLY_FOLDS = {"\u017f": "s", "\u212a": "k"}
 
@@ -80,6 +82,13 @@ class Settings:
     server_url: str | None = None
     tenant_token: str | None = None
     auth_key: AuthKey = AuthKey.CERT
+    # The edge's certificate or CA: installed at SERVER_CERT, which ServerCertificate then names.
+    server_ca: ServerCa | None = None
+
+    @property
+    def server_certificate(self) -> str | None:
+        """The ServerCertificate to set, or None to leave it as it is."""
+        return SERVER_CERT if self.server_ca is not None else None
 
     @property
     def https_client(self) -> dict[str, str]:
@@ -254,6 +263,8 @@ def merge(text: bytes | None, settings: Settings, where: str) -> Merge:
         config = _put(config, "ServerURL", settings.server_url)
     if settings.tenant_token is not None:
         config = _put(config, "TenantToken", settings.tenant_token)
+    if settings.server_certificate is not None:
+        config = _put(config, "ServerCertificate", settings.server_certificate)
     config = _put(config, "HttpsClient", settings.https_client)
     replaced_auth_key = None
     wanted = settings.auth_private_key

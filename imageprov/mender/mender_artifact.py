@@ -15,6 +15,7 @@ from pathlib import Path
 from imageprov.disk.copy import copy_image
 from imageprov.errors import ToolError
 from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, DATA_CONF, ROOTFS_CONF, Settings, merge
+from imageprov.mender.server_ca import SERVER_CERT, SERVER_CERT_MODE
 from imageprov.pki.ca import Issued, write_private
 from imageprov.run import run
 
@@ -49,6 +50,10 @@ def stamp(golden: Path, image: Path, issued: Issued, settings: Settings, *, data
         cert.write_bytes(issued.cert_pem())
         install(key, image, CLIENT_KEY, 0o600)
         install(cert, image, CLIENT_CERT, 0o644)
+        if settings.server_ca is not None:
+            server = Path(tmp, "server.crt")
+            server.write_bytes(settings.server_ca.pem)
+            install(server, image, SERVER_CERT, SERVER_CERT_MODE)
         target = DATA_CONF if data_conf else ROOTFS_CONF
         current = read(image, target, Path(tmp, "current.conf"))
         if current is None and not data_conf:

@@ -19,7 +19,15 @@ from imageprov.disk.image import EMPTY_ROOTFS_B_NOTE, DiskImage, volume_name
 from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import FilesystemError, UsageError
 from imageprov.mender.conf import DATA_CONF, ROOTFS_CONF, Settings, conflicts, merge, parse, spelling
-from imageprov.mender.verify import DATA_CONF_PATH, KEY_PATH, ROOTFS_CONF_PATH, migrate_scripts, migrate_warning
+from imageprov.mender.server_ca import SERVER_CERT, SERVER_CERT_MODE, ServerCa
+from imageprov.mender.verify import (
+    DATA_CONF_PATH,
+    KEY_PATH,
+    ROOTFS_CONF_PATH,
+    SERVER_CERT_PATH,
+    migrate_scripts,
+    migrate_warning,
+)
 
 # A partition, files to write on it and directories to make.
 Change = tuple[Volume, list[NewFile], list[PurePosixPath]]
@@ -118,6 +126,12 @@ def plan_changes(disk: DiskImage, settings: Settings, target: ConfTarget) -> tup
             hint="fix the golden image: make /mender on the data partition a directory",
         )
     target = resolve_target(disk, target)
+    if settings.server_ca is not None and data is None:
+        raise UsageError(
+            f"{disk.path} has no data partition for {SERVER_CERT}, which ServerCertificate would name",
+            hint="prepare the disk image, or leave out --server-ca for a bare root filesystem",
+        )
+    data_files: list[NewFile] = []
     if target is ConfTarget.ROOTFS:
         if disk.rootfs_b_empty:
             notes.append(EMPTY_ROOTFS_B_NOTE)
@@ -151,15 +165,34 @@ def plan_changes(disk: DiskImage, settings: Settings, target: ConfTarget) -> tup
         if merged.replaced_auth_key is not None:
             notes.append(f"{DATA_CONF}: replaced Security.AuthPrivateKey {merged.replaced_auth_key}")
         if merged.changed or inode is None:
-            new = _keeping_owner(inode, DATA_CONF_PATH.inner, merged.text, NEW_DATA_CONF_MODE)
-            changes.append((layout.data_partition, [new], []))
+            data_files.append(_keeping_owner(inode, DATA_CONF_PATH.inner, merged.text, NEW_DATA_CONF_MODE))
         # The script runs on the device at an update: it rewrites the conf written here.
         scripts = migrate_scripts(disk)
         if scripts:
             notes.append(migrate_warning(scripts))
-    if data is not None and mender_dir is None:
-        changes.append((data, [], [KEY_PATH.inner.parent]))
+    if settings.server_ca is not None:
+        data_files += _server_cert_file(disk, settings.server_ca)
+    dirs = [KEY_PATH.inner.parent] if data is not None and mender_dir is None else []
+    if data_files or dirs:
+        # One change for the data partition: its directory is made with the files that go into it.
+        changes.append((layout.data_partition, data_files, dirs))
     return changes, notes
+
+
+def _server_cert_file(disk: DiskImage, server_ca: ServerCa) -> list[NewFile]:
+    """The edge's certificate(s) at SERVER_CERT, 0644 root:root; nothing if the image holds them already."""
+    inode, content = disk.ext(disk.layout.data_partition).fetch([SERVER_CERT_PATH.inner])[SERVER_CERT_PATH.inner]
+    if inode is not None and inode.kind not in ("regular",):
+        raise FilesystemError(f"{SERVER_CERT} in the image is a {inode.kind}, not a file",
+                              hint="fix the golden image: remove it, or leave out --server-ca")  # fmt: skip
+    # Replaced, not merged: a site that changes its edge's CA means the new one only.
+    if (
+        inode is not None
+        and content == server_ca.pem
+        and (inode.mode, inode.uid, inode.gid) == (SERVER_CERT_MODE, 0, 0)
+    ):
+        return []
+    return [NewFile(SERVER_CERT_PATH.inner, server_ca.pem, SERVER_CERT_MODE)]
 
 
 def _keeping_owner(inode: Inode | None, path: PurePosixPath, text: bytes, new_mode: int = 0o644) -> NewFile:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from imageprov.disk.ext4 import Ext4, Inode, fsck
-from imageprov.disk.image import DevicePath, DiskImage
+from imageprov.disk.image import Area, DevicePath, DiskImage
 from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import ImageprovError
 from imageprov.mender.conf import (
@@ -35,6 +35,7 @@ from imageprov.mender.conf import (
     lookup_path,
     parse,
 )
+from imageprov.mender.server_ca import SERVER_CERT, certificates_in, fingerprint
 from imageprov.pki.chain import device_key_problem, extension_problem, leaf_problems, usage_problems
 
 # The device id the line stamped, one line, for the device's identity script:
@@ -45,6 +46,7 @@ KEY_PATH = DevicePath.parse(CLIENT_KEY)
 CERT_PATH = DevicePath.parse(CLIENT_CERT)
 DEVICE_ID_PATH = DevicePath.parse(DEVICE_ID_FILE)
 DATA_CONF_PATH = DevicePath.parse(DATA_CONF)
+SERVER_CERT_PATH = DevicePath.parse(SERVER_CERT)
 ROOTFS_CONF_PATH = PurePosixPath(ROOTFS_CONF)
 
 # meta-mender's mender-migrate-configuration installs itself as the Artifact
@@ -93,7 +95,8 @@ class ClientView:
     fields: tuple[tuple[str, Used], ...]  # by the dotted names of VIEWED
 
     def get(self, name: str) -> Used:
-        return dict(self.fields)[name]
+        """What the client uses for ``name``; not set (``Used("", None)``) for an optional field absent here."""
+        return dict(self.fields).get(name, Used("", None))
 
     def to_dict(self) -> dict[str, dict[str, str | None]]:
         return {name: {"value": used.value, "from": used.source} for name, used in self.fields}
@@ -280,7 +283,59 @@ def check_mender_confs(
             continue
         views += _check_conf(checks, f"mender.conf on {volume.role.value}", main, fallback, settings,
                              bare_data=False, role=volume.role.value, auth_key=auth_key)  # fmt: skip
+    for view in views:
+        rootfs = next((v for v in volumes if v.role.value == view.role), None)
+        _check_server_certificate(checks, disk, view, rootfs, settings)
     return views
+
+
+def _check_server_certificate(
+    checks: Checks, disk: DiskImage, view: ClientView, rootfs: Volume | None, settings: Settings | None
+) -> None:
+    """The file ServerCertificate names exists in the image and, with ``settings.server_ca``, holds those.
+
+    The client trusts that file besides the system store; where it is missing
+    the client only logs a warning and the edge's certificate fails to verify
+    at the first connection, on the device: so a missing file is a failure here.
+    """
+    suffix = f" ({view.role})" if rootfs is not None else ""
+    name = f"server certificate the client trusts{suffix}"
+    wanted = settings.server_ca if settings is not None else None
+    used = view.get("ServerCertificate")
+    if not used.value:
+        if wanted is not None:
+            checks.add(name, False, "no ServerCertificate in the configuration the client uses")
+        return
+    where = DevicePath.parse(used.value)
+    try:
+        if where.area is Area.DATA and disk.layout.data_volume is not None:
+            inode, content = disk.ext(disk.layout.data_volume).fetch([where.inner])[where.inner]
+        elif where.area is Area.ROOTFS and rootfs is not None:
+            content = disk.read_files(rootfs, [where.inner])[where.inner]
+            inode = None
+        else:
+            checks.add(name, True, f"ServerCertificate {used}: not on a partition imageprov reads, not checked",
+                       warning=True)  # fmt: skip
+            return
+    except ImageprovError as exc:
+        checks.add(name, False, f"ServerCertificate {used}: {exc}")
+        return
+    if content is None:
+        kind = f"a {inode.kind}, not a file" if inode is not None else "missing"
+        checks.add(name, False, f"ServerCertificate {used}: {used.value} is {kind} in the image")
+        return
+    found = certificates_in(content)
+    if not found:
+        checks.add(name, False, f"ServerCertificate {used}: {used.value} holds no PEM certificate")
+        return
+    held = {fingerprint(cert) for cert in found}
+    subjects = ", ".join(cert.subject.rfc4514_string() for cert in found)
+    if wanted is None:
+        checks.add(name, True, f"ServerCertificate {used}: {subjects}")
+        return
+    missing = [s for f, s in zip(wanted.fingerprints, wanted.subjects, strict=True) if f not in held]
+    checks.add(name, not missing,
+               f"ServerCertificate {used}: " + (f"lacks {', '.join(missing)}" if missing else subjects))  # fmt: skip
 
 
 def migrate_scripts(disk: DiskImage) -> list[str]:
@@ -425,7 +480,12 @@ def _check_conf(
         checks.add(name, False, str(exc))
         return []
     suffix = f" ({role})" if role else ""
-    view = ClientView(role or "data", tuple((path, _used(main, extra, path)) for path in VIEWED))
+    fields = [(path, _used(main, extra, path)) for path in VIEWED]
+    server_certificate = _used(main, extra, "ServerCertificate")
+    if server_certificate.value:
+        # Shown where set only: most images trust the system store alone.
+        fields.insert(1, ("ServerCertificate", server_certificate))
+    view = ClientView(role or "data", tuple(fields))
     checks.add(f"configuration the client uses{suffix}", True,
                "; ".join(f"{path} {used}" for path, used in view.fields))  # fmt: skip
     wanted = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}

@@ -30,6 +30,28 @@
 # carries it.
 # ServerURL and TenantToken are meta-mender's (MENDER_SERVER_URL,
 # MENDER_TENANT_TOKEN).
+#
+# Keys are matched as the Mender client matches them, without regard to ASCII
+# case (the Go client 3.x through encoding/json, the C++ client 4.x and later
+# through a map ordered by lower-cased keys): "httpsclient" in a conf is the
+# HttpsClient block, and is replaced in place, written in Mender's spelling. A
+# conf holding one key twice (in one spelling or two) fails the build, since
+# the two clients read it differently (3.x merges the two, 4.x keeps the last),
+# as does a key with a long s or a Kelvin sign (only 3.x folds those), or a
+# string setting of another JSON type: `imageprov prepare`, `stamp` and
+# `verify` refuse the same files (imageprov/mender/conf.py).
+#
+# Trust in the edge (opt-in):
+#
+#   IMAGEPROV_SERVER_CA = "/path/to/edge-ca.pem"
+#
+# installs that PEM file (the edge's certificate or its CA, certificates only)
+# as IMAGEPROV_SERVER_CERT (0644) and sets ServerCertificate to it in
+# IMAGEPROV_MENDER_CONF, as `imageprov stamp --server-ca` does. The client trusts
+# it besides the system store. meta-mender's mender-server-certificate recipe
+# puts a certificate into the root filesystem's system store instead; this
+# variable keeps it where imageprov's line tools can check and replace it, on
+# the data partition that updates keep. A change to the file rebuilds the rootfs.
 
 IMAGEPROV_MENDER_CONF ?= "/data/mender/mender.conf"
 IMAGEPROV_CLIENT_CERT ?= "/data/mender/mender-cert.pem"
@@ -41,6 +63,9 @@ IMAGEPROV_AUTH_KEY ?= "cert"
 # Where imageprov stamp and flash write the device id (one line: the certificate's
 # CN), which the identity script below reads; imageprov always writes it here.
 IMAGEPROV_DEVICE_ID_FILE ?= "/data/mender/imageprov-device-id"
+IMAGEPROV_SERVER_CA ?= ""
+IMAGEPROV_SERVER_CERT ?= "/data/mender/server.crt"
+do_rootfs[file-checksums] += "${@'%s:True' % d.getVar('IMAGEPROV_SERVER_CA') if d.getVar('IMAGEPROV_SERVER_CA') else ''}"
 
 # Opt-in, for an edge running `imageprov edge serve --identity attribute:NAME`:
 #
@@ -115,6 +140,126 @@ def imageprov_check_no_link_on_the_way(d, device_path):
                      "image tree; set IMAGEPROV_MENDER_CONF to the path it leads to"
                      % ("/".join(parents[:depth]), os.readlink(parent), device_path))
 
+# Mender's spelling of the keys the class reads or writes, with the blocks whose fields are checked too.
+IMAGEPROV_KEYS = "ServerURL ServerCertificate TenantToken Servers HttpsClient Security"
+IMAGEPROV_STRINGS = "ServerURL ServerCertificate TenantToken HttpsClient.Certificate HttpsClient.Key \
+    HttpsClient.SSLEngine Security.AuthPrivateKey Security.SSLEngine"
+
+def imageprov_fold(key):
+    """A key as both Mender clients compare it: ASCII letters in lower case, every other character as it is."""
+    return "".join(chr(ord(c) | 0x20) if "A" <= c <= "Z" else c for c in key)
+
+def imageprov_spelling(conf, name):
+    """The key of conf that the client takes for name, as the file spells it; None if there is none."""
+    wanted = imageprov_fold(name)
+    return next((key for key in conf if imageprov_fold(key) == wanted), None)
+
+def imageprov_lookup(conf, name):
+    key = imageprov_spelling(conf, name)
+    return conf[key] if key is not None else None
+
+def imageprov_put(conf, name, value):
+    """conf with name set to value, in Mender's spelling, where the file had any spelling of it, else last."""
+    key = imageprov_spelling(conf, name)
+    if key is None:
+        out = dict(conf)
+        out[name] = value
+        return out
+    return dict(((name, value) if k == key else (k, v)) for k, v in conf.items())
+
+def imageprov_parse_conf(text, device_path, d):
+    """Parse a mender.conf as imageprov does: bb.fatal for what the clients would read apart or not at all."""
+    import json
+
+    class Duplicate(ValueError):
+        pass
+
+    def unique(pairs):
+        found = {}
+        for key, value in pairs:
+            if key in found:
+                raise Duplicate(key)
+            found[key] = value
+        return found
+
+    try:
+        value = json.loads(text, object_pairs_hook=unique)
+    except Duplicate as exc:
+        bb.fatal("imageprov: %s in the image holds the key %s twice: the Mender clients read such a file "
+                 "differently (3.x merges the two, 4.x and later keep the last); keep one"
+                 % (device_path, json.dumps(str(exc))))
+    except ValueError as exc:
+        bb.fatal("imageprov: %s in the image is not valid JSON: %s" % (device_path, exc))
+    if not isinstance(value, dict):
+        bb.fatal("imageprov: %s in the image is not a JSON object" % device_path)
+
+    def check_spellings(conf, prefix):
+        seen = {}
+        for key in conf:
+            if "\u017f" in key or "\u212a" in key:
+                bb.fatal("imageprov: %s in the image has the key %s, which the Mender client 3.x reads as an "
+                         "ASCII key and 4.x and later do not; spell it in ASCII"
+                         % (device_path, json.dumps(prefix + key)))
+            other = seen.setdefault(imageprov_fold(key), key)
+            if other != key:
+                bb.fatal("imageprov: %s in the image holds %s and %s, one key to the Mender client, which "
+                         "matches keys without regard to case (3.x merges the two, 4.x and later keep the "
+                         "last); keep one spelling"
+                         % (device_path, json.dumps(prefix + other), json.dumps(prefix + key)))
+
+    check_spellings(value, "")
+    for name in ("HttpsClient", "Security"):
+        block = imageprov_lookup(value, name)
+        if block is not None and not isinstance(block, dict):
+            bb.fatal("imageprov: %s in the image has a %s that is not a JSON object" % (device_path, name))
+        if block is not None:
+            check_spellings(block, name + ".")
+    for path in d.getVar("IMAGEPROV_STRINGS").split():
+        found = value
+        for name in path.split("."):
+            found = imageprov_lookup(found, name) if isinstance(found, dict) else None
+        if found is not None and not isinstance(found, str):
+            bb.fatal("imageprov: %s in the image has a %s that is not a string: the Mender client 3.x then "
+                     "loads no configuration at all, 4.x and later skip the key" % (device_path, path))
+    return value
+
+def imageprov_server_ca(d):
+    """The certificates of IMAGEPROV_SERVER_CA, as written to the image; None if it is not set."""
+    import base64
+    import binascii
+    import os
+    import re
+
+    source = d.getVar("IMAGEPROV_SERVER_CA")
+    if not source:
+        return None
+    if not os.path.isabs(source):
+        bb.fatal("imageprov: IMAGEPROV_SERVER_CA must be an absolute path (one in a layer, or under TOPDIR), "
+                 "not %r" % source)
+    try:
+        with open(source, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        bb.fatal("imageprov: cannot read IMAGEPROV_SERVER_CA %s: %s" % (source, exc.strerror))
+    if b"PRIVATE KEY-----" in data:
+        # The edge's key is easily taken for its certificate: it must never reach every device.
+        bb.fatal("imageprov: IMAGEPROV_SERVER_CA %s holds a private key: give the edge's certificate or "
+                 "its CA" % source)
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----\r?\n(.*?)-----END CERTIFICATE-----", data, re.S)
+    for block in blocks:
+        try:
+            der = base64.b64decode(b"".join(block.split()), validate=True)
+        except (binascii.Error, ValueError):
+            der = b""
+        if not der.startswith(b"\x30"):  # an X.509 certificate is a DER SEQUENCE
+            bb.fatal("imageprov: IMAGEPROV_SERVER_CA %s holds a CERTIFICATE block that is not one" % source)
+    if not blocks:
+        bb.fatal("imageprov: IMAGEPROV_SERVER_CA %s holds no PEM certificate "
+                 "(-----BEGIN CERTIFICATE-----); convert a DER file with openssl x509 -inform der" % source)
+    # Certificates only, one after the other: text around them (openssl x509 -text) is dropped.
+    return b"".join(b"-----BEGIN CERTIFICATE-----\n" + block.replace(b"\r\n", b"\n")
+                    + b"-----END CERTIFICATE-----\n" for block in blocks)
+
 python imageprov_mender_conf() {
     import json
     import os
@@ -139,12 +284,10 @@ python imageprov_mender_conf() {
             bb.fatal("imageprov: %s in the image is not a regular file" % device_path)
         with open(path, encoding="utf-8") as handle:
             try:
-                value = json.load(handle)
-            except ValueError as exc:
-                bb.fatal("imageprov: %s in the image is not valid JSON: %s" % (device_path, exc))
-        if not isinstance(value, dict):
-            bb.fatal("imageprov: %s in the image is not a JSON object" % device_path)
-        return path, value
+                text = handle.read()
+            except UnicodeDecodeError as exc:
+                bb.fatal("imageprov: %s in the image is not UTF-8: %s" % (device_path, exc))
+        return path, imageprov_parse_conf(text, device_path, d)
 
     for device_path in (block["Key"], block["Certificate"], d.getVar("IMAGEPROV_DEVICE_ID_FILE")):
         # Per-device files (credentials, the id) belong to the line: in a build they would
@@ -153,11 +296,24 @@ python imageprov_mender_conf() {
             bb.fatal("imageprov: the image holds %s: per-device files must not be built in; "
                      "they are stamped on the production line" % device_path)
 
+    server_ca = imageprov_server_ca(d)
+    server_cert = d.getVar("IMAGEPROV_SERVER_CERT")
+    if server_ca is not None:
+        if not server_cert.startswith("/data/") or ".." in server_cert.split("/"):
+            # The data partition: what updates keep, and where imageprov's line tools check it.
+            bb.fatal("imageprov: IMAGEPROV_SERVER_CERT must be a path under /data/, not %r" % server_cert)
+        imageprov_check_no_link_on_the_way(d, server_cert)
+    # Every conf in the image is read, whichever is written: one the clients would read apart fails the build.
+    _, main = load(main_conf)
     if target != main_conf:
         # The client reads /etc/mender/mender.conf over the fallback, field by
-        # field: a block there would silently win over the one written here.
-        _, main = load(main_conf)
-        owned = [key for key in ("HttpsClient", "Security") if key in (main or {})]
+        # field, keys in any case: what it sets there would silently win over what is written here.
+        owned = [imageprov_spelling(main or {}, name) for name in ("HttpsClient", "Security")]
+        owned = [key for key in owned if key is not None]
+        if server_ca is not None:
+            key = imageprov_spelling(main or {}, "ServerCertificate")
+            if key is not None and main[key] not in (None, server_cert):
+                owned.append(key)
         if owned:
             bb.fatal("imageprov: %s in the image sets %s, which the client reads over %s; "
                      "remove it from the build, or set IMAGEPROV_MENDER_CONF = \"%s\""
@@ -168,23 +324,34 @@ python imageprov_mender_conf() {
         conf, mode = {}, 0o600  # as meta-mender installs both confs: they may hold a tenant token
     else:
         mode = os.stat(path).st_mode & 0o7777
-    old = conf.get("HttpsClient")
+    old = imageprov_lookup(conf, "HttpsClient")
     if old is not None and old != block:
         bb.note("imageprov: replacing HttpsClient %s in %s" % (json.dumps(old), target))
-    conf["HttpsClient"] = block
+    conf = imageprov_put(conf, "HttpsClient", block)
     auth_key = d.getVar("IMAGEPROV_AUTH_KEY")
     if auth_key not in ("cert", "device"):
         bb.fatal("imageprov: IMAGEPROV_AUTH_KEY must be \"cert\" or \"device\", not %r" % auth_key)
     if auth_key == "cert":
-        security = conf.get("Security", {})
-        if not isinstance(security, dict):
-            bb.fatal("imageprov: Security in %s is not a JSON object" % target)
-        security["AuthPrivateKey"] = block["Key"]
-        conf["Security"] = security
+        # Other Security keys (SSLEngine, an HSM's settings) are kept, in their place.
+        security = imageprov_lookup(conf, "Security") or {}
+        conf = imageprov_put(conf, "Security", imageprov_put(security, "AuthPrivateKey", block["Key"]))
+    if server_ca is not None:
+        conf = imageprov_put(conf, "ServerCertificate", server_cert)
+        cert_path = os.path.join(rootfs, server_cert.lstrip("/"))
+        if os.path.islink(cert_path) or (os.path.lexists(cert_path) and not os.path.isfile(cert_path)):
+            bb.fatal("imageprov: %s in the image is not a regular file" % server_cert)
+        os.makedirs(os.path.dirname(cert_path), mode=0o755, exist_ok=True)
+        partial = cert_path + ".imageprov"
+        with open(partial, "wb") as handle:
+            handle.write(server_ca)
+        os.chmod(partial, 0o644)
+        os.replace(partial, cert_path)
+        bb.note("imageprov: %s holds %s; ServerCertificate in %s names it"
+                % (server_cert, d.getVar("IMAGEPROV_SERVER_CA"), target))
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     partial = path + ".imageprov"
     with open(partial, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(conf, indent=2) + "\n")
+        handle.write(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
     os.chmod(partial, mode)
     os.replace(partial, path)
     bb.note("imageprov: HttpsClient in %s -> %s, %s" % (target, block["Certificate"], block["Key"]))
