@@ -178,12 +178,16 @@ class DiskImage:
         volume = self.volumes_for(path.area)[0]
         if self._is_vfat(path, volume):
             return self.vfat(volume).read(path.inner)
+        return self.read_on(volume, path.inner)
+
+    def read_on(self, volume: Volume, inner: PurePosixPath) -> bytes:
+        """The regular file at ``inner`` of an ext or squashfs volume; a missing one (or a link) is an error."""
         if volume.filesystem is Filesystem.SQUASHFS:
-            content = self.read_files(volume, [path.inner])[path.inner]
+            content = self.read_files(volume, [inner])[inner]
             if content is None:
-                raise FilesystemError(f"{path.device_path} is not a file in {volume_name(volume)}")
+                raise FilesystemError(f"{inner} is not a file on {volume_name(volume)}")
             return content
-        return self.ext(volume).read(path.inner)
+        return self.ext(volume).read(inner)  # says what is there instead: a link, a directory
 
     def listdir(self, path: DevicePath) -> list[tuple[str, str, int]]:
         """(name, "d" or "-" + mode, size) of each entry of a directory."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from imageprov.disk.copy import edit_in_place
 from imageprov.disk.ext4 import Inode, NewFile
-from imageprov.disk.image import EMPTY_ROOTFS_B_NOTE, DiskImage, volume_name
+from imageprov.disk.image import EMPTY_ROOTFS_B_NOTE, DiskImage
 from imageprov.disk.layout import Overrides, Volume
 from imageprov.errors import FilesystemError, UsageError
 from imageprov.mender.conf import DATA_CONF, ROOTFS_CONF, Settings, conflicts, merge, parse, spelling
@@ -63,10 +63,7 @@ def _rootfs_confs(disk: DiskImage) -> list[tuple[Volume, str, dict[str, Any]]]:
     for volume in disk.rootfs_volumes:
         where = f"{ROOTFS_CONF} on {volume.role.value}"
         # Read whatever the rootfs is (ext4, or a read-only squashfs).
-        content = disk.read_files(volume, [ROOTFS_CONF_PATH])[ROOTFS_CONF_PATH]
-        if content is None:
-            raise FilesystemError(f"{ROOTFS_CONF_PATH} does not exist on {volume_name(volume)}")
-        confs.append((volume, where, parse(content, where)))
+        confs.append((volume, where, parse(disk.read_on(volume, ROOTFS_CONF_PATH), where)))
     return confs
 
 
