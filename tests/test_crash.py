@@ -287,3 +287,30 @@ def test_golden_image_is_opened_read_only(make_golden: Callable[..., Path], pki:
         if os.geteuid() == 0:
             tool("chattr", "-i", golden)
     assert sha256(golden) == before
+
+
+def test_ctrl_c_as_a_scratch_file_is_made_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signal lands after mkstemp made the file, before anyone knows its name: the batch's end still removes it."""
+    import tempfile
+
+    from imageprov.disk import copy
+
+    real = tempfile.mkstemp
+
+    def mkstemp_then_ctrl_c(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        made = real(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_ctrl_c)
+    final = tmp_path / "imageprov-batch.sdimg"
+    # The CLI runs with Python's handler; a test worker may have SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            copy.stage(final)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".new")] == []
+    copy.discard_staged(final)
+    assert list(tmp_path.iterdir()) == []

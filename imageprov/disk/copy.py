@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import re
+import signal
 import stat
 import tempfile
 import threading
@@ -127,14 +128,53 @@ def stage(final: Path) -> Path:
     # gone (remove_stale). The pid in the name is for people.
     _release_gone()
     prefix = f".{final.stem}.{os.getpid()}."
-    # Locked under a name remove_stale ignores, then renamed: never seen unlocked.
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".new", dir=final.parent)
-    hold(fd)
-    partial = f"{name.removesuffix('.new')}.partial{final.suffix}"
-    os.rename(name, partial)
-    with _HELD_LOCK:
-        _HELD[partial] = fd
+    with _signals_deferred():
+        # Locked under a name remove_stale ignores, then renamed: never seen
+        # unlocked. Ctrl-C waits until the file is known to discard_staged.
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".new", dir=final.parent)
+        partial = f"{name.removesuffix('.new')}.partial{final.suffix}"
+        try:
+            hold(fd)
+            os.rename(name, partial)
+        except BaseException:
+            os.close(fd)
+            Path(name).unlink(missing_ok=True)
+            raise
+        with _HELD_LOCK:
+            _HELD[partial] = fd
     return Path(partial)
+
+
+def discard_staged(final: Path) -> None:
+    """Remove what this process staged for ``final`` and never published.
+
+    An interruption can land between ``stage`` and the caller keeping its
+    answer; the file is known here all the same.
+    """
+    prefix = f".{final.stem}.{os.getpid()}."
+    with _HELD_LOCK:
+        for name, fd in list(_HELD.items()):
+            if not Path(name).name.startswith(prefix):
+                continue
+            try:
+                if os.stat(name, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(name)
+            except FileNotFoundError:
+                pass
+            os.close(_HELD.pop(name))
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (main thread only: Python runs its handlers there) until the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 # Partial file -> the open descriptor that holds its lock. Workers stage and

@@ -236,7 +236,7 @@ class FlashBatch(Batch):
         # holes everywhere else. The write pass reads what is here from here.
         layout = self.disk.layout
         if self._scratch is None:
-            self._scratch = stage(self.out_dir / f"imageprov-batch{self.plain.suffix}")
+            self._scratch = self._stage(self.out_dir / f"imageprov-batch{self.plain.suffix}")
         wanted = (layout.data_partition, *(layout.rootfs_partitions if rootfs else ()))
         new = tuple(v for v in wanted if v not in self.batch_volumes)
         spans = [(v.partition.offset, v.partition.end) for v in new]
@@ -255,7 +255,7 @@ class FlashBatch(Batch):
                 # A prepared golden image: the data partition is still copied
                 # once, so that the golden image is read once per batch.
                 data = self.disk.layout.data_partition.partition
-                self._data_scratch = stage(self.workdir / f"imageprov-data{self.plain.suffix}")
+                self._data_scratch = self._stage(self.workdir / f"imageprov-data{self.plain.suffix}")
                 self.golden_bytes_read += copy_spans(self.plain, self._data_scratch, [(data.offset, data.end)])
                 self._data_source = self._data_scratch
             else:

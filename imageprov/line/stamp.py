@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import hashes
 
 from imageprov.disk.bmap import bmap_for
 from imageprov.disk.compress import Compression, compress, decompress_sparse, inner_name
-from imageprov.disk.copy import copy_image, publish, remove_stale, stage
+from imageprov.disk.copy import copy_image, discard_staged, publish, remove_stale, stage
 from imageprov.disk.ext4 import NewFile, WritePlan, fsck
 from imageprov.disk.image import DiskImage
 from imageprov.disk.layout import Overrides, Role
@@ -211,12 +211,14 @@ class Batch:
         self._conf_target = options.conf_target
         self._plan: WritePlan | None = None
         self._scratch: Path | None = None
+        # What this batch staged files for (scratch copies): removed at the end, however it ends.
+        self._staging: list[Path] = []
         # The image every copy starts from: the golden image, or its decompressed copy.
         self.plain = golden
         self._decompressed: Path | None = None
         try:
             if Compression.of(golden) is not None:
-                self._decompressed = self.plain = stage(out_dir / inner_name(golden))
+                self._decompressed = self.plain = self._stage(out_dir / inner_name(golden))
                 decompress_sparse(golden, self.plain)
             self.disk = DiskImage.open(self.plain, options.overrides)
             if self.disk.layout.is_bare and self.disk.layout.data_volume is None:
@@ -234,6 +236,13 @@ class Batch:
         for scratch in (self._scratch, self._decompressed):
             if scratch is not None:
                 scratch.unlink(missing_ok=True)
+        for final in self._staging:
+            discard_staged(final)
+
+    def _stage(self, final: Path) -> Path:
+        """A scratch file staged for ``final``, discarded by ``__exit__`` even if an interrupt loses its name."""
+        self._staging.append(final)
+        return stage(final)
 
     # -- once per batch -------------------------------------------------------
 
@@ -288,7 +297,7 @@ class Batch:
         copy only the data partition, and the rootfs partitions if ``rootfs``.
         """
         if self._scratch is None:
-            self._scratch = stage(self.out_dir / f"imageprov-batch{self.plain.suffix}")
+            self._scratch = self._stage(self.out_dir / f"imageprov-batch{self.plain.suffix}")
             copy_image(self.plain, self._scratch, mode=IMAGE_MODE)
         return self._scratch
 
