@@ -18,9 +18,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from imageprov.errors import UsageError
-from imageprov.pki.ca import CertificateAuthority, Curve, Subject, check_pair
+from imageprov.pki.ca import CertificateAuthority, Curve, Subject, check_days, check_pair
 from imageprov.pki.pkcs11 import PIN_ENV, KeyReference, PinSource, Pkcs11Uri, find_module
 from imageprov.pki.registry import Registry
+from imageprov.pki.secret_file import read_secret_file
 
 PinFile = Annotated[
     Optional[Path],
@@ -37,17 +38,8 @@ ModuleOpt = Annotated[
 
 
 def read_secret(file: Path, option: str) -> str:
-    """A passphrase or PIN from a file: one clear line if the file is missing, a directory or empty."""
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise UsageError(f"cannot read {option} {file}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{option} {file} is not text") from exc
-    secret = text.rstrip("\r\n")  # the newline an editor adds is not part of it
-    if not secret:
-        raise UsageError(f"{option} {file} is empty", hint="write the secret into it, or use the environment variable")
-    return secret
+    """A passphrase or PIN from a file: one clear line if the file is missing, a directory, empty or no secret."""
+    return read_secret_file(file, option)
 
 
 def token_pin(file: Path | None) -> PinSource:
@@ -83,8 +75,7 @@ def init_on_token(
 ) -> CertificateAuthority:
     if curve not in (Curve.P256, Curve.P384):
         raise UsageError("a CA key on a token is P-256 or P-384", hint="tokens and smart cards rarely do P-521")
-    if days < 1:
-        raise UsageError("--days must be at least 1")
+    check_days(days)
     subject.to_name()  # a bad subject is refused before anything is made on the token
     from imageprov.pki.token import destroy, generate
 

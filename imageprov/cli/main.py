@@ -19,7 +19,7 @@ from imageprov.cli import flash as cli_flash
 from imageprov.cli import pki as cli_pki
 from imageprov.cli import registry as cli_registry
 from imageprov.cli import stamp as cli_stamp
-from imageprov.cli.options import BootPart, DataPart, Json, RootfsParts
+from imageprov.cli.options import BootPart, DataPart, Json, RootfsParts, check_server_url
 from imageprov.cli.output import layout_dict, layout_text, progress_bar
 from imageprov.disk.compress import decompressed, editing
 from imageprov.disk.copy import staged
@@ -35,6 +35,7 @@ from imageprov.disk.image import (
 )
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
+from imageprov.pki.registry import Record, Registry, report_stale_on_open
 
 app = typer.Typer(
     help="Stamp per-device Mender client certificates into disk images, in place and fast.",
@@ -45,6 +46,8 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
+# The largest partition `golden` makes, in MiB: 64 GiB.
+GOLDEN_MAX_MIB = 65536
 
 
 def _version(value: bool) -> None:
@@ -53,8 +56,13 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# The line's stations: at their start-up, pending certificates that a station killed after writing left are named.
+LINE_COMMANDS = ("stamp", "flash")
+
+
 @app.callback()
 def _main(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Log every command run, and show tracebacks.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
@@ -62,10 +70,25 @@ def _main(
 ) -> None:
     _state["debug"] = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    if ctx.invoked_subcommand in LINE_COMMANDS:
+        report_stale_on_open(_warn_stale)
 
 
-def _open(image: Path, data_part: int | None, rootfs_parts: str | None, boot_part: int | None) -> DiskImage:
-    return DiskImage.open(image, Overrides.parse(data_part, rootfs_parts, boot_part))
+def _warn_stale(registry: Registry, stale: list[Record]) -> None:
+    shown = ", ".join(f"{r.device_id} (serial {r.serial}, by {r.owner or 'an unknown station'})" for r in stale[:5])
+    more = f" and {len(stale) - 5} more" if len(stale) > 5 else ""
+    typer.echo(
+        f"warning: {len(stale)} pending certificate(s) of stations that are gone, never confirmed delivered: "
+        f"{shown}{more}; a card or image holding one verifies, but the edge refuses it: flash or stamp those "
+        "devices again (which revokes them), or revoke them with 'imageprov revoke --pki PKI --stale'",
+        err=True,
+    )
+
+
+def _open(
+    image: Path, data_part: int | None, rootfs_parts: str | None, boot_part: int | None, *, shown: Path | None = None
+) -> DiskImage:
+    return DiskImage.open(image, Overrides.parse(data_part, rootfs_parts, boot_part), shown=shown)
 
 
 @contextmanager
@@ -171,7 +194,8 @@ def cp(
         if path.area is Area.BOOT and (mode, owner) == ("0644", "0:0"):
             perm, uid, gid = 0o644, 0, 0
         with editing(image, meter=progress_bar) as (source, staging):
-            disk = _open(source, data_part, rootfs_parts, boot_part)
+            # Messages name the user's image, not the hidden copy being written.
+            disk = _open(source, data_part, rootfs_parts, boot_part, shown=image)
             replayed = disk.at(staging).replay_journals()
             written = disk.at(staging).write(path, content, mode=perm, uid=uid, gid=gid)
         for name in replayed:
@@ -216,12 +240,19 @@ def _read_local(path: Path) -> bytes:
 def golden(
     out: Annotated[Path, typer.Argument(help="Where to write the image (.sdimg or .uefiimg).")],
     layout: Annotated[Scheme, typer.Option("--layout", help="Partition table layout.")] = Scheme.MBR,
-    rootfs_mib: Annotated[int, typer.Option(help="Size of each rootfs partition.")] = 64,
-    data_mib: Annotated[int, typer.Option(help="Size of the data partition.")] = 32,
-    payload_mib: Annotated[int, typer.Option(help="Random payload in each rootfs, for benchmarks.")] = 0,
+    # Bounded: a demo image, sparse, that the filesystem holding it can take (ext4 files stop at 16 TiB).
+    rootfs_mib: Annotated[int, typer.Option(min=1, max=GOLDEN_MAX_MIB, help="Size of each rootfs partition.")] = 64,
+    data_mib: Annotated[int, typer.Option(min=1, max=GOLDEN_MAX_MIB, help="Size of the data partition.")] = 32,
+    payload_mib: Annotated[
+        int, typer.Option(min=0, max=GOLDEN_MAX_MIB, help="Random payload in each rootfs, for benchmarks.")
+    ] = 0,
     server_url: Annotated[
         Optional[str],
-        typer.Option("--server-url", help="ServerURL in the rootfs conf (the build's MENDER_SERVER_URL)."),
+        typer.Option(
+            "--server-url",
+            callback=check_server_url,
+            help="ServerURL in the rootfs conf (the build's MENDER_SERVER_URL).",
+        ),
     ] = None,
     boot_fs: Annotated[str, typer.Option("--boot-fs", help="vfat or ext4 (MENDER_BOOT_PART_FSTYPE).")] = "vfat",
     rootfs_b: Annotated[
@@ -257,11 +288,20 @@ cli_edge.register(app)
 def main() -> None:
     """Entry point: run the app and turn imageprov's errors into one line and an exit code."""
     try:
-        app()
+        # Not standalone: typer would print its own usage errors, a box of several lines.
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # click's usage errors (exit 2) and the like
+        # A bare group (imageprov ca) has had its help printed already; typer tells it by name too.
+        if type(exc).__name__ != "NoArgsIsHelpError":
+            typer.echo(f"imageprov: error: {_one_line(exc.format_message())}{_see_help(exc)}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # a prompt's input ended (EOF)
+        typer.echo("imageprov: error: aborted", err=True)
+        sys.exit(1)
     except ImageprovError as exc:
         if _state["debug"]:
             traceback.print_exc()
-        typer.echo(f"imageprov: error: {exc}", err=True)
+        typer.echo(f"imageprov: error: {_one_line(str(exc))}", err=True)
         sys.exit(2 if isinstance(exc, UsageError) else 1)
     except KeyboardInterrupt:
         typer.echo("imageprov: interrupted", err=True)
@@ -274,6 +314,19 @@ def main() -> None:
             raise
         typer.echo("imageprov: interrupted", err=True)
         sys.exit(130)
+    # A command's own exit status (typer.Exit, --help, --version), or 0.
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(text: str) -> str:
+    """A message on one line: a tool's or click's text may span several."""
+    return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def _see_help(exc: Exception) -> str:
+    ctx = getattr(exc, "ctx", None)
+    path = getattr(ctx, "command_path", None)
+    return f" (see '{path} --help')" if path else ""
 
 
 def _interrupted(exc: BaseException) -> bool:

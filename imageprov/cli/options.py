@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Optional
+from urllib.parse import urlsplit
 
 import typer
 
+from imageprov.errors import UsageError
 from imageprov.mender.conf import AuthKey
 from imageprov.mender.prepare import ConfTarget
-from imageprov.pki.ca import Curve
+from imageprov.pki.ca import MAX_DAYS, Curve
+from imageprov.pki.config import mask_password
 
 PASSPHRASE_ENV = "IMAGEPROV_CA_PASSPHRASE"
 
@@ -30,7 +33,7 @@ RegistryOpt = Annotated[
         "--registry",
         metavar="URL",
         help="sqlite:///PATH or postgresql://HOST/DB (password from PGPASSFILE, never the URL); "
-        "default: [registry] url in PKI/imageprov.toml, else PKI/registry.sqlite.",
+        "default: the url of the registry section of PKI/imageprov.toml, else PKI/registry.sqlite.",
     ),
 ]
 PassFile = Annotated[
@@ -43,9 +46,44 @@ CurveOpt = Annotated[Curve, typer.Option("--curve", help="EC curve of the new ke
 
 # What each device gets: the same for stamp and flash.
 DeviceDays = Annotated[
-    int, typer.Option("--days", min=1, max=36500, help="Validity of the device certificates, in days.")
+    int, typer.Option("--days", min=1, max=MAX_DAYS, help="Validity of the device certificates, in days.")
 ]
-ServerUrl = Annotated[Optional[str], typer.Option("--server-url", help="Set ServerURL (the edge).")]
+# The other --days: checked by the command (pki.ca.check_days, the same bounds) before anything is asked or made.
+CaDays = Annotated[int, typer.Option("--days", help=f"Validity of the CA certificate, in days (at most {MAX_DAYS}).")]
+ServerDays = Annotated[
+    int, typer.Option("--days", help=f"Validity of the server certificate, in days (at most {MAX_DAYS}).")
+]
+CrlDays = Annotated[int, typer.Option("--days", help=f"Days until the CRL's nextUpdate (at most {MAX_DAYS}).")]
+
+
+def check_server_url(value: str | None) -> str | None:
+    """``--server-url``: an http(s) URL the Mender client can parse, with no user or password (every device would
+    carry it). Checked as the option is read, so that nothing is written with a URL the client would refuse."""
+    if value is None:
+        return None
+    scheme, sep, rest = value.partition("://")
+    if "@" in rest:  # a userinfo is never shown, whatever it holds
+        rest = "***@" + rest.rpartition("@")[2]
+    shown = mask_password(f"{scheme}{sep}{rest}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError on a port that is not a number
+    except ValueError:
+        raise UsageError(f"--server-url {shown!r} is not a valid URL (an unclosed '[', a bad port?)",
+                         hint="e.g. https://edge.example.com") from None  # fmt: skip
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--server-url {shown!r} is not an http(s) URL", hint="e.g. https://edge.example.com")
+    if "@" in parts.netloc:
+        raise UsageError(
+            "--server-url holds a user or password: every device would carry it",
+            hint="the client authenticates with its certificate: give only https://HOST[:PORT]",
+        )
+    return value
+
+
+ServerUrl = Annotated[
+    Optional[str], typer.Option("--server-url", callback=check_server_url, help="Set ServerURL (the edge).")
+]
 TenantToken = Annotated[Optional[str], typer.Option("--tenant-token", help="Set TenantToken.")]
 ConfTargetOpt = Annotated[
     ConfTarget,

@@ -24,7 +24,18 @@ from imageprov.cli.ca_token import (
     refuse_token_options,
     token_pin,
 )
-from imageprov.cli.options import PASSPHRASE_ENV, CurveOpt, Json, PassFile, Pki, RegistryOpt
+from imageprov.cli.options import (
+    PASSPHRASE_ENV,
+    CaDays,
+    CrlDays,
+    CurveOpt,
+    DeviceDays,
+    Json,
+    PassFile,
+    Pki,
+    RegistryOpt,
+    ServerDays,
+)
 from imageprov.errors import UsageError
 from imageprov.pki.ca import (
     CA_CERT,
@@ -33,6 +44,7 @@ from imageprov.pki.ca import (
     CertificateAuthority,
     Curve,
     Subject,
+    check_days,
     check_pair,
     load_ca,
     load_cert,
@@ -65,6 +77,12 @@ def passphrase(file: Path | None, *, new: bool = False) -> bytes | None:
 
 def open_ca(pki: Path, passphrase_file: Path | None, pin_file: Path | None = None) -> CertificateAuthority:
     """Load the CA of ``pki``, asking for the passphrase only if its key is encrypted, or the PIN if on a token."""
+    if pin_file is not None and pki.is_dir() and not (pki / CA_KEY_REFERENCE).exists():
+        # Never read, it would be ignored: a mistake (the wrong PKI?) said now, as ca init says it.
+        raise UsageError(
+            f"--pin-file is for a CA key on a PKCS#11 token, and the key of {pki} is a file",
+            hint=f"drop --pin-file; the key file's passphrase comes from --passphrase-file or ${PASSPHRASE_ENV}",
+        )
     ca = load_ca(pki, lambda: passphrase(passphrase_file), pin=token_pin(pin_file))
     _close_with_command(ca.key)
     return ca
@@ -99,10 +117,10 @@ def ca_init(
     locality: Annotated[Optional[str], typer.Option("--locality")] = None,
     state: Annotated[Optional[str], typer.Option("--state")] = None,
     subject_file: Annotated[
-        Optional[Path], typer.Option("--subject-file", help="openssl req config with [req_distinguished_name].")
+        Optional[Path], typer.Option("--subject-file", help="openssl req config with a req_distinguished_name section.")
     ] = None,
     curve: CurveOpt = Curve.P256,
-    days: Annotated[int, typer.Option("--days", help="Validity of the CA certificate.")] = 3650,
+    days: CaDays = 3650,
     passphrase_file: PassFile = None,
     no_passphrase: Annotated[bool, typer.Option("--no-passphrase", help="Store the CA key unencrypted.")] = False,
     pkcs11_uri: Pkcs11Opt = None,
@@ -120,6 +138,7 @@ def ca_init(
     --pkcs11 'pkcs11:token=Fleet;object=fleet-ca' --module /usr/lib/softhsm/libsofthsm2.so
     """
     _refuse_existing_ca(pki)
+    check_days(days)  # before a passphrase is asked for
     if subject_file is not None:
         subject = Subject.from_req_config(subject_file)
     elif cn:
@@ -194,18 +213,24 @@ def server_cert(
     out: Annotated[Path, typer.Option("--out", help="Directory for server-cert.pem and server-private.key.")],
     host: Annotated[Optional[list[str]], typer.Option("--host", help="DNS name of the edge (repeat).")] = None,
     ip: Annotated[Optional[list[str]], typer.Option("--ip", help="IP address of the edge (repeat).")] = None,
-    days: Annotated[int, typer.Option("--days")] = 730,
+    days: ServerDays = 730,
     curve: CurveOpt = Curve.P256,
     passphrase_file: PassFile = None,
     pin_file: PinFile = None,
     registry_url: RegistryOpt = None,
 ) -> None:
     """Issue the mTLS edge's server certificate, with every --host and --ip in subjectAltName."""
+    check_days(days)  # before a passphrase is asked for
     ca = open_ca(pki, passphrase_file, pin_file)
     issued = ca.issue_server(host or [], ips=ip or [], days=days, curve=curve)
     with Registry(pki, registry_url) as registry:
         registry.record(issued, kind="server", delivered_to=str(out))
-    cert_path, key_path = issued.write_to(out, "server-cert.pem", "server-private.key")
+    try:
+        cert_path, key_path = issued.write_to(out, "server-cert.pem", "server-private.key")
+    except UsageError as exc:
+        # Recorded already: it is in the registry (and revocable) even though it never reached the edge.
+        raise UsageError(exc.message, hint=f"certificate {issued.serial_hex} is recorded, never used: "
+                         f"'imageprov revoke --pki {pki} --serial {issued.serial_hex}'") from exc  # fmt: skip
     typer.echo(f"wrote {cert_path} and {key_path} (serial {issued.serial_hex})", err=True)
 
 
@@ -213,7 +238,7 @@ def device_cert(
     pki: Pki,
     device_id: Annotated[str, typer.Option("--device-id", help="The device's id: the certificate's CN.")],
     out: Annotated[Path, typer.Option("--out", help="Directory for mender-cert.pem and mender-cert-private.pem.")],
-    days: Annotated[int, typer.Option("--days")] = 3650,
+    days: DeviceDays = 3650,
     curve: CurveOpt = Curve.P256,
     reissue: Annotated[bool, typer.Option("--reissue", help="Revoke the device's live certificate first.")] = False,
     passphrase_file: PassFile = None,
@@ -233,8 +258,10 @@ def device_cert(
         registry.record(issued, status=Status.PENDING, reissue=reissue)
         try:
             cert_path, key_path = issued.write_to(out, "mender-cert.pem", "mender-cert-private.pem")
-        except OSError as exc:
+        except (OSError, UsageError) as exc:
             registry.revoke(serial=issued.serial_hex, reason=Reason.CESSATION_OF_OPERATION)
+            if isinstance(exc, UsageError):
+                raise
             raise UsageError(f"cannot write to {out}: {exc.strerror}") from exc
         registry.deliver(issued.serial_hex, str(out))
     if json_out:
@@ -257,26 +284,49 @@ def revoke(
     pki: Pki,
     device_id: Annotated[Optional[str], typer.Argument(help="Device whose live certificates to revoke.")] = None,
     serial: Annotated[Optional[str], typer.Option("--serial", help="Revoke one certificate by serial (hex).")] = None,
-    reason: Annotated[Reason, typer.Option("--reason")] = Reason.UNSPECIFIED,
+    stale: Annotated[
+        bool,
+        typer.Option(
+            "--stale",
+            help="Revoke every pending certificate whose station is gone (killed after writing a card or image): "
+            "never confirmed delivered, refused by the edge. 'registry check' lists them.",
+        ),
+    ] = False,
+    reason: Annotated[
+        Optional[Reason],
+        typer.Option("--reason", help="The CRL reason [default: unspecified; with --stale, cessation-of-operation]."),
+    ] = None,
     registry_url: RegistryOpt = None,
 ) -> None:
-    """Revoke a device's certificate; then publish a new CRL (imageprov crl) or denylist to the edge."""
+    """Revoke a device's certificate; then publish a new CRL (imageprov crl) or denylist to the edge.
+
+    Example: imageprov revoke --pki pki --stale
+    """
+    if stale and (device_id is not None or serial is not None):
+        raise UsageError("--stale revokes what no station will deliver: name no device and no --serial with it")
     with Registry(pki, registry_url) as registry:
-        done = registry.revoke(device_id=device_id, serial=serial, reason=reason)
+        if stale:
+            done = registry.revoke_stale(reason or Reason.CESSATION_OF_OPERATION)
+        else:
+            done = registry.revoke(device_id=device_id, serial=serial, reason=reason or Reason.UNSPECIFIED)
+    if stale and not done:
+        typer.echo("no stale pending certificates", err=True)
     for record in done:
-        typer.echo(f"revoked {record.device_id} serial {record.serial} ({reason.value})", err=True)
+        said = record.reason.value if record.reason else ""
+        typer.echo(f"revoked {record.device_id} serial {record.serial} ({said})", err=True)
 
 
 def crl(
     pki: Pki,
     out: Annotated[Path, typer.Option("--out", help="Where to write the CRL.")],
-    days: Annotated[int, typer.Option("--days", help="Days until the CRL's nextUpdate.")] = 30,
+    days: CrlDays = 30,
     der: Annotated[bool, typer.Option("--der", help="DER instead of PEM.")] = False,
     passphrase_file: PassFile = None,
     pin_file: PinFile = None,
     registry_url: RegistryOpt = None,
 ) -> None:
     """Write a CRL signed by the CA, listing every revoked certificate, for the edge (nginx ssl_crl)."""
+    check_days(days)  # before a passphrase is asked for
     ca = open_ca(pki, passphrase_file, pin_file)
     with Registry(pki, registry_url) as registry:
         revoked = registry.revoked()

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from cryptography import x509
 
-from imageprov.edge.nginx import parse_upstream
+from imageprov.edge.nginx import masked, parse_upstream
 from imageprov.errors import PkiError, UsageError
 from imageprov.pki.ca import CA_CERT, load_cert
 from imageprov.pki.chain import ca_problems
+from imageprov.pki.secret_file import read_secret_file
 
 ENV_UPSTREAM = "UPSTREAM_SERVER_URL"
 ENV_CA = "MTLS_CA_CERTIFICATE"
@@ -239,10 +240,7 @@ def _path(text: str | None) -> Path | None:
 
 
 def _read_secret(path: Path, what: str) -> Secret:
-    try:
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read the {what} file {path}: {exc.strerror}") from exc
+    text = read_secret_file(path, f"the {what} file").strip()
     if not text:
         raise UsageError(f"the {what} file {path} is empty")
     return Secret(text)
@@ -278,13 +276,15 @@ def parse_listen(text: str) -> Listen:
         return Listen(path=path)
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--listen {text!r} is not ADDR:PORT or unix:PATH", hint="e.g. 127.0.0.1:9080")
+        raise UsageError(f"--listen {masked(text)!r} is not ADDR:PORT or unix:PATH", hint="e.g. 127.0.0.1:9080")
     bare = host.removeprefix("[").removesuffix("]")
     if bare != "localhost":
         try:
             ipaddress.ip_address(bare)
         except ValueError as exc:
-            raise UsageError(f"--listen {text!r}: {host!r} is not an IP address", hint="e.g. 127.0.0.1:9080") from exc
+            raise UsageError(
+                f"--listen {masked(text)!r}: {masked(host)!r} is not an IP address", hint="e.g. 127.0.0.1:9080"
+            ) from exc
     return Listen(host=bare, port=int(port))
 
 

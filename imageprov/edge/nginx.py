@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import SplitResult, urlsplit
 
+from cryptography import x509
+
 from imageprov.errors import UsageError
+from imageprov.pki.config import mask_password
 
 AUTH_REQUESTS = "/api/devices/v1/authentication/auth_requests"
 # Where nginx asks the accept service whether a request may pass: 204 allows, 401 or 403
@@ -44,6 +47,8 @@ _SOCKET_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
 # sun_path holds 108 bytes with its terminating NUL; nginx refuses a longer path.
 _SOCKET_PATH_MAX = 107
 _UNAVAILABLE = "@imageprov_unavailable"
+# The longest Retry-After given: an hour, as edge serve takes it.
+MAX_RETRY_AFTER = 3600
 
 
 @dataclass(frozen=True)
@@ -73,20 +78,22 @@ def _value(text: str, what: str) -> str:
 def _listen(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--listen {text!r} is not ADDR:PORT", hint="e.g. 0.0.0.0:443 or [::]:443")
+        raise UsageError(f"--listen {masked(text)!r} is not ADDR:PORT", hint="e.g. 0.0.0.0:443 or [::]:443")
     bare = host.strip("[]")
     try:
         ipaddress.ip_address(bare)
     except ValueError as exc:
         if bare != "localhost":
-            raise UsageError(f"--listen {text!r}: {host!r} is not an IP address") from exc
+            raise UsageError(f"--listen {masked(text)!r}: {masked(host)!r} is not an IP address") from exc
     return text
 
 
 def masked(url: str) -> str:
-    """``url`` with what follows the user name in its userinfo (a password, or a token) replaced by ``***``.
+    """``url`` with what follows the user name in its userinfo (a password, or a token) replaced by ``***``,
+    and any ``password=`` (a query's, or libpq's ``key=value``) too.
 
     Works on text urlsplit refuses, so that no message ever shows a secret."""
+    url = mask_password(url)
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
@@ -99,6 +106,20 @@ def masked(url: str) -> str:
     # Without a colon, the user part itself may be the secret (a token as user name).
     shown = f"{user}:***" if colon else "***"
     return f"{scheme}{sep}{shown}@{hostport}{rest[end:]}"
+
+
+def check_crl(path: Path) -> None:
+    """``path`` holds a PEM CRL, as nginx's ssl_crl takes it: nginx would not start, or not reload, on anything else."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read --crl {path}: {exc.strerror}") from exc
+    try:
+        x509.load_pem_x509_crl(data)
+    except ValueError:
+        raise UsageError(
+            f"--crl {path} is not a PEM CRL", hint="write one with 'imageprov crl --pki PKI --out FILE' (PEM)"
+        ) from None
 
 
 def split_url(url: str, option: str, example: str) -> SplitResult:
@@ -127,7 +148,7 @@ def parse_upstream(url: str) -> str:
         raise UsageError(f"--upstream {masked(url)} is not an http(s) URL", hint=f"e.g. {example}")
     # A path would replace each location's prefix in proxy_pass: /api/devices/x would reach PATHx.
     if parts.path not in ("", "/"):
-        raise UsageError(f"--upstream {url!r} has a path: the Mender server is at the root of its host")
+        raise UsageError(f"--upstream {masked(url)!r} has a path: the Mender server is at the root of its host")
     return _value(f"{parts.scheme}://{parts.netloc}", "--upstream")
 
 
@@ -216,8 +237,8 @@ def render_nginx(config: EdgeConfig) -> str:
     """A complete nginx.conf; run it with ``nginx -p PREFIX -c FILE`` (the pid file goes under PREFIX)."""
     upstream = parse_upstream(config.upstream)
     routes = _routes(config.routes)
-    if config.retry_after < 0:
-        raise UsageError(f"--retry-after {config.retry_after} is negative")
+    if not 0 <= config.retry_after <= MAX_RETRY_AFTER:  # as edge serve takes it
+        raise UsageError(f"--retry-after {config.retry_after} is not 0 to {MAX_RETRY_AFTER} s")
     files = {
         "ssl_certificate": config.server_cert,
         "ssl_certificate_key": config.server_key,
@@ -267,8 +288,7 @@ def render_nginx(config: EdgeConfig) -> str:
         "        ssl_verify_depth 1;",
     ]
     if config.crl is not None:
-        if not config.crl.is_file():
-            raise UsageError(f"--crl {config.crl} does not exist")
+        check_crl(config.crl)
         lines += [
             "        # Revoked devices are refused. Publish a new CRL before its nextUpdate:",
             "        # once it has passed, nginx refuses every device. nginx reads this file",

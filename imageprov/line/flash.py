@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ from pathlib import Path
 
 from imageprov.disk.blockdev import BlockDevice, TargetError, check_target, flush_buffers, open_exclusive
 from imageprov.disk.bmap import BLOCK, mapped_blocks, must_map
-from imageprov.disk.copy import data_ranges, stage
+from imageprov.disk.copy import data_ranges, remove_stale, stage
 from imageprov.disk.fanout import Outcome, Span, Target, fan_out, read_back
 from imageprov.disk.image import DiskImage
 from imageprov.disk.layout import Role, Volume
@@ -44,10 +45,12 @@ from imageprov.errors import ImageprovError, PkiError
 from imageprov.line.stamp import Batch, Engine, StampOptions, _message
 from imageprov.mender.verify import verify_image
 from imageprov.pki.ca import CertificateAuthority, Issued
-from imageprov.pki.registry import Reason, Record, Registry, Status
+from imageprov.pki.registry import Reason, Record, Registry, RegistryUnavailable, Status
 
 LOG_NAME = "line-log.jsonl"
 WORKDIR_PREFIX = "imageprov-flash-"
+# In each scratch directory, made with stage(): locked by the station that works there, for as long as it runs.
+WORKDIR_OWNER = "owner"
 
 
 class Result(enum.Enum):
@@ -175,25 +178,58 @@ def copy_spans(src: Path, dst: Path, spans: Sequence[tuple[int, int]]) -> int:
     return copied
 
 
+def make_workdir(parent: Path | None) -> tuple[Path, Path]:
+    """A new private (0700) scratch directory, and the file inside it that marks it as this process's.
+
+    That file is made with ``stage`` as stamp makes its partial outputs: locked for as long as this
+    process may still work there, whatever ends it, and seen so by any other station on any host or in
+    any PID namespace (``remove_stale``). The pid in the directory's name is for people only.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=parent))
+    try:
+        return workdir, stage(workdir / WORKDIR_OWNER)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _owners(workdir: Path) -> list[Path]:
+    return list(workdir.glob(f".{WORKDIR_OWNER}.*.partial"))
+
+
 def remove_stale_workdirs(parent: Path | None) -> list[Path]:
-    """Remove the scratch directories (device keys among them) that killed flash processes left."""
+    """Remove the scratch directories (device keys among them) that flash processes no longer running left.
+
+    A directory is another station's for as long as that station holds the lock of its owner file,
+    whatever its pid means here: another host sharing the directory, another PID namespace, a pid
+    reused since. One without an owner file is one being made (or an older imageprov's): only the
+    partial files of processes that are gone are removed from it, keys included.
+    """
     removed = []
     for found in Path(parent or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
-        pid = found.name.removeprefix(WORKDIR_PREFIX).partition("-")[0]
-        if pid.isdigit() and found.is_dir() and found.stat().st_uid == os.getuid() and not _alive(int(pid)):
+        try:
+            info = found.lstat()
+        except FileNotFoundError:
+            continue  # removed meanwhile, by its station or another
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        owned = bool(_owners(found))  # looked at first: an owner made after this is a station starting
+        remove_stale(found)  # what processes that are gone left there, their owner file included
+        if owned and not _owners(found):
             shutil.rmtree(found, ignore_errors=True)
             removed.append(found)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def _new_workdir(parent: Path | None) -> tuple[Path, Path]:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return make_workdir(parent)
+    except OSError as exc:
+        where = parent or tempfile.gettempdir()
+        raise ImageprovError(
+            f"cannot make a scratch directory in {where}: {exc.strerror}",
+            hint="--scratch names a writable directory (default: TMPDIR)",
+        ) from exc
 
 
 class FlashBatch(Batch):
@@ -208,17 +244,24 @@ class FlashBatch(Batch):
         self._data_source: Path | None = None
         self._data_scratch: Path | None = None
         self.golden_bytes_read = 0
-        # Private (0700): the per-device scratch files hold private keys. The
-        # pid in its name lets a later run remove what a killed one left.
+        # A registry lost while cards were being confirmed (flash() raises it), and the cards it left unconfirmed.
+        self._lost: RegistryUnavailable | None = None
+        self._unconfirmed_cards: list[_Card] = []
+        # Private (0700): the per-device scratch files hold private keys. Its
+        # lock lets a later run remove what a killed one left, and only that.
         self.stale_workdirs = remove_stale_workdirs(options.scratch_dir)
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=options.scratch_dir))
+        self.workdir, self._workdir_owner = _new_workdir(options.scratch_dir)
         self.log = options.log or pki_dir / LOG_NAME
         try:  # before any card is written: a line log that cannot be written stops the line
             os.close(os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
         except OSError as exc:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            self._remove_workdir()
             raise ImageprovError(f"cannot write the line log {self.log}: {exc.strerror}", hint="use --log") from exc
-        super().__init__(golden, self.workdir, ca, registry, replace(options.stamp, engine=Engine.DEBUGFS))
+        try:
+            super().__init__(golden, self.workdir, ca, registry, replace(options.stamp, engine=Engine.DEBUGFS))
+        except BaseException:
+            self._remove_workdir()
+            raise
         self.image_size = os.stat(self.plain).st_size
 
     def __enter__(self) -> FlashBatch:
@@ -226,6 +269,10 @@ class FlashBatch(Batch):
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
+        self._remove_workdir()
+
+    def _remove_workdir(self) -> None:
+        # Its owner file goes with it: a station that looks meanwhile only helps remove it.
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- the per-batch and per-device copies: partitions only -------------------
@@ -298,12 +345,16 @@ class FlashBatch(Batch):
 
         A target that fails (refused, write error, read-back or verify
         mismatch) does not stop the others, and its certificate is revoked.
+        A registry that stops answering (or is lost) stops the batch instead,
+        with ``RegistryUnavailable`` naming the cards it could not confirm:
+        their certificates stay pending, so that nothing is delivered twice.
         """
         self.prepare()
         progress = [Progress(a.device_id, a.target) for a in assignments]
         results: dict[int, Flashed] = {}
         cards: list[_Card] = []
         shown = [0.0]
+        self._lost, self._unconfirmed_cards = None, []
 
         def report(force: bool = False) -> None:
             now = time.monotonic()
@@ -329,7 +380,20 @@ class FlashBatch(Batch):
             for _, flashed in sorted(results.items()):
                 self._log(flashed)
             report(force=True)
+        if self._lost is not None:
+            raise self._unconfirmed(self._lost, self._unconfirmed_cards)
         return [results[i] for i in range(len(assignments))]
+
+    def _unconfirmed(self, lost: RegistryUnavailable, written: list[_Card]) -> RegistryUnavailable:
+        """The registry's error, with what it leaves behind: cards written and checked, never confirmed."""
+        if not written:
+            return lost
+        names = ", ".join(f"{c.assignment.device_id} on {c.assignment.target}" for c in written[:10])
+        return type(lost)(
+            f"{lost.message}; {len(written)} card(s) written and checked but not marked delivered: {names}",
+            hint="their certificates stay pending, and the edge refuses them: once the registry answers, flash "
+            "those ids again (which revokes them), or 'imageprov revoke --pki PKI --stale'",
+        )
 
     def _claim(
         self,
@@ -353,6 +417,8 @@ class FlashBatch(Batch):
                     raise TargetError(f"target {assignment.target} is the same disk as {claimed[device.rdev]}")
                 claimed[device.rdev] = assignment.target
                 issued, notes = self._issue(assignment.device_id)
+            except RegistryUnavailable:
+                raise  # no card can be issued or confirmed without it: the batch stops here
             except (ImageprovError, OSError) as exc:
                 progress[index].phase = Result.FAILED.value
                 results[index] = Flashed(assignment.device_id, assignment.target, Result.FAILED, error=_message(exc))
@@ -465,10 +531,15 @@ class FlashBatch(Batch):
         if done:
             try:
                 self.registry.deliver(issued.serial_hex, f"card {card.assignment.target}: {device.identity}")
+            except RegistryUnavailable as exc:  # not confirmed: stays pending, and the batch stops
+                self._lost = self._lost or exc
+                self._unconfirmed_cards.append(card)
+                done, card.error = False, f"{card.assignment.target}: written and checked, not confirmed: {exc}"
             except PkiError as exc:  # revoked meanwhile: the card holds a dead identity
                 done, card.error = False, f"{card.assignment.target}: {exc}"
-        if not done:
-            # The certificate will never be used by a device: it must not stay live.
+        if not done and self._lost is None:
+            # The certificate will never be used by a device: it must not stay live. (With the registry
+            # lost, it cannot be revoked: it stays pending, stale once this station ends, for revoke --stale.)
             with contextlib.suppress(PkiError):  # already revoked
                 self.registry.revoke(serial=issued.serial_hex, reason=Reason.CESSATION_OF_OPERATION)
         error = card.error or ("" if done else "interrupted before the card was written and checked")

@@ -35,6 +35,17 @@ Passphrase = bytes | None | Callable[[], bytes | None]
 # Leaves are backdated a little: a device or edge whose clock runs a few
 # minutes behind the signing station must not see a certificate "not yet valid".
 BACKDATE = dt.timedelta(minutes=5)
+# The longest validity (and CRL lifetime) taken, in days: a hundred years, far inside what X.509's
+# GeneralizedTime and Python's datetime hold (year 9999), so that no --days ever overflows them.
+MAX_DAYS = 36500
+
+
+def check_days(days: int) -> None:
+    """Refuse a validity no certificate or CRL can carry (``--days``, 1 to MAX_DAYS)."""
+    if days < 1:
+        raise UsageError("--days must be at least 1")
+    if days > MAX_DAYS:
+        raise UsageError(f"--days {days} is more than {MAX_DAYS}", hint="a hundred years at most")
 
 
 class Curve(enum.Enum):
@@ -117,7 +128,11 @@ class Subject:
         parser = configparser.ConfigParser(interpolation=None, strict=False)
         try:
             parser.read_string("[_top]\n" + path.read_text())
-        except (OSError, configparser.Error) as exc:
+        except OSError as exc:
+            raise UsageError(f"cannot read the openssl config {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise UsageError(f"the openssl config {path} is not UTF-8 text") from None
+        except configparser.Error as exc:
             raise UsageError(f"cannot read the openssl config {path}: {exc}") from exc
         if not parser.has_section("req_distinguished_name"):
             raise UsageError(f"{path} has no [req_distinguished_name] section")
@@ -158,7 +173,10 @@ class Issued:
 
     def write_to(self, directory: Path, cert_name: str, key_name: str) -> tuple[Path, Path]:
         """Write certificate (0644) and key (0600, created so) into ``directory``."""
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, a read-only parent
+            raise UsageError(f"cannot write to {directory}: {exc.strerror}") from exc
         cert_path, key_path = directory / cert_name, directory / key_name
         write_private(key_path, self.key_pem())
         write_atomic(cert_path, self.cert_pem(), 0o644)
@@ -168,7 +186,10 @@ class Issued:
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` through a temporary file created with ``mode``."""
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except OSError as exc:  # a path under a missing directory, a read-only one
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -176,6 +197,9 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
             os.fsync(handle.fileno())
         os.chmod(temp, mode)  # the umask may have narrowed it
         os.replace(temp, path)
+    except OSError as exc:  # a directory in the way, a full filesystem
+        temp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -215,8 +239,7 @@ class CertificateAuthority:
 
         ``key``, when given, is the CA's key (e.g. one on a token); else one is made on ``curve``.
         """
-        if days < 1:
-            raise UsageError("--days must be at least 1")
+        check_days(days)
         if key is None:
             key = curve.generate()
         curve = _curve_of(key)
@@ -254,8 +277,7 @@ class CertificateAuthority:
     def _leaf(
         self, subject: Subject, days: int, curve: Curve
     ) -> tuple[x509.CertificateBuilder, ec.EllipticCurvePrivateKey]:
-        if days < 1:
-            raise UsageError("--days must be at least 1")
+        check_days(days)
         self.check_usable()
         key = curve.generate()
         now = _now()

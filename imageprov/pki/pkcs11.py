@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from imageprov.errors import PkiError, UsageError
+from imageprov.pki.config import mask_password
 
 KEY_REFERENCE = "ca-key.pkcs11.json"
 MODULE_ENV = "IMAGEPROV_PKCS11_MODULE"
@@ -55,7 +57,7 @@ class Pkcs11Uri:
         """Parse ``text``; a PIN in the URI is refused, since the URI is on the command line."""
         scheme, colon, rest = text.partition(":")
         if scheme.lower() != "pkcs11" or not colon:
-            raise UsageError(f"{text!r} is not a PKCS#11 URI", hint="e.g. 'pkcs11:token=Fleet;object=fleet-ca'")
+            raise UsageError(f"{_shown(text)!r} is not a PKCS#11 URI", hint="e.g. 'pkcs11:token=Fleet;object=fleet-ca'")
         path, _, query = rest.partition("?")
         values: dict[str, Any] = {}
         for part in filter(None, path.split(";")):
@@ -81,7 +83,7 @@ class Pkcs11Uri:
             raise UsageError("the PKCS#11 URI must name a private key (type=private)")
         uri = cls(**values)
         if uri.object is None and uri.id is None:
-            raise UsageError(f"{text!r} does not name a key", hint="add object=LABEL (or id=%01) to the URI")
+            raise UsageError(f"{_shown(text)!r} does not name a key", hint="add object=LABEL (or id=%01) to the URI")
         return uri
 
     def __str__(self) -> str:
@@ -131,3 +133,12 @@ def find_module(given: Path | None, uri: Pkcs11Uri) -> Path:
     raise UsageError(
         "no PKCS#11 module given", hint="pass --module with the path of the token vendor's PKCS#11 library (.so)"
     )
+
+
+# A PIN in a URI (RFC 7512's pin-value), refused but never echoed.
+_PIN = re.compile(r"(pin-(?:value|source)=)[^&;?#]*", re.IGNORECASE)
+
+
+def _shown(text: str) -> str:
+    """``text`` for a message: a PIN, or a password of some other kind of URL given by mistake, masked."""
+    return mask_password(_PIN.sub(r"\1***", text))

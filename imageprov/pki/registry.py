@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -99,6 +100,19 @@ def connect(url: RegistryUrl, *, timeout: float, create: bool = False) -> Backen
     return PostgresBackend(url.target, url.display, timeout=timeout, create=create)
 
 
+StaleListener = Callable[["Registry", list[Record]], None]
+# Told, when a registry is opened, of the pending certificates whose station is gone (``Registry.stale``):
+# the CLI sets it for the line's commands (stamp, flash), so that a station killed after writing is reported
+# at the next start-up. Library code never prints; this is how it says so.
+_stale_listener: StaleListener | None = None
+
+
+def report_stale_on_open(listener: StaleListener | None) -> None:
+    """Have ``listener`` told of stale pending certificates whenever a registry is opened (None: no longer)."""
+    global _stale_listener
+    _stale_listener = listener
+
+
 class _LostRace(Exception):
     """Another transaction changed what a decision was based on: decide again."""
 
@@ -131,6 +145,14 @@ class Registry:
         self._db = connect(self.config.registry, timeout=self.config.timeout, create=create)
         self._session: int | None = None
         self.station = Station.this()
+        if _stale_listener is not None and not create:
+            try:
+                stale = self.stale()
+            except BaseException:
+                self.close()
+                raise
+            if stale:
+                _stale_listener(self, stale)
 
     @classmethod
     def at(cls, url: RegistryUrl, *, timeout: float, create: bool = False) -> Registry:
@@ -177,6 +199,40 @@ class Registry:
         if record.session is None:
             return False  # issued outside a session (imageprov 0.1): nobody can still deliver it
         return record.session == self._session or self._db.lease_alive(record.session)
+
+    def stale(self) -> list[Record]:
+        """Pending certificates whose station is gone: it was killed (or lost the registry) after issuing them.
+
+        Its card or image may exist and verify, yet no station will ever mark it delivered, and the
+        edge refuses a pending certificate. A rerun of the device revokes it (superseded); so does
+        ``revoke_stale``. Each station's lease is asked about once.
+        """
+        # Spelled so that both databases read it from the partial index one_live_certificate_per_device.
+        pending = self._select("kind = 'device' AND status IN ('pending', 'active') AND status = 'pending'")
+        alive: dict[int | None, bool] = {}
+        for record in pending:
+            if record.session not in alive:
+                alive[record.session] = self.owner_alive(record)
+        return [record for record in pending if not alive[record.session]]
+
+    def revoke_stale(self, reason: Reason = Reason.CESSATION_OF_OPERATION) -> list[Record]:
+        """Revoke every pending certificate whose station is gone (``stale``); return what was revoked.
+
+        A lease once gone never comes back, so none of these can be delivered after the check; the
+        update still requires the certificate to be pending, in case another station settled it meanwhile.
+        """
+        gone = self.stale()
+        if not gone:
+            return []
+        now, revoked = _now(), []
+        with self._db.transaction() as tx:
+            for record in gone:
+                revoked += tx.query(
+                    "UPDATE certificates SET status = 'revoked', revoked_at = ?, reason = ? "
+                    f"WHERE serial = ? AND status = 'pending' RETURNING {', '.join(COLUMNS)}",
+                    (now, reason.value, record.serial),
+                )
+        return [Record.from_row(row) for row in revoked]
 
     # -- changes --------------------------------------------------------------
 
@@ -348,7 +404,8 @@ class Registry:
             with self._db.autocommit() as tx:
                 found = tx.query(sql, key)
         except RegistryUnavailable as exc:
-            if self._session is not None or isinstance(exc, RegistryTimeout):  # a slow server stays slow
+            # A slow server stays slow, and a lock stays held: only a connection lost is opened again.
+            if self._session is not None or isinstance(exc, (RegistryTimeout, RegistryBusy)):
                 raise
             self._db.close()
             self._db = connect(self.config.registry, timeout=self.config.timeout)

@@ -16,6 +16,16 @@ _RANK = {Status.PENDING: 0, Status.ACTIVE: 1, Status.REVOKED: 2}
 
 
 @dataclass(frozen=True)
+class StaleCertificate:
+    """A pending certificate whose station is gone, as ``registry check`` names it."""
+
+    device_id: str
+    serial: str
+    owner: str | None  # the station that issued it: "host (pid N, boot B)"
+    issued_at: str
+
+
+@dataclass(frozen=True)
 class CheckReport:
     """What ``registry check`` found: ``problems`` break an invariant, ``notes`` do not."""
 
@@ -26,6 +36,8 @@ class CheckReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     pins: int = 0  # identity pins, current and moved on
+    # Pending certificates whose station is gone: never to be delivered, refused by the edge (revoke --stale).
+    stale: list[StaleCertificate] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -73,14 +85,17 @@ def check(registry: Registry) -> CheckReport:
             "(SELECT serial FROM certificates WHERE status = 'revoked') THEN 1 ELSE 0 END) AS uncut FROM pins"
         )
     pending = [r for r in registry.all() if r.status is Status.PENDING]
-    orphans = [r for r in pending if not registry.owner_alive(r)]
+    orphans = registry.stale()
+    registry_notes = []
     if orphans:
-        registry_notes = [
-            f"{len(orphans)} pending certificate(s) of stations that are gone (e.g. {orphans[0].device_id}, "
-            f"{orphans[0].owner}): the next stamp of those devices revokes them"
-        ]
-    else:
-        registry_notes = []
+        # A note, not a problem: no invariant is broken, but each is a card or image the edge will refuse.
+        shown = ", ".join(f"{r.device_id} (serial {r.serial}, {r.owner})" for r in orphans[:5])
+        more = f" and {len(orphans) - 5} more" if len(orphans) > 5 else ""
+        registry_notes.append(
+            f"{len(orphans)} pending certificate(s) of stations that are gone, never confirmed delivered: "
+            f"{shown}{more}; revoke them with 'imageprov revoke --pki PKI --stale', or stamp or flash those "
+            "devices again"
+        )
     if len(pending) > len(orphans):
         registry_notes.append(f"{len(pending) - len(orphans)} pending certificate(s) of stations at work")
     if pins["uncut"]:
@@ -89,7 +104,7 @@ def check(registry: Registry) -> CheckReport:
         registry_notes.append(f"{pins['released']} identity pin(s) moved on to a newer certificate (kept as history)")
     return CheckReport(
         registry.display, backend.schema_version(), sum(counts.values()), counts, problems, registry_notes,
-        int(pins["n"]),
+        int(pins["n"]), [StaleCertificate(r.device_id, r.serial, r.owner, r.issued_at) for r in orphans],
     )  # fmt: skip
 
 

@@ -126,12 +126,15 @@ class Pin:
         return cls(**{name: row[name] for name in ("serial", "identity", "mender_device_id", "pinned_at", "cut_at")})
 
 
-class RegistryBusy(PkiError):
-    """Another process holds a lock on the registry for longer than we wait."""
-
-
 class RegistryUnavailable(PkiError):
     """The registry cannot be reached (database down, connection lost): no device can be issued."""
+
+
+class RegistryBusy(RegistryUnavailable):
+    """Another process holds a lock on the registry for longer than we wait.
+
+    Unavailable as far as a station goes: every device it issues or delivers needs that lock, so it
+    stops at the first (one line, the rest for a rerun) rather than waiting out the deadline per device."""
 
 
 class RegistryTimeout(RegistryUnavailable):

@@ -2,8 +2,12 @@
 
 Every call has a deadline, ``[registry] timeout``: connecting (``connect_timeout``),
 waiting for a lock (``lock_timeout``), and any statement (``statement_timeout``,
-a second longer so that a lock wait is reported as one). A server that is slow
-gives ``RegistryTimeout`` (a ``RegistryUnavailable``), never a hang.
+a second longer so that a lock wait is reported as one). Those the server
+enforces; a server that stops answering altogether (SIGSTOP, a frozen VM, a
+network that drops packets) enforces nothing, so this side gives up too: a
+statement, commit or rollback that has no answer a second after the server's
+own deadline has its connection shut down (``_Deadline``). Either way the
+call raises ``RegistryTimeout`` (a ``RegistryUnavailable``), never hangs.
 
 A station's lease is a session-level advisory lock held on its connection:
 PostgreSQL drops it the moment the connection ends, whatever ended it (the
@@ -14,8 +18,12 @@ records who held it (host, pid, boot id) for people to read.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
+import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -110,25 +118,90 @@ _CLIENT_DEFAULTS = {
 }
 
 
+# Rows sent per round trip by executemany (a migration's copy), each round trip under its own deadline.
+_CHUNK = 500
+
+
 def _iso(value: object) -> object:
     return value.isoformat() if isinstance(value, dt.datetime) else value
 
 
+class _Deadline:
+    """Gives up on a server that has not answered in time, from this side: shuts the connection's socket down.
+
+    statement_timeout and lock_timeout are the server's to enforce; a stopped
+    server enforces nothing, and libpq waits for its answer without bound.
+    Armed before each statement (and each COMMIT or ROLLBACK), disarmed once
+    the call is over; one thread per connection watches, so that a call costs
+    no thread of its own. A connection shut down is lost, and with it this
+    station's lease: the station stops (``RegistryTimeout``), and what it had
+    issued stays pending for a rerun to settle.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._fd: int | None = None
+        self._due: float | None = None
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._watch, name="imageprov-registry-deadline", daemon=True)
+
+    def watch(self, fd: int) -> None:
+        """Start watching the connection whose socket is ``fd``."""
+        self._fd = fd
+        self._thread.start()
+
+    def arm(self) -> None:
+        with self._changed:
+            self._due = time.monotonic() + self.seconds
+            self._changed.notify()
+
+    def disarm(self) -> None:
+        with self._changed:
+            self._due = None
+
+    def close(self) -> None:
+        """Stop watching, before the connection is closed (its descriptor may then be reused)."""
+        with self._changed:
+            self._closed, self._due = True, None
+            self._changed.notify()
+
+    def _watch(self) -> None:
+        with self._changed:
+            while not self._closed:
+                left = None if self._due is None else self._due - time.monotonic()
+                if left is None or left > 0:
+                    self._changed.wait(left)
+                    continue
+                self._due, self.expired = None, True
+                assert self._fd is not None
+                # A duplicate, so that closing it leaves libpq's descriptor open; shutdown(2) acts on the socket
+                # both share: libpq's wait ends at once, with "server closed the connection".
+                with socket.socket(fileno=os.dup(self._fd)) as stuck, contextlib.suppress(OSError):
+                    stuck.shutdown(socket.SHUT_RDWR)  # OSError: the other end closed it already
+
+
 class _PgTx(Tx):
-    def __init__(self, conn: psycopg.Connection[Row]) -> None:
+    def __init__(self, conn: psycopg.Connection[Row], deadline: _Deadline) -> None:
         self._conn = conn
+        self._deadline = deadline
 
     # The shared SQL is written with "?" placeholders, psycopg's are "%s".
     def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        self._deadline.arm()
         return self._conn.execute(sql.replace("?", "%s"), tuple(params)).rowcount
 
     def query(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        self._deadline.arm()
         rows = self._conn.execute(sql.replace("?", "%s"), tuple(params)).fetchall()
         return [{k: _iso(v) for k, v in row.items()} for row in rows]
 
     def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         with self._conn.cursor() as cursor:
-            cursor.executemany(sql.replace("?", "%s"), rows)
+            for start in range(0, len(rows), _CHUNK):
+                self._deadline.arm()
+                cursor.executemany(sql.replace("?", "%s"), rows[start : start + _CHUNK])
 
 
 class PostgresBackend(Backend):
@@ -139,6 +212,10 @@ class PostgresBackend(Backend):
         self.display = display
         self._timeout = timeout
         self._session: int | None = None
+        # The server's statement_timeout is a second longer than its lock_timeout; this side's a second longer
+        # still, so that a server that answers reports its own timeout, and only one that does not is cut off.
+        self._deadline = _Deadline(timeout + 2)
+        self._cut_said = False  # whether a call was told its connection was cut at the deadline
         # One connection, used by one thread at a time (the edge asks from a pool): a
         # transaction's statements must not interleave with another thread's.
         self._lock = threading.RLock()
@@ -150,12 +227,20 @@ class PostgresBackend(Backend):
             conninfo = make_conninfo(url, connect_timeout=max(2, round(timeout)), **settings)
             self._conn = psycopg.connect(conninfo, autocommit=True, row_factory=dict_row)
         except psycopg.Error as exc:
+            # Recent psycopg raises ConnectionTimeout; older ones an OperationalError saying "timeout expired".
+            if type(exc).__name__ == "ConnectionTimeout" or "timeout expired" in str(exc):
+                raise RegistryTimeout(
+                    f"cannot connect to the registry {display}: no answer within {max(2, round(timeout))} s",
+                    hint="is the server up, and not overloaded or stuck? [registry] timeout in PKI/imageprov.toml "
+                    "sets the deadline",
+                ) from exc
             raise RegistryUnavailable(
                 f"cannot connect to the registry {display}: {_first_line(exc)}",
                 hint="is the server up? a password comes from PGPASSFILE (~/.pgpass), PGPASSWORD or a service file",
             ) from exc
+        self._deadline.watch(self._conn.pgconn.socket)
         try:
-            with self._errors():
+            with self._errors(), self._deadline_armed():
                 # Timestamps come back in UTC, as SQLite's text has them; a
                 # lock another transaction holds is waited for as long as SQLite
                 # would, and any statement a second longer.
@@ -174,8 +259,17 @@ class PostgresBackend(Backend):
                 if version != SCHEMA_VERSION:
                     self._migrate()
         except BaseException:
+            self._deadline.close()
             self._conn.close()
             raise
+
+    @contextmanager
+    def _deadline_armed(self) -> Iterator[None]:
+        self._deadline.arm()
+        try:
+            yield
+        finally:
+            self._deadline.disarm()
 
     def schema_version(self) -> int:
         with self.autocommit() as tx:
@@ -228,6 +322,16 @@ class PostgresBackend(Backend):
                 "sets the deadline",
             ) from exc
         except psycopg.OperationalError as exc:
+            if self._deadline.expired:
+                # The call that waited is a timeout; the calls after it find a connection given up: lost, so that
+                # a long-running reader (the edge) opens a new one, as after a restart of the server.
+                said, self._cut_said = self._cut_said, True
+                raise (RegistryUnavailable if said else RegistryTimeout)(
+                    f"the registry {self.display} did not answer within {self._deadline.seconds:g} s"
+                    + (": its connection was given up" if said else ""),
+                    hint="the database server stopped answering (stopped, overloaded, or the network is down); "
+                    "devices in flight are not delivered: rerun the same command once it answers",
+                ) from exc
             raise RegistryUnavailable(
                 f"lost the registry {self.display}: {_first_line(exc)}",
                 hint="devices in flight are not delivered; rerun the same command once the database is back",
@@ -237,15 +341,18 @@ class PostgresBackend(Backend):
 
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[Tx]:
-        with self._lock, self._errors(), self._conn.transaction():
-            if not durable:  # the WAL writer flushes it within wal_writer_delay, in order
-                self._conn.execute("SET LOCAL synchronous_commit = off")
-            yield _PgTx(self._conn)
+        with self._lock, self._errors(), self._deadline_armed(), self._conn.transaction():
+            try:
+                if not durable:  # the WAL writer flushes it within wal_writer_delay, in order
+                    self._conn.execute("SET LOCAL synchronous_commit = off")
+                yield _PgTx(self._conn, self._deadline)
+            finally:
+                self._deadline.arm()  # the COMMIT or ROLLBACK that follows waits for the server too
 
     @contextmanager
     def autocommit(self) -> Iterator[Tx]:
-        with self._lock, self._errors():
-            yield _PgTx(self._conn)
+        with self._lock, self._errors(), self._deadline_armed():
+            yield _PgTx(self._conn, self._deadline)
 
     def start_lease(self, station: Station) -> int:
         with self.transaction() as tx:
@@ -291,7 +398,9 @@ class PostgresBackend(Backend):
         except PkiError:
             pass  # the connection is gone, and the lease with it
         finally:
-            self._conn.close()
+            with self._lock:  # no call in flight: the watchdog never shuts a descriptor reused since
+                self._deadline.close()
+                self._conn.close()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,8 +7,8 @@ import datetime as dt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from imageprov.errors import PkiError, UsageError
-from imageprov.pki.ca import BACKDATE, CertificateAuthority
+from imageprov.errors import PkiError
+from imageprov.pki.ca import BACKDATE, CertificateAuthority, check_days
 from imageprov.pki.chain import crl_problem
 from imageprov.pki.registry import Record
 
@@ -21,8 +21,7 @@ def build_crl(
     nginx and OpenSSL refuse every client once ``nextUpdate`` has passed, so
     the edge must get a fresh CRL before ``days`` run out.
     """
-    if days < 1:
-        raise UsageError("--days must be at least 1")
+    check_days(days)
     refused = crl_problem(ca.cert)
     if refused:
         raise PkiError(
