@@ -34,6 +34,7 @@ PACKAGES = {
     "nginx": "nginx-light",
     "bmaptool": "bmap-tools",
     "zstd": "zstd",
+    "unsquashfs": "squashfs-tools",
 }
 
 # Debian keeps e2fsprogs and dosfstools in /sbin, which is not on a normal

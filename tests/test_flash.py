@@ -279,3 +279,22 @@ def test_golden_with_unreplayed_journals(
         assert "needs_recovery" not in features
     check_delivered(card, golden, pki, "J-1", tmp_path)
     assert sha256(golden) == before
+
+
+def test_server_ca_is_on_the_card_and_verify_checks_it(
+    make_golden: Callable[..., Path], pki: Path, loops: Loops, tmp_path: Path
+) -> None:
+    golden = make_golden(Scheme.MBR, **SMALL)
+    card = loops.card(golden.stat().st_size)
+    edge_ca = pki / "ca-cert.pem"
+    code, results, stderr = _flash(golden, pki, "--server-ca", edge_ca, "--target", f"{card}=ca-1")
+    assert code == 0 and results[0]["result"] == "delivered", stderr
+    data = roles(golden)["data"]
+    stat = debugfs(card, data, "stat /mender/server.crt")
+    assert "Mode:  0644" in stat and "User:     0   Group:     0" in stat, stat
+    assert debugfs(card, data, "cat /mender/server.crt") == edge_ca.read_text()
+    assert json.loads(debugfs(card, data, "cat /mender/mender.conf"))["ServerCertificate"] == "/data/mender/server.crt"
+    image = tmp_path / "card.sdimg"
+    image.write_bytes(read_span(card, 0, golden.stat().st_size))
+    proc = imageprov_pki("verify", image, "--ca", edge_ca, "--server-ca", edge_ca, "--json", check=False)
+    assert proc.returncode == 0, proc.stdout

@@ -29,6 +29,7 @@ from imageprov.cli.options import (
     Pki,
     RegistryOpt,
     RootfsParts,
+    ServerCaOpt,
     ServerUrl,
     TenantToken,
 )
@@ -159,6 +160,7 @@ def flash(
     auth_key: AuthKeyOpt = AuthKey.CERT,
     days: DeviceDays = 3650,
     curve: CurveOpt = Curve.P256,
+    server_ca: ServerCaOpt = None,
     reissue: Annotated[
         bool, typer.Option("--reissue", help="Flash a device already delivered: its old certificate is revoked.")
     ] = False,
@@ -220,7 +222,9 @@ def flash(
     ca.check_usable()
     overrides = Overrides.parse(data_part, rootfs_parts, boot_part)
     options = FlashOptions(
-        stamp=device_options(server_url, tenant_token, auth_key, conf_target, days, curve, reissue, overrides),
+        stamp=device_options(
+            server_url, tenant_token, auth_key, conf_target, days, curve, reissue, overrides, server_ca
+        ),
         force=force,
         scratch_dir=scratch,
         log=log,

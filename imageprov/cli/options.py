@@ -11,6 +11,7 @@ import typer
 from imageprov.errors import UsageError
 from imageprov.mender.conf import AuthKey
 from imageprov.mender.prepare import ConfTarget
+from imageprov.mender.server_ca import SERVER_CERT
 from imageprov.pki.ca import MAX_DAYS, Curve
 from imageprov.pki.config import mask_password
 
@@ -100,5 +101,16 @@ AuthKeyOpt = Annotated[
         "--auth-key",
         help="cert: the client signs auth requests with the certificate's key (Security.AuthPrivateKey), "
         "as an accepting edge requires; device: the key the client generates itself.",
+    ),
+]
+
+# The edge's certificate or CA for the client to trust: stamp, prepare and flash take it alike.
+ServerCaOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--server-ca",
+        metavar="FILE",
+        help=f"PEM certificate(s) of the edge or its CA: installed at {SERVER_CERT} (0644), "
+        "and ServerCertificate set to it in the conf written.",
     ),
 ]

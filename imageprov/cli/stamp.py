@@ -25,6 +25,7 @@ from imageprov.cli.options import (
     Pki,
     RegistryOpt,
     RootfsParts,
+    ServerCaOpt,
     ServerUrl,
     TenantToken,
 )
@@ -37,23 +38,11 @@ from imageprov.line.prepare import prepare_image
 from imageprov.line.stamp import Batch, Engine, Failed, Stamped, StampOptions, check_outputs
 from imageprov.mender.conf import AuthKey, Settings
 from imageprov.mender.prepare import ConfTarget
-from imageprov.mender.server_ca import SERVER_CERT, ServerCa
+from imageprov.mender.server_ca import ServerCa
 from imageprov.mender.verify import Report, verify_image
 from imageprov.pki.ca import Curve, load_cert
 from imageprov.pki.devices import check_device_ids, read_device_ids
 from imageprov.pki.registry import Registry
-
-# The edge's certificate or CA for the client to trust. Here rather than in cli/options.py only until
-# that file is free to edit: flash takes it the same way.
-ServerCaOpt = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--server-ca",
-        metavar="FILE",
-        help=f"PEM certificate(s) of the edge or its CA: installed at {SERVER_CERT} (0644), "
-        "and ServerCertificate set to it in the conf written.",
-    ),
-]
 
 
 def check_golden(image: Path) -> None:

@@ -316,7 +316,7 @@ class Batch:
         checks = Checks()
         fallback = disk.ext(disk.layout.data_partition).fetch([DATA_CONF_PATH.inner])[DATA_CONF_PATH.inner][1]
         check_mender_confs(checks, self._rootfs_view(disk), fallback, self.options.settings,
-                           auth_key=self.options.settings.auth_key)  # fmt: skip
+                           auth_key=self.options.settings.auth_key, data_from=disk)  # fmt: skip
         if checks.failures:
             failed = checks.failures[0]
             raise ImageprovError(f"the prepared image fails '{failed.name}': {failed.detail}")

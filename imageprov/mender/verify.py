@@ -259,6 +259,7 @@ def check_mender_confs(
     settings: Settings | None = None,
     *,
     auth_key: AuthKey = AuthKey.CERT,
+    data_from: DiskImage | None = None,
 ) -> list[ClientView]:
     """Check the configuration the client will use when booted from rootfs A and from rootfs B.
 
@@ -266,7 +267,9 @@ def check_mender_confs(
     fallback, field by field, keys matched as the client matches them
     (:func:`imageprov.mender.conf.effective`). An empty rootfs B is not
     checked: the first update brings its root filesystem. Returns what the
-    client uses on each rootfs whose confs could be read.
+    client uses on each rootfs whose confs could be read. The data partition's
+    files are read from ``data_from`` if given (flash's batch copy holds the
+    data partition alone; its rootfs partitions are the golden image's).
     """
     if disk.rootfs_b_empty:
         checks.add("rootfs B", True, "empty: it receives its root filesystem and mender.conf from the first update")
@@ -285,12 +288,17 @@ def check_mender_confs(
                              bare_data=False, role=volume.role.value, auth_key=auth_key)  # fmt: skip
     for view in views:
         rootfs = next((v for v in volumes if v.role.value == view.role), None)
-        _check_server_certificate(checks, disk, view, rootfs, settings)
+        _check_server_certificate(checks, disk, data_from or disk, view, rootfs, settings)
     return views
 
 
 def _check_server_certificate(
-    checks: Checks, disk: DiskImage, view: ClientView, rootfs: Volume | None, settings: Settings | None
+    checks: Checks,
+    disk: DiskImage,
+    data_disk: DiskImage,
+    view: ClientView,
+    rootfs: Volume | None,
+    settings: Settings | None,
 ) -> None:
     """The file ServerCertificate names exists in the image and, with ``settings.server_ca``, holds those.
 
@@ -308,8 +316,8 @@ def _check_server_certificate(
         return
     where = DevicePath.parse(used.value)
     try:
-        if where.area is Area.DATA and disk.layout.data_volume is not None:
-            inode, content = disk.ext(disk.layout.data_volume).fetch([where.inner])[where.inner]
+        if where.area is Area.DATA and data_disk.layout.data_volume is not None:
+            inode, content = data_disk.ext(data_disk.layout.data_volume).fetch([where.inner])[where.inner]
         elif where.area is Area.ROOTFS and rootfs is not None:
             content = disk.read_files(rootfs, [where.inner])[where.inner]
             inode = None
