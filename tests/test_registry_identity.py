@@ -358,7 +358,7 @@ def test_a_schema_2_registry_gains_pins_in_place(pki: Path, db: Db, tmp_path: Pa
     else:
         db.execute(pki, "DROP TABLE pins; UPDATE meta SET value = 2 WHERE key = 'schema_version'")
     check = imageprov_pki("registry", "check", "--pki", pki)
-    assert "schema 3, 1 certificates (1 active), 0 identity pins" in check.stdout
+    assert "schema 4, 1 certificates (1 active), 0 identity pins" in check.stdout
     ca = load_ca(pki, PASSPHRASE.encode())
     with Registry(pki) as registry:
         [record] = registry.all()

@@ -259,12 +259,19 @@ def flash(
 
 def _wait_loop(batch: FlashBatch, ids: list[str], patterns: list[str], json_out: bool, lines: _Lines) -> None:
     """The operator's loop: each new card gets the next id not yet delivered; Ctrl-C ends it."""
-    todo = deque(ids)
     delivered: list[str] = []
     failed: dict[str, str] = {}
     present = set(removable_disks(patterns))
     if present:
         typer.echo(f"left alone (present before the start): {', '.join(sorted(present))}", err=True)
+    # A line restarts with its whole list: what is delivered is asked once, not once per id.
+    done = batch.delivered_among(ids)
+    skipped = [i for i in ids if i in done]
+    for device_id in skipped[:5]:
+        typer.echo(f"{device_id}: already delivered, skipped", err=True)
+    if len(skipped) > 5:
+        typer.echo(f"... and {len(skipped) - 5} more already delivered, skipped", err=True)
+    todo = deque(i for i in ids if i not in done)
     stopped = False
     try:
         while True:

@@ -321,6 +321,10 @@ class FlashBatch(Batch):
         live = self.registry.live(device_id)
         return live if live is not None and live.status is Status.ACTIVE else None
 
+    def delivered_among(self, device_ids: Sequence[str]) -> set[str]:
+        """Those of ``device_ids`` already on a card or in an image: asked in bulk, for a line's whole list."""
+        return {i for i, live in self.registry.live_of(device_ids).items() if live.status is Status.ACTIVE}
+
     def _issue(self, device_id: str) -> tuple[Issued, list[str]]:
         done = self.delivery(device_id)
         if done is not None and not self.options.reissue:

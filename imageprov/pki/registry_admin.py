@@ -84,7 +84,7 @@ def check(registry: Registry) -> CheckReport:
             "SUM(CASE WHEN released_at IS NULL AND cut_at IS NULL AND serial IN "
             "(SELECT serial FROM certificates WHERE status = 'revoked') THEN 1 ELSE 0 END) AS uncut FROM pins"
         )
-    pending = [r for r in registry.all() if r.status is Status.PENDING]
+    pending = counts.get(Status.PENDING.value, 0)
     orphans = registry.stale()
     registry_notes = []
     if orphans:
@@ -96,8 +96,8 @@ def check(registry: Registry) -> CheckReport:
             f"{shown}{more}; revoke them with 'imageprov revoke --pki PKI --stale', or stamp or flash those "
             "devices again"
         )
-    if len(pending) > len(orphans):
-        registry_notes.append(f"{len(pending) - len(orphans)} pending certificate(s) of stations at work")
+    if pending > len(orphans):
+        registry_notes.append(f"{pending - len(orphans)} pending certificate(s) of stations at work")
     if pins["uncut"]:
         registry_notes.append(f"{pins['uncut']} revoked device(s) not yet rejected in Mender by the edge")
     if pins["released"]:

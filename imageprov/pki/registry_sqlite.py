@@ -91,10 +91,22 @@ _MIGRATIONS: dict[int, list[str]] = {
         # What the edge polls: the current pins not yet cut, each certificate's status then read by its key.
         "CREATE INDEX pins_not_cut ON pins (serial) WHERE released_at IS NULL AND cut_at IS NULL",
     ],
+    4: [
+        # A fleet's registry keeps its history (100,000 devices, reissues, revocations): every lookup a
+        # station or the edge makes per device reads an index, never the table (tests/test_registry_plans.py).
+        "CREATE INDEX IF NOT EXISTS certificates_by_device ON certificates (device_id)",
+        # What a station's start-up and `registry check` ask: pending certificates, whose station may be gone.
+        "CREATE INDEX IF NOT EXISTS pending_certificates ON certificates (session) WHERE status = 'pending'",
+        # What a CRL and a denylist list: the revoked, in the order they were issued.
+        "CREATE INDEX IF NOT EXISTS revoked_certificates ON certificates (issued_at) WHERE status = 'revoked'",
+    ],
 }
 
 # Indexes that carry an invariant or keep the edge's lookups off a table scan; `registry check` looks for them.
-INDEXES = ("one_live_certificate_per_device", "one_certificate_per_identity", "pins_not_cut")
+INDEXES = (
+    "one_live_certificate_per_device", "one_certificate_per_identity", "pins_not_cut",
+    "certificates_by_device", "pending_certificates", "revoked_certificates",
+)  # fmt: skip
 
 
 class _SqliteTx(Tx):
