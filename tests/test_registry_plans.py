@@ -139,7 +139,10 @@ def _workout(registry: Registry, ca: CertificateAuthority, calling: Callable[[st
     call("mark_cut", two.serial)  # type: ignore[attr-defined]
     call("revoked")
     call("next_crl_number")
-    call("all")
+    every = call("all")
+    calling("each")
+    assert list(registry.each(page=2)) == every  # pages of 2: each read by a cursor, never a scan
+    calling("")
 
 
 def _statements(pki: Path, monkeypatch: pytest.MonkeyPatch) -> list[Statement]:
@@ -247,7 +250,7 @@ def test_every_query_reads_an_index(db: Db, pki: Path, monkeypatch: pytest.Monke
     # The workout reached every method it calls (a method that failed early would hide its queries).
     assert methods >= {"record", "deliver", "live", "live_of", "status_of_serial", "record_of", "pin_identity",
                        "pin_of", "set_mender_device", "stale", "revoke_stale", "revoke", "uncut_revoked_pins",
-                       "mark_cut", "revoked", "next_crl_number", "all"}, methods  # fmt: skip
+                       "mark_cut", "revoked", "next_crl_number", "all", "each"}, methods  # fmt: skip
     assert _findings(db, pki, statements) == {}
 
 

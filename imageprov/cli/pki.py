@@ -348,17 +348,25 @@ def denylist_cmd(
 
 
 def devices(pki: Pki, json_out: Json = False, registry_url: RegistryOpt = None) -> None:
-    """List every certificate the CA issued, with its status."""
+    """List every certificate the CA issued, with its status, in the order issued.
+
+    Rows are read and printed a page at a time, so a fleet of any size lists in
+    flat memory; --json prints one JSON array with an object per line.
+    """
     with Registry(pki, registry_url) as registry:
-        records = registry.all()
-    if json_out:
-        typer.echo(json.dumps([r.to_dict() for r in records], indent=2))
-        return
-    for r in records:
-        typer.echo(
-            f"{r.device_id:<24} {r.kind:<6} {r.status.value:<8} {r.serial:<40} until {r.not_after[:10]}"
-            + (f"  revoked {r.revoked_at} ({r.reason.value if r.reason else ''})" if r.revoked_at else "")
-        )
+        first = True
+        for r in registry.each():
+            if json_out:
+                sys.stdout.write(("[\n" if first else ",\n") + json.dumps(r.to_dict()))
+            else:
+                sys.stdout.write(
+                    f"{r.device_id:<24} {r.kind:<6} {r.status.value:<8} {r.serial:<40} until {r.not_after[:10]}"
+                    + (f"  revoked {r.revoked_at} ({r.reason.value if r.reason else ''})" if r.revoked_at else "")
+                    + "\n"
+                )
+            first = False
+        if json_out:
+            sys.stdout.write("[]\n" if first else "\n]\n")
 
 
 def register(app: typer.Typer) -> None:

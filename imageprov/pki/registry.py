@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -389,6 +389,22 @@ class Registry:
 
     def all(self) -> list[Record]:
         return self._select()
+
+    def each(self, page: int = 1000) -> Iterator[Record]:
+        """Every certificate in the order recorded, read ``page`` rows at a time: memory stays flat for any fleet.
+
+        Each page is read by the row id, from the primary key (SQLite) or its unique index (PostgreSQL), after
+        the last one: a certificate recorded meanwhile comes at the end; each row is as its page found it.
+        """
+        after = 0
+        while True:
+            with self._db.autocommit() as tx:
+                rows = tx.query(f"SELECT rowid AS row_id, {', '.join(COLUMNS)} FROM certificates "
+                                "WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, page))  # fmt: skip
+            yield from (Record.from_row(row) for row in rows)
+            if len(rows) < page:
+                return
+            after = int(rows[-1]["row_id"])
 
     def live(self, device_id: str) -> Record | None:
         found = self._select(_LIVE, (device_id,))
