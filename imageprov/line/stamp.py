@@ -62,7 +62,7 @@ from imageprov.mender.verify import (
     verify_image,
 )
 from imageprov.pki.ca import CertificateAuthority, Curve, Issued
-from imageprov.pki.registry import Reason, Registry, RegistryUnavailable, Status
+from imageprov.pki.registry import Reason, Record, Registry, RegistryUnavailable, Status
 
 # A stamped image holds the device's private key: readable by its owner only.
 IMAGE_MODE = 0o600
@@ -211,6 +211,9 @@ class Batch:
         self._conf_target = options.conf_target
         self._plan: WritePlan | None = None
         self._scratch: Path | None = None
+        # The live certificates of the devices of the current run, read once at its start (run());
+        # None where nothing was read ahead (flash, a card at a time): each device is asked on its own.
+        self._live_at_start: dict[str, Record] | None = None
         # What this batch staged files for (scratch copies): removed at the end, however it ends.
         self._staging: list[Path] = []
         # The image every copy starts from: the golden image, or its decompressed copy.
@@ -332,6 +335,10 @@ class Batch:
         next one's work.
         """
         self.prepare()
+        device_ids = list(device_ids)
+        # What the registry holds for the batch, asked once rather than once per device: a rerun of
+        # thousands of delivered devices, or a new batch, costs a query per 500 ids (Registry.live_of).
+        self._live_at_start = self.registry.live_of(device_ids)
         workers = max(1, self.options.workers)
         queue: deque[Outcome | tuple[_Job, Future[None]]] = deque()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imageprov-build") as pool:
@@ -519,7 +526,9 @@ class Batch:
 
     def _already_delivered(self, device_id: str, final: Path, started: float) -> Stamped | str:
         """The existing image if it is delivered under the device's live certificate, else why it is not."""
-        live = self.registry.live(device_id)
+        live = self._live_at_start.get(device_id) if self._live_at_start is not None else None
+        if live is None or live.status is not Status.ACTIVE:
+            live = self.registry.live(device_id)  # anything but a delivery is asked again, as it is now
         if self.options.compress is not None:
             # A compressed image cannot be read in place: the registry's word is taken.
             if live is None:
@@ -555,6 +564,10 @@ class Batch:
         return Stamped(device_id, final, serial, fingerprint, "already-delivered", seconds, tuple(notes))
 
     def _revoke_undelivered(self, device_id: str) -> list[str]:
+        if self._live_at_start is not None and device_id not in self._live_at_start:
+            # Nothing live at the start: a certificate issued since is another station's, alive or not, and
+            # the registry's unique index refuses a second one when this one is recorded.
+            return []
         # Only once the station that issued it has lost its lease (raises while it holds it).
         gone = self.registry.revoke_abandoned(device_id)
         if gone is None:
