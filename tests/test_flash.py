@@ -16,6 +16,7 @@ import pty
 import re
 import select
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -179,15 +180,24 @@ def test_verify_reads_a_card(make_golden: Callable[..., Path], pki: Path, loops:
     golden = make_golden(Scheme.MBR_EXTENDED, **SMALL)
     imageprov_pki("prepare", golden)  # a prepared golden image: per batch, nothing changes
     card = loops.card(golden.stat().st_size)
-    # What a killed flash left in its scratch directory (device keys among it) is removed.
+    # What a killed flash left in its scratch directory (device keys among it) is removed: its owner
+    # file's lock is gone; and an older imageprov's, with no owner file, once it is a minute old.
     gone = (1 << 22) + os.getpid()  # above any pid_max: no such process
     scratch = tmp_path / "scratch"
     stale = scratch / f"imageprov-flash-{gone}-x1"
     stale.mkdir(parents=True)
     (stale / "SN-9.data").write_bytes(b"key")
+    (stale / f".owner.{gone}.x1y2.partial").write_bytes(b"")
+    older = scratch / f"imageprov-flash-{gone}-x2"
+    older.mkdir()
+    (older / "SN-8.data").write_bytes(b"key")
+    os.utime(older, (time.time() - 120, time.time() - 120))
+    starting = scratch / f"imageprov-flash-{gone}-x3"  # a station between mkdtemp and its owner file
+    starting.mkdir()
     code, [result], stderr = _flash(golden, pki, "--target", f"{card}=V-1", "--scratch", scratch)
     assert code == 0 and result["result"] == "delivered"
-    assert f"removed {stale}" in stderr and list(scratch.iterdir()) == []
+    assert f"removed {stale}" in stderr and f"removed {older}" in stderr
+    assert list(scratch.iterdir()) == [starting]
     proc = imageprov_pki("verify", card, "--ca", pki / "ca-cert.pem", "--device-id", "V-1")
     assert "e2fsck -fn on data" in proc.stdout
     check_delivered(card, golden, pki, "V-1", tmp_path)  # what verify passed is so, read with other tools

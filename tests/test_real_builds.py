@@ -234,7 +234,8 @@ def test_server_url_with_data_target_is_refused_where_the_rootfs_overrides_it(
     """Issue 11, item 3: the rootfs conf (read last, it wins) sets ServerURL and TenantToken."""
     golden = make_golden(Scheme.MBR)
     for flag in ("--server-url", "--tenant-token"):
-        proc = _stamp(golden, pki, tmp_path / "out", "s-1", "--conf-target", "data", flag, "X", check=False)
+        value = "https://another.example" if flag == "--server-url" else "X"
+        proc = _stamp(golden, pki, tmp_path / "out", "s-1", "--conf-target", "data", flag, value, check=False)
         key = "ServerURL" if flag == "--server-url" else "TenantToken"
         _one_line_error(proc, 2, f"sets {key}", "--conf-target rootfs")
     assert not list((tmp_path / "out").glob("*.sdimg"))

@@ -51,6 +51,8 @@ LOG_NAME = "line-log.jsonl"
 WORKDIR_PREFIX = "imageprov-flash-"
 # In each scratch directory, made with stage(): locked by the station that works there, for as long as it runs.
 WORKDIR_OWNER = "owner"
+# A scratch directory gets its owner file the moment it is made: one with none for this long never will.
+UNOWNED_SECONDS = 60
 
 
 class Result(enum.Enum):
@@ -202,8 +204,9 @@ def remove_stale_workdirs(parent: Path | None) -> list[Path]:
 
     A directory is another station's for as long as that station holds the lock of its owner file,
     whatever its pid means here: another host sharing the directory, another PID namespace, a pid
-    reused since. One without an owner file is one being made (or an older imageprov's): only the
-    partial files of processes that are gone are removed from it, keys included.
+    reused since. One without an owner file is one being made, for the instant between mkdtemp and
+    its owner file; one that has had none for a minute is an older imageprov's, whose keys must not
+    outlive it either.
     """
     removed = []
     for found in Path(parent or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
@@ -215,7 +218,8 @@ def remove_stale_workdirs(parent: Path | None) -> list[Path]:
             continue
         owned = bool(_owners(found))  # looked at first: an owner made after this is a station starting
         remove_stale(found)  # what processes that are gone left there, their owner file included
-        if owned and not _owners(found):
+        unowned_since = time.time() - info.st_mtime
+        if (owned and not _owners(found)) or (not owned and unowned_since > UNOWNED_SECONDS):
             shutil.rmtree(found, ignore_errors=True)
             removed.append(found)
     return removed
