@@ -82,7 +82,8 @@ def _locations(text: str) -> dict[str, list[str]]:
 
 
 def _to_upstream(locations: dict[str, list[str]]) -> dict[str, list[str]]:
-    return {match: body for match, body in locations.items() if f"proxy_pass {UPSTREAM};" in body}
+    # An address goes in the upstream block that keeps connections to the Mender server alive.
+    return {match: body for match, body in locations.items() if "proxy_pass http://imageprov_mender;" in body}
 
 
 # -- the configuration --
@@ -98,6 +99,10 @@ def test_only_the_device_api_is_passed(edge: Edge) -> None:
     assert "proxy_set_header Upgrade $http_upgrade;" in connect and "proxy_read_timeout 1h;" in connect
     assert "proxy_set_header Connection $imageprov_connection;" in connect
     assert not [line for line in devices if "Upgrade" in line or "timeout" in line]
+    # One Connection header each (two would both be sent): none on the device API, so that its
+    # connection goes back to the pool; the websocket's asks to upgrade.
+    assert [line for line in devices if "Connection" in line] == ['proxy_set_header Connection "";']
+    assert [line for line in connect if "Connection" in line] == ["proxy_set_header Connection $imageprov_connection;"]
     # Without the accept service there is nothing to ask.
     assert not [line for body in locations.values() for line in body if "auth_request" in line]
 
@@ -182,9 +187,8 @@ def test_an_upstream_with_a_path_is_refused(edge: Edge) -> None:
     # proxy_pass with a path would put it in place of each location's prefix.
     with pytest.raises(UsageError, match="has a path"):
         render_nginx(_config(edge, upstream="https://mender.example.com/mender"))
-    assert "proxy_pass https://mender.example.com;" in render_nginx(
-        _config(edge, upstream="https://mender.example.com/")
-    )
+    text = render_nginx(_config(edge, upstream="https://mender.example.com/", resolvers=("127.0.0.1",)))
+    assert 'set $imageprov_mender "https://mender.example.com";' in text and "proxy_pass $imageprov_mender;" in text
 
 
 @pytest.mark.parametrize(

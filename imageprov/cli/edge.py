@@ -15,6 +15,7 @@ import typer
 
 from imageprov.cli.options import Pki
 from imageprov.edge.config import (
+    AMBASSADOR,
     ENV_CA,
     ENV_DENYLIST,
     ENV_PASSWORD,
@@ -24,6 +25,7 @@ from imageprov.edge.config import (
     Flags,
     IdentityRule,
     ServeSettings,
+    upstream_url,
 )
 from imageprov.edge.nginx import EdgeConfig, render_nginx
 from imageprov.errors import ImageprovError
@@ -38,7 +40,14 @@ def edge_nginx(
     server_cert: Annotated[
         Path, typer.Option("--server-cert", help="Directory with server-cert.pem and server-private.key.")
     ],
-    upstream: Annotated[str, typer.Option("--upstream", help="The Mender server, e.g. https://hosted.mender.io.")],
+    upstream: Annotated[
+        Optional[str],
+        typer.Option(
+            "--upstream",
+            help=f"The Mender server, e.g. https://hosted.mender.io (else ${ENV_UPSTREAM}, or "
+            f"${AMBASSADOR[ENV_UPSTREAM]}).",
+        ),
+    ] = None,
     listen: Annotated[str, typer.Option("--listen", help="ADDR:PORT to listen on.")] = "0.0.0.0:443",
     crl_file: Annotated[Optional[Path], typer.Option("--crl", help="CRL to refuse revoked devices with.")] = None,
     accept: Annotated[
@@ -61,6 +70,40 @@ def edge_nginx(
     retry_after: Annotated[
         int, typer.Option("--retry-after", min=0, help="Seconds a device waits after a 503 (the check failed).")
     ] = 5,
+    upstream_ca: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--upstream-ca",
+            help="CA bundle that verifies an https Mender server, e.g. an on-premises one's private CA "
+            "(else Debian's bundle).",
+        ),
+    ] = None,
+    resolvers: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--resolver",
+            metavar="ADDR[:PORT]",
+            help="DNS server nginx asks for the Mender server's name at request time (repeatable; else the "
+            "nameservers of /etc/resolv.conf).",
+        ),
+    ] = None,
+    resolve_at_start: Annotated[
+        bool,
+        typer.Option(
+            "--resolve-at-start",
+            help="Resolve the Mender server's name once, when nginx starts or reloads: its connections are then "
+            "kept alive (nginx 1.22 keeps none to a name resolved per request), but nginx will not start while "
+            "DNS is down, and a move needs a reload. An address is always so.",
+        ),
+    ] = False,
+    health_listen: Annotated[
+        Optional[str],
+        typer.Option(
+            "--health-listen",
+            help="ADDR:PORT of a plain-HTTP listener, no client certificate, that answers edge serve's /healthz "
+            "(readiness) and /livez and nothing else, for a load balancer (needs --accept).",
+        ),
+    ] = None,
 ) -> None:
     """Print an nginx.conf for the mTLS edge (run it with: nginx -p DIR -c FILE).
 
@@ -73,19 +116,28 @@ def edge_nginx(
     checked by the service first (nginx's auth_request), so that a revoked
     device is cut off at once, without reloading nginx.
 
+    The Mender server's name is resolved at request time (--resolver, else
+    /etc/resolv.conf), so nginx starts while DNS is down; an address, or
+    --resolve-at-start, gets a pool of kept-alive connections instead.
+    Requests to the server carry X-Forwarded-Host and X-Forwarded-Proto.
+
     Example: imageprov edge nginx --pki pki --server-cert edge --upstream https://hosted.mender.io \
-    --accept unix:/run/imageprov/edge.sock
+    --accept unix:/run/imageprov/edge.sock --health-listen 0.0.0.0:8081
     """
     config = EdgeConfig(
         ca_cert=pki / CA_CERT,
         server_cert=server_cert / "server-cert.pem",
         server_key=server_cert / "server-private.key",
-        upstream=upstream,
+        upstream=upstream_url(upstream, os.environ),
         listen=listen,
         crl=crl_file,
         accept=accept,
         routes=tuple(routes or ()),
         retry_after=retry_after,
+        upstream_ca=upstream_ca,
+        resolvers=tuple(resolvers or ()),
+        resolve_at_start=resolve_at_start,
+        health_listen=health_listen,
     )
     typer.echo(render_nginx(config), nl=False)
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 
-from imageprov.edge.nginx import masked, parse_upstream
+from imageprov.edge.nginx import check_ca_bundle, masked, parse_upstream
 from imageprov.errors import PkiError, UsageError
 from imageprov.pki.ca import CA_CERT, load_cert
 from imageprov.pki.chain import ca_problems
@@ -190,9 +189,7 @@ class ServeSettings:
         ca_path = flags.ca or (flags.pki / CA_CERT if flags.pki else None) or _path(env.get(ENV_CA))
         if ca_path is None:
             raise UsageError("no fleet CA", hint=f"pass --pki PKI or --ca FILE, or set {ENV_CA}")
-        upstream = flags.upstream or env.get(ENV_UPSTREAM)
-        if not upstream:
-            raise UsageError("no Mender server", hint=f"pass --upstream URL or set {ENV_UPSTREAM}")
+        upstream = upstream_url(flags.upstream, env)
         denylist = flags.denylist or _path(env.get(ENV_DENYLIST))
         for what, path in (("--crl", flags.crl), ("--denylist", denylist), ("--upstream-ca", flags.upstream_ca)):
             if path is not None and not path.is_file():
@@ -233,6 +230,16 @@ class ServeSettings:
                 hint="pass --pki PKI, or --identity attribute:NAME (id_data[NAME] must be the CN) or --identity none",
             )
         return settings
+
+
+def upstream_url(flag: str | None, env: Mapping[str, str]) -> str:
+    """The Mender server: the flag, else Mender Gateway's variable, else mtls-ambassador's."""
+    upstream = flag or env.get(ENV_UPSTREAM) or env.get(AMBASSADOR[ENV_UPSTREAM])
+    if not upstream:
+        raise UsageError(
+            "no Mender server", hint=f"pass --upstream URL or set {ENV_UPSTREAM} (or {AMBASSADOR[ENV_UPSTREAM]})"
+        )
+    return upstream
 
 
 def _path(text: str | None) -> Path | None:
@@ -286,16 +293,6 @@ def parse_listen(text: str) -> Listen:
                 f"--listen {masked(text)!r}: {masked(host)!r} is not an IP address", hint="e.g. 127.0.0.1:9080"
             ) from exc
     return Listen(host=bare, port=int(port))
-
-
-def check_ca_bundle(path: Path) -> None:
-    """``--upstream-ca`` holds at least one certificate a TLS client can trust."""
-    try:
-        context = ssl.create_default_context(cafile=str(path))
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"--upstream-ca {path} is not a PEM certificate bundle: {exc}") from exc
-    if not context.get_ca_certs():
-        raise UsageError(f"--upstream-ca {path} holds no CA certificate")
 
 
 def load_ca_cert(path: Path) -> x509.Certificate:

@@ -13,12 +13,22 @@ request on, so that a device with a good certificate is accepted without
 anyone approving it. Every other proxied request is first put to the
 service's ``CHECK`` (nginx's ``auth_request``), so that a revoked
 certificate is cut off on its next request, without reloading nginx.
+
+The Mender server's name is resolved when a request needs it (``resolver``,
+from /etc/resolv.conf or ``resolvers``), so that nginx starts while DNS is not
+up yet and follows a server that moves. An address (or ``resolve_at_start``)
+goes in an upstream block instead, whose connections are kept alive: nginx
+1.22, Debian's, keeps no pool for a name it resolves per request. With
+``health_listen`` a plain-HTTP port answers edge serve's probes, and nothing
+else, for a load balancer that has no client certificate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +57,19 @@ _SOCKET_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
 # sun_path holds 108 bytes with its terminating NUL; nginx refuses a longer path.
 _SOCKET_PATH_MAX = 107
 _UNAVAILABLE = "@imageprov_unavailable"
+# Where an https Mender server's certificate is verified by default: Debian's bundle.
+SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+RESOLV_CONF = Path("/etc/resolv.conf")
+# What the health listener answers: edge serve's readiness and liveness, and nothing else.
+HEALTH_ROUTES = ("/healthz", "/livez")
+# The upstream block of a Mender server resolved at start, and the variable that names one
+# resolved per request.
+_MENDER = "imageprov_mender"
+# Idle connections to the Mender server each worker keeps. nginx closes them after
+# _KEEPALIVE_IDLE, before the server or a load balancer in front of it (often 60 s) would:
+# a POST sent on a connection the server is closing fails with 502, it is not retried.
+_KEEPALIVE = 32
+_KEEPALIVE_IDLE = "30s"
 # The longest Retry-After given: an hour, as edge serve takes it.
 MAX_RETRY_AFTER = 3600
 
@@ -59,14 +82,22 @@ class EdgeConfig:
     upstream: str
     listen: str = "0.0.0.0:443"
     crl: Path | None = None
-    # The CA of an https upstream (hosted Mender); Debian's bundle by default.
-    upstream_ca: Path = Path("/etc/ssl/certs/ca-certificates.crt")
+    # The CA of an https upstream: an on-premises Mender's private CA; None: Debian's bundle (hosted Mender).
+    upstream_ca: Path | None = None
     # The accept service (imageprov edge serve): unix:/run/imageprov/edge.sock or http://127.0.0.1:9080.
     accept: str | None = None
     # Path prefixes passed to the Mender server besides /api/devices/, e.g. /api/management/v1/useradm/.
     routes: tuple[str, ...] = ()
     # Seconds a device waits before it retries when the check cannot decide (edge serve's default).
     retry_after: int = 5
+    # DNS servers (ADDR or ADDR:PORT) nginx asks for the Mender server's name; () reads resolv_conf.
+    resolvers: tuple[str, ...] = ()
+    resolv_conf: Path = RESOLV_CONF
+    # Resolve the Mender server's name once, when nginx starts or reloads, as nginx does without a
+    # resolver: then its connections are kept alive, but nginx -t fails while DNS is down.
+    resolve_at_start: bool = False
+    # ADDR:PORT of a plain-HTTP listener that answers edge serve's /healthz and /livez (needs accept).
+    health_listen: str | None = None
 
 
 def _value(text: str, what: str) -> str:
@@ -75,17 +106,60 @@ def _value(text: str, what: str) -> str:
     return text
 
 
-def _listen(text: str) -> str:
+def _listen(text: str, option: str = "--listen", example: str = "0.0.0.0:443 or [::]:443") -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--listen {masked(text)!r} is not ADDR:PORT", hint="e.g. 0.0.0.0:443 or [::]:443")
+        raise UsageError(f"{option} {masked(text)!r} is not ADDR:PORT", hint=f"e.g. {example}")
     bare = host.strip("[]")
     try:
         ipaddress.ip_address(bare)
     except ValueError as exc:
         if bare != "localhost":
-            raise UsageError(f"--listen {masked(text)!r}: {masked(host)!r} is not an IP address") from exc
+            raise UsageError(f"{option} {masked(text)!r}: {masked(host)!r} is not an IP address") from exc
     return text
+
+
+def _resolver(text: str) -> str:
+    """A DNS server as nginx's ``resolver`` takes it: ``ADDR``, ``ADDR:PORT``, ``[V6]`` or ``[V6]:PORT``."""
+    example = "--resolver 10.0.0.2 or --resolver [fd00::53]:53"
+    if text.startswith("["):
+        address, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise UsageError(f"--resolver {text!r} is not [IPV6] or [IPV6]:PORT", hint=f"e.g. {example}")
+        port = rest[1:] if rest else None
+    elif text.count(":") > 1:  # an IPv6 address without a port
+        address, port = text, None
+    else:
+        address, sep, after = text.partition(":")
+        port = after if sep else None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        # A name would itself need resolving, once, at start: what the resolver is there to avoid.
+        raise UsageError(f"--resolver {text!r} is not an IP address [and :PORT]", hint=f"e.g. {example}") from None
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise UsageError(f"--resolver {text!r}: {port!r} is not a port", hint=f"e.g. {example}")
+    shown = f"[{ip}]" if ip.version == 6 else str(ip)
+    return f"{shown}:{port}" if port is not None else shown
+
+
+def system_resolvers(path: Path = RESOLV_CONF) -> list[str]:
+    """The ``nameserver`` addresses of ``path`` (resolv.conf), as nginx's ``resolver`` takes them.
+
+    A scoped IPv6 address (``fe80::1%eth0``) is left out: nginx cannot name the interface."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read {path} for the DNS servers: {exc.strerror}", hint="pass --resolver ADDR"
+        ) from exc
+    found: list[str] = []
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split(";", 1)[0].split()
+        if len(words) >= 2 and words[0] == "nameserver" and "%" not in words[1]:
+            with contextlib.suppress(UsageError):  # glibc, too, skips a line it cannot read
+                found.append(_resolver(words[1]))
+    return found
 
 
 def masked(url: str) -> str:
@@ -139,6 +213,16 @@ def split_url(url: str, option: str, example: str) -> SplitResult:
     return parts
 
 
+def check_ca_bundle(path: Path) -> None:
+    """``--upstream-ca`` holds at least one certificate a TLS client can trust."""
+    try:
+        context = ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--upstream-ca {path} is not a PEM certificate bundle: {exc}") from exc
+    if not context.get_ca_certs():
+        raise UsageError(f"--upstream-ca {path} holds no CA certificate")
+
+
 def parse_upstream(url: str) -> str:
     """The Mender server's URL as the edge (nginx and the service alike) takes it: scheme and host, no path."""
     example = "https://hosted.mender.io"
@@ -150,6 +234,54 @@ def parse_upstream(url: str) -> str:
     if parts.path not in ("", "/"):
         raise UsageError(f"--upstream {masked(url)!r} has a path: the Mender server is at the root of its host")
     return _value(f"{parts.scheme}://{parts.netloc}", "--upstream")
+
+
+@dataclass(frozen=True)
+class _Mender:
+    """The Mender server as the locations that pass requests to it name it."""
+
+    url: str  # scheme://netloc, as parse_upstream gives it
+    host: str  # a name, or an address (an IPv6 one without brackets)
+    port: int
+    resolved_at_start: bool
+
+    @property
+    def https(self) -> bool:
+        return self.url.startswith("https://")
+
+    @property
+    def netloc(self) -> str:
+        """What the Host header says: the server's name (and port) as the URL gives them."""
+        return self.url.partition("://")[2]
+
+    @property
+    def proxy_pass(self) -> str:
+        # A variable makes nginx resolve the name at request time, with the resolver.
+        return f"{self.url.partition('://')[0]}://{_MENDER}" if self.resolved_at_start else f"${_MENDER}"
+
+    @property
+    def ssl_name(self) -> str:
+        # In brackets, an IPv6 address is not cut at its first ':' as a port would be.
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    @property
+    def server(self) -> str:
+        """The upstream block's ``server``."""
+        return f"{self.ssl_name}:{self.port}"
+
+
+def _mender(url: str, resolve_at_start: bool) -> _Mender:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        ipaddress.ip_address(host)
+        address = True
+    except ValueError:
+        address = False
+    # localhost is in /etc/hosts, which nginx's resolver never reads, and does not move.
+    at_start = address or host == "localhost" or resolve_at_start
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return _Mender(url, host, port, at_start)
 
 
 def _accept(text: str) -> str:
@@ -190,13 +322,17 @@ def _routes(routes: Sequence[str]) -> list[str]:
     return checked
 
 
-# What nginx verified, for the Mender server (and the accept service) to log.
+# What nginx verified, for the Mender server (and the accept service) to log; and where the
+# device reached the edge: Mender builds links for the device (presigned artifact links, the
+# configure add-on) from X-Forwarded-Host and -Proto, the Host header as the device sent it
+# (with its port) and https. Set here whatever the client sent.
 _VERIFIED = [
     "proxy_set_header X-SSL-Client-Verify $ssl_client_verify;",
     "proxy_set_header X-SSL-Client-S-DN $ssl_client_s_dn;",
     "proxy_set_header X-SSL-Client-Serial $ssl_client_serial;",
     "proxy_set_header X-SSL-Client-SHA1 $ssl_client_fingerprint;",
     "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+    "proxy_set_header X-Forwarded-Host $http_host;",
     "proxy_set_header X-Forwarded-Proto https;",
 ]
 
@@ -209,19 +345,31 @@ def _location(match: str, body: Sequence[str]) -> list[str]:
     return _indent([f"location {match} {{", *_indent(body, 1), "}"], 2)
 
 
-def _to_upstream(upstream: str, upstream_ca: Path, *, guarded: bool) -> list[str]:
-    """A location's directives that pass it to the Mender server."""
+def _to_upstream(mender: _Mender, upstream_ca: Path, *, guarded: bool, connection: str = '""') -> list[str]:
+    """A location's directives that pass it to the Mender server.
+
+    ``connection``: the Connection header sent; empty (none) lets the connection go back to the pool."""
     # Every proxy_set_header is written in each location: one set there hides all of the server's.
-    lines = [
-        f"proxy_pass {upstream};",  # no URI after the host: the request URI goes on unchanged
+    lines = [] if mender.resolved_at_start else [f'set ${_MENDER} "{mender.url}";']
+    lines += [
+        # No URI after the host: the request URI goes on unchanged.
+        f"proxy_pass {mender.proxy_pass};",
         "proxy_http_version 1.1;",
+        # The server's own name, not the upstream block's: Mender routes on it.
+        f"proxy_set_header Host {mender.netloc};",
+        f"proxy_set_header Connection {connection};",
         'proxy_set_header X-SSL-Client-Cert "";  # never from a client',
         *_VERIFIED,
     ]
-    if upstream.startswith("https://"):
+    if mender.https:
         lines += [
             "proxy_ssl_server_name on;",
+            # SNI and the name checked on the certificate: the server's, not the upstream block's
+            # (nginx sends no SNI for an address, and checks the certificate's DNS names only).
+            f"proxy_ssl_name {mender.ssl_name};",
             "proxy_ssl_verify on;",
+            # A private CA may sign through intermediates: nginx's default depth (1) allows one.
+            "proxy_ssl_verify_depth 4;",
             f"proxy_ssl_trusted_certificate {_value(str(upstream_ca), 'upstream CA')};",
         ]
     if guarded:
@@ -249,6 +397,10 @@ def render_nginx(config: EdgeConfig) -> str:
             raise UsageError(f"{path} does not exist ({what})")
     accept = _accept(config.accept) if config.accept is not None else None
     guarded = accept is not None
+    mender = _mender(upstream, config.resolve_at_start)
+    upstream_ca = _upstream_ca(config, mender)
+    resolvers = _resolvers(config, mender)
+    health = _health_listen(config, accept)
     lines = [
         "# mTLS edge for Mender devices, written by imageprov edge nginx.",
         "# Devices must present a client certificate signed by the fleet CA;",
@@ -262,12 +414,38 @@ def render_nginx(config: EdgeConfig) -> str:
         "events { worker_connections 8192; }",
         "http {",
         "    access_log off;",
-        "    # A websocket asks to upgrade its connection; other requests to the socket close it.",
+        "    # A websocket asks to upgrade its connection; any other request to the socket sends",
+        "    # no Connection header, so that its connection to the Mender server is kept alive.",
         "    map $http_upgrade $imageprov_connection {",
         "        default upgrade;",
-        '        "" close;',
+        '        "" "";',
         "    }",
     ]
+    if resolvers:
+        lines += [
+            "    # The Mender server's name is resolved when a request needs it, by these servers, each",
+            "    # answer kept for its TTL: nginx -t and nginx start while DNS is down, and a server that",
+            "    # moves is followed without a reload. nginx reads neither /etc/hosts nor resolv.conf's",
+            "    # search domains: the name must be a full one.",
+            f"    resolver {' '.join(resolvers)};",
+            "    resolver_timeout 10s;",
+        ]
+    if mender.resolved_at_start:
+        lines += [
+            f"    upstream {_MENDER} {{",
+            f"        server {_value(mender.server, '--upstream')};  # resolved when nginx starts or reloads",
+            "        # Each worker keeps idle connections to the Mender server: no TCP and TLS handshake",
+            "        # per request.",
+            f"        keepalive {_KEEPALIVE};",
+            f"        keepalive_timeout {_KEEPALIVE_IDLE};",
+            "    }",
+        ]
+    else:
+        lines += [
+            "    # nginx 1.22 keeps no connections alive to a name it resolves per request (an upstream's",
+            "    # 'resolve' needs nginx 1.27.3): each request to the Mender server opens its own.",
+            "    # imageprov edge nginx --resolve-at-start trades this for a pool.",
+        ]
     if accept is not None:
         lines += [
             "    upstream imageprov_accept {",
@@ -301,13 +479,12 @@ def render_nginx(config: EdgeConfig) -> str:
         "        # Only the device API reaches the Mender server: not its UI, not its management",
         "        # API. Without this location nginx would serve files from its prefix.",
         *_location("/", ["return 404;"]),
-        *_location(DEVICES, _to_upstream(upstream, config.upstream_ca, guarded=guarded)),
+        *_location(DEVICES, _to_upstream(mender, upstream_ca, guarded=guarded)),
         *_location(
             f"= {DEVICECONNECT}",
             [
-                *_to_upstream(upstream, config.upstream_ca, guarded=guarded),
+                *_to_upstream(mender, upstream_ca, guarded=guarded, connection="$imageprov_connection"),
                 "proxy_set_header Upgrade $http_upgrade;",
-                "proxy_set_header Connection $imageprov_connection;",
                 "# A terminal may sit idle: nginx would close the socket after 60 s without a frame.",
                 "proxy_read_timeout 1h;",
                 "proxy_send_timeout 1h;",
@@ -315,7 +492,7 @@ def render_nginx(config: EdgeConfig) -> str:
         ),
     ]
     for route in routes:
-        lines += _location(route, _to_upstream(upstream, config.upstream_ca, guarded=guarded))
+        lines += _location(route, _to_upstream(mender, upstream_ca, guarded=guarded))
     if accept is not None:
         lines += [
             "        # Auth requests go to imageprov edge serve, which checks them again,",
@@ -361,5 +538,79 @@ def render_nginx(config: EdgeConfig) -> str:
                 ],
             ),
         ]
-    lines += ["    }", "}", ""]
+    lines += ["    }"]
+    if health is not None:
+        lines += [
+            "    # Probes for a load balancer or Kubernetes: plain HTTP on a port of its own, no client",
+            "    # certificate, and only edge serve's probes: /healthz (ready: the registry and the Mender",
+            "    # server answer; 503 otherwise, 502 while the service is down) and /livez (alive). No",
+            "    # device or management route is reachable here.",
+            "    server {",
+            f"        listen {health};",
+            "        server_name _;",
+            *_location("/", ["return 404;"]),
+        ]
+        for route in HEALTH_ROUTES:
+            lines += _location(
+                f"= {route}",
+                [
+                    "limit_except GET { deny all; }  # and HEAD",
+                    "proxy_pass http://imageprov_accept;",
+                    "proxy_http_version 1.1;",
+                    'proxy_set_header Connection "";',
+                    "proxy_pass_request_body off;",
+                    'proxy_set_header Content-Length "";',
+                    'proxy_set_header X-SSL-Client-Cert "";  # no certificate on this port, and never a client\'s',
+                ],
+            )
+        lines += ["    }"]
+    lines += ["}", ""]
     return "\n".join(lines)
+
+
+def _upstream_ca(config: EdgeConfig, mender: _Mender) -> Path:
+    if config.upstream_ca is None:
+        return SYSTEM_CA_BUNDLE
+    if not mender.https:
+        raise UsageError(
+            f"--upstream-ca is for an https Mender server, and --upstream is {mender.url}",
+            hint="drop --upstream-ca, or name the server https://...",
+        )
+    check_ca_bundle(config.upstream_ca)
+    return config.upstream_ca.resolve()
+
+
+def _resolvers(config: EdgeConfig, mender: _Mender) -> list[str]:
+    """The DNS servers of the ``resolver`` directive; none for a server resolved at start."""
+    if config.resolve_at_start and config.resolvers:
+        raise UsageError(
+            "--resolver names the DNS servers nginx asks at request time, --resolve-at-start resolves once: "
+            "give one of them"
+        )
+    resolvers = [_resolver(text) for text in config.resolvers]
+    if resolvers or mender.resolved_at_start:
+        return resolvers
+    found = system_resolvers(config.resolv_conf)
+    if not found:
+        raise UsageError(
+            f"{config.resolv_conf} names no DNS server nginx can ask for {mender.host}",
+            hint="pass --resolver ADDR (e.g. your network's DNS server), or --resolve-at-start",
+        )
+    return found
+
+
+def _health_listen(config: EdgeConfig, accept: str | None) -> str | None:
+    if config.health_listen is None:
+        return None
+    health = _listen(config.health_listen, "--health-listen", "127.0.0.1:8081 or 0.0.0.0:8081")
+    if accept is None:
+        raise UsageError(
+            "--health-listen reports edge serve's readiness, and there is no --accept",
+            hint="pass --accept with the address edge serve listens on",
+        )
+    if health.rpartition(":")[2] == config.listen.rpartition(":")[2]:
+        raise UsageError(
+            f"--health-listen {health} and --listen {config.listen} share a port: the health port is plain HTTP",
+            hint="e.g. --health-listen 0.0.0.0:8081",
+        )
+    return health
