@@ -1,13 +1,32 @@
 """A stand-in for the Mender server, for the edge's tests, that holds every request to Mender's OpenAPI files.
 
-It does what the edge needs of a Mender server: login (HTTP Basic), personal
-access tokens, preauthorization (409 for a known identity, unless ``force``),
-the device list with statuses and auth sets, rejection and decommissioning,
-and device auth requests with their signatures verified (an unknown device
-gets 401 and is listed pending; a preauthorized one gets a JWT and becomes
-accepted). A device's JWTs work on the device routes (deployments/next,
-inventory) until its auth set is rejected or the device is decommissioned:
-then they die, as Mender's do. Every request it receives and every answer it gives is checked
+It does what the edge needs of a Mender server, as Mender's deviceauth does it
+(mender-server, backend/services/deviceauth: devauth.go and its store):
+
+- login (HTTP Basic) and personal access tokens;
+- preauthorization: a new identity is a new device with a preauthorized auth
+  set (201, ``Location: devices/ID``); a known identity is 409 with the device
+  (its auth sets are not in that answer), unless ``force``: then the auth set
+  of that identity and key is made, or set back to preauthorized whatever it
+  was (rejected and accepted included), and the answer is 201 with a
+  ``Location`` naming an id made up for the request, which is no device;
+- device auth requests, signatures verified: a preauthorized auth set becomes
+  accepted (and the device's other accepted sets rejected) and gets a JWT; an
+  accepted one gets a JWT; otherwise 401, an unknown identity becoming a new
+  pending device and an unknown key a pending auth set;
+- the device list and a device with its auth sets; an auth set's status set
+  as Mender allows (accept from pending or rejected, rejecting the device's
+  other accepted sets; reject from pending or accepted; back to pending from
+  anything but preauthorized; else 400); an auth set dismissed (DELETE: the
+  device goes too when that was its only set and it was preauthorized);
+  decommissioning (DELETE the device: its auth sets and tokens go, at once
+  here, where Mender's workflow takes a moment). A device's status is derived
+  from its auth sets as Mender derives it.
+
+A device's JWTs work on the device routes (deployments/next, inventory) while
+the auth set they were issued for is accepted (deviceauth's VerifyToken): they
+die when it is rejected, dismissed, forced back to preauthorized, or its device
+decommissioned. Every request it receives and every answer it gives is checked
 against the project's description of Mender's API (tests/mender_api.yaml):
 the operation exists, required headers and security are present, the body
 has the content type, fields, types and required members of its schema, and
@@ -15,7 +34,8 @@ the status code is one the description lists. Each deviation is recorded in
 ``deviations``; the tests' fixture fails the test on any.
 
 It runs an aiohttp server on its own event loop in a thread, so that
-synchronous tests and subprocesses can use it alike.
+synchronous tests and subprocesses can use it alike; over TLS when given a
+server context (``tls``).
 """
 
 from __future__ import annotations
@@ -27,7 +47,10 @@ import hashlib
 import json
 import random
 import secrets
+import ssl
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -89,10 +112,21 @@ class Device:
     updated_ts: str = field(default_factory=_now)
     tokens_issued: int = 0
 
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "identity_data": self.identity_data, "status": self.status,
-                "created_ts": self.created_ts, "updated_ts": self.updated_ts,
-                "auth_sets": [a.to_json(self.id) for a in self.auth_sets], "decommissioning": False}  # fmt: skip
+    def to_json(self, *, auth_sets: bool = True) -> dict[str, Any]:
+        found = {"id": self.id, "identity_data": self.identity_data, "status": self.status,
+                 "created_ts": self.created_ts, "updated_ts": self.updated_ts, "decommissioning": False}  # fmt: skip
+        if auth_sets:  # the devices collection holds none: a 409 answers the device without them
+            found["auth_sets"] = [a.to_json(self.id) for a in self.auth_sets]
+        return found
+
+    def derive_status(self) -> None:
+        """The device's status from its auth sets' (deviceauth's getDeviceStatus)."""
+        statuses = {a.status for a in self.auth_sets}
+        for status in ("accepted", "preauthorized", "pending", "rejected"):
+            if status in statuses:
+                self.status = status
+                return
+        self.status = "noauth"
 
 
 @dataclass
@@ -108,7 +142,10 @@ class Faults:
 class StandinMender:
     """The stand-in server. ``start()`` it, use ``url``, ``stop()`` it; check ``deviations`` is empty."""
 
-    def __init__(self, *, users: dict[str, str] | None = None, faults: Faults | None = None) -> None:
+    def __init__(
+        self, *, users: dict[str, str] | None = None, faults: Faults | None = None, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.tls = tls
         self.users = dict(users or {"edge@example.com": "edge-password-1"})
         self.faults = faults or Faults()
         self._random = random.Random(self.faults.seed)
@@ -119,7 +156,7 @@ class StandinMender:
         self.devices: dict[str, Device] = {}
         self.by_identity: dict[str, str] = {}
         self.calls: dict[str, int] = {"login": 0, "preauthorize": 0, "auth_requests": 0, "list": 0, "device_api": 0}
-        self.device_tokens: dict[str, str] = {}  # a device JWT -> the auth set it was issued for
+        self.device_tokens: dict[str, AuthSet] = {}  # a device JWT -> the auth set it was issued for
         self.preauthorized: list[dict[str, Any]] = []  # every preauthorization body received
         self.auth_headers: list[dict[str, str]] = []  # the headers (names in lowercase) of every auth request
         self.url = ""
@@ -154,16 +191,17 @@ class StandinMender:
         app.router.add_get("/api/management/v2/devauth/devices", self.list_devices)
         app.router.add_get("/api/management/v2/devauth/devices/{id}", self.get_device)
         app.router.add_delete("/api/management/v2/devauth/devices/{id}", self.decommission)
+        app.router.add_delete("/api/management/v2/devauth/devices/{id}/auth/{aid}", self.dismiss)
         app.router.add_put("/api/management/v2/devauth/devices/{id}/auth/{aid}/status", self.set_status)
         app.router.add_post("/api/devices/v1/authentication/auth_requests", self.auth_request)
         app.router.add_get("/api/devices/v1/deployments/device/deployments/next", self.next_deployment)
         app.router.add_patch("/api/devices/v1/inventory/device/attributes", self.inventory)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=2048)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=2048, ssl_context=self.tls)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
 
     def stop(self) -> None:
         if self._loop is None or self._runner is None:
@@ -195,6 +233,37 @@ class StandinMender:
         """Forget every login JWT: the next management call with one gets 401."""
         with self.lock:
             self.management_tokens.clear()
+
+    # -- what an operator does in Mender's UI, through the management API (so checked against the spec) --
+
+    def operate(self, method: str, path: str, payload: Any = None, *, context: ssl.SSLContext | None = None) -> int:
+        """One management call with a personal access token; its status."""
+        body = None if payload is None else json.dumps(payload).encode()
+        headers = {"Authorization": f"Bearer {self.personal_token()}", "Content-Type": "application/json"}
+        request = urllib.request.Request(self.url + path, data=body, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=context) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+
+    def decommission_device(self, identity: dict[str, Any]) -> None:
+        """Decommission the device of ``identity`` (DELETE /devices/{id}), as the UI's "Decommission" does."""
+        device = self.device(identity)
+        assert device is not None, f"no device {identity}"
+        status = self.operate("DELETE", f"/api/management/v2/devauth/devices/{device.id}")
+        assert status == 204, status
+
+    def set_auth_status(self, identity: dict[str, Any], status: str, pubkey_pem: str | None = None) -> int:
+        """Set the status of the device's auth set for ``pubkey_pem`` (else its only one), as the UI's
+        "Reject"/"Accept" do; Mender's answer (204, or 400 for a change it does not allow)."""
+        device = self.device(identity)
+        assert device is not None, f"no device {identity}"
+        with self.lock:
+            sets = [a for a in device.auth_sets if pubkey_pem is None or _same_key(a.pubkey, pubkey_pem)]
+        assert len(sets) == 1, f"{len(sets)} auth sets match"
+        path = f"/api/management/v2/devauth/devices/{device.id}/auth/{sets[0].id}/status"
+        return self.operate("PUT", path, {"status": status})
 
     # -- the spec check, around every request --
 
@@ -352,16 +421,18 @@ class StandinMender:
             self.preauthorized.append(payload)
             existing = self.by_identity.get(_canonical(identity))
             if existing is not None and not payload.get("force"):
-                return web.json_response(self.devices[existing].to_json(), status=409)
+                return web.json_response(self.devices[existing].to_json(auth_sets=False), status=409)
             if existing is not None:
-                # force: the known device takes this key as a preauthorized auth set beside its others.
+                # force (deviceauth's UpsertAuthSetStatus): the identity and key's auth set, made or set back
+                # to preauthorized whatever it was; the device's status is left as it was until its next request.
                 device = self.devices[existing]
                 auth = next((a for a in device.auth_sets if _same_key(a.pubkey, pubkey)), None)
                 if auth is None:
                     device.auth_sets.append(AuthSet(str(uuid.uuid4()), identity, pubkey, "preauthorized"))
-                elif auth.status != "accepted":
+                else:
                     auth.status = "preauthorized"
-                return web.Response(status=201, headers={"Location": f"devices/{device.id}"})
+                # Mender names the id it made up for this request, which is no device.
+                return web.Response(status=201, headers={"Location": f"devices/{uuid.uuid4()}"})
             device = Device(str(uuid.uuid4()), identity, "preauthorized", [])
             device.auth_sets.append(AuthSet(str(uuid.uuid4()), identity, pubkey, "preauthorized"))
             self.devices[device.id] = device
@@ -396,11 +467,37 @@ class StandinMender:
             auth = next((a for a in device.auth_sets if a.id == request.match_info["aid"]), None) if device else None
             if device is None or auth is None:
                 return web.json_response({"error": "not found"}, status=404)
+            # The changes deviceauth allows (AcceptDeviceAuth, RejectDeviceAuth, ResetDeviceAuth).
+            allowed = {"accepted": {"pending", "rejected", "accepted"}, "rejected": {"pending", "accepted"},
+                       "pending": {"pending", "accepted", "rejected"}}.get(status, set())  # fmt: skip
+            if auth.status not in allowed:
+                return web.json_response({"error": "dev auth: bad request"}, status=400)
+            if status == "accepted":
+                self._reject_others(device, auth)
+            elif auth.status == "accepted":
+                self._revoke_tokens(auth.id)  # a token dies with its accepted auth set
             auth.status = status
-            # As deviceauth derives it: accepted while any auth set is; a token dies with its auth set.
-            device.status = "accepted" if any(a.status == "accepted" for a in device.auth_sets) else status
-            if status != "accepted":
-                self._revoke_tokens(auth.id)
+            device.derive_status()
+            device.updated_ts = _now()
+        return web.Response(status=204)
+
+    async def dismiss(self, request: web.Request) -> web.Response:
+        """Remove an auth set (deviceauth's DeleteAuthSet): its tokens die; a device whose only set was
+        preauthorized goes with it."""
+        if not self._management_token(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        with self.lock:
+            device = self.devices.get(request.match_info["id"])
+            auth = next((a for a in device.auth_sets if a.id == request.match_info["aid"]), None) if device else None
+            if device is None or auth is None:
+                return web.json_response({"error": "not found"}, status=404)
+            device.auth_sets.remove(auth)
+            self._revoke_tokens(auth.id)
+            if auth.status == "preauthorized" and not device.auth_sets:
+                del self.devices[device.id]
+                self.by_identity.pop(_canonical(device.identity_data), None)
+            else:
+                device.derive_status()
         return web.Response(status=204)
 
     async def decommission(self, request: web.Request) -> web.Response:
@@ -415,8 +512,15 @@ class StandinMender:
                 self._revoke_tokens(auth.id)
         return web.Response(status=204)
 
+    def _reject_others(self, device: Device, accepted: AuthSet) -> None:
+        # One accepted auth set per device: accepting one rejects the others (RejectAuthSetsForDevice).
+        for other in device.auth_sets:
+            if other is not accepted and other.status == "accepted":
+                other.status = "rejected"
+                self._revoke_tokens(other.id)
+
     def _revoke_tokens(self, auth_set_id: str) -> None:
-        for token in [t for t, owner in self.device_tokens.items() if owner == auth_set_id]:
+        for token in [t for t, owner in self.device_tokens.items() if owner.id == auth_set_id]:
             del self.device_tokens[token]
 
     # -- the device API --
@@ -449,20 +553,28 @@ class StandinMender:
                 auth = AuthSet(str(uuid.uuid4()), identity, pubkey_pem, "pending")
                 device.auth_sets.append(auth)
             if auth.status == "preauthorized":
-                auth.status = device.status = "accepted"
+                self._reject_others(device, auth)
+                auth.status = "accepted"
                 device.updated_ts = _now()
+            device.derive_status()
             if auth.status != "accepted":
                 return web.json_response({"error": "unauthorized"}, status=401)
             device.tokens_issued += 1
             token = _jwt(device.id)
-            self.device_tokens[token] = auth.id
+            self.device_tokens[token] = auth
         return web.Response(text=token, content_type="application/jwt")
 
     def _device_of(self, request: web.Request) -> str | None:
         header = request.headers.get("Authorization", "")
         with self.lock:
             self.calls["device_api"] += 1
-            return self.device_tokens.get(header.removeprefix("Bearer ")) if header.startswith("Bearer ") else None
+            token = header.removeprefix("Bearer ") if header.startswith("Bearer ") else ""
+            return self.device_tokens[token].id if self._token_valid(token) else None
+
+    def _token_valid(self, token: str) -> bool:
+        # deviceauth's VerifyToken: a token works while the auth set it was issued for is accepted.
+        owner = self.device_tokens.get(token)
+        return owner is not None and owner.status == "accepted"
 
     async def next_deployment(self, request: web.Request) -> web.Response:
         if self._device_of(request) is None:
@@ -477,7 +589,7 @@ class StandinMender:
     def token_works(self, token: str) -> bool:
         """Whether a device JWT still opens the device routes."""
         with self.lock:
-            return token in self.device_tokens
+            return self._token_valid(token)
 
 
 def _signature_ok(key: Any, body: bytes, signature: bytes) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from imageprov.edge import http as edge_http
 from imageprov.edge.config import Flags, ServeSettings
 from imageprov.edge.http import cut_off_revoked, make_app
 from tests.conftest import imageprov_pki
@@ -29,6 +30,8 @@ from tests.edge_support import (
     Device,
     escaped,
     make_device,
+    post,
+    public_pem,
     running_standin,
     signed_request,
 )
@@ -174,7 +177,11 @@ def test_a_forged_signature_or_a_missing_certificate_is_refused(tmp_path: Path, 
     assert not preauthorizations(standin, identity)
 
 
-def test_a_revocation_cuts_routes_off_and_rejects_in_mender(tmp_path: Path, pki: Path, standin: Any) -> None:
+def test_a_revocation_cuts_routes_off_and_rejects_in_mender(
+    tmp_path: Path, pki: Path, standin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rounds are the test's: the service's own loop, once a second, would race them for each cut.
+    monkeypatch.setattr(edge_http, "CUT_INTERVAL", 3600.0)
     device, other = make_device(pki, "CUT-A"), make_device(pki, "CUT-B")
     denylist = tmp_path / "denylist"
     denylist.write_text("")
@@ -192,6 +199,40 @@ def test_a_revocation_cuts_routes_off_and_rejects_in_mender(tmp_path: Path, pki:
     assert serve(config, steps) == [200, 200, 0, 403, 403, 2, 0]
     assert standin.device({"device_id": "CUT-A"}).status == "rejected"
     assert standin.device({"device_id": "CUT-B"}).status == "rejected"
+
+
+def test_the_cut_off_removes_a_preauthorized_key_and_tolerates_another_edge_cutting_too(
+    tmp_path: Path, pki: Path, standin: Any
+) -> None:
+    """Mender rejects only pending and accepted auth sets (400 otherwise): a revoked device's set that is still
+    preauthorized is dismissed, or Mender would accept it at the device's next request that bypasses the edge.
+    Two edges cutting the same device at once: the one Mender answers 400 reads again and counts it done."""
+    waiting, both = make_device(pki, "CUT-PRE"), make_device(pki, "CUT-TWICE")
+    token = standin.personal_token()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    body = json.dumps({"identity_data": {"device_id": "CUT-PRE"}, "pubkey": public_pem(waiting.key)}).encode()
+    assert post(standin.url + "/api/management/v2/devauth/devices", body, headers)[0] == 201
+    pre = standin.device({"device_id": "CUT-PRE"})
+
+    async def steps(client: TestClient[Any, Any]) -> list[Any]:
+        mender = client.server.app[edge_http.CLIENT]
+        seen: list[Any] = [await mender.reject(pre.id, waiting.key.public_key())]
+        seen.append(await auth(client, both, {"device_id": "CUT-TWICE"}))
+        accepted = standin.device({"device_id": "CUT-TWICE"})
+        # This edge read the device (accepted) just before another edge rejected it.
+        stale = [await mender.device(accepted.id)]
+        seen.append(await asyncio.to_thread(standin.set_auth_status, {"device_id": "CUT-TWICE"}, "rejected"))
+        fresh = mender.device
+
+        async def device(device_id: str) -> Any:
+            return stale.pop() if stale else await fresh(device_id)
+
+        mender.device = device
+        return [*seen, await mender.reject(accepted.id, both.key.public_key())]
+
+    assert serve(settings(tmp_path, pki, standin), steps) == [1, 200, 204, 0]
+    assert standin.device({"device_id": "CUT-PRE"}) is None
+    assert standin.device({"device_id": "CUT-TWICE"}).status == "rejected"
 
 
 @pytest.mark.parametrize(("recheck", "after"), [(60, 204), (0, 403)])

@@ -3,7 +3,9 @@
 No I/O here: the HTTP layer hands in the raw body, the signature header and
 the client certificate nginx verified; these functions say what is wrong, or
 return what was checked. Each refusal is a ``Refused`` with a fixed reason
-code (for logs and metrics) and the HTTP status the device gets.
+code (for logs and metrics) and the HTTP status the device gets. And when
+Mender refuses a device that passed them all, ``readmission`` says, from what
+Mender holds of the device, whether the edge may bring it back.
 
 The auth request and its signature follow Mender's device API
 (``POST /api/devices/v1/authentication/auth_requests``): ``id_data`` is a
@@ -39,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from imageprov.edge.mender_client import MenderDevice
 from imageprov.pki import chain
 
 # What Mender accepts as a device key (deviceauth's supported algorithms; chain.device_key_problem has the rest).
@@ -288,3 +291,48 @@ def common_name(cert: x509.Certificate) -> str:
 def serial_hex(cert: x509.Certificate) -> str:
     """The serial as imageprov's registry and denylists write it: lowercase hex, no leading zeros."""
     return f"{cert.serial_number:x}"
+
+
+class Readmission(enum.Enum):
+    """What the edge does when Mender refuses (401) a device that passed every check here."""
+
+    # Mender holds the key preauthorized or accepted (another edge instance was quicker): forward once more.
+    RETRY = "retry"
+    # The key waits pending, or is not there: Mender forgot the device (decommissioned; the forwarded
+    # request then made it anew, pending) or the device reached Mender before the edge. Preauthorize
+    # it with force, then forward once more.
+    FORCE = "force"
+    # Someone rejected this key in Mender: an operator's decision, which stands.
+    REJECTED = "rejected"
+    # Another key holds the identity in Mender, and nothing here binds the identity to this certificate.
+    CONTESTED = "contested"
+    # Mender is deleting the device; the next request, once it is gone, preauthorizes it anew.
+    DECOMMISSIONING = "decommissioning"
+    # Mender no longer knows the device: the next request preauthorizes it anew.
+    GONE = "gone"
+
+
+# Auth sets through which a key holds an identity in Mender: an accepted one, or one that will be.
+_HOLDING = frozenset({"accepted", "preauthorized"})
+
+
+def readmission(device: MenderDevice | None, key: DeviceKey, *, bound: bool) -> Readmission:
+    """How to answer Mender's refusal of ``key`` for ``device`` (what the 409 named, read again).
+
+    ``bound``: the identity is this certificate's (``--identity pin`` or
+    ``attribute``), so its key may take the identity from another key (a
+    reissued certificate). Unbound (``none``), force is used only where no
+    other key holds the identity: anything else would let any certificate of
+    the fleet take any device's place in Mender."""
+    if device is None:
+        return Readmission.GONE
+    if device.decommissioning:
+        return Readmission.DECOMMISSIONING
+    ours = [a for a in device.auth_sets if a.holds(key)]
+    if any(a.status == "rejected" for a in ours):
+        return Readmission.REJECTED
+    if any(a.status in _HOLDING for a in ours):
+        return Readmission.RETRY
+    if not bound and any(a.status in _HOLDING for a in device.auth_sets if not a.holds(key)):
+        return Readmission.CONTESTED
+    return Readmission.FORCE

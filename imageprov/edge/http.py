@@ -11,6 +11,19 @@ rejects a revoked device's auth set in Mender, so that its token dies even
 where the edge is not in the way. One JSON log line per decision;
 ``/healthz`` (readiness: the registry and the Mender server answer),
 ``/livez`` and ``/metrics`` (Prometheus) for operations.
+
+A device accepted once is remembered (``CACHE``), and its later requests skip
+preauthorization; but the cache never has the last word over Mender's state.
+When Mender refuses (401) a request forwarded after a cached skip, or after a
+409, the edge reads what Mender holds of the device and, where that is how
+to bring it back (decommissioned there, or left pending, or its certificate
+reissued with a new key), preauthorizes it with ``force`` and forwards the
+same request once more (``_readmit``, ``checks.Readmission``). A key that
+someone rejected in Mender stays rejected: keeping a device out is the
+revocation's job, checked before anything reaches Mender, and an operator's
+rejection in Mender is never undone here; accepting it there, or a new
+certificate, brings it back. Every call to Mender goes through the proxy
+``HTTPS_PROXY`` names unless ``NO_PROXY`` lists the server.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import ssl
 import time
 from collections import OrderedDict
@@ -35,15 +49,17 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from imageprov.edge import checks, identity
-from imageprov.edge.checks import Reason, Refused
+from imageprov.edge.checks import AuthRequest, Readmission, Reason, Refused
 from imageprov.edge.config import BODY_LIMIT, IdentityRule, ServeSettings
 from imageprov.edge.mender_client import (
     AUTH_REQUESTS,
     Answer,
     MenderClient,
+    Preauthorized,
     UpstreamRefused,
     UpstreamUnavailable,
     forwardable,
+    proxy_for,
 )
 from imageprov.edge.nginx import CHECK
 from imageprov.edge.revocation import CrlSource, DenylistSource, RevocationSource
@@ -55,6 +71,9 @@ CERT_HEADER = "X-SSL-Client-Cert"
 # The deadline of one auth request upstream, in --upstream-timeout units: login,
 # preauthorize and forward, with room to wait for a pooled connection.
 DEADLINE_CALLS = 3
+# The deadline of a readmission (a device Mender refused after a cached skip or a 409), on top:
+# preauthorize, read the device, preauthorize with force, forward again.
+READMIT_CALLS = 4
 log = logging.getLogger("imageprov.edge")
 
 
@@ -85,6 +104,10 @@ class Metrics:
         self.cut_off = Counter(
             "imageprov_edge_cut_off", "Revoked devices whose auth sets were rejected in Mender", registry=self.registry
         )
+        self.readmitted = Counter(
+            "imageprov_edge_readmitted", "Devices Mender refused after a cached skip or a 409, by what Mender held",
+            ["outcome"], registry=self.registry,
+        )  # fmt: skip
         self.settings = Gauge(
             "imageprov_edge_settings", "1 for the identity rule in force and whether revocation is checked",
             ["identity", "revocation"], registry=self.registry,
@@ -169,6 +192,17 @@ PROBE_INTERVAL = 2.0
 CUT_INTERVAL = 1.0
 
 
+@dataclass(frozen=True)
+class Claim:
+    """An auth request that passed every check: what Mender is asked to admit, and the request to forward."""
+
+    serial: str
+    auth: AuthRequest
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+    key: bytes  # in CACHE once Mender accepted it
+
+
 @dataclass
 class Decision:
     """What one log line says about one auth request."""
@@ -181,6 +215,8 @@ class Decision:
     reason: str | None = None
     upstream_status: int | None = None
     preauthorized: bool | None = None
+    # What Mender held of a device it refused after a cached skip or a 409 (checks.Readmission).
+    readmitted: str | None = None
 
     def line(self) -> dict[str, Any]:
         return {
@@ -192,6 +228,7 @@ class Decision:
             "reason": self.reason,
             "upstream_status": self.upstream_status,
             "preauthorized": self.preauthorized,
+            "readmitted": self.readmitted,
             "ms": round((time.monotonic() - self.started) * 1000, 1),
         }
 
@@ -306,18 +343,25 @@ async def _decide(request: web.Request, decision: Decision) -> web.StreamRespons
         decision.decision, decision.reason = "unavailable", "revocation-unknown"
         log.warning(str(exc))
         return _error(503, "the edge cannot check this certificate now", **retry)
-    cache, client = app[CACHE], app[CLIENT]
+    claim = Claim(
+        serial=decision.serial, auth=auth, body=body, key=key,
+        headers=tuple(forwardable(request.headers.items(), drop=[CERT_HEADER])),
+    )  # fmt: skip
     try:
         # Every call has its own timeouts; this bounds the whole exchange, queueing included.
         async with asyncio.timeout(settings.timeout * DEADLINE_CALLS):
-            if not known:
-                done = await client.preauthorize(auth.identity, auth.pubkey_pem, force=force)
-                decision.upstream_status = done.status
-                if done.device_id is not None and GATE in app and settings.identity.rule is IdentityRule.PIN:
-                    await app[GATE].set_mender_device(decision.serial, done.device_id)
+            done = None if known else await _preauthorize(app, claim, decision, force=force)
             decision.preauthorized = not known
-            headers = forwardable(request.headers.items(), drop=[CERT_HEADER])
-            answer = await client.forward_auth_request(body, headers)
+            answer = await app[CLIENT].forward_auth_request(body, claim.headers)
+        if answer.status == 401 and (done is None or done.status == 409):
+            # Refused where the edge took Mender's word for it (a cached skip, or a 409):
+            # never let that hide what Mender holds now. Asked, and retried once at most.
+            app[CACHE].discard(key)
+            async with asyncio.timeout(settings.timeout * READMIT_CALLS):
+                answer = await _readmit(app, claim, decision, done) or answer
+    except Refused as refused:  # the identity pin, asked again before a readmission
+        decision.reason = refused.reason.value
+        return _error(refused.status, refused.message)
     except (UpstreamUnavailable, UpstreamRefused, TimeoutError) as exc:
         decision.decision = "unavailable"
         decision.reason = "upstream-refused" if isinstance(exc, UpstreamRefused) else "upstream-unavailable"
@@ -328,7 +372,51 @@ async def _decide(request: web.Request, decision: Decision) -> web.StreamRespons
         log.warning(str(exc))
         return _error(503, "the edge cannot record this device now", **retry)
     decision.upstream_status = answer.status
-    return _answer(answer, decision, cache, key, retry)
+    return _answer(answer, decision, app[CACHE], key, retry)
+
+
+async def _preauthorize(app: web.Application, claim: Claim, decision: Decision, *, force: bool) -> Preauthorized:
+    """Preauthorize the claim's identity and key; with a pinned identity, record which Mender device took it."""
+    done = await app[CLIENT].preauthorize(claim.auth.identity, claim.auth.pubkey_pem, force=force)
+    decision.upstream_status = done.status
+    if done.device_id is not None and GATE in app and app[SETTINGS].identity.rule is IdentityRule.PIN:
+        # A decommissioned device that comes back is a new device in Mender: the cut-off needs the new id.
+        await app[GATE].set_mender_device(claim.serial, done.device_id)
+    return done
+
+
+async def _readmit(app: web.Application, claim: Claim, decision: Decision, done: Preauthorized | None) -> Answer | None:
+    """Mender refused a device that passed every check here: read what Mender holds, and retry once where
+    that is how to bring the device back; the retry's answer, or None where Mender's refusal stands.
+
+    Every check of this request (certificate, revocation, key, signature, identity) has held; the retry
+    sends the same signed request. ``done``: this request's 409, naming the device; None where the cache
+    skipped preauthorization, which is done now (after the identity pin, which the cache skipped too).
+    See ``checks.Readmission`` for which state of Mender's brings what; a key someone rejected there
+    stays rejected: an operator's decision in Mender is not overridden here."""
+    settings, client = app[SETTINGS], app[CLIENT]
+    decision.preauthorized = True
+    if done is None:
+        force = False
+        if settings.identity.rule is IdentityRule.PIN:
+            force = identity.check_pin(
+                await app[GATE].pin(claim.serial, checks.canonical(claim.auth.identity).decode())
+            )
+        done = await _preauthorize(app, claim, decision, force=force)
+        if done.status == 201:  # Mender forgot the device since the forwarded request, or its key moved
+            decision.readmitted = "preauthorized"
+            app[METRICS].readmitted.labels(outcome=decision.readmitted).inc()
+            return await client.forward_auth_request(claim.body, claim.headers)
+    # A 409 that names no device: nothing to read, and no force without reading.
+    device = await client.device(done.device_id) if done.device_id is not None else None
+    verdict = checks.readmission(device, claim.auth.pubkey, bound=settings.identity.rule is not IdentityRule.NONE)
+    decision.readmitted = verdict.value
+    app[METRICS].readmitted.labels(outcome=verdict.value).inc()
+    if verdict is Readmission.FORCE:
+        await _preauthorize(app, claim, decision, force=True)
+    elif verdict is not Readmission.RETRY:
+        return None
+    return await client.forward_auth_request(claim.body, claim.headers)
 
 
 def _answer(answer: Answer, decision: Decision, cache: Remembered, key: bytes, retry: dict[str, str]) -> web.Response:
@@ -482,11 +570,14 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     verify: ssl.SSLContext | bool = True
     if settings.upstream_ca is not None:
         verify = ssl.create_default_context(cafile=str(settings.upstream_ca))
+    # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as Mender Gateway honours them: for every call to the server.
+    proxy = proxy_for(settings.upstream, os.environ)
+    log.info(f"calls to {settings.upstream} go " + (f"through the proxy {proxy}" if proxy else "directly"))
     # auto_decompress off: the upstream's answer goes back to the device byte for byte.
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=100, ssl=verify), auto_decompress=False
     ) as session:
-        app[CLIENT] = MenderClient(session, settings.upstream, settings.credentials, settings.timeout)
+        app[CLIENT] = MenderClient(session, settings.upstream, settings.credentials, settings.timeout, proxy)
         yield
 
 

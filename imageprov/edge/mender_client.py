@@ -10,32 +10,42 @@ Retry-After so that the device tries again. Endpoints, from Mender's API:
   ``pubkey`` (and ``force`` for a reissued device's new key): 201
   (preauthorized; ``Location`` names the device) or 409 (the device exists;
   the body is the device), both fine;
-- ``GET /api/management/v2/devauth/devices/{id}`` and
-  ``PUT .../devices/{id}/auth/{aid}/status`` with ``{"status": "rejected"}``:
-  a revoked certificate's auth set is rejected, and Mender stops honouring
-  the device's token wherever it is used;
+- ``GET /api/management/v2/devauth/devices/{id}``: the device with its auth
+  sets, to see what Mender holds of a device it refused (``MenderDevice``);
+- ``PUT .../devices/{id}/auth/{aid}/status`` with ``{"status": "rejected"}``,
+  or ``DELETE .../devices/{id}/auth/{aid}`` for a set still preauthorized
+  (Mender rejects only pending and accepted ones): a revoked certificate's
+  auth set is cut, and Mender stops honouring the device's token wherever it
+  is used;
 - ``POST /api/devices/v1/authentication/auth_requests``: the device's request,
   passed on byte for byte.
+
+Every call goes through the forward proxy that ``HTTPS_PROXY`` (``HTTP_PROXY``
+for an ``http://`` server) names, unless ``NO_PROXY`` lists the server
+(``proxy_for``), as Mender Gateway and curl read them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json as json_module
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from yarl import URL
 
 from imageprov.edge.config import Login, Token
-from imageprov.errors import ImageprovError
+from imageprov.errors import ImageprovError, UsageError
 
 LOGIN = "/api/management/v1/useradm/auth/login"
 PREAUTHORIZE = "/api/management/v2/devauth/devices"
 DEVICE = "/api/management/v2/devauth/devices/{id}"
+AUTH_SET = "/api/management/v2/devauth/devices/{id}/auth/{aid}"
 AUTH_SET_STATUS = "/api/management/v2/devauth/devices/{id}/auth/{aid}/status"
 AUTH_REQUESTS = "/api/devices/v1/authentication/auth_requests"
 
@@ -64,6 +74,109 @@ class Preauthorized:
 
 
 @dataclass(frozen=True)
+class AuthSet:
+    """One key Mender holds for a device, and what Mender decided of it."""
+
+    id: str
+    status: str  # pending, preauthorized, accepted or rejected
+    pubkey: str  # PEM, as Mender normalized it
+
+    def holds(self, key: Any) -> bool:
+        return _same_key(self.pubkey, key)
+
+
+@dataclass(frozen=True)
+class MenderDevice:
+    """A device as Mender's management API shows it: its status and every auth set."""
+
+    id: str
+    status: str
+    # Deleted soon: Mender refuses its auth requests until its decommissioning workflow has run.
+    decommissioning: bool
+    auth_sets: tuple[AuthSet, ...]
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """The forward proxy every upstream call goes through; its credentials (in ``url``) are never shown."""
+
+    shown: str  # without credentials
+    url: URL = field(repr=False)  # aiohttp sends its user and password as Proxy-Authorization
+
+    def __str__(self) -> str:
+        return self.shown
+
+
+def proxy_for(upstream: str, environ: Mapping[str, str]) -> Proxy | None:
+    """The proxy ``environ`` names for ``upstream`` (None: connect directly), as Go reads them (Mender Gateway).
+
+    ``https_proxy``/``HTTPS_PROXY`` for an https server, ``http_proxy``/``HTTP_PROXY``
+    for an http one (the lowercase name first); none for a server on loopback
+    (``localhost``, 127.0.0.0/8, ::1: Go never proxies those) or one that
+    ``no_proxy``/``NO_PROXY`` lists (``bypassed``). Raises ``UsageError`` for a
+    proxy that is not ``http://`` or ``https://``."""
+    target = URL(upstream)
+    host = (target.host or "").lower()
+
+    def named(name: str) -> str:
+        return (environ.get(name.lower()) or environ.get(name.upper()) or "").strip()
+
+    given = named(f"{target.scheme}_proxy")
+    if not given or _loopback(host) or bypassed(host, target.port, named("no_proxy")):
+        return None
+    # A bare host:port is an http proxy, as curl takes it.
+    proxy = URL(given if "://" in given else f"http://{given}")
+    shown = str(proxy.with_user(None))
+    if proxy.scheme not in ("http", "https") or not proxy.host:
+        raise UsageError(
+            f"{target.scheme.upper()}_PROXY={shown} is not an http:// or https:// proxy",
+            hint="the edge speaks to HTTP proxies (CONNECT for an https server); unset it or name one",
+        )
+    return Proxy(shown, proxy)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bypassed(host: str, port: int | None, no_proxy: str) -> bool:
+    """Whether ``no_proxy`` lists ``host`` as Go's net/http reads it (Mender Gateway is Go), and curl mostly:
+    entries split by commas, ``*`` for every host, a domain for itself and its subdomains (``.domain`` for
+    its subdomains only), an address or a CIDR block for the addresses in it, ``:PORT`` for that port only."""
+    host = host.strip("[]").rstrip(".").lower()
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if entry == "*":
+            return True
+        name, only_port = entry, None
+        if entry.count(":") == 1 or (entry.startswith("[") and "]:" in entry):
+            name, _, port_text = entry.rpartition(":")
+            only_port = int(port_text) if port_text.isdigit() else -1
+        name = name.strip("[]").rstrip(".")
+        subdomains_only = name.startswith(".")
+        name = name.lstrip(".")
+        if not name or (only_port is not None and only_port != port):
+            continue
+        if address is not None:
+            try:
+                if address in ipaddress.ip_network(name, strict=False):
+                    return True
+            except ValueError:
+                continue
+        elif (host == name and not subdomains_only) or host.endswith("." + name):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
 class Answer:
     """The upstream's answer to a forwarded request, to be returned as it is."""
 
@@ -80,10 +193,19 @@ def forwardable(headers: Iterable[tuple[str, str]], drop: Iterable[str] = ()) ->
 class MenderClient:
     """Calls to one Mender server through the application's ``ClientSession``."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, credentials: Login | Token, timeout: float):
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, credentials: Login | Token, timeout: float,
+        proxy: Proxy | None = None,
+    ) -> None:  # fmt: skip
         self.session = session
         self.base_url = base_url
         self.credentials = credentials
+        # Given on every call, rather than the session's trust_env: that would also
+        # read ~/.netrc into every call without credentials (a device's auth
+        # request included, and the management calls, whose Bearer header aiohttp
+        # then refuses to combine with it), and ask the environment on a thread
+        # for each call. The process's environment does not change: read once.
+        self.proxy = proxy
         # Timeouts on what the server does (connecting, then each read), not on the
         # wait for a pooled connection: in a burst, requests queue here, and the
         # caller bounds the whole exchange with a deadline of its own.
@@ -100,7 +222,7 @@ class MenderClient:
         try:
             async with self.session.request(
                 method, url, data=body, json=json, headers=headers, auth=auth, timeout=self.timeout,
-                allow_redirects=False,
+                allow_redirects=False, proxy=self.proxy.url if self.proxy else None,
             ) as response:  # fmt: skip
                 data = await response.read()
                 return Answer(response.status, tuple(response.headers.items()), data)
@@ -154,6 +276,10 @@ class MenderClient:
             payload["force"] = True
         answer = await self._management("POST", PREAUTHORIZE, payload)
         if answer.status == 201:
+            if force:
+                # Mender's Location after a forced preauthorization names an id it made
+                # up for the request, not the device that took the key: no id is known.
+                return Preauthorized(201, None)
             location = dict((k.lower(), v) for k, v in answer.headers).get("location", "")
             return Preauthorized(201, location.rstrip("/").rpartition("/")[2] or None)
         if answer.status == 409:
@@ -163,27 +289,47 @@ class MenderClient:
             hint="the service user needs permission to preauthorize devices",
         )
 
-    async def reject(self, device_id: str, pubkey: Any) -> int:
-        """Reject every auth set of the device whose key is ``pubkey``; how many were rejected.
-
-        A device that Mender no longer knows (decommissioned) has nothing left to reject."""
+    async def device(self, device_id: str) -> MenderDevice | None:
+        """The device ``device_id`` with its auth sets; None when Mender no longer knows it."""
         answer = await self._management("GET", DEVICE.format(id=device_id))
         if answer.status == 404:
-            return 0
+            return None
         if answer.status != 200:
             raise UpstreamRefused(f"device {device_id}: the Mender server answered {answer.status}",
-                                  hint="the service user needs permission to read and reject devices")  # fmt: skip
-        rejected = 0
-        for auth_set in _auth_sets(answer.body):
-            if auth_set.get("status") == "rejected" or not _same_key(auth_set.get("pubkey"), pubkey):
+                                  hint="the service user needs permission to read devices")  # fmt: skip
+        return _mender_device(device_id, answer.body)
+
+    async def reject(self, device_id: str, pubkey: Any) -> int:
+        """Cut every auth set of the device whose key is ``pubkey``; how many were cut.
+
+        An accepted or pending set is rejected; a preauthorized one is removed, since
+        Mender rejects only the others and would accept it at the device's next request.
+        A device that Mender no longer knows (decommissioned) has nothing left to cut."""
+        device = await self.device(device_id)
+        if device is None:
+            return 0
+        cut = 0
+        for auth_set in device.auth_sets:
+            if auth_set.status == "rejected" or not auth_set.holds(pubkey):
                 continue
-            path = AUTH_SET_STATUS.format(id=device_id, aid=auth_set["id"])
-            status = (await self._management("PUT", path, {"status": "rejected"})).status
+            if auth_set.status == "preauthorized":
+                path, method, body = AUTH_SET.format(id=device_id, aid=auth_set.id), "DELETE", None
+            else:
+                path, method = AUTH_SET_STATUS.format(id=device_id, aid=auth_set.id), "PUT"
+                body = {"status": "rejected"}
+            status = (await self._management(method, path, body)).status
+            if status == 400 and await self._cut_elsewhere(device_id, auth_set.id):
+                continue  # another edge (or its own loop) was quicker: Mender refuses to reject twice
             if status not in (204, 404):
                 raise UpstreamRefused(f"rejecting device {device_id}: the Mender server answered {status}",
                                       hint="the service user needs permission to reject devices")  # fmt: skip
-            rejected += status == 204
-        return rejected
+            cut += status == 204
+        return cut
+
+    async def _cut_elsewhere(self, device_id: str, auth_set_id: str) -> bool:
+        device = await self.device(device_id)
+        found = [a for a in device.auth_sets if a.id == auth_set_id] if device is not None else []
+        return all(a.status == "rejected" for a in found)
 
     async def reachable(self) -> None:
         """Raise unless the server answers the service user: one device listed, as the readiness probe."""
@@ -207,13 +353,21 @@ def _device_id(body: bytes) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def _auth_sets(body: bytes) -> list[dict[str, Any]]:
+def _mender_device(device_id: str, body: bytes) -> MenderDevice:
+    """Mender's device object, read strictly: an auth set left unread could be the one that says "rejected"."""
     try:
         value = json_module.loads(body)
     except ValueError:
-        return []
-    sets = value.get("auth_sets") if isinstance(value, dict) else None
-    return [a for a in sets if isinstance(a, dict) and isinstance(a.get("id"), str)] if isinstance(sets, list) else []
+        value = None
+    sets = value.get("auth_sets", []) if isinstance(value, dict) else None
+    fields = ("id", "status", "pubkey")
+    if not isinstance(sets, list) or not all(
+        isinstance(a, dict) and all(isinstance(a.get(name), str) for name in fields) for a in sets
+    ):
+        raise UpstreamUnavailable(f"device {device_id}: the Mender server answered a device that does not parse")
+    assert isinstance(value, dict)
+    auth_sets = tuple(AuthSet(a["id"], a["status"], a["pubkey"]) for a in sets)
+    return MenderDevice(device_id, str(value.get("status", "")), value.get("decommissioning") is True, auth_sets)
 
 
 def _same_key(pem: object, key: Any) -> bool:
