@@ -45,6 +45,7 @@ BULK = {
     "stale": ("pending_certificates",),
     "revoke_stale": ("pending_certificates",),
     "revoked": ("revoked_certificates",),
+    "revocations": ("revoked_certificates",),
     # The current pins not cut, or the revoked certificates: whichever the database finds fewer of.
     "uncut_revoked_pins": ("pins_not_cut", "revoked_certificates"),
 }
@@ -138,6 +139,7 @@ def _workout(registry: Registry, ca: CertificateAuthority, calling: Callable[[st
     call("uncut_revoked_pins")
     call("mark_cut", two.serial)  # type: ignore[attr-defined]
     call("revoked")
+    assert [r.serial for r in call("revocations")] == [r.serial for r in registry.revoked()]  # type: ignore[attr-defined]
     call("next_crl_number")
     every = call("all")
     calling("each")
@@ -250,7 +252,7 @@ def test_every_query_reads_an_index(db: Db, pki: Path, monkeypatch: pytest.Monke
     # The workout reached every method it calls (a method that failed early would hide its queries).
     assert methods >= {"record", "deliver", "live", "live_of", "status_of_serial", "record_of", "pin_identity",
                        "pin_of", "set_mender_device", "stale", "revoke_stale", "revoke", "uncut_revoked_pins",
-                       "mark_cut", "revoked", "next_crl_number", "all", "each"}, methods  # fmt: skip
+                       "mark_cut", "revoked", "revocations", "next_crl_number", "all", "each"}, methods  # fmt: skip
     assert _findings(db, pki, statements) == {}
 
 

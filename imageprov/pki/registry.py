@@ -47,6 +47,7 @@ from imageprov.pki.registry_base import (
     RegistryMissing,
     RegistryTimeout,
     RegistryUnavailable,
+    Revocation,
     Station,
     Status,
     Tx,
@@ -55,7 +56,8 @@ from imageprov.pki.registry_sqlite import SqliteBackend
 
 __all__ = [
     "Pin", "PinResult", "PinVerdict", "Reason", "Record", "Registry", "RegistryBusy", "RegistryConflict",
-    "RegistryDamaged", "RegistryMissing", "RegistryTimeout", "RegistryUnavailable", "Status", "normalize_serial",
+    "RegistryDamaged", "RegistryMissing", "RegistryTimeout", "RegistryUnavailable", "Revocation", "Status",
+    "normalize_serial",
 ]  # fmt: skip
 
 REGISTRY = "registry.sqlite"
@@ -386,6 +388,17 @@ class Registry:
 
     def revoked(self) -> list[Record]:
         return self._select("status = 'revoked'")
+
+    def revocations(self) -> list[Revocation]:
+        """Every revoked certificate's serial, date and reason, in the order issued: what a CRL lists.
+
+        Three columns from the partial index revoked_certificates' rows, not whole records: a CRL of a
+        fleet's 100,000 revoked certificates is read in a fraction of the time.
+        """
+        with self._db.autocommit() as tx:
+            rows = tx.query("SELECT serial, revoked_at, reason FROM certificates WHERE status = 'revoked' "
+                            "ORDER BY issued_at, rowid")  # fmt: skip
+        return [Revocation(r["serial"], r["revoked_at"], Reason(r["reason"]) if r["reason"] else None) for r in rows]
 
     def all(self) -> list[Record]:
         return self._select()

@@ -61,6 +61,15 @@ class Reason(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Revocation:
+    """What a CRL or a denylist says of a revoked certificate, read without the rest of its record."""
+
+    serial: str
+    revoked_at: str | None
+    reason: Reason | None
+
+
+@dataclass(frozen=True)
 class Record:
     serial: str
     device_id: str
