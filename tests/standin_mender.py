@@ -159,6 +159,7 @@ class StandinMender:
         self.device_tokens: dict[str, AuthSet] = {}  # a device JWT -> the auth set it was issued for
         self.preauthorized: list[dict[str, Any]] = []  # every preauthorization body received
         self.auth_headers: list[dict[str, str]] = []  # the headers (names in lowercase) of every auth request
+        self.deployment: dict[str, Any] | None = None  # what deployments/next answers (deploy())
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -576,10 +577,22 @@ class StandinMender:
         owner = self.device_tokens.get(token)
         return owner is not None and owner.status == "accepted"
 
+    def deploy(self, uri: str, expire: str, name: str = "release-2") -> None:
+        """Offer every device a deployment whose artifact is at ``uri`` (a storage link, valid until ``expire``),
+        as deployments/next answers it (DeploymentInstructions)."""
+        with self.lock:
+            self.deployment = {"id": str(uuid.uuid4()), "artifact": {
+                "artifact_name": name, "device_types_compatible": ["raspberrypi4"],
+                "source": {"uri": uri, "expire": expire}}}  # fmt: skip
+
     async def next_deployment(self, request: web.Request) -> web.Response:
         if self._device_of(request) is None:
             return web.json_response({"error": "unauthorized"}, status=401)
-        return web.Response(status=204)
+        with self.lock:
+            deployment = self.deployment
+        if deployment is None:
+            return web.Response(status=204)
+        return web.json_response(deployment)
 
     async def inventory(self, request: web.Request) -> web.Response:
         if self._device_of(request) is None:
@@ -590,6 +603,88 @@ class StandinMender:
         """Whether a device JWT still opens the device routes."""
         with self.lock:
             return self._token_valid(token)
+
+
+class StandinStorage:
+    """Object storage (S3, MinIO) as a deployment's artifact link reaches it: ``GET /BUCKET/NAME?presigned``,
+    ``Range`` honoured (206 with Content-Range); every GET counted per object, in ``fetches``.
+
+    ``pace``: seconds between two chunks of an answer, so that concurrent downloads overlap."""
+
+    def __init__(self, objects: dict[str, bytes], *, pace: float = 0.0) -> None:
+        self.objects = dict(objects)
+        self.pace = pace
+        self.fetches: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    def start(self) -> StandinStorage:
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        def serve() -> None:
+            assert self._loop is not None
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self._start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, daemon=True, name="standin-storage")
+        self._thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("the stand-in storage did not start")
+        return self
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/{name:.+}", self.get)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        if self._loop is None or self._runner is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        assert self._thread is not None
+        self._thread.join(30)
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        name = "/" + request.match_info["name"]
+        with self.lock:
+            self.fetches[name] = self.fetches.get(name, 0) + 1
+        data = self.objects.get(name)
+        if data is None or "X-Amz-Signature" not in request.query:
+            return web.Response(status=403 if data is not None else 404, text="AccessDenied")
+        start, end, status = 0, len(data) - 1, 200
+        given = request.headers.get("Range", "")
+        if given.startswith("bytes="):
+            first, _, last = given.removeprefix("bytes=").partition("-")
+            start = int(first)
+            end = min(int(last), len(data) - 1) if last else len(data) - 1
+            if start >= len(data):
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
+            status = 206
+        response = web.StreamResponse(status=status)
+        response.headers.update({"Content-Type": "application/vnd.mender-artifact", "Accept-Ranges": "bytes",
+                                 "ETag": f'"{hashlib.md5(data).hexdigest()}"'})  # fmt: skip
+        if status == 206:
+            response.headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        response.content_length = end - start + 1
+        await response.prepare(request)
+        for at in range(start, end + 1, 64 * 1024):
+            await response.write(data[at : min(at + 64 * 1024, end + 1)])
+            if self.pace:
+                await asyncio.sleep(self.pace)
+        await response.write_eof()
+        return response
 
 
 def _signature_ok(key: Any, body: bytes, signature: bytes) -> bool:

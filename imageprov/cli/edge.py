@@ -9,7 +9,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -28,8 +28,11 @@ from imageprov.edge.config import (
     upstream_url,
 )
 from imageprov.edge.nginx import EdgeConfig, render_nginx
-from imageprov.errors import ImageprovError
+from imageprov.errors import ImageprovError, UsageError
 from imageprov.pki.ca import CA_CERT
+
+if TYPE_CHECKING:
+    from imageprov.edge.artifacts import ArtifactSettings
 
 edge_app = typer.Typer(help="The mTLS edge in front of the Mender server.", no_args_is_help=True)
 
@@ -104,6 +107,14 @@ def edge_nginx(
             "(readiness) and /livez and nothing else, for a load balancer (needs --accept).",
         ),
     ] = None,
+    artifacts: Annotated[
+        bool,
+        typer.Option(
+            "--artifacts",
+            help="Send deployments/next and artifact downloads to edge serve, which points artifact links at "
+            "the edge (edge serve --artifact-host; needs --accept).",
+        ),
+    ] = False,
 ) -> None:
     """Print an nginx.conf for the mTLS edge (run it with: nginx -p DIR -c FILE).
 
@@ -138,6 +149,7 @@ def edge_nginx(
         resolvers=tuple(resolvers or ()),
         resolve_at_start=resolve_at_start,
         health_listen=health_listen,
+        artifacts=artifacts,
     )
     typer.echo(render_nginx(config), nl=False)
 
@@ -226,6 +238,33 @@ def edge_serve(
     cache_size: Annotated[
         int, typer.Option("--cache-size", help="Devices remembered as preauthorized (0: preauthorize every time).")
     ] = 100_000,
+    artifact_hosts: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--artifact-host",
+            metavar="HOST[:PORT]",
+            help="Serve artifacts through the edge from this storage host (repeatable; *.DOMAIN for its "
+            "subdomains): deployments/next links point at the edge; a link to another host is refused (502).",
+        ),
+    ] = None,
+    artifact_key_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--artifact-key-file",
+            help="File holding the key that signs artifact links, made (0600) if missing: give every instance "
+            "the same file. Without it, a key for this process only.",
+        ),
+    ] = None,
+    artifact_max_age: Annotated[
+        float, typer.Option("--artifact-max-age", min=1, help="Seconds an artifact link lives at most.")
+    ] = 24 * 3600.0,
+    artifact_cache: Annotated[
+        Optional[Path],
+        typer.Option("--artifact-cache", help="Directory of a disk cache of artifacts shared by devices."),
+    ] = None,
+    artifact_cache_size: Annotated[
+        int, typer.Option("--artifact-cache-size", min=0, help="Bytes the artifact cache holds at most.")
+    ] = 10 * 1024**3,
 ) -> None:
     """Accept devices with good certificates in the Mender server: the open Mender Gateway.
 
@@ -251,17 +290,28 @@ def edge_serve(
         no_revocation=no_revocation, allow_remote=allow_remote, recheck=recheck,
     )  # fmt: skip
     settings = ServeSettings.from_sources(flags, os.environ)
-    run_edge(settings)
+    artifacts = None
+    if artifact_hosts:
+        from imageprov.edge.artifacts import ArtifactSettings, load_key, parse_hosts
+
+        artifacts = ArtifactSettings(
+            hosts=parse_hosts(artifact_hosts), key=load_key(artifact_key_file), max_age=artifact_max_age,
+            cache_dir=artifact_cache, cache_size=artifact_cache_size if artifact_cache else 0,
+            key_file=artifact_key_file,
+        )  # fmt: skip
+    elif artifact_cache or artifact_key_file:
+        raise UsageError("--artifact-cache and --artifact-key-file need --artifact-host")
+    run_edge(settings, artifacts)
 
 
-def run_edge(settings: ServeSettings) -> None:
+def run_edge(settings: ServeSettings, artifacts: ArtifactSettings | None = None) -> None:
     """Serve until stopped; a start-up failure (the port taken, the registry missing) is one ImageprovError."""
     # Imported here: aiohttp and prometheus_client are for this command only.
     from aiohttp import web
 
     from imageprov.edge.http import JsonFormatter, make_app
 
-    app = make_app(settings)
+    app = make_app(settings, artifacts)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logger = logging.getLogger("imageprov.edge")
@@ -273,6 +323,10 @@ def run_edge(settings: ServeSettings) -> None:
         logger.warning("no revocation source (--no-revocation): a revoked device is accepted")
     if settings.identity.rule is IdentityRule.NONE:
         logger.warning("--identity none: one device's key can enroll any identity and lock real devices out")
+    if artifacts is not None:
+        logger.info(f"artifacts served through the edge from {', '.join(artifacts.hosts)}")
+        if artifacts.key_file is None:
+            logger.warning("no --artifact-key-file: artifact links signed here work on this instance only")
     if not settings.listen.loopback:
         logger.warning(f"listening on {settings.listen}, reachable from other hosts (--allow-remote)")
     try:

@@ -44,6 +44,10 @@ AUTH_REQUESTS = "/api/devices/v1/authentication/auth_requests"
 # refuse, anything else (503: it cannot decide now) makes nginx answer 503 itself.
 CHECK = "/_imageprov/check"
 DEVICES = "/api/devices/"
+# A deployment's check for an update (v1 GET, v2 POST), and where edge serve serves artifacts.
+NEXT_V1 = "/api/devices/v1/deployments/device/deployments/next"
+NEXT_V2 = "/api/devices/v2/deployments/device/deployments/next"
+ARTIFACTS = "/imageprov/artifacts/"
 # mender-connect's remote terminal, file transfer and port forwarding: one websocket.
 DEVICECONNECT = "/api/devices/v1/deviceconnect/connect"
 
@@ -98,6 +102,8 @@ class EdgeConfig:
     resolve_at_start: bool = False
     # ADDR:PORT of a plain-HTTP listener that answers edge serve's /healthz and /livez (needs accept).
     health_listen: str | None = None
+    # Send deployments/next and artifact downloads to edge serve (edge serve --artifact-host; needs accept).
+    artifacts: bool = False
 
 
 def _value(text: str, what: str) -> str:
@@ -381,6 +387,27 @@ def _to_upstream(mender: _Mender, upstream_ca: Path, *, guarded: bool, connectio
     return lines
 
 
+def _to_service(*, artifacts: bool) -> list[str]:
+    """A device route that edge serve answers itself, after the route check."""
+    lines = [
+        "proxy_pass http://imageprov_accept;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "proxy_set_header X-SSL-Client-Cert $ssl_client_escaped_cert;",
+        *_VERIFIED,
+        f"auth_request {CHECK};",
+        f"error_page 500 = {_UNAVAILABLE};",
+    ]
+    if artifacts:
+        lines += [
+            "# Streamed as it comes, not spooled to nginx's temporary files; a device's Range passes on.",
+            "proxy_buffering off;",
+            "# With the cache, a download waits until storage has sent the whole artifact to the edge.",
+            "proxy_read_timeout 1h;",
+        ]
+    return lines
+
+
 def render_nginx(config: EdgeConfig) -> str:
     """A complete nginx.conf; run it with ``nginx -p PREFIX -c FILE`` (the pid file goes under PREFIX)."""
     upstream = parse_upstream(config.upstream)
@@ -401,6 +428,9 @@ def render_nginx(config: EdgeConfig) -> str:
     upstream_ca = _upstream_ca(config, mender)
     resolvers = _resolvers(config, mender)
     health = _health_listen(config, accept)
+    if config.artifacts and accept is None:
+        raise UsageError("--artifacts sends downloads to edge serve, and there is no --accept",
+                         hint="pass --accept with the address edge serve listens on")  # fmt: skip
     lines = [
         "# mTLS edge for Mender devices, written by imageprov edge nginx.",
         "# Devices must present a client certificate signed by the fleet CA;",
@@ -493,6 +523,13 @@ def render_nginx(config: EdgeConfig) -> str:
     ]
     for route in routes:
         lines += _location(route, _to_upstream(mender, upstream_ca, guarded=guarded))
+    if accept is not None and config.artifacts:
+        lines += [
+            "        # A deployment's artifact link is rewritten by edge serve to point here, and the",
+            "        # download served by it (from storage, or its cache): both after the route check.",
+        ]
+        for match in (f"= {NEXT_V1}", f"= {NEXT_V2}", f"^~ {ARTIFACTS}"):
+            lines += _location(match, _to_service(artifacts=match.endswith(ARTIFACTS)))
     if accept is not None:
         lines += [
             "        # Auth requests go to imageprov edge serve, which checks them again,",
