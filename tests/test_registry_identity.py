@@ -144,7 +144,13 @@ def test_revoked_pins_to_cut(pki: Path, db: Db) -> None:
         assert (due.serial, due.identity, due.mender_device_id, due.cut_at) == (
             serials["gone"], identity(name="gone"), "mender-gone", None,
         )  # fmt: skip
+        # Of the edges that find it, one claims the cut-off; a claim given back or run out is taken again.
+        assert registry.claim_cut(due.serial, 60) and not registry.claim_cut(due.serial, 60)
+        registry.release_cut(due.serial)
+        assert registry.claim_cut(due.serial.upper(), -5)  # an edge that died mid-call: run out already
+        assert registry.claim_cut(due.serial, 60)
         registry.mark_cut(due.serial)
+        assert not registry.claim_cut(due.serial, -5)  # cut off: nothing left to claim
         cut = registry.pin_of(due.serial)
         assert cut is not None and cut.cut_at is not None
         registry.mark_cut(due.serial.upper())  # again: nothing changes
@@ -358,7 +364,7 @@ def test_a_schema_2_registry_gains_pins_in_place(pki: Path, db: Db, tmp_path: Pa
     else:
         db.execute(pki, "DROP TABLE pins; UPDATE meta SET value = 2 WHERE key = 'schema_version'")
     check = imageprov_pki("registry", "check", "--pki", pki)
-    assert "schema 4, 1 certificates (1 active), 0 identity pins" in check.stdout
+    assert "schema 5, 1 certificates (1 active), 0 identity pins" in check.stdout
     ca = load_ca(pki, PASSPHRASE.encode())
     with Registry(pki) as registry:
         [record] = registry.all()

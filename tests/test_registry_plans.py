@@ -137,6 +137,8 @@ def _workout(registry: Registry, ca: CertificateAuthority, calling: Callable[[st
     three = call("record", ca.issue_device("d3"))
     call("revoke", serial=three.serial)  # type: ignore[attr-defined]
     call("uncut_revoked_pins")
+    call("claim_cut", two.serial, 60)  # type: ignore[attr-defined]
+    call("release_cut", two.serial)  # type: ignore[attr-defined]
     call("mark_cut", two.serial)  # type: ignore[attr-defined]
     call("revoked")
     assert [r.serial for r in call("revocations")] == [r.serial for r in registry.revoked()]  # type: ignore[attr-defined]
@@ -252,7 +254,8 @@ def test_every_query_reads_an_index(db: Db, pki: Path, monkeypatch: pytest.Monke
     # The workout reached every method it calls (a method that failed early would hide its queries).
     assert methods >= {"record", "deliver", "live", "live_of", "status_of_serial", "record_of", "pin_identity",
                        "pin_of", "set_mender_device", "stale", "revoke_stale", "revoke", "uncut_revoked_pins",
-                       "mark_cut", "revoked", "revocations", "next_crl_number", "all", "each"}, methods  # fmt: skip
+                       "mark_cut", "claim_cut", "release_cut", "revoked", "revocations", "next_crl_number", "all",
+                       "each"}, methods  # fmt: skip
     assert _findings(db, pki, statements) == {}
 
 
@@ -269,9 +272,10 @@ def test_each_index_is_needed(db: Db, pki: Path, monkeypatch: pytest.MonkeyPatch
     assert _findings(db, pki, statements) != {}
 
 
-def test_a_schema_3_registry_gains_the_indexes_in_place(db: Db, pki: Path) -> None:
-    drop = "DROP INDEX certificates_by_device; DROP INDEX pending_certificates; DROP INDEX revoked_certificates; "
+def test_a_schema_3_registry_is_brought_up_to_date_in_place(db: Db, pki: Path) -> None:
+    drop = ("DROP INDEX certificates_by_device; DROP INDEX pending_certificates; DROP INDEX revoked_certificates; "
+            "ALTER TABLE pins DROP COLUMN cut_claimed_until; ")  # fmt: skip
     db.execute(pki, drop + ("PRAGMA user_version = 3" if db.server is None else
                             "UPDATE meta SET value = 3 WHERE key = 'schema_version'"))  # fmt: skip
     report = json.loads(imageprov_pki("registry", "check", "--pki", pki, "--json").stdout)
-    assert (report["schema_version"], report["problems"]) == (4, []), report
+    assert (report["schema_version"], report["problems"]) == (5, []), report

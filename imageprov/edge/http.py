@@ -193,6 +193,9 @@ FILE_REVOKED = web.AppKey("file_revoked", set[str])
 # Seconds between two readiness probes, and between two rounds of cutting revoked devices off in Mender.
 PROBE_INTERVAL = 2.0
 CUT_INTERVAL = 1.0
+# How long a replica's claim on a cut-off holds: longer than the calls to Mender it covers take (each under
+# the client's deadline); one that died mid-call is taken over by another replica after that.
+CUT_CLAIM = 60.0
 
 
 @dataclass(frozen=True)
@@ -512,19 +515,31 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def _cut(app: web.Application, pin: Pin, source: str) -> None:
-    """Reject ``pin``'s device's auth set in Mender (its token dies there) and record that it was."""
+async def _cut(app: web.Application, pin: Pin, source: str) -> bool:
+    """Reject ``pin``'s device's auth set in Mender (its token dies there) and record that it was.
+
+    Claimed in the registry first, for CUT_CLAIM seconds: of the replicas that find the same revoked
+    pin, one acts (False for the others). A failed call gives the claim back for the next round.
+    """
     gate, client = app[GATE], app[CLIENT]
-    record = await gate.record_of(pin.serial)
-    rejected = 0
-    if pin.mender_device_id is not None and record is not None:
-        key = serialization.load_pem_public_key(record.public_key.encode())
-        rejected = await client.reject(pin.mender_device_id, key)
+    if not await gate.claim_cut(pin.serial, CUT_CLAIM):
+        return False
+    try:
+        record = await gate.record_of(pin.serial)
+        rejected = 0
+        if pin.mender_device_id is not None and record is not None:
+            key = serialization.load_pem_public_key(record.public_key.encode())
+            rejected = await client.reject(pin.mender_device_id, key)
+    except BaseException:
+        with contextlib.suppress(ImageprovError, TimeoutError):  # else the claim runs out by itself
+            await gate.release_cut(pin.serial)
+        raise
     await gate.mark_cut(pin.serial)
     app[METRICS].cut_off.inc()
     log.info("cut off", extra={"fields": {
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), "event": "cut-off", "source": source,
         "serial": pin.serial, "mender_device": pin.mender_device_id, "auth_sets_rejected": rejected}})  # fmt: skip
+    return True
 
 
 async def cut_off_revoked(app: web.Application) -> int:
@@ -536,16 +551,14 @@ async def cut_off_revoked(app: web.Application) -> int:
     gate = app[GATE]
     done = 0
     for pin in await gate.uncut_revoked_pins():
-        await _cut(app, pin, "registry")
-        done += 1
+        done += await _cut(app, pin, "registry")
     seen = app[FILE_REVOKED]
     for source in app[SOURCES]:
         serials = await source.revoked_serials()
         for serial in sorted(serials - seen):
             pinned = await gate.pin_of(serial)
             if pinned is not None and pinned.cut_at is None:
-                await _cut(app, pinned, source.name)
-                done += 1
+                done += await _cut(app, pinned, source.name)
             seen.add(serial)  # once cut (or never pinned: refused before it could be), never asked again
     return done
 

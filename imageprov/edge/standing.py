@@ -128,6 +128,12 @@ class RegistryGate:
     async def record_of(self, serial: str) -> Record | None:
         return await self._call("a certificate", Registry.record_of, serial)
 
+    async def claim_cut(self, serial: str, seconds: float) -> bool:
+        return await self._call("a cut-off claim", Registry.claim_cut, serial, seconds)
+
+    async def release_cut(self, serial: str) -> None:
+        await self._call("a cut-off release", Registry.release_cut, serial)
+
     async def mark_cut(self, serial: str) -> None:
         await self._call("a cut-off", Registry.mark_cut, serial)
 

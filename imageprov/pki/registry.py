@@ -566,6 +566,29 @@ class Registry:
             )
         return [Pin.from_row(row) for row in found]
 
+    def claim_cut(self, serial: str, seconds: float) -> bool:
+        """Claim the cut-off of revoked certificate ``serial``'s device for ``seconds``; False if another has it.
+
+        Edges sharing a registry each find the same revoked pins: the one whose claim lands rejects the
+        device in Mender, the others leave it. A claim runs out (its edge died mid-call) or is released
+        (``release_cut``, the call failed), and the next round takes it again.
+        """
+        serial = normalize_serial(serial)
+        now = dt.datetime.now(dt.UTC)
+        until = (now + dt.timedelta(seconds=seconds)).isoformat(timespec="seconds")
+        with self._db.transaction(durable=False) as tx:
+            changed = tx.execute(
+                "UPDATE pins SET cut_claimed_until = ? WHERE serial = ? AND cut_at IS NULL "
+                "AND (cut_claimed_until IS NULL OR cut_claimed_until < ?)",
+                (until, serial, now.isoformat(timespec="seconds")),
+            )
+        return changed == 1
+
+    def release_cut(self, serial: str) -> None:
+        """Give a claimed cut-off back (the call to Mender failed): the next round, of any edge, tries again."""
+        with self._db.transaction(durable=False) as tx:
+            tx.execute("UPDATE pins SET cut_claimed_until = NULL WHERE serial = ?", (normalize_serial(serial),))
+
     def mark_cut(self, serial: str) -> None:
         """Record that the edge rejected certificate ``serial``'s device in Mender; marking it again changes nothing."""
         serial = normalize_serial(serial)

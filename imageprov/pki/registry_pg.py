@@ -113,6 +113,11 @@ _MIGRATIONS: dict[int, list[str]] = {
         # What a CRL and a denylist list: the revoked, in the order they were issued.
         "CREATE INDEX IF NOT EXISTS revoked_certificates ON certificates (issued_at) WHERE status = 'revoked'",
     ],
+    5: [
+        # An edge that is about to reject a revoked device in Mender claims it first, for a while: of several
+        # replicas, one acts; one that dies mid-call leaves a claim that runs out, and another takes it over.
+        "ALTER TABLE pins ADD COLUMN cut_claimed_until TIMESTAMPTZ",
+    ],
 }
 
 INDEXES = (
