@@ -490,7 +490,9 @@ def render_nginx(config: EdgeConfig) -> str:
         f"        listen {_listen(config.listen)} ssl backlog=4096;",
         "        server_name _;",
         "        ssl_protocols TLSv1.2 TLSv1.3;",
-        *(f"        {what} {_value(str(path.resolve()), what)};" for what, path in files.items()),
+        # Named as given, links kept: a Kubernetes Secret's files are links into a dated directory that a
+        # rotation replaces, and nginx -s reload must then read the new one.
+        *(f"        {what} {_value(str(path.absolute()), what)};" for what, path in files.items()),
         "        ssl_verify_client on;",
         "        # Device certificates are signed by the fleet CA itself.",
         "        ssl_verify_depth 1;",
@@ -502,7 +504,7 @@ def render_nginx(config: EdgeConfig) -> str:
             "        # once it has passed, nginx refuses every device. nginx reads this file",
             "        # only when it starts or reloads (nginx -s reload): a revocation published",
             "        # since then is not seen here.",
-            f"        ssl_crl {_value(str(config.crl.resolve()), '--crl')};",
+            f"        ssl_crl {_value(str(config.crl.absolute()), '--crl')};",
         ]
     lines += [
         "        client_max_body_size 0;  # artifacts and logs can be large",
@@ -614,7 +616,7 @@ def _upstream_ca(config: EdgeConfig, mender: _Mender) -> Path:
             hint="drop --upstream-ca, or name the server https://...",
         )
     check_ca_bundle(config.upstream_ca)
-    return config.upstream_ca.resolve()
+    return config.upstream_ca.absolute()
 
 
 def _resolvers(config: EdgeConfig, mender: _Mender) -> list[str]:
