@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import inspect
 import os
 import re
 import shutil
+import signal
 import sqlite3
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -316,3 +321,184 @@ def test_a_locked_registry_refuses_within_its_timeout(registry: tuple[Path, Regi
         holder.execute("ROLLBACK")
         holder.close()
     assert _revoked(source, revoked) and not _revoked(source, active)
+
+
+# -- reloads off the event loop ----------------------------------------------------------------------------------
+
+
+class Held:
+    """Makes a source's reloads wait until released: what parsing a CRL of a large fleet is to the lookups that
+    come meanwhile, without depending on how long it takes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, source: CrlSource | DenylistSource) -> None:
+        self.started, self.release, self.calls = threading.Event(), threading.Event(), 0
+        load = source._load
+        # Every file is one too big to read on the spot, as a CRL of a large fleet is.
+        monkeypatch.setattr("imageprov.edge.revocation.INLINE_SIZE", 0)
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            self.started.set()
+            # Waited for in the reload's thread. Were it on the event loop, nothing could ever release it.
+            if not self.release.wait(10):
+                raise AssertionError("the reload was never released: did it block the event loop?")
+            return load(*args, **kwargs)
+
+        monkeypatch.setattr(source, "_load", held)
+
+    def again(self) -> None:
+        self.started.clear()
+        self.release.clear()
+
+
+async def _until(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
+    """Poll ``condition`` (a lookup, or a plain test) until it holds."""
+    deadline = time.monotonic() + 10
+    while not await _value(condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def _value(result: bool | Awaitable[bool]) -> bool:
+    return await result if inspect.isawaitable(result) else bool(result)
+
+
+async def _answers(source: RevocationSource, serial: str, revoked: bool) -> bool:
+    """Whether ``source`` answers, and says ``revoked``: not refusing (any more), and with the new file."""
+    try:
+        return await source.revoked(serial) is revoked
+    except PkiError:
+        return False
+
+
+async def _refused(source: RevocationSource, serial: str, message: str) -> bool:
+    try:
+        await source.revoked(serial)
+    except PkiError as exc:
+        assert re.search(message, str(exc)), exc
+        return True
+    return False
+
+
+def _source(kind: str, path: Path, serials: list[int]) -> CrlSource | DenylistSource:
+    _publish(kind, path, serials)
+    return CrlSource(path, CA.cert) if kind == "crl" else DenylistSource(path)
+
+
+def _publish(kind: str, path: Path, serials: list[int]) -> None:
+    _replace(path, _crl(CA, serials) if kind == "crl" else "".join(f"{s:x}\n" for s in serials).encode())
+
+
+@pytest.mark.parametrize("kind", ["crl", "denylist"])
+def test_a_big_file_is_read_while_lookups_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """While a new file is read, lookups on the same event loop are answered at once from the file in force;
+    once it is read, the new file answers every lookup. One reload, however many lookups come meanwhile."""
+    path = tmp_path / kind
+    source = _source(kind, path, [SERIAL])
+    held = Held(monkeypatch, source)
+
+    async def scenario() -> None:
+        _publish(kind, path, [SERIAL, 0xBB])  # 0xBB newly revoked
+        meanwhile = [await asyncio.wait_for(source.revoked(s), 5) for s in ("bb", f"{SERIAL:x}", "ff")]
+        await _until(held.started.is_set, "the reload to start")
+        meanwhile += [await asyncio.wait_for(source.revoked(s), 5) for s in ("bb", f"{SERIAL:x}", "ff")]
+        assert meanwhile == [False, True, False] * 2  # the file in force: 0xBB not yet
+        held.release.set()
+        await _until(lambda: _answers(source, "bb", True), "the new file to be in force")
+        assert await source.revoked(f"{SERIAL:x}") and not await source.revoked("ff")
+        assert held.calls == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_big_crl_found_bad_is_refused_even_while_it_is_read_again(
+    crl: tuple[Path, CrlSource], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until a reload finds the new file bad, the CRL in force answers; from then on every lookup is refused,
+    while it is read again too, and nothing from the CRL before it comes back until a good one is read."""
+    path, source = crl
+    held = Held(monkeypatch, source)
+
+    async def scenario() -> None:
+        _replace(path, b"-----BEGIN X509 CRL-----\n" + b"garbage\n" * 10 + b"-----END X509 CRL-----\n")
+        assert await source.revoked(f"{SERIAL:x}")  # not found bad yet
+        await _until(held.started.is_set, "the reload to start")
+        assert await source.revoked(f"{SERIAL:x}")
+        held.release.set()
+        await _until(lambda: _refused(source, f"{SERIAL:x}", "is not a CRL"), "the CRL to be found bad")
+        held.again()
+        monkeypatch.setattr("imageprov.edge.revocation.RETRY_INTERVAL", 0.0)  # read again at the next lookup
+        assert await _refused(source, "ff", "is not a CRL")
+        await _until(held.started.is_set, "the reload to start again")
+        for serial in (f"{SERIAL:x}", "ff"):  # while it is read again: refused, not the CRL before it
+            assert await _refused(source, serial, "is not a CRL")
+        _replace(path, _crl(CA, [0xFF]))  # a good one, while the bad one is still being read
+        assert await _refused(source, f"{SERIAL:x}", "is not a CRL")
+        held.release.set()
+        await _until(lambda: _answers(source, "ff", True), "the good CRL to be in force")
+        assert not await source.revoked(f"{SERIAL:x}")
+        assert held.calls == 2  # the reload that was held read the file as it found it: the good one
+
+    asyncio.run(scenario())
+
+
+def test_the_crl_in_force_expires_while_its_successor_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "crl.pem"
+    path.write_bytes(_crl(CA, [SERIAL], next_update=NOW + dt.timedelta(hours=1)))
+    moment = [NOW]
+    source = CrlSource(path, CA.cert, clock=lambda: moment[0])
+    held = Held(monkeypatch, source)
+
+    async def scenario() -> None:
+        _replace(path, _crl(CA, [], next_update=NOW + dt.timedelta(days=1)))
+        assert await source.revoked(f"{SERIAL:x}")
+        await _until(held.started.is_set, "the reload to start")
+        moment[0] = NOW + dt.timedelta(hours=2)
+        assert await _refused(source, "ff", "past its nextUpdate")
+        held.release.set()
+        await _until(lambda: _answers(source, f"{SERIAL:x}", False), "the new CRL, good for a day, in force")
+
+    asyncio.run(scenario())
+
+
+def test_a_failure_of_the_reload_itself_refuses_and_is_tried_again(
+    crl: tuple[Path, CrlSource], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only a bad file: a reload that fails in any way refuses, and the same file is read again after
+    RETRY_INTERVAL (a failure that was not the file's, such as the worker killed, passes)."""
+    path, source = crl
+    load = source._load
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("something unforeseen")
+
+    monkeypatch.setattr(source, "_load", broken)
+    _replace(path, _crl(CA, [0xBB]))
+    for serial in ("bb", f"{SERIAL:x}"):
+        with pytest.raises(PkiError, match=r"cannot read .*something unforeseen"):
+            _revoked(source, serial)
+    monkeypatch.setattr(source, "_load", load)
+    monkeypatch.setattr("imageprov.edge.revocation.RETRY_INTERVAL", 0.0)
+    assert _revoked(source, "bb") and not _revoked(source, f"{SERIAL:x}")
+
+
+def test_the_worker_process_killed_or_stuck_fails_the_read_and_is_started_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from imageprov.edge import revocation
+
+    def worker_pid() -> int:
+        # What it runs, it imports by name: a function of the standard library, not of this test.
+        return int(revocation._WORKER.run(os.readlink, Path("/proc/self")))
+
+    pid = worker_pid()
+    assert pid != os.getpid()
+    with pytest.raises(PkiError, match=r"the process reading .* stopped"):
+        revocation._WORKER.run(os.kill, pid, signal.SIGKILL)  # type: ignore[arg-type]
+    stuck = worker_pid()
+    assert stuck not in (pid, os.getpid())  # another one
+    monkeypatch.setattr(revocation, "RELOAD_DEADLINE", 0.5)
+    with pytest.raises(PkiError, match=r"took more than 0\.5 s"):
+        revocation._WORKER.run(time.sleep, 60)  # type: ignore[arg-type]
+    assert worker_pid() != stuck  # killed, and another one started
