@@ -329,7 +329,7 @@ def crl(
     check_days(days)  # before a passphrase is asked for
     ca = open_ca(pki, passphrase_file, pin_file)
     with Registry(pki, registry_url) as registry:
-        revoked = registry.revoked()
+        revoked = registry.revocations()
         number = registry.next_crl_number()
     write_atomic(out, crl_bytes(build_crl(ca, revoked, number=number, days=days), der=der), 0o644)
     typer.echo(f"wrote {out}: CRL number {number}, {len(revoked)} revoked", err=True)
@@ -342,7 +342,7 @@ def denylist_cmd(
 ) -> None:
     """Write the revoked serials in hex, one per line (Mender Gateway's MTLS_BLACKLIST_PATH)."""
     with Registry(pki, registry_url) as registry:
-        revoked = registry.revoked()
+        revoked = registry.revocations()
     write_atomic(out, denylist(revoked), 0o644)
     typer.echo(f"wrote {out}: {len(revoked)} revoked serials", err=True)
 
