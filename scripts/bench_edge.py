@@ -80,17 +80,20 @@ def _register(pki: Path, fleets: list[list[SimDevice]]) -> None:
             registry.record(Issued(device.cert, device.key), status=Status.ACTIVE)
 
 
-def _crl(ca: FleetCA, size: int, number: int) -> bytes:
-    """A CRL of ``size`` revoked serials (the same for every ``number``, none a device's), as ``imageprov crl``
-    makes it."""
+def _revoked(size: int) -> list[Record]:
+    """``size`` revoked certificates as the registry lists them, none a device's here."""
     rng = random.Random(24)
     when = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
-    revoked = [
+    return [
         Record(serial=f"{rng.getrandbits(159) | 1:x}", device_id=f"gone-{n}", kind="device", fingerprint="",
                public_key="", not_before="", not_after="", issued_at="", status=Status.REVOKED, revoked_at=when,
                reason=Reason.KEY_COMPROMISE if n % 10 == 0 else None, delivered_to=None, delivered_at=None, owner=None)
         for n in range(size)
     ]  # fmt: skip
+
+
+def _crl(ca: FleetCA, revoked: list[Record], number: int) -> bytes:
+    """The CRL ``imageprov crl`` would write, in PEM."""
     return crl_bytes(build_crl(CertificateAuthority(ca.cert, ca.key), revoked, number=number))
 
 
@@ -167,9 +170,10 @@ def main() -> None:
         _register(pki, [burst, paced])
         live, crl_args, churn_crl, made, settled = pki / "crl.pem", [], None, 0.0, 0.0
         if args.crl_churn:
-            live.write_bytes(_crl(ca, args.crl_size, 1))
+            revoked = _revoked(args.crl_size)
+            live.write_bytes(_crl(ca, revoked, 1))
             started = time.monotonic()
-            churn_crl = _crl(ca, args.crl_size, 2)  # newer than the first: the edge takes it
+            churn_crl = _crl(ca, revoked, 2)  # the same serials, newer: the edge takes it
             made = time.monotonic() - started
             crl_args = ["--crl", live]
         port, gate_port = free_port(), free_port()
@@ -237,8 +241,9 @@ def main() -> None:
     print(f"  route check (cut-off): polls {with_check:.0f}/s with it, {without:.0f}/s through nginx without it:"
           f" ratio {with_check / without:.2f}")  # fmt: skip
     if churned:
-        print(f"  CRL churn: the edge reads a CRL of {args.crl_size} serials (imageprov made it in {made:.2f} s;"
-              f" the edge's first cut-off round over them took {settled:.1f} s); {args.churn_rounds} rounds each way,"
+        print(f"  CRL churn: the edge reads a CRL of {args.crl_size} serials (built, signed, PEM-encoded in"
+              f" {made:.2f} s; the edge's first cut-off round over them took {settled:.1f} s); {args.churn_rounds}"
+              " rounds each way,"
               f" with churn a new one renamed over it every {args.churn_interval:g} s ({published} in all); edge"
               f" serve and its worker spent {edge_cpu['churn']:.1f} s CPU with churn, {edge_cpu['steady']:.1f} s"
               " without")  # fmt: skip

@@ -207,7 +207,9 @@ def test_nginx_routes_auth_requests_to_the_service(tmp_path: Path) -> None:
     rest = text.split("location / {", 1)[1]
     assert "proxy_pass http://imageprov_accept;" in auth and "server 127.0.0.1:9080;" in text
     assert "proxy_set_header X-SSL-Client-Cert $ssl_client_escaped_cert;" in auth
-    assert 'proxy_set_header X-SSL-Client-Cert "";' in rest and "proxy_pass https://hosted.mender.io;" in rest
+    assert 'proxy_set_header X-SSL-Client-Cert "";' in rest
+    # A name is resolved per request: through a variable holding the server's URL.
+    assert 'set $imageprov_mender "https://hosted.mender.io";' in rest and "proxy_pass $imageprov_mender;" in rest
     plain = render_nginx(EdgeConfig(ca, cert, key, "https://hosted.mender.io"))
     assert "imageprov_accept" not in plain and "auth_requests" not in plain
 
