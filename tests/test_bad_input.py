@@ -54,11 +54,14 @@ URLS = (
 
 # Text options that are URLs (or an address, or a URI): they get URLS. Every other text option must be named
 # in TEXT, so that a new option is classified, not forgotten.
-URL_OPTIONS = {"--registry", "--to", "--upstream", "--accept", "--listen", "--server-url", "--pkcs11"}
+URL_OPTIONS = {
+    "--registry", "--to", "--upstream", "--accept", "--listen", "--server-url", "--pkcs11", "--health-listen",
+    "--resolver",
+}  # fmt: skip
 TEXT = {
     "--device-id", "--target", "--wait-for", "--tenant-token", "--rootfs-parts", "--mode", "--owner", "--boot-fs",
     "--cn", "--org", "--ou", "--email", "--country", "--locality", "--state", "--serial", "--host", "--ip",
-    "--username", "--identity", "--route",
+    "--username", "--identity", "--route", "--artifact-host",
 }  # fmt: skip
 # Files holding a secret: they also get a wrong secret and a huge file.
 SECRET_FILES = {"--passphrase-file", "--key-passphrase-file", "--pin-file", "--password-file", "--token-file"}
@@ -74,7 +77,7 @@ OUTPUT_DIRS = {("stamp", "--out"), ("server-cert", "--out"), ("device-cert", "--
 INPUT_DIRS = {"--pki", "--server-cert"}
 
 # A bad value that is a good one for this option: a large cache is a setting, not a mistake.
-ACCEPTED = {("edge serve", "--cache-size", "99999999")}
+ACCEPTED = {("edge serve", "--cache-size", "99999999"), ("edge serve", "--artifact-cache-size", "99999999")}
 # An empty file that is a good one: a denylist before anything was revoked.
 EMPTY_IS_GOOD = {("edge serve", "--denylist")}
 

@@ -256,7 +256,9 @@ def edge_serve(
         ),
     ] = None,
     artifact_max_age: Annotated[
-        float, typer.Option("--artifact-max-age", min=1, help="Seconds an artifact link lives at most.")
+        # A week at most: a link is a capability; Mender's own storage links live far less.
+        float,
+        typer.Option("--artifact-max-age", min=1, max=7 * 24 * 3600, help="Seconds an artifact link lives at most."),
     ] = 24 * 3600.0,
     artifact_cache: Annotated[
         Optional[Path],
@@ -311,7 +313,11 @@ def run_edge(settings: ServeSettings, artifacts: ArtifactSettings | None = None)
 
     from imageprov.edge.http import JsonFormatter, make_app
 
-    app = make_app(settings, artifacts)
+    app = make_app(settings)
+    if artifacts is not None:
+        from imageprov.edge.artifacts import install
+
+        install(app, artifacts)  # deployments' artifact links rewritten to the edge, their downloads served
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logger = logging.getLogger("imageprov.edge")

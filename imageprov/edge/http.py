@@ -40,7 +40,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -66,9 +66,6 @@ from imageprov.edge.revocation import CrlSource, DenylistSource, RevocationSourc
 from imageprov.edge.standing import RegistryGate, Standing
 from imageprov.errors import ImageprovError
 from imageprov.pki.registry import Pin
-
-if TYPE_CHECKING:
-    from imageprov.edge.artifacts import ArtifactSettings
 
 CERT_HEADER = "X-SSL-Client-Cert"
 # The deadline of one auth request upstream, in --upstream-timeout units: login,
@@ -616,9 +613,9 @@ def revocation_sources(settings: ServeSettings) -> list[RevocationSource]:
     return sources
 
 
-def make_app(settings: ServeSettings, artifacts: ArtifactSettings | None = None) -> web.Application:
-    """The aiohttp application of ``imageprov edge serve``; with ``artifacts``, deployments' artifact links
-    rewritten to the edge and their downloads served (edge/artifacts.py)."""
+def make_app(settings: ServeSettings) -> web.Application:
+    """The aiohttp application of ``imageprov edge serve`` (edge/artifacts.py's ``install`` adds the artifact
+    routes, building on this module's keys)."""
     app = web.Application(client_max_size=BODY_LIMIT)
     app[SETTINGS] = settings
     app[SOURCES] = revocation_sources(settings)
@@ -638,9 +635,4 @@ def make_app(settings: ServeSettings, artifacts: ArtifactSettings | None = None)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics)
-    if artifacts is not None:
-        # Imported here: artifacts.py builds on this module's keys.
-        from imageprov.edge.artifacts import install
-
-        install(app, artifacts)
     return app
