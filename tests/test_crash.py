@@ -314,3 +314,41 @@ def test_ctrl_c_as_a_scratch_file_is_made_leaves_nothing(tmp_path: Path, monkeyp
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".new")] == []
     copy.discard_staged(final)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "not-recorded"])
+def test_a_delivery_with_no_answer_keeps_the_image_for_the_rerun(
+    tmp_path: Path, pki: Path, make_golden: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, recorded: bool
+) -> None:
+    """The registry stops answering as a device is recorded delivered: it may have committed (then the
+    image is the only holder of a live certificate) or not. The image is kept either way, and the rerun
+    settles it: the device is delivered once, with that image's certificate, and nothing else is live."""
+    from imageprov.cli.pki import open_ca
+    from imageprov.line.stamp import Batch, Failed, StampOptions
+    from imageprov.pki.registry import Registry, RegistryTimeout
+
+    golden, out = make_golden(Scheme.MBR), tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("IMAGEPROV_CA_PASSPHRASE", "test passphrase 1")
+    real = Registry.deliver
+
+    def no_answer(self: Registry, serial: str, where: str) -> Any:
+        if recorded:
+            real(self, serial, where)
+        raise RegistryTimeout("the registry did not answer within 3 s")
+
+    monkeypatch.setattr(Registry, "deliver", no_answer)
+    with Registry(pki) as reg, Batch(golden, out, open_ca(pki, None), reg, StampOptions()) as batch:
+        batch.prepare()
+        [outcome] = list(batch.run(["lost-1"]))
+    monkeypatch.undo()
+    assert isinstance(outcome, Failed) and "kept for the rerun" in outcome.error, outcome
+    [(_, serial, status, _)] = _rows(pki)
+    assert status == ("active" if recorded else "pending")
+    assert (out / "lost-1.sdimg").exists()
+
+    rerun = imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "lost-1", "--json")
+    [line] = [json.loads(x) for x in rerun.stdout.splitlines()]
+    assert (line["status"], line["serial"]) == ("already-delivered", serial), line
+    assert _rows(pki) == [("lost-1", serial, "active", None)]
+    assert check_device_image(out / "lost-1.sdimg", "lost-1", pki, tmp_path) == serial

@@ -399,8 +399,9 @@ class FlashBatch(Batch):
         names = ", ".join(f"{c.assignment.device_id} on {c.assignment.target}" for c in written[:10])
         return type(lost)(
             f"{lost.message}; {len(written)} card(s) written and checked but not marked delivered: {names}",
-            hint="their certificates stay pending, and the edge refuses them: once the registry answers, flash "
-            "those ids again (which revokes them), or 'imageprov revoke --pki PKI --stale'",
+            hint="the registry may have recorded some before it stopped answering (those cards are live); the "
+            "others stay pending, and the edge refuses them: once it answers, 'imageprov registry check --pki PKI' "
+            "names them; flash those ids again (which revokes them), or 'imageprov revoke --pki PKI --stale'",
         )
 
     def _claim(

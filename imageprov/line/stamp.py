@@ -513,8 +513,15 @@ class Batch:
             return Failed(job.device_id, _message(exc))
         try:
             self.registry.deliver(job.issued.serial_hex, str(job.final))
+        except RegistryUnavailable as exc:
+            # No answer: the delivery may have been recorded all the same (the server committed, then stopped
+            # or lost the connection). Removing the image could leave a live certificate that no image holds;
+            # kept, it is settled by the rerun, which finds it complete under its certificate, pending or not.
+            self._open.pop(job.device_id, None)
+            return Failed(job.device_id, f"{_message(exc)}; whether the registry recorded it delivered is not "
+                          f"known: {job.final.name} is kept for the rerun to settle")  # fmt: skip
         except ImageprovError as exc:
-            # Revoked meanwhile, or the registry is gone: never leave the image under its final name.
+            # Refused (revoked meanwhile): never leave the image under its final name.
             job.final.unlink(missing_ok=True)
             self._open.pop(job.device_id, None)
             return Failed(job.device_id, _message(exc))
