@@ -24,6 +24,7 @@ from cryptography import x509
 from imageprov.errors import PkiError
 from imageprov.pki.ca import load_ca
 from imageprov.pki.registry import Reason, Registry, Status
+from imageprov.pki.registry_base import SCHEMA_VERSION
 from tests.conftest import PASSPHRASE, cli_env, imageprov_pki, need, tool
 from tests.pg import Db, Postgres, running_postgres
 
@@ -325,7 +326,8 @@ def test_a_newer_schema_is_refused(pki: Path, db: Db) -> None:
     else:
         db.execute(pki, "UPDATE meta SET value = 99 WHERE key = 'schema_version'")
     line = _one_error_line(cli("devices", "--pki", pki))
-    assert "schema version 99, newer than this imageprov knows (5)" in line and "upgrade imageprov" in line
+    assert f"schema version 99, newer than this imageprov knows ({SCHEMA_VERSION})" in line
+    assert "upgrade imageprov" in line
 
 
 def test_a_registry_of_imageprov_0_1_is_upgraded_in_place(tmp_path: Path) -> None:
@@ -354,7 +356,7 @@ def test_a_registry_of_imageprov_0_1_is_upgraded_in_place(tmp_path: Path) -> Non
         None,
     )
     check = sqlite3.connect(pki / "registry.sqlite")
-    assert check.execute("PRAGMA user_version").fetchone() == (5,)
+    assert check.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     assert check.execute("SELECT COUNT(*) FROM sessions").fetchone() == (0,)
     # Its owner is unknown: no station can still be delivering it, so a new certificate supersedes it.
     with Registry(pki) as registry:
@@ -383,14 +385,15 @@ def test_stations_opening_a_new_registry_at_once(tmp_path: Path, db: Db) -> None
         job.start()
     for job in jobs:
         job.join(120)
-    assert [queue.get(timeout=10) for _ in jobs] == [5, 5, 5]
+    assert [queue.get(timeout=10) for _ in jobs] == [SCHEMA_VERSION] * 3
 
 
 def test_registry_check_finds_what_the_schema_should_have_refused(pki: Path, db: Db) -> None:
     for device in ("d1", "d2"):
         assert cli("device-cert", "--pki", pki, "--device-id", device, "--out", pki / device).returncode == 0
     ok = imageprov_pki("registry", "check", "--pki", pki)
-    assert "schema 5, 2 certificates (2 active), 0 identity pins" in ok.stdout and "problem" not in ok.stdout
+    assert f"schema {SCHEMA_VERSION}, 2 certificates (2 active), 0 identity pins" in ok.stdout
+    assert "problem" not in ok.stdout
     # Someone dropped the index and gave d1 a second live certificate by hand.
     db.execute(pki, "DROP INDEX one_live_certificate_per_device")
     columns = "device_id, kind, public_key, not_before, not_after, issued_at, status"

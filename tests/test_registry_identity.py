@@ -37,7 +37,7 @@ from imageprov.pki.registry import (
     RegistryTimeout,
     Status,
 )
-from imageprov.pki.registry_base import Backend, Row, Tx
+from imageprov.pki.registry_base import SCHEMA_VERSION, Backend, Row, Tx
 from tests.conftest import PASSPHRASE, cli_env, imageprov_pki
 from tests.pg import Db, Postgres, running_postgres
 
@@ -364,7 +364,7 @@ def test_a_schema_2_registry_gains_pins_in_place(pki: Path, db: Db, tmp_path: Pa
     else:
         db.execute(pki, "DROP TABLE pins; UPDATE meta SET value = 2 WHERE key = 'schema_version'")
     check = imageprov_pki("registry", "check", "--pki", pki)
-    assert "schema 5, 1 certificates (1 active), 0 identity pins" in check.stdout
+    assert f"schema {SCHEMA_VERSION}, 1 certificates (1 active), 0 identity pins" in check.stdout
     ca = load_ca(pki, PASSPHRASE.encode())
     with Registry(pki) as registry:
         [record] = registry.all()

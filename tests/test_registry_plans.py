@@ -32,6 +32,7 @@ import pytest
 from imageprov.errors import PkiError
 from imageprov.pki.ca import CertificateAuthority, load_ca
 from imageprov.pki.registry import Reason, Registry, Status
+from imageprov.pki.registry_base import SCHEMA_VERSION
 from imageprov.pki.registry_pg import INDEXES as PG_INDEXES
 from imageprov.pki.registry_pg import _PgTx
 from imageprov.pki.registry_sqlite import INDEXES as SQLITE_INDEXES
@@ -141,7 +142,7 @@ def _workout(registry: Registry, ca: CertificateAuthority, calling: Callable[[st
     call("release_cut", two.serial)  # type: ignore[attr-defined]
     call("mark_cut", two.serial)  # type: ignore[attr-defined]
     call("revoked")
-    assert [r.serial for r in call("revocations")] == [r.serial for r in registry.revoked()]  # type: ignore[attr-defined]
+    assert sorted(r.serial for r in call("revocations")) == sorted(r.serial for r in registry.revoked())  # type: ignore[attr-defined]
     call("next_crl_number")
     every = call("all")
     calling("each")
@@ -174,7 +175,7 @@ def _sqlite_findings(path: Path, statement: Statement) -> list[str]:
             continue  # SEARCH ... USING INDEX (key=?): a lookup
         if statement.method in WHOLE:
             continue
-        if any(step.endswith(f"USING INDEX {index}") for index in allowed):
+        if any(step.endswith((f"USING INDEX {index}", f"USING COVERING INDEX {index}")) for index in allowed):
             continue
         findings.append(step)
     return findings
@@ -278,4 +279,4 @@ def test_a_schema_3_registry_is_brought_up_to_date_in_place(db: Db, pki: Path) -
     db.execute(pki, drop + ("PRAGMA user_version = 3" if db.server is None else
                             "UPDATE meta SET value = 3 WHERE key = 'schema_version'"))  # fmt: skip
     report = json.loads(imageprov_pki("registry", "check", "--pki", pki, "--json").stdout)
-    assert (report["schema_version"], report["problems"]) == (5, []), report
+    assert (report["schema_version"], report["problems"]) == (SCHEMA_VERSION, []), report

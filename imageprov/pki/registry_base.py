@@ -24,7 +24,7 @@ from imageprov.errors import PkiError
 # Schema versions, numbered. Every backend migrates forward to this one on
 # open, in one transaction; a registry with a higher number was made by a newer
 # imageprov and is refused rather than misread.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 COLUMNS = (
     "serial", "device_id", "kind", "fingerprint", "public_key", "not_before", "not_after", "issued_at",
