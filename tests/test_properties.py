@@ -11,13 +11,16 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imageprov.disk.partitions import read_table
-from imageprov.errors import ImageprovError, TableError
+from imageprov.errors import ImageprovError, PkiError, TableError
 from imageprov.mender.conf import CLIENT_CERT, CLIENT_KEY, SCHEMA, Settings, fold, merge
+from imageprov.pki import crl_der
 from imageprov.pki.ca import BACKDATE, CertificateAuthority, Subject
 from imageprov.pki.registry_base import Reason, Revocation
 from imageprov.pki.revocation import build_crl
@@ -286,3 +289,10 @@ def test_a_crl_is_what_cryptography_would_build(revoked: list[Revocation]) -> No
     for extension in crl.extensions:
         reference = reference.add_extension(extension.value, extension.critical)
     assert reference.sign(_CRL_CA.key, _CRL_CA.curve.hash).tbs_certlist_bytes == crl.tbs_certlist_bytes
+    # What the edge checks the signature over: the bytes as they are in the file, nothing before or after.
+    der = crl.public_bytes(serialization.Encoding.DER)
+    assert crl_der.signed_parts(der) == (crl.tbs_certlist_bytes, crl.signature)
+    tbs_at = 2 + (der[1] & 0x7F if der[1] & 0x80 else 0)  # after the outer SEQUENCE's tag and length
+    for bad in (der + b"\x00", der[:-1], b"\x31" + der[1:], der[:tbs_at] + b"\x31" + der[tbs_at + 1 :]):
+        with pytest.raises(PkiError, match="not a signed CRL"):
+            crl_der.signed_parts(bad)

@@ -68,6 +68,20 @@ def _replace(path: Path, data: bytes) -> None:
 SERIAL = 0xA1B2
 
 
+def _der(pem: bytes) -> bytes:
+    return x509.load_pem_x509_crl(pem).public_bytes(serialization.Encoding.DER)
+
+
+def _pem(der: bytes) -> bytes:
+    return x509.load_der_x509_crl(der).public_bytes(serialization.Encoding.PEM)
+
+
+def _tampered(der: bytes) -> bytes:
+    """``der`` with the last octet of its (only) revoked serial changed: A1B2 becomes A1B3, still a valid CRL."""
+    at = der.index(SERIAL.to_bytes(3, "big")) + 2
+    return der[:at] + bytes([der[at] ^ 1]) + der[at + 1 :]
+
+
 @pytest.fixture
 def crl(tmp_path: Path) -> tuple[Path, CrlSource]:
     path = tmp_path / "crl.pem"
@@ -86,8 +100,15 @@ def crl(tmp_path: Path) -> tuple[Path, CrlSource]:
         (lambda path: _replace(path, _crl(FleetCA(), [])), "not signed by the fleet CA"),
         (lambda path: path.unlink(), "cannot read"),
         (lambda path: _replace(path, _crl(CA, [], critical=x509.DeltaCRLIndicator(1))), "critical extension"),
+        # The fleet CA's own CRL with the revoked serial changed (one octet), as DER and as PEM.
+        (lambda path: _replace(path, _tampered(_der(_crl(CA, [SERIAL])))), "not signed by the fleet CA"),
+        (lambda path: _replace(path, _pem(_tampered(_der(_crl(CA, [SERIAL]))))), "not signed by the fleet CA"),
+        # Its bytes, and something after them: not what was signed.
+        (lambda path: _replace(path, _der(_crl(CA, [SERIAL])) + b"\x00"), "is not a CRL|not signed"),
+        (lambda path: _replace(path, _crl(CA, [SERIAL]).replace(b"\n", b"\n*", 2)), "is not a CRL"),
     ],
-    ids=["garbage PEM", "garbage DER", "forged", "removed", "delta CRL"],
+    ids=["garbage PEM", "garbage DER", "forged", "removed", "delta CRL", "tampered DER", "tampered PEM",
+         "bytes after it", "not base64"],
 )  # fmt: skip
 def test_a_crl_gone_bad_refuses_until_a_good_one_is_back(
     crl: tuple[Path, CrlSource], damage: object, message: str
