@@ -7,10 +7,9 @@ import io
 import json
 import signal
 import sys
-import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Optional
@@ -39,7 +38,10 @@ from imageprov.cli.stamp import check_golden, device_options
 from imageprov.disk.blockdev import removable_disks
 from imageprov.disk.layout import Overrides
 from imageprov.errors import ImageprovError, UsageError
-from imageprov.line.flash import Assignment, FlashBatch, Flashed, FlashOptions, Progress, Result
+from imageprov.line.dashboard.access import Access, Address, parse_address, read_token
+from imageprov.line.dashboard.server import Dashboard
+from imageprov.line.flash import LOG_NAME, Assignment, FlashBatch, Flashed, FlashOptions, Progress, Result
+from imageprov.line.station import Station
 from imageprov.mender.conf import AuthKey
 from imageprov.mender.prepare import ConfTarget
 from imageprov.pki.ca import Curve
@@ -141,7 +143,10 @@ def flash(
     ] = None,
     targets: Annotated[Optional[Path], typer.Option("--targets", help="CSV with device_id and target columns.")] = None,
     wait: Annotated[
-        bool, typer.Option("--wait", help="Wait for each new card and flash the next id onto it, until Ctrl-C.")
+        bool,
+        typer.Option(
+            "--wait", help="Wait for each new card and flash the next id onto it, until Ctrl-C or the ids run out."
+        ),
     ] = False,
     device_id: Annotated[Optional[list[str]], typer.Option("--device-id", help="With --wait: an id (repeat).")] = None,
     device_ids: Annotated[
@@ -175,6 +180,25 @@ def flash(
     pin_file: PinFile = None,
     registry_url: RegistryOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per card on stdout.")] = False,
+    dashboard: Annotated[
+        Optional[str],
+        typer.Option(
+            "--dashboard",
+            metavar="[HOST:]PORT",
+            help="With --wait: serve the line's screen at http://HOST:PORT/ (a tile per card slot, live, "
+            "with a stop button) and Prometheus metrics at /metrics. HOST is 127.0.0.1 unless given; "
+            "any address but loopback needs --dashboard-token-file. Port 0: any free port (printed).",
+        ),
+    ] = None,
+    dashboard_token_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--dashboard-token-file",
+            metavar="FILE",
+            help="A secret of 16 characters or more (openssl rand -hex 16 > FILE) that the dashboard asks for: "
+            "once per screen (a cookie keeps it), or as 'Authorization: Bearer TOKEN' from a scraper.",
+        ),
+    ] = None,
     data_part: DataPart = None,
     rootfs_parts: RootfsParts = None,
     boot_part: BootPart = None,
@@ -194,6 +218,17 @@ def flash(
       imageprov flash golden.sdimg --pki pki --target /dev/sdb=SN-0001 --target /dev/sdc=SN-0002
 
       imageprov flash golden.sdimg --pki pki --device-ids serials.txt --wait
+
+      imageprov flash golden.sdimg --pki pki --device-ids serials.txt --wait --dashboard 127.0.0.1:8080
+
+    With --wait, each new card gets the next id; Ctrl-C stops after the cards
+    in progress (exit 130). The dashboard shows every slot by colour and by
+    word (blue or purple: working, do not pull; green: delivered, pull it; red:
+    failed, set it aside, with the reason; grey: empty, or a card left alone),
+    the totals and the line log, and warns when one slot fails twice in a row
+    (a bad reader, not a bad card). Its button "stop after the cards in
+    progress" finishes them, takes no new card, and exits 0 with the usual
+    summary (1 if an id failed and was never delivered).
     """
     pairs = [_parse_target(t) for t in target or []]
     if targets is not None:
@@ -209,6 +244,8 @@ def flash(
             raise UsageError("--wait needs the ids to flash", hint="pass --device-ids FILE or --device-id ID")
         ids = check_device_ids(ids)
     else:
+        if dashboard is not None or dashboard_token_file is not None:
+            raise UsageError("--dashboard goes with --wait", hint="the dashboard shows the line's card slots")
         if ids:
             raise UsageError("--device-id/--device-ids go with --wait", hint="without it, name cards: --target DEV=ID")
         if not pairs:
@@ -217,6 +254,7 @@ def flash(
         devices = [d for _, d in pairs]
         if len(set(devices)) != len(devices):
             raise UsageError("the same target is named twice")
+    screen = _screen_access(dashboard, dashboard_token_file) if wait else None
     check_golden(image)
     ca = open_ca(pki, passphrase_file, pin_file)
     ca.check_usable()
@@ -230,14 +268,25 @@ def flash(
         log=log,
     )
     lines = _Lines(sys.stderr.isatty() and not json_out)
-    with Registry(pki, registry_url) as registry, FlashBatch(image, pki, ca, registry, options) as batch:
+    with ExitStack() as stack:
+        station = Station(image, log or pki / LOG_NAME, len(ids))
+        if screen is not None:
+            # Up before the golden image is prepared (minutes, for a large one): the screen says so meanwhile.
+            url = stack.enter_context(Dashboard(station, *screen)).url
+            who = "token required" if screen[1].token else "this machine only"
+            typer.echo(f"dashboard: {url} ({who}); metrics: {url}metrics", err=True)
+        registry = stack.enter_context(Registry(pki, registry_url))
+        batch = stack.enter_context(FlashBatch(image, pki, ca, registry, options))
         for stale in batch.stale_workdirs:
             typer.echo(f"note: removed {stale}, left by a flash process that was killed", err=True)
         batch.prepare()
         for note in batch.notes:
             typer.echo(f"note: {note}", err=True)
         if wait:
-            _wait_loop(batch, ids, list(wait_for or []), json_out, lines)
+            try:
+                _wait_loop(batch, ids, list(wait_for or []), json_out, lines, station)
+            finally:
+                station.ended()  # the screen's last state, pushed before the dashboard closes
             return
         results = batch.flash([Assignment(i, Path(d)) for i, d in pairs], on_progress=lines)
         lines.done()
@@ -257,13 +306,31 @@ def flash(
     typer.echo(f"delivered {len(results)} cards; read {human_size(read)} ({read} bytes) of the golden image", err=True)
 
 
-def _wait_loop(batch: FlashBatch, ids: list[str], patterns: list[str], json_out: bool, lines: _Lines) -> None:
-    """The operator's loop: each new card gets the next id not yet delivered; Ctrl-C ends it."""
+def _screen_access(dashboard: str | None, token_file: Path | None) -> tuple[Address, Access] | None:
+    """Where the dashboard listens and who may use it; refused before anything is done."""
+    if dashboard is None:
+        if token_file is not None:
+            raise UsageError("--dashboard-token-file goes with --dashboard", hint="e.g. --dashboard 0.0.0.0:8080")
+        return None
+    address = parse_address(dashboard)
+    if not address.loopback and token_file is None:
+        raise UsageError(
+            f"--dashboard {address} is reachable from other machines: it needs --dashboard-token-file FILE",
+            hint="a secret the screens must give; or listen on this machine only: --dashboard 127.0.0.1:PORT",
+        )
+    return address, Access(address.loopback, read_token(token_file) if token_file is not None else None)
+
+
+def _wait_loop(
+    batch: FlashBatch, ids: list[str], patterns: list[str], json_out: bool, lines: _Lines, station: Station
+) -> None:
+    """The operator's loop: each new card gets the next id not yet delivered; Ctrl-C or the dashboard ends it."""
     delivered: list[str] = []
     failed: dict[str, str] = {}
     present = set(removable_disks(patterns))
     if present:
         typer.echo(f"left alone (present before the start): {', '.join(sorted(present))}", err=True)
+        station.left_alone(sorted(present))
     # A line restarts with its whole list: what is delivered is asked once, not once per id.
     done = batch.delivered_among(ids)
     skipped = [i for i in ids if i in done]
@@ -273,29 +340,41 @@ def _wait_loop(batch: FlashBatch, ids: list[str], patterns: list[str], json_out:
         typer.echo(f"... and {len(skipped) - 5} more already delivered, skipped", err=True)
     todo = deque(i for i in ids if i not in done)
     stopped = False
+
+    def progress(cards: list[Progress]) -> None:
+        lines(cards)
+        station.progress(cards)
+
     try:
-        while True:
+        while not station.stop_asked:
             while todo and batch.delivery(todo[0]) is not None:
                 typer.echo(f"{todo[0]}: already delivered, skipped", err=True)
                 todo.popleft()
             if not todo:
                 break
             typer.echo(f"waiting for a card ({len(todo)} ids to go; Ctrl-C to stop)", err=True)
+            station.waiting(len(todo))
             new: list[str] = []
-            while not new:
+            while not new and not station.stop_asked:
                 now = set(removable_disks(patterns))
                 for gone in sorted(present - now):
                     typer.echo(f"{gone}: card removed", err=True)
+                    station.removed(gone)
                 present &= now  # a card taken out may come back as a new one
                 new = sorted(now - present)
                 if not new:
-                    time.sleep(POLL_SECONDS)
+                    station.wait_for_stop(POLL_SECONDS)  # a stop asked on the dashboard ends the wait at once
+            if not new:
+                break
             present |= set(new)
             assignments = [Assignment(todo.popleft(), Path("/dev") / name) for name in new[: len(todo)]]
+            if len(new) > len(assignments):
+                station.left_alone(new[len(assignments) :])  # more cards than ids left
+            station.flashing(assignments, len(todo))
             with _finish_card_on_ctrl_c() as asked:
                 for assignment in assignments:
                     typer.echo(f"flashing {assignment.device_id} onto {assignment.target}", err=True)
-                results = batch.flash(assignments, on_progress=lines)
+                results = batch.flash(assignments, on_progress=progress)
             lines.done()
             for flashed in results:
                 _report(flashed, json_out)
@@ -306,6 +385,7 @@ def _wait_loop(batch: FlashBatch, ids: list[str], patterns: list[str], json_out:
                     failed[flashed.device_id] = flashed.error
                     if batch.delivery(flashed.device_id) is None:
                         todo.appendleft(flashed.device_id)  # not delivered: the next card gets it
+            station.flashed(results, len(todo), batch.last_pass)
             typer.echo(f"done: remove card{'s' if len(results) > 1 else ''} "
                        + ", ".join(str(f.target) for f in results), err=True)  # fmt: skip
             if asked["stop"]:
@@ -313,6 +393,8 @@ def _wait_loop(batch: FlashBatch, ids: list[str], patterns: list[str], json_out:
                 break
     except KeyboardInterrupt:
         stopped = True
+    if station.stop_asked and not stopped:
+        typer.echo("stopped from the dashboard: no card in progress, no new card taken", err=True)
     typer.echo(f"delivered {len(delivered)} cards; {len(todo)} ids not delivered", err=True)
     if failed:
         raise FlashFailed(f"{len(failed)} devices failed and were not delivered: {', '.join(sorted(failed))}")

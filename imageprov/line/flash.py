@@ -60,6 +60,37 @@ class Result(enum.Enum):
     FAILED = "failed"
 
 
+class Failure(enum.Enum):
+    """Why a card failed, in as few words as a metric's label (and the line log) need."""
+
+    REFUSED = "refused"  # not a card that may be written: too small, read-only, mounted, not removable
+    ALREADY_DELIVERED = "already_delivered"  # the device id is on another card already
+    STAMP = "stamp"  # the device's own data partition could not be made
+    BUSY = "busy"  # the card could not be opened for writing alone
+    WRITE = "write"
+    READ_BACK = "read_back"  # what the card reads back is not what was written
+    VERIFY = "verify"  # the card, read as a device would, fails a check
+    NOT_CONFIRMED = "not_confirmed"  # written and checked, but the registry did not confirm the delivery
+    INTERRUPTED = "interrupted"
+
+    @property
+    def at_the_slot(self) -> bool:
+        """The card or its reader is the cause (the others are the station's): twice in one slot, the reader."""
+        return self in (Failure.REFUSED, Failure.BUSY, Failure.WRITE, Failure.READ_BACK, Failure.VERIFY)
+
+
+class Phase(enum.StrEnum):
+    """Where a card is in its batch (``Progress.phase``); the last two are ``Result``'s."""
+
+    WAITING = "waiting"
+    STAMPING = "stamping"
+    WRITING = "writing"
+    READING_BACK = "reading back"
+    VERIFYING = "verifying"
+    DELIVERED = Result.DELIVERED.value
+    FAILED = Result.FAILED.value
+
+
 class AlreadyDelivered(ImageprovError):
     """The device's identity is already on a card."""
 
@@ -93,6 +124,7 @@ class Flashed:
     seconds: float = 0.0
     error: str = ""
     notes: tuple[str, ...] = ()
+    failure: Failure | None = None  # set when failed
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -106,6 +138,7 @@ class Flashed:
             "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
             **({"error": self.error} if self.error else {}),
+            **({"failure": self.failure.value} if self.failure else {}),
         }
 
 
@@ -115,9 +148,22 @@ class Progress:
 
     device_id: str
     target: Path
-    phase: str = "waiting"
+    phase: Phase = Phase.WAITING
     written: int = 0
     total: int = 0
+
+
+@dataclass(frozen=True)
+class WritePass:
+    """One pass over the golden image that wrote every card of a batch."""
+
+    cards: int
+    golden_bytes: int  # what the cards needed of the golden image
+    golden_read: int  # what was read of it: ``golden_bytes`` when it was read once for all of them
+
+    @property
+    def golden_reads(self) -> float:
+        return self.golden_read / self.golden_bytes if self.golden_bytes else 0.0
 
 
 @dataclass
@@ -135,6 +181,10 @@ class _Card:
     checked: bool = False
     outcome: Outcome | None = None
     error: str | None = None
+    failure: Failure | None = None
+
+    def fail(self, failure: Failure, error: str) -> None:
+        self.failure, self.error = failure, error
 
 
 def _spans_in(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
@@ -248,6 +298,7 @@ class FlashBatch(Batch):
         self._data_source: Path | None = None
         self._data_scratch: Path | None = None
         self.golden_bytes_read = 0
+        self.last_pass: WritePass | None = None  # the last flash()'s, if it wrote any card
         # A registry lost while cards were being confirmed (flash() raises it), and the cards it left unconfirmed.
         self._lost: RegistryUnavailable | None = None
         self._unconfirmed_cards: list[_Card] = []
@@ -363,6 +414,7 @@ class FlashBatch(Batch):
         cards: list[_Card] = []
         shown = [0.0]
         self._lost, self._unconfirmed_cards = None, []
+        self.last_pass = None
 
         def report(force: bool = False) -> None:
             now = time.monotonic()
@@ -384,7 +436,7 @@ class FlashBatch(Batch):
                     card.scratch.unlink(missing_ok=True)
                 if card.index not in results:
                     results[card.index] = self._settle(card)
-                    card.progress.phase = results[card.index].result.value
+                    card.progress.phase = Phase(results[card.index].result.value)
             for _, flashed in sorted(results.items()):
                 self._log(flashed)
             report(force=True)
@@ -429,14 +481,17 @@ class FlashBatch(Batch):
             except RegistryUnavailable:
                 raise  # no card can be issued or confirmed without it: the batch stops here
             except (ImageprovError, OSError) as exc:
-                progress[index].phase = Result.FAILED.value
-                results[index] = Flashed(assignment.device_id, assignment.target, Result.FAILED, error=_message(exc))
+                progress[index].phase = Phase.FAILED
+                failure = Failure.ALREADY_DELIVERED if isinstance(exc, AlreadyDelivered) else Failure.REFUSED
+                results[index] = Flashed(
+                    assignment.device_id, assignment.target, Result.FAILED, error=_message(exc), failure=failure
+                )
                 continue
             cards.append(_Card(index, assignment, device, issued, started, progress[index], tuple(notes)))
 
     def _stamp_all(self, cards: list[_Card], report: Callable[..., None]) -> list[_Card]:
         def stamp(card: _Card) -> None:
-            card.progress.phase = "stamping"
+            card.progress.phase = Phase.STAMPING
             card.scratch = stage(self.workdir / f"{card.assignment.device_id}.data")
             self._write_and_check(card.scratch, card.assignment.device_id, card.issued)
 
@@ -447,7 +502,7 @@ class FlashBatch(Batch):
                 try:
                     future.result()
                 except (ImageprovError, OSError) as exc:
-                    card.error = _message(exc)
+                    card.fail(Failure.STAMP, _message(exc))
         return [c for c in cards if c.error is None]
 
     def _open_all(self, cards: list[_Card]) -> list[_Card]:
@@ -455,7 +510,7 @@ class FlashBatch(Batch):
             try:
                 card.fd, card.direct = open_exclusive(card.device)
             except ImageprovError as exc:
-                card.error = str(exc)
+                card.fail(Failure.BUSY, str(exc))
         return [c for c in cards if c.error is None]
 
     def _write_all(self, cards: list[_Card], report: Callable[..., None]) -> None:
@@ -479,7 +534,7 @@ class FlashBatch(Batch):
             ranges = tuple(_spans_in(_byte_ranges(card.scratch, [], self.image_size), *own))
             targets.append(Target(name, card.assignment.target, card.fd, card.direct, card.device.logical_block,
                                   card.scratch, ranges))  # fmt: skip
-            card.progress.phase = "writing"
+            card.progress.phase = Phase.WRITING
 
         def on_chunk(outcomes: list[Outcome]) -> None:
             for card, outcome in zip(cards, outcomes):
@@ -488,10 +543,13 @@ class FlashBatch(Batch):
 
         outcomes, read = fan_out(spans, targets, on_chunk=on_chunk)
         self.golden_bytes_read += read.get(self.plain, 0)
+        golden_bytes = sum(s.end - s.start for s in spans if s.source == self.plain)
+        self.last_pass = WritePass(len(cards), golden_bytes, read.get(self.plain, 0))
         for card, outcome in zip(cards, outcomes):
             card.outcome = outcome
             card.progress.written, card.progress.total = outcome.written, outcome.total
-            card.error = outcome.error
+            if outcome.error is not None:
+                card.fail(Failure.WRITE, outcome.error)
             assert card.fd is not None
             os.close(card.fd)
             card.fd = None
@@ -499,11 +557,12 @@ class FlashBatch(Batch):
     def _check_all(self, cards: list[_Card], report: Callable[..., None]) -> None:
         def check(card: _Card) -> None:
             assert card.outcome is not None
-            card.progress.phase = "reading back"
-            card.error = read_back(card.outcome.target, card.outcome.chunks)
-            if card.error is not None:
+            card.progress.phase = Phase.READING_BACK
+            differs = read_back(card.outcome.target, card.outcome.chunks)
+            if differs is not None:
+                card.fail(Failure.READ_BACK, differs)
                 return
-            card.progress.phase = "verifying"
+            card.progress.phase = Phase.VERIFYING
             fd = os.open(card.assignment.target, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 flush_buffers(fd)  # what verify reads comes from the card, not from the page cache
@@ -518,9 +577,14 @@ class FlashBatch(Batch):
             )
             if not checked.ok:
                 failed = checked.failures[0]
-                card.error = f"{card.outcome.target.name}: the card fails '{failed.name}': {failed.detail}".rstrip(": ")
+                card.fail(
+                    Failure.VERIFY,
+                    f"{card.outcome.target.name}: the card fails '{failed.name}': {failed.detail}".rstrip(": "),
+                )
             elif checked.serial != card.issued.serial_hex:
-                card.error = f"{card.outcome.target.name}: the card holds certificate {checked.serial}, not ours"
+                card.fail(
+                    Failure.VERIFY, f"{card.outcome.target.name}: the card holds certificate {checked.serial}, not ours"
+                )
             else:
                 card.checked = True
 
@@ -531,7 +595,7 @@ class FlashBatch(Batch):
                 try:
                     future.result()
                 except (ImageprovError, OSError) as exc:
-                    card.error = f"{card.assignment.target}: {_message(exc)}"
+                    card.fail(Failure.VERIFY, f"{card.assignment.target}: {_message(exc)}")
 
     def _settle(self, card: _Card) -> Flashed:
         """Deliver a card that passed every step; revoke the certificate of one that did not."""
@@ -543,15 +607,18 @@ class FlashBatch(Batch):
             except RegistryUnavailable as exc:  # not confirmed: stays pending, and the batch stops
                 self._lost = self._lost or exc
                 self._unconfirmed_cards.append(card)
-                done, card.error = False, f"{card.assignment.target}: written and checked, not confirmed: {exc}"
+                done = False
+                card.fail(Failure.NOT_CONFIRMED, f"{card.assignment.target}: written and checked, not confirmed: {exc}")
             except PkiError as exc:  # revoked meanwhile: the card holds a dead identity
-                done, card.error = False, f"{card.assignment.target}: {exc}"
+                done = False
+                card.fail(Failure.NOT_CONFIRMED, f"{card.assignment.target}: {exc}")
         if not done and self._lost is None:
             # The certificate will never be used by a device: it must not stay live. (With the registry
             # lost, it cannot be revoked: it stays pending, stale once this station ends, for revoke --stale.)
             with contextlib.suppress(PkiError):  # already revoked
                 self.registry.revoke(serial=issued.serial_hex, reason=Reason.CESSATION_OF_OPERATION)
         error = card.error or ("" if done else "interrupted before the card was written and checked")
+        failure = None if done else card.failure or Failure.INTERRUPTED
         return Flashed(
             card.assignment.device_id,
             card.assignment.target,
@@ -564,6 +631,7 @@ class FlashBatch(Batch):
             time.perf_counter() - card.started,
             error,
             card.notes,
+            failure,
         )
 
     def _log(self, flashed: Flashed) -> None:
