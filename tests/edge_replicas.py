@@ -287,6 +287,14 @@ class Spread:
 
     devices: list[Tracked]
     started: float = 0.0
+    # Devices from this index on are switched on only once release() is called (None: all on the schedule).
+    held_from: int | None = None
+    _released: asyncio.Event | None = None
+
+    def release(self) -> None:
+        """Let the held devices switch on, ``rate`` a second from now."""
+        assert self._released is not None, "release() is for what runs beside the fleet"
+        self._released.set()
 
     def accepted_by(self, name: str, before: float | None = None) -> list[Tracked]:
         return [d for d in self.devices if d.accepted_by == name and (before is None or d.tries[-1].ended < before)]
@@ -335,19 +343,28 @@ def switch_on_across(
     rate: float,
     deadline: float,
     meanwhile: Callable[[Spread], Coroutine[Any, Any, None]] | None = None,
+    held_from: int | None = None,
 ) -> Spread:
     """Switch the devices on, ``rate`` a second, each trying its servers in turn on the client's schedule;
-    ``meanwhile`` runs beside them (it may kill a replica). A device still trying at ``deadline`` is stopped
-    where it is (not accepted); ``meanwhile`` must be done by then."""
-    spread = Spread(tracked)
+    ``meanwhile`` runs beside them (it may kill a replica). With ``held_from``, the devices from that index on
+    wait for ``meanwhile`` to call ``spread.release()``, then come at ``rate`` from then: what happens after an
+    event does not depend on how fast a loaded machine got to it. A device still trying at ``deadline`` is
+    stopped where it is (not accepted); ``meanwhile`` must be done by then."""
+    spread = Spread(tracked, held_from=held_from)
 
     async def run() -> None:
         connector = aiohttp.TCPConnector(limit=0, force_close=True)  # each board its own connections
+        spread._released = asyncio.Event()
         async with aiohttp.ClientSession(connector=connector) as session:
             spread.started = time.monotonic()
 
             async def one(index: int, device: Tracked) -> None:
-                await asyncio.sleep(max(0.0, spread.started + index / rate - time.monotonic()))
+                start, slot = spread.started, index
+                if held_from is not None and index >= held_from:
+                    assert spread._released is not None
+                    await spread._released.wait()
+                    start, slot = time.monotonic(), index - held_from
+                await asyncio.sleep(max(0.0, start + slot / rate - time.monotonic()))
                 await _switch_on(session, device, retry)
 
             tasks = [asyncio.create_task(one(i, d)) for i, d in enumerate(tracked)]

@@ -305,8 +305,10 @@ def test_a_replica_killed_mid_load_loses_no_device(tmp_path: Path, postgres: Pos
             a.kill()
             killed["at"] = time.monotonic()
             killed["accepted"] = len([d for d in spread.devices if d.accepted_by])
+            spread.release()  # the second half of the fleet comes now, half of it to A first
 
-        spread = switch_on_across(tracked, CLIENT, rate=RATE, deadline=DEADLINE, meanwhile=kill_a)
+        # The first half arrives on the schedule (A is killed among it), the second only after the kill.
+        spread = switch_on_across(tracked, CLIENT, rate=RATE, deadline=DEADLINE, meanwhile=kill_a, held_from=FLEET // 2)
         assert a.service["proc"].wait(10) == -9
         at = killed["at"]
         a_lines, b_lines = decisions(a.service["log"]), decisions(b.service["log"])
