@@ -28,10 +28,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from imageprov.errors import PkiError
 from imageprov.pki.ca import CertificateAuthority, load_ca
-from imageprov.pki.registry import Reason, Registry, Status
+from imageprov.pki.registry import Kind, Reason, Registry, Status
 from imageprov.pki.registry_base import SCHEMA_VERSION
 from imageprov.pki.registry_pg import INDEXES as PG_INDEXES
 from imageprov.pki.registry_pg import _PgTx
@@ -40,7 +42,7 @@ from imageprov.pki.registry_sqlite import _SqliteTx
 from tests.conftest import PASSPHRASE, imageprov_pki
 from tests.pg import Db, Postgres, running_postgres
 
-TABLES = ("certificates", "pins", "sessions", "meta")
+TABLES = ("certificates", "pins", "sessions", "meta", "enrollments")
 # Bulk methods, and the indexes each may walk from end to end: those that hold just what it lists.
 BULK = {
     "stale": ("pending_certificates",),
@@ -127,6 +129,14 @@ def _workout(registry: Registry, ca: CertificateAuthority, calling: Callable[[st
     call("pin_identity", one.serial, ident)  # type: ignore[attr-defined]
     call("pin_of", one.serial)  # type: ignore[attr-defined]
     call("set_mender_device", one.serial, "mender-1")  # type: ignore[attr-defined]
+    # Enrollment (EST): a bootstrap certificate beside the device's, and the device certificate it obtains.
+    boot = call("record", ca.issue_bootstrap("d4"), kind="bootstrap")
+    call("state_of_serial", boot.serial)  # type: ignore[attr-defined]
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    spki = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    call("enrollment_verdict", boot.serial, spki, kind=Kind.BOOTSTRAP)  # type: ignore[attr-defined]
+    call("enroll", boot.serial, ca.certify_device("d4", key), kind=Kind.BOOTSTRAP, where="EST")  # type: ignore[attr-defined]
+    call("enrollment_of", boot.serial)  # type: ignore[attr-defined]
     two = call("record", ca.issue_device("d1"), reissue=True)  # supersedes d1's first certificate
     call("pin_identity", two.serial, ident)  # type: ignore[attr-defined]  # takes the identity over
     call("record", ca.issue_device("d2"), status=Status.PENDING)
@@ -256,7 +266,7 @@ def test_every_query_reads_an_index(db: Db, pki: Path, monkeypatch: pytest.Monke
     assert methods >= {"record", "deliver", "live", "live_of", "status_of_serial", "record_of", "pin_identity",
                        "pin_of", "set_mender_device", "stale", "revoke_stale", "revoke", "uncut_revoked_pins",
                        "mark_cut", "claim_cut", "release_cut", "revoked", "revocations", "next_crl_number", "all",
-                       "each"}, methods  # fmt: skip
+                       "each", "state_of_serial", "enrollment_verdict", "enroll", "enrollment_of"}, methods  # fmt: skip
     assert _findings(db, pki, statements) == {}
 
 

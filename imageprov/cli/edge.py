@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from imageprov.cli.options import Pki
+from imageprov.cli.ca_token import PinFile
+from imageprov.cli.options import PassFile, Pki
 from imageprov.edge.config import (
     AMBASSADOR,
     ENV_CA,
@@ -29,10 +30,11 @@ from imageprov.edge.config import (
 )
 from imageprov.edge.nginx import EdgeConfig, render_nginx
 from imageprov.errors import ImageprovError, UsageError
-from imageprov.pki.ca import CA_CERT
+from imageprov.pki.ca import CA_CERT, MAX_DAYS
 
 if TYPE_CHECKING:
     from imageprov.edge.artifacts import ArtifactSettings
+    from imageprov.edge.est import EstSettings
 
 edge_app = typer.Typer(help="The mTLS edge in front of the Mender server.", no_args_is_help=True)
 
@@ -115,6 +117,14 @@ def edge_nginx(
             "the edge (edge serve --artifact-host; needs --accept).",
         ),
     ] = False,
+    est: Annotated[
+        bool,
+        typer.Option(
+            "--est",
+            help="Send EST's /.well-known/est/cacerts, simpleenroll and simplereenroll to edge serve --est, "
+            "where devices enroll with a bootstrap certificate and renew (needs --accept).",
+        ),
+    ] = False,
 ) -> None:
     """Print an nginx.conf for the mTLS edge (run it with: nginx -p DIR -c FILE).
 
@@ -150,6 +160,7 @@ def edge_nginx(
         resolve_at_start=resolve_at_start,
         health_listen=health_listen,
         artifacts=artifacts,
+        est=est,
     )
     typer.echo(render_nginx(config), nl=False)
 
@@ -267,6 +278,26 @@ def edge_serve(
     artifact_cache_size: Annotated[
         int, typer.Option("--artifact-cache-size", min=0, help="Bytes the artifact cache holds at most.")
     ] = 10 * 1024**3,
+    est: Annotated[
+        bool,
+        typer.Option(
+            "--est",
+            help="Enroll devices (EST, RFC 7030, under /.well-known/est/): a bootstrap certificate gets one device "
+            "certificate for a key the device made (its TPM's), signed by the PKI's CA (its key file or token), "
+            "and a device renews its certificate. Needs --pki and its registry.",
+        ),
+    ] = False,
+    est_days: Annotated[
+        int,
+        typer.Option(
+            "--est-days",
+            min=1,
+            max=MAX_DAYS,
+            help="Validity of the certificates EST issues, in days: a device renews (simplereenroll) before then.",
+        ),
+    ] = 365,
+    passphrase_file: PassFile = None,
+    pin_file: PinFile = None,
 ) -> None:
     """Accept devices with good certificates in the Mender server: the open Mender Gateway.
 
@@ -281,6 +312,14 @@ def edge_serve(
 
     Secrets never go on the command line: --password-file / --token-file, or
     the environment. Mender Gateway's variables work as they are.
+
+    With --est, devices stamped with a bootstrap certificate enroll at first
+    boot (EST, RFC 7030, under /.well-known/est/; 'edge nginx --est' routes
+    it): the CA of --pki signs a device certificate for the key the device
+    made, once per bootstrap certificate, and a device renews its certificate
+    (simplereenroll). The CA key's passphrase comes from --passphrase-file or
+    $IMAGEPROV_CA_PASSPHRASE; a token's PIN from --pin-file or
+    $IMAGEPROV_PKCS11_PIN.
 
     Example: imageprov edge serve --pki pki --upstream https://hosted.mender.io --username edge@example.com \
     --password-file /etc/imageprov/edge-password
@@ -303,10 +342,22 @@ def edge_serve(
         )  # fmt: skip
     elif artifact_cache or artifact_key_file:
         raise UsageError("--artifact-cache and --artifact-key-file need --artifact-host")
-    run_edge(settings, artifacts)
+    enrollment = None
+    if est:
+        if pki is None or no_registry:
+            raise UsageError("--est signs with the PKI's CA and records in its registry", hint="pass --pki PKI")
+        from imageprov.cli.pki import open_ca
+        from imageprov.edge.est import EstSettings
+
+        enrollment = EstSettings(ca=open_ca(pki, passphrase_file, pin_file), days=est_days)
+    elif passphrase_file or pin_file:
+        raise UsageError("--passphrase-file and --pin-file open the CA's key, which only --est uses")
+    run_edge(settings, artifacts, enrollment)
 
 
-def run_edge(settings: ServeSettings, artifacts: ArtifactSettings | None = None) -> None:
+def run_edge(
+    settings: ServeSettings, artifacts: ArtifactSettings | None = None, est: EstSettings | None = None
+) -> None:
     """Serve until stopped; a start-up failure (the port taken, the registry missing) is one ImageprovError."""
     # Imported here: aiohttp and prometheus_client are for this command only.
     from aiohttp import web
@@ -318,6 +369,10 @@ def run_edge(settings: ServeSettings, artifacts: ArtifactSettings | None = None)
         from imageprov.edge.artifacts import install
 
         install(app, artifacts)  # deployments' artifact links rewritten to the edge, their downloads served
+    if est is not None:
+        from imageprov.edge import est as enrollment
+
+        enrollment.install(app, est)  # EST: bootstrap certificates enroll, devices renew
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logger = logging.getLogger("imageprov.edge")
@@ -329,6 +384,8 @@ def run_edge(settings: ServeSettings, artifacts: ArtifactSettings | None = None)
         logger.warning("no revocation source (--no-revocation): a revoked device is accepted")
     if settings.identity.rule is IdentityRule.NONE:
         logger.warning("--identity none: one device's key can enroll any identity and lock real devices out")
+    if est is not None:
+        logger.info(f"EST enrollment under /.well-known/est/, certificates of {est.days} days")
     if artifacts is not None:
         logger.info(f"artifacts served through the edge from {', '.join(artifacts.hosts)}")
         if artifacts.key_file is None:

@@ -39,10 +39,11 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from imageprov.edge.mender_client import MenderDevice
 from imageprov.pki import chain
+from imageprov.pki.ca import is_bootstrap
 
 # What Mender accepts as a device key (deviceauth's supported algorithms; chain.device_key_problem has the rest).
 DeviceKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
@@ -69,6 +70,19 @@ class Reason(enum.Enum):
     IDENTITY_MISMATCH = "identity-mismatch"
     IDENTITY_PINNED = "identity-pinned-elsewhere"
     IDENTITY_TAKEN = "identity-taken"
+    # A bootstrap certificate (pki.ca.issue_bootstrap) anywhere but at EST, or at EST's simplereenroll.
+    BOOTSTRAP = "bootstrap-certificate"
+    # Enrollment (EST, edge/est.py): the credential ...
+    NOT_BOOTSTRAP = "not-bootstrap"  # simpleenroll with anything but a bootstrap certificate
+    CREDENTIAL_USED = "credential-used"  # used before, by another key: a possible clone
+    SUPERSEDED = "superseded"  # the device was issued a certificate after this bootstrap certificate
+    BUSY = "device-busy"  # a station is stamping the device right now (503)
+    # ... and the certificate request.
+    BAD_CSR = "bad-csr"
+    CSR_SIGNATURE = "bad-csr-signature"  # no proof of possession of the key it names
+    CN_MISMATCH = "cn-mismatch"  # another device id than the credential's
+    KEY_REFUSED = "key-refused"  # a key type or size Mender does not take
+    KEY_REUSED = "key-reused"  # the bootstrap certificate's own key, which the image holds in a file
 
 
 # Malformed input is the device's bug (400); everything else is "not you" (401),
@@ -243,9 +257,21 @@ def check_issuer(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:
         raise Refused(Reason.UNTRUSTED, f"the fleet CA may not issue client certificates: {'; '.join(problems)}")
 
 
-def check_validity_and_usage(cert: x509.Certificate, now: dt.datetime) -> None:
+def check_not_bootstrap(cert: x509.Certificate) -> None:
+    """A bootstrap certificate is for enrollment (EST) and nothing else: no Mender identity, no device route.
+
+    Refused by its policy (``pki.ca.BOOTSTRAP_POLICY``), before ``check_validity_and_usage`` would refuse
+    that critical policy as an extension the edge does not process: the log then says why."""
+    if is_bootstrap(cert):
+        raise Refused(Reason.BOOTSTRAP, "a bootstrap certificate is for enrollment (EST) only")
+
+
+def check_validity_and_usage(
+    cert: x509.Certificate, now: dt.datetime, *, processed: frozenset[ObjectIdentifier] = frozenset()
+) -> None:
     """Within its validity at ``now`` (both ends included, as OpenSSL has it), allows TLS client use,
-    and has no critical extension the edge does not process (RFC 5280, 4.2)."""
+    and has no critical extension the edge does not process (RFC 5280, 4.2); ``processed``: the critical
+    extensions the caller has checked itself (EST: a bootstrap certificate's policy)."""
     if now < cert.not_valid_before_utc:
         raise Refused(Reason.NOT_YET_VALID, "the certificate is not valid yet")
     if now > cert.not_valid_after_utc:
@@ -254,6 +280,12 @@ def check_validity_and_usage(cert: x509.Certificate, now: dt.datetime) -> None:
     if problems:
         raise Refused(Reason.NO_CLIENT_AUTH, f"the certificate may not be a TLS client's: {'; '.join(problems)}")
     unhandled = chain.unhandled_critical(cert)
+    if processed:
+        unhandled = [
+            f"it has a critical extension imageprov does not process ({extension.oid.dotted_string})"
+            for extension in cert.extensions
+            if extension.critical and extension.oid not in chain.HANDLED_EXTENSIONS | processed
+        ]
     if unhandled:
         raise Refused(Reason.UNHANDLED_EXTENSION, f"the certificate: {'; '.join(unhandled)}")
 

@@ -112,6 +112,10 @@ class Metrics:
             "imageprov_edge_settings", "1 for the identity rule in force and whether revocation is checked",
             ["identity", "revocation"], registry=self.registry,
         )  # fmt: skip
+        self.enrollments = Counter(
+            "imageprov_edge_enrollments", "EST enrollments (edge serve --est), by operation, result and reason",
+            ["operation", "result", "reason"], registry=self.registry,
+        )  # fmt: skip
 
 
 class Remembered:
@@ -277,18 +281,25 @@ async def auth_request(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _checked(app: web.Application, cert: x509.Certificate) -> None:
-    """The certificate nginx verified, checked again: the fleet CA's, valid now, for clientAuth."""
+def signed_by_fleet_ca(app: web.Application, cert: x509.Certificate) -> None:
+    """Refuse a certificate the fleet CA did not sign itself (``checks.check_issuer``), each verified once."""
     # The signature on a certificate never changes: verified once, remembered by its digest.
     issued = hashlib.sha256(cert.tbs_certificate_bytes + cert.signature).digest()
     if issued not in app[ISSUED]:
         checks.check_issuer(cert, app[SETTINGS].ca_cert)
         app[ISSUED].add(issued)
+
+
+async def _checked(app: web.Application, cert: x509.Certificate) -> None:
+    """The certificate nginx verified, checked again: the fleet CA's, no bootstrap certificate (that one is for
+    EST alone), valid now, for clientAuth."""
+    signed_by_fleet_ca(app, cert)
+    checks.check_not_bootstrap(cert)
     checks.check_validity_and_usage(cert, dt.datetime.now(dt.UTC))
 
 
-async def _standing(app: web.Application, serial: str) -> None:
-    """Refuse unless every revocation source says not revoked and the registry says delivered.
+async def check_revocation_sources(app: web.Application, serial: str) -> None:
+    """Refuse if a revocation source (--crl, --denylist) says revoked.
 
     Raises ``ImageprovError`` (503 for the device) when a source cannot answer within its deadline."""
     settings = app[SETTINGS]
@@ -299,10 +310,20 @@ async def _standing(app: web.Application, serial: str) -> None:
                     raise Refused(Reason.REVOKED, f"the certificate is revoked ({source.name})")
     except TimeoutError:
         raise ImageprovError(f"a revocation source did not answer within {settings.timeout:g} s") from None
+
+
+async def _standing(app: web.Application, serial: str) -> None:
+    """Refuse unless every revocation source says not revoked and the registry says delivered, and a device
+    certificate: never a bootstrap certificate, whatever its extensions say.
+
+    Raises ``ImageprovError`` (503 for the device) when a source cannot answer within its deadline."""
+    await check_revocation_sources(app, serial)
     gate = app.get(GATE)
     if gate is None:
         return
     standing = await gate.standing(serial)
+    if standing is Standing.BOOTSTRAP:
+        raise Refused(Reason.BOOTSTRAP, "a bootstrap certificate is for enrollment (EST) only (registry)")
     if standing is Standing.REVOKED:
         raise Refused(Reason.REVOKED, "the certificate is revoked (registry)")
     if standing is Standing.PENDING:

@@ -20,7 +20,11 @@ up yet and follows a server that moves. An address (or ``resolve_at_start``)
 goes in an upstream block instead, whose connections are kept alive: nginx
 1.22, Debian's, keeps no pool for a name it resolves per request. With
 ``health_listen`` a plain-HTTP port answers edge serve's probes, and nothing
-else, for a load balancer that has no client certificate.
+else, for a load balancer that has no client certificate. With ``est``, the
+three EST routes of RFC 7030 (``cacerts``, ``simpleenroll``,
+``simplereenroll``) go to edge serve --est, with the verified certificate, and
+without the route check: the service checks a bootstrap certificate there
+itself, and the route check refuses one everywhere else.
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ NEXT_V2 = "/api/devices/v2/deployments/device/deployments/next"
 ARTIFACTS = "/imageprov/artifacts/"
 # mender-connect's remote terminal, file transfer and port forwarding: one websocket.
 DEVICECONNECT = "/api/devices/v1/deviceconnect/connect"
+# Enrollment over Secure Transport (RFC 7030, 3.2.2): the fleet CA, a first certificate for a bootstrap
+# certificate, a renewal. No CA label: the edge has one CA.
+EST = "/.well-known/est/"
+EST_CACERTS = EST + "cacerts"
+EST_SIMPLEENROLL = EST + "simpleenroll"
+EST_SIMPLEREENROLL = EST + "simplereenroll"
+# The largest body an EST request has: a CSR of an RSA-4096 key is under 2 KiB in base64.
+EST_BODY_LIMIT = "16k"
 
 # nginx takes its configuration as text: refuse anything that could end a
 # directive or open a block inside a value.
@@ -104,6 +116,8 @@ class EdgeConfig:
     health_listen: str | None = None
     # Send deployments/next and artifact downloads to edge serve (edge serve --artifact-host; needs accept).
     artifacts: bool = False
+    # Send EST's cacerts, simpleenroll and simplereenroll to edge serve (edge serve --est; needs accept).
+    est: bool = False
 
 
 def _value(text: str, what: str) -> str:
@@ -431,6 +445,9 @@ def render_nginx(config: EdgeConfig) -> str:
     if config.artifacts and accept is None:
         raise UsageError("--artifacts sends downloads to edge serve, and there is no --accept",
                          hint="pass --accept with the address edge serve listens on")  # fmt: skip
+    if config.est and accept is None:
+        raise UsageError("--est sends enrollments to edge serve, and there is no --accept",
+                         hint="pass --accept with the address edge serve --est listens on")  # fmt: skip
     lines = [
         "# mTLS edge for Mender devices, written by imageprov edge nginx.",
         "# Devices must present a client certificate signed by the fleet CA;",
@@ -532,6 +549,25 @@ def render_nginx(config: EdgeConfig) -> str:
         ]
         for match in (f"= {NEXT_V1}", f"= {NEXT_V2}", f"^~ {ARTIFACTS}"):
             lines += _location(match, _to_service(artifacts=match.endswith(ARTIFACTS)))
+    if accept is not None and config.est:
+        lines += [
+            "        # Enrollment (EST, RFC 7030) with a bootstrap certificate, and renewal: edge serve --est",
+            "        # checks the certificate itself (the route check refuses a bootstrap certificate), so",
+            "        # these three paths, and no other under /.well-known/, go to it without that check.",
+        ]
+        for est_path in (EST_CACERTS, EST_SIMPLEENROLL, EST_SIMPLEREENROLL):
+            lines += _location(
+                f"= {est_path}",
+                [
+                    "proxy_pass http://imageprov_accept;",
+                    "proxy_http_version 1.1;",
+                    'proxy_set_header Connection "";',
+                    f"client_max_body_size {EST_BODY_LIMIT};",
+                    "# Set here from what nginx verified, whatever the client sent.",
+                    "proxy_set_header X-SSL-Client-Cert $ssl_client_escaped_cert;",
+                    *_VERIFIED,
+                ],
+            )
     if accept is not None:
         lines += [
             "        # Auth requests go to imageprov edge serve, which checks them again,",

@@ -25,9 +25,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from cryptography import x509
+
 from imageprov.errors import PkiError
 from imageprov.pki.config import Scheme, load_config
-from imageprov.pki.registry import Pin, PinResult, Record, Registry, RegistryUnavailable, Status
+from imageprov.pki.registry import (
+    EnrollResult,
+    Kind,
+    Pin,
+    PinResult,
+    Record,
+    Registry,
+    RegistryUnavailable,
+    Status,
+)
 
 T = TypeVar("T")
 
@@ -39,6 +50,7 @@ class Standing(enum.Enum):
     PENDING = "pending"  # issued, never confirmed: a station died before it could say the card was good
     REVOKED = "revoked"
     UNKNOWN = "unknown"  # the CA's key signed it, the registry never heard of it
+    BOOTSTRAP = "bootstrap"  # a bootstrap certificate, whatever its status: for enrollment (EST) only
 
 
 class RegistryGate:
@@ -108,10 +120,22 @@ class RegistryGate:
             ) from None
 
     async def standing(self, serial: str) -> Standing:
-        status = await self._call("a status lookup", Registry.status_of_serial, serial)
-        if status is None:
+        state = await self._call("a status lookup", Registry.state_of_serial, serial)
+        if state is None:
             return Standing.UNKNOWN
-        return {Status.ACTIVE: Standing.DELIVERED, Status.PENDING: Standing.PENDING}.get(status, Standing.REVOKED)
+        if state.kind is Kind.BOOTSTRAP:
+            return Standing.BOOTSTRAP
+        return {Status.ACTIVE: Standing.DELIVERED, Status.PENDING: Standing.PENDING}.get(state.status, Standing.REVOKED)
+
+    async def enrollment_verdict(self, serial: str, public_key: str, kind: Kind) -> EnrollResult:
+        """What an enrollment with the credential ``serial`` would get now (``Registry.enrollment_verdict``)."""
+        return await self._call(
+            "an enrollment check", lambda registry: registry.enrollment_verdict(serial, public_key, kind=kind)
+        )
+
+    async def enroll(self, serial: str, cert: x509.Certificate, kind: Kind, where: str) -> EnrollResult:
+        """Record ``cert``, obtained with the credential ``serial`` (``Registry.enroll``)."""
+        return await self._call("an enrollment", lambda registry: registry.enroll(serial, cert, kind=kind, where=where))
 
     async def pin(self, serial: str, identity: str) -> PinResult:
         return await self._call("an identity pin", Registry.pin_identity, serial, identity)

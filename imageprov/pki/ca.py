@@ -1,10 +1,11 @@
-"""The fleet's CA, the edge's server certificate and per-device client certificates.
+"""The fleet's CA, the edge's server certificate, per-device client certificates and bootstrap certificates.
 
 Modelled on trustme: a ``CertificateAuthority`` issues leaves; one builder sets
 subject, issuer, validity, serial and key identifiers, and each kind of
 certificate adds only the extensions that differ. Outputs are small objects
 that know how to write themselves. Keys are EC (P-256 unless asked otherwise),
-made with the OS's CSPRNG by ``cryptography``.
+made with the OS's CSPRNG by ``cryptography``; a device certificate may also be
+issued for a key made elsewhere (``certify_device``: a device's TPM, through EST).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes, CertificatePublicKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID, ObjectIdentifier
 
 from imageprov.errors import PkiError, UsageError
 from imageprov.pki.chain import SERVER, ca_problems
@@ -38,6 +40,14 @@ BACKDATE = dt.timedelta(minutes=5)
 # The longest validity (and CRL lifetime) taken, in days: a hundred years, far inside what X.509's
 # GeneralizedTime and Python's datetime hold (year 9999), so that no --days ever overflows them.
 MAX_DAYS = 36500
+# The policy that marks a bootstrap certificate: "imageprov bootstrap, enrollment (EST) only". imageprov has
+# no registered arc, so the OID is a UUID under 2.25 (ITU-T X.667 / RFC 4122 section 4, ISO/IEC 9834-8),
+# generated once (2e8aa5c3-e8d8-4a77-a1ac-468206e1334c) and fixed here: every edge and every device of
+# every fleet recognise bootstrap certificates by it, so it never changes.
+BOOTSTRAP_POLICY = ObjectIdentifier("2.25.61864386891722231090998972135304672076")
+# How long a bootstrap certificate lives unless asked otherwise: from the line to the device's first boot,
+# which may be a year or two on a shelf. It is single-use: revoked the moment it enrolls.
+BOOTSTRAP_DAYS = 730
 
 
 def check_days(days: int) -> None:
@@ -277,16 +287,18 @@ class CertificateAuthority:
     def _leaf(
         self, subject: Subject, days: int, curve: Curve
     ) -> tuple[x509.CertificateBuilder, ec.EllipticCurvePrivateKey]:
+        key = curve.generate()
+        return self._leaf_for(subject, days, key.public_key()), key
+
+    def _leaf_for(self, subject: Subject, days: int, public_key: CertificatePublicKeyTypes) -> x509.CertificateBuilder:
         check_days(days)
         self.check_usable()
-        key = curve.generate()
         now = _now()
         # A leaf never outlives its CA: past that, no verifier accepts it anyway.
         not_after = min(now + dt.timedelta(days=days), self.cert.not_valid_after_utc)
-        builder = _builder(
-            subject.to_name(), self.cert.subject, key.public_key(), now - BACKDATE, not_after, self.key.public_key()
+        return _builder(
+            subject.to_name(), self.cert.subject, public_key, now - BACKDATE, not_after, self.key.public_key()
         ).add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        return builder, key
 
     def issue_server(
         self, hosts: list[str], *, ips: list[str] | None = None, days: int = 730, curve: Curve = Curve.P256
@@ -320,13 +332,49 @@ class CertificateAuthority:
         self, device_id: str, *, days: int = 3650, curve: Curve = Curve.P256, subject: Subject | None = None
     ) -> Issued:
         """A TLS client certificate for one device: CN = the device id, clientAuth."""
-        base = subject or self.subject
-        builder, key = self._leaf(replace(base, common_name=device_id), days, curve)
-        builder = builder.add_extension(_key_usage(digital_signature=True), critical=True).add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,  # TLS client only
-        )
-        return Issued(builder.sign(self.key, self.curve.hash), key)
+        builder, key = self._leaf(replace(subject or self.subject, common_name=device_id), days, curve)
+        return Issued(self._sign(_device_profile(builder)), key)
+
+    def certify_device(
+        self, device_id: str, public_key: CertificatePublicKeyTypes, *, days: int = 3650, subject: Subject | None = None
+    ) -> x509.Certificate:
+        """The device profile of ``issue_device`` for a key held elsewhere: a TPM's or a secure element's, whose
+        public half came in a certificate request (EST). Nothing of the request but the key is taken: the
+        subject, the validity and every extension are the CA's (RFC 7030, 4.2.1 lets the CA decide them)."""
+        builder = self._leaf_for(replace(subject or self.subject, common_name=device_id), days, public_key)
+        return self._sign(_device_profile(builder))
+
+    def issue_bootstrap(
+        self, device_id: str, *, days: int = BOOTSTRAP_DAYS, curve: Curve = Curve.P256, subject: Subject | None = None
+    ) -> Issued:
+        """A bootstrap certificate for one device: good for one enrollment (EST) and nothing else.
+
+        The profile is the device certificate's (CN = the device id, keyUsage
+        digitalSignature, extendedKeyUsage clientAuth), so that nginx takes it
+        in the TLS handshake like any device certificate, plus a certificate
+        policy, ``BOOTSTRAP_POLICY``, that says what it is for. The policy is
+        marked critical: RFC 5280 (4.2.1.4) has a verifier that does not
+        process certificate policies reject the certificate, so a relying
+        party that does not know bootstrap certificates (an older edge, another
+        gateway in front of the fleet) refuses it rather than take it for a
+        device; OpenSSL processes policies and takes it (nginx's handshake),
+        and imageprov's edge refuses it everywhere but on its EST routes. Its
+        key is made here and written to the image like a device key, which is
+        why it may do so little: the device replaces it at first boot with a
+        key that never leaves its TPM, and the edge revokes it on that first
+        use. The policy carries no qualifier (RFC 5280 recommends an OID alone).
+
+        Another extendedKeyUsage (a private one for "enrollment") was the other
+        candidate: it must come next to clientAuth for nginx, and then restricts
+        nothing; the policy is the extension X.509 has for "what this is for".
+        """
+        builder, key = self._leaf(replace(subject or self.subject, common_name=device_id), days, curve)
+        policies = x509.CertificatePolicies([x509.PolicyInformation(BOOTSTRAP_POLICY, None)])
+        builder = _device_profile(builder).add_extension(policies, critical=True)  # enrollment only
+        return Issued(self._sign(builder), key)
+
+    def _sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        return builder.sign(self.key, self.curve.hash)
 
     def write_to(self, pki_dir: Path, passphrase: bytes | None) -> None:
         """Write ca-cert.pem and ca-private.key (PKCS#8, encrypted unless ``passphrase`` is None)."""
@@ -349,13 +397,59 @@ class CertificateAuthority:
             raise PkiError(f"cannot write the CA into {pki_dir}: {exc.strerror}") from exc
 
 
+def _device_profile(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+    """What a device certificate adds to the leaf: TLS client use, signatures only."""
+    return builder.add_extension(_key_usage(digital_signature=True), critical=True).add_extension(
+        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+        critical=False,  # TLS client only
+    )
+
+
+def is_bootstrap(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` claims the bootstrap policy, critical or not: then it is for enrollment and nothing else."""
+    try:
+        policies = cert.extensions.get_extension_for_oid(ExtensionOID.CERTIFICATE_POLICIES).value
+    except x509.ExtensionNotFound:
+        return False
+    assert isinstance(policies, x509.CertificatePolicies)
+    return any(policy.policy_identifier == BOOTSTRAP_POLICY for policy in policies)
+
+
+def bootstrap_problems(cert: x509.Certificate) -> list[str]:
+    """Why ``cert`` is not a bootstrap certificate of ``issue_bootstrap``'s profile; empty if it is.
+
+    Its certificate policies are exactly ``BOOTSTRAP_POLICY`` (critical, no
+    qualifier) and it is no CA: nothing else that policy would let through.
+    """
+    try:
+        extension = cert.extensions.get_extension_for_oid(ExtensionOID.CERTIFICATE_POLICIES)
+    except x509.ExtensionNotFound:
+        return ["it has no certificate policies: it is no bootstrap certificate"]
+    problems = []
+    assert isinstance(extension.value, x509.CertificatePolicies)
+    policies = list(extension.value)
+    if [(p.policy_identifier, p.policy_qualifiers) for p in policies] != [(BOOTSTRAP_POLICY, None)]:
+        problems.append(
+            f"its certificate policies are not the bootstrap policy alone ({BOOTSTRAP_POLICY.dotted_string})"
+        )
+    if not extension.critical:
+        problems.append("its certificate policies are not critical")
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or constraints.ca:
+        problems.append("it is not marked as an end entity (basicConstraints CA:FALSE)")
+    return problems
+
+
 def _builder(
     subject: x509.Name,
     issuer: x509.Name,
-    public_key: ec.EllipticCurvePublicKey,
+    public_key: CertificatePublicKeyTypes,
     not_before: dt.datetime,
     not_after: dt.datetime,
-    issuer_key: ec.EllipticCurvePublicKey,
+    issuer_key: CertificateIssuerPublicKeyTypes,
 ) -> x509.CertificateBuilder:
     """What every certificate has: names, validity, a random serial and key identifiers."""
     builder = (

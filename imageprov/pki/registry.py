@@ -14,6 +14,13 @@ A device certificate is bound to the first identity it presents at the edge
 (``pin_identity``): the schema keeps one identity per certificate and one
 current certificate per identity, so edges racing on either end with a verdict.
 
+A device may also hold one live bootstrap certificate (kind ``bootstrap``),
+good for one enrollment at first boot (EST): ``enroll`` records the device
+certificate it obtains and marks the credential used (revoked, superseded) in
+one transaction; the ``enrollments`` table keeps which credential obtained
+which certificate, one use per credential. A device certificate renews itself
+the same way (``simplereenroll``).
+
 A registry is made only where a PKI starts (``create=True``: ``ca init``,
 ``ca import``, the target of ``registry migrate``); anything else that names a
 registry that is not there gets ``RegistryMissing``, never a new, empty one.
@@ -24,11 +31,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from imageprov.errors import PkiError, UsageError
 from imageprov.pki.ca import Issued
@@ -36,6 +44,10 @@ from imageprov.pki.config import PkiConfig, RegistryUrl, Scheme, load_config
 from imageprov.pki.registry_base import (
     COLUMNS,
     Backend,
+    CertificateState,
+    EnrollResult,
+    EnrollVerdict,
+    Kind,
     Pin,
     PinResult,
     PinVerdict,
@@ -55,16 +67,22 @@ from imageprov.pki.registry_base import (
 from imageprov.pki.registry_sqlite import SqliteBackend
 
 __all__ = [
-    "Pin", "PinResult", "PinVerdict", "Reason", "Record", "Registry", "RegistryBusy", "RegistryConflict",
-    "RegistryDamaged", "RegistryMissing", "RegistryTimeout", "RegistryUnavailable", "Revocation", "Status",
-    "normalize_serial",
+    "CertificateState", "EnrollResult", "EnrollVerdict", "Kind", "Pin", "PinResult", "PinVerdict", "Reason", "Record",
+    "Registry", "RegistryBusy", "RegistryConflict", "RegistryDamaged", "RegistryMissing", "RegistryTimeout",
+    "RegistryUnavailable", "Revocation", "Status", "normalize_serial",
 ]  # fmt: skip
 
 REGISTRY = "registry.sqlite"
 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM certificates"
-# Spelled as the partial index one_live_certificate_per_device is, so that both databases use it.
-_LIVE = "device_id = ? AND kind = 'device' AND status IN ('pending', 'active')"
+# Spelled as the partial indexes one_live_certificate_per_device and one_live_bootstrap_per_device are, so
+# that both databases can use them: a kind's live certificate, one per device.
+_LIVE = {
+    kind: f"device_id = ? AND kind = '{kind.value}' AND status IN ('pending', 'active')"
+    for kind in (Kind.DEVICE, Kind.BOOTSTRAP)
+}
+# Kinds that a station issues for a device, pending until delivered.
+_DEVICE_KINDS = "kind IN ('device', 'bootstrap')"
 _PIN = "SELECT serial, identity, mender_device_id, pinned_at, cut_at FROM pins"
 # The current holder of an identity, and whether the certificate asking supersedes it: the holder is
 # revoked, or it is an older certificate of the same device (of two issued in one second, the one recorded first).
@@ -132,6 +150,41 @@ def _canonical(identity: str) -> str:
     if len(identity.encode()) > MAX_IDENTITY:
         raise PkiError(f"an identity of {len(identity.encode())} bytes is too long to pin (at most {MAX_IDENTITY})")
     return identity
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    return str(cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
+
+
+def _spki_pem(cert: x509.Certificate) -> str:
+    """The certificate's public key as the public_key column holds it."""
+    return (
+        cert.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+_LIVE_KINDS = {kind.value for kind in _LIVE}
+_INSERT = (
+    f"INSERT INTO certificates ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)}) RETURNING {', '.join(COLUMNS)}"
+)
+# The device's live device certificate, and whether it was recorded after the credential ? (a bootstrap certificate).
+_LIVE_AND_NEWER = (
+    f"SELECT {', '.join('l.' + c for c in COLUMNS)}, "
+    "(l.issued_at > b.issued_at OR (l.issued_at = b.issued_at AND l.rowid > b.rowid)) AS newer "
+    "FROM certificates l JOIN certificates b ON b.serial = ? "
+    "WHERE l.device_id = ? AND l.kind = 'device' AND l.status IN ('pending', 'active')"
+)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What an enrollment decided, and what it changes if it issues: the certificate it replaces, if any."""
+
+    result: EnrollResult
+    replaced: Record | None = None
 
 
 class Registry:
@@ -212,7 +265,7 @@ class Registry:
         ``revoke_stale``. Each station's lease is asked about once.
         """
         # Read from the partial index pending_certificates: a station's start-up costs what is pending.
-        pending = self._select("kind = 'device' AND status = 'pending'")
+        pending = self._select(f"{_DEVICE_KINDS} AND status = 'pending'")
         alive: dict[int | None, bool] = {}
         for record in pending:
             if record.session not in alive:
@@ -244,55 +297,46 @@ class Registry:
         self,
         issued: Issued,
         *,
-        kind: str = "device",
+        kind: str = Kind.DEVICE.value,
         status: Status = Status.ACTIVE,
         delivered_to: str | None = None,
         reissue: bool = False,
     ) -> Record:
-        """Enter a newly issued certificate. A device with a live certificate is refused unless ``reissue``,
-        which revokes the old one as superseded (never one another live station is still delivering)."""
+        """Enter a newly issued certificate. A device with a live certificate of that kind (device, or
+        bootstrap) is refused unless ``reissue``, which revokes the old one as superseded (never one another
+        live station is still delivering)."""
         cert = issued.cert
-        name = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
-        device_id = str(name)
-        now = _now()
-        public_key = cert.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        device_id = _common_name(cert)
+        live_kind = Kind(kind) if kind in _LIVE_KINDS else None
         session = self.lease() if status is Status.PENDING else None
-        insert = (
-            f"INSERT INTO certificates ({', '.join(COLUMNS)}) "
-            f"VALUES ({', '.join('?' for _ in COLUMNS)}) RETURNING {', '.join(COLUMNS)}"
-        )
-        values = (
-            issued.serial_hex, device_id, kind, issued.fingerprint, public_key.decode(),
-            cert.not_valid_before_utc.isoformat(), cert.not_valid_after_utc.isoformat(), now,
-            status.value, None, None, delivered_to, now if delivered_to else None, self.station.describe(), session,
-        )  # fmt: skip
+        values = self._values(cert, kind, status, delivered_to, session)
         try:
             if not reissue:
                 # One statement, one durable commit: the partial unique index
                 # refuses a second live certificate; the reason is read after.
                 with self._db.autocommit() as tx:
-                    [row] = tx.query(insert, values)
+                    [row] = tx.query(_INSERT, values)
                 return Record.from_row(row)
             with self._db.transaction() as tx:
-                live = [Record.from_row(r) for r in tx.query(f"{_SELECT} WHERE {_LIVE}", (device_id,))]
-                if kind == "device" and live:
-                    if live[0].status is Status.PENDING and self.owner_alive(live[0]):
-                        raise self._busy(live[0])
-                    tx.execute(
-                        f"UPDATE certificates SET status = 'revoked', revoked_at = ?, reason = 'superseded' "
-                        f"WHERE {_LIVE}",
-                        (now, device_id),
-                    )
-                [row] = tx.query(insert, values)
+                if live_kind is not None:
+                    live = [Record.from_row(r) for r in tx.query(f"{_SELECT} WHERE {_LIVE[live_kind]}", (device_id,))]
+                    if live:
+                        if live[0].status is Status.PENDING and self.owner_alive(live[0]):
+                            raise self._busy(live[0])
+                        tx.execute(
+                            "UPDATE certificates SET status = 'revoked', revoked_at = ?, reason = 'superseded' "
+                            f"WHERE {_LIVE[live_kind]}",
+                            (_now(), device_id),
+                        )
+                [row] = tx.query(_INSERT, values)
         except RegistryConflict as exc:
-            live_now = self.live(device_id) if kind == "device" else None
+            live_now = self.live(device_id, kind=live_kind) if live_kind is not None else None
             if live_now is not None and live_now.status is Status.PENDING and self.owner_alive(live_now):
                 raise self._busy(live_now) from exc
             if live_now is not None and not reissue:
                 raise PkiError(
-                    f"device {device_id} already has a certificate ({live_now.status.value}, serial {live_now.serial})",
+                    f"device {device_id} already has a {kind} certificate ({live_now.status.value}, "
+                    f"serial {live_now.serial})",
                     hint="pass --reissue to revoke it as superseded and issue a new one",
                 ) from exc
             # A race lost to another station (or a 1 in 2**159 serial collision).
@@ -300,6 +344,17 @@ class Registry:
                 f"device {device_id} was issued a certificate by another station at the same time"
             ) from exc
         return Record.from_row(row)
+
+    def _values(
+        self, cert: x509.Certificate, kind: str, status: Status, delivered_to: str | None, session: int | None
+    ) -> tuple[object, ...]:
+        """A certificate's row, in COLUMNS order, recorded now by this station."""
+        now = _now()
+        return (
+            f"{cert.serial_number:x}", _common_name(cert), kind, cert.fingerprint(hashes.SHA256()).hex(),
+            _spki_pem(cert), cert.not_valid_before_utc.isoformat(), cert.not_valid_after_utc.isoformat(), now,
+            status.value, None, None, delivered_to, now if delivered_to else None, self.station.describe(), session,
+        )  # fmt: skip
 
     def _busy(self, record: Record) -> PkiError:
         return PkiError(
@@ -377,6 +432,122 @@ class Registry:
                            hint="another station is at it; rerun")  # fmt: skip
         return self._select("serial = ?", (live.serial,))[0]
 
+    # -- enrollment (EST) -----------------------------------------------------
+
+    def enrollment_verdict(self, serial: str, public_key: str, *, kind: Kind) -> EnrollResult:
+        """What ``enroll`` would decide now for the credential ``serial`` and a certificate of ``public_key``
+        (PEM SubjectPublicKeyInfo), changing nothing: asked before the CA signs, so that a refusal costs no
+        signature. ``enroll`` decides again, in its transaction."""
+        with self._db.autocommit() as tx:
+            return self._plan(tx, normalize_serial(serial), public_key, kind).result
+
+    def enroll(self, serial: str, cert: x509.Certificate, *, kind: Kind, where: str) -> EnrollResult:
+        """Record ``cert`` as its device's live certificate, obtained with the credential ``serial`` of ``kind``:
+        a bootstrap certificate (EST simpleenroll) or the device's live certificate (simplereenroll).
+
+        Decided and done in one transaction, so that edges racing on one credential get one ENROLLED:
+
+        - the credential is unknown, of another kind, pending, or revoked: UNKNOWN, WRONG_KIND,
+          NOT_DELIVERED, REVOKED; nothing changes;
+        - it was used before: REPEATED if ``cert`` is for the key that use certified and that certificate
+          is still active (the answer was lost on its way: it is replaced, superseded, by ``cert``), else
+          USED, with the certificate it obtained (a second device holds the credential: a clone);
+        - a bootstrap certificate of a device issued a device certificate since: SUPERSEDED, with that one;
+          the device being stamped by a live station right now: BUSY;
+        - else ENROLLED: the credential is revoked (superseded, which is what marks it used, with the
+          ``enrollments`` row), the device's live device certificate too (superseded: the renewed one, or one
+          older than the bootstrap certificate), and ``cert`` recorded active, delivered to ``where``.
+
+        Identity pins need nothing here: a bootstrap certificate never pins one (the edge admits it nowhere
+        but EST), and the first auth request of ``cert`` takes over the identity its device's superseded
+        certificate held (``pin_identity``: REPINNED, the Mender device id carried over).
+        """
+        serial = normalize_serial(serial)
+        public_key = _spki_pem(cert)
+        for _ in range(_PIN_ATTEMPTS):
+            try:
+                with self._db.transaction() as tx:
+                    plan = self._plan(tx, serial, public_key, kind)
+                    if plan.result.verdict not in (EnrollVerdict.ENROLLED, EnrollVerdict.REPEATED):
+                        return plan.result
+                    return self._carry_out(tx, serial, cert, plan, where)
+            except (RegistryConflict, _LostRace):
+                continue  # another edge enrolled meanwhile: decided again on what it committed
+        raise RegistryConflict(
+            f"the enrollment with certificate {serial} kept changing while being decided",
+            hint="several edges are at this credential at once; its next request is decided anew",
+        )
+
+    def _plan(self, tx: Tx, serial: str, public_key: str, kind: Kind) -> _Plan:
+        found = tx.query(f"{_SELECT} WHERE serial = ?", (serial,))
+        if not found:
+            return _Plan(EnrollResult(EnrollVerdict.UNKNOWN))
+        used = Record.from_row(found[0])
+        if used.kind != kind.value:
+            return _Plan(EnrollResult(EnrollVerdict.WRONG_KIND))
+        earlier = tx.query("SELECT issued_serial FROM enrollments WHERE used_serial = ?", (serial,))
+        if earlier:
+            obtained = str(earlier[0]["issued_serial"])
+            before = Record.from_row(tx.query(f"{_SELECT} WHERE serial = ?", (obtained,))[0])
+            if before.status is Status.ACTIVE and before.public_key == public_key:
+                return _Plan(EnrollResult(EnrollVerdict.REPEATED, other=obtained), replaced=before)
+            return _Plan(EnrollResult(EnrollVerdict.USED, other=obtained))
+        if used.status is Status.PENDING:
+            return _Plan(EnrollResult(EnrollVerdict.NOT_DELIVERED))
+        if used.status is Status.REVOKED:
+            return _Plan(EnrollResult(EnrollVerdict.REVOKED))
+        if kind is Kind.DEVICE:  # a renewal: the credential is the live certificate it replaces
+            return _Plan(EnrollResult(EnrollVerdict.ENROLLED, other=used.serial), replaced=used)
+        live = tx.query(_LIVE_AND_NEWER, (serial, used.device_id))
+        if not live:
+            return _Plan(EnrollResult(EnrollVerdict.ENROLLED))
+        current = Record.from_row(live[0])
+        if live[0]["newer"]:  # the line reissued the device since: this bootstrap certificate is stale
+            return _Plan(EnrollResult(EnrollVerdict.SUPERSEDED, other=current.serial))
+        if current.status is Status.PENDING and self.owner_alive(current):
+            return _Plan(EnrollResult(EnrollVerdict.BUSY, other=current.serial))
+        return _Plan(EnrollResult(EnrollVerdict.ENROLLED, other=current.serial), replaced=current)
+
+    def _carry_out(self, tx: Tx, serial: str, cert: x509.Certificate, plan: _Plan, where: str) -> EnrollResult:
+        now = _now()
+        supersede = (
+            "UPDATE certificates SET status = 'revoked', revoked_at = ?, reason = 'superseded' WHERE serial = ? "
+        )
+        replaced = plan.replaced
+        if plan.result.verdict is EnrollVerdict.REPEATED:
+            assert replaced is not None
+            if tx.execute(supersede + "AND status = 'active'", (now, replaced.serial)) != 1:
+                raise _LostRace
+        else:
+            if tx.execute(supersede + "AND status = 'active'", (now, serial)) != 1:  # the credential: used now
+                raise _LostRace
+            # The device certificate the new one replaces (a bootstrap certificate's: an older one, if any).
+            other = replaced.serial if replaced is not None and replaced.serial != serial else None
+            if other and tx.execute(supersede + "AND status IN ('pending', 'active')", (now, other)) != 1:
+                raise _LostRace
+        [row] = tx.query(_INSERT, self._values(cert, Kind.DEVICE.value, Status.ACTIVE, where, None))
+        record = Record.from_row(row)
+        if plan.result.verdict is EnrollVerdict.REPEATED:
+            assert replaced is not None
+            changed = tx.execute(
+                "UPDATE enrollments SET issued_serial = ?, enrolled_at = ? WHERE used_serial = ? AND issued_serial = ?",
+                (record.serial, now, serial, replaced.serial),
+            )
+            if changed != 1:
+                raise _LostRace
+        else:
+            tx.execute(
+                "INSERT INTO enrollments (used_serial, issued_serial, enrolled_at) VALUES (?, ?, ?)",
+                (serial, record.serial, now),
+            )
+        return EnrollResult(plan.result.verdict, record, plan.result.other)
+
+    def enrollment_of(self, serial: str) -> str | None:
+        """The certificate the credential ``serial`` obtained (the last, if asked again); None if never used."""
+        with self._db.autocommit() as tx:
+            found = tx.query("SELECT issued_serial FROM enrollments WHERE used_serial = ?", (normalize_serial(serial),))
+        return str(found[0]["issued_serial"]) if found else None
+
     def next_crl_number(self) -> int:
         """The next CRL number: CRLs must carry increasing numbers (RFC 5280, 5.2.3)."""
         with self._db.transaction() as tx:
@@ -421,8 +592,9 @@ class Registry:
                 return
             after = int(rows[-1]["row_id"])
 
-    def live(self, device_id: str) -> Record | None:
-        found = self._select(_LIVE, (device_id,))
+    def live(self, device_id: str, *, kind: Kind = Kind.DEVICE) -> Record | None:
+        """The device's live (pending or active) certificate of ``kind``: its device certificate, unless asked."""
+        found = self._select(_LIVE[kind], (device_id,))
         return found[0] if found else None
 
     def live_of(self, device_ids: Iterable[str]) -> dict[str, Record]:
@@ -441,13 +613,18 @@ class Registry:
         return found
 
     def status_of_serial(self, serial: str) -> Status | None:
-        """The status of the certificate with ``serial`` (hex, any case), None if the CA never issued it.
+        """The status of the certificate with ``serial`` (hex, any case), None if the CA never issued it."""
+        state = self.state_of_serial(serial)
+        return state.status if state is not None else None
+
+    def state_of_serial(self, serial: str) -> CertificateState | None:
+        """The status and kind of the certificate with ``serial`` (hex, any case), None if the CA never issued it.
 
         For a live revocation check (the edge): one indexed lookup, safe from
         several threads. A long-running reader survives a database restart: a
         lost connection is opened again once (never by a station holding a
         lease, whose pending certificates the lost connection took with it)."""
-        sql, key = "SELECT status FROM certificates WHERE serial = ?", (normalize_serial(serial),)
+        sql, key = "SELECT status, kind FROM certificates WHERE serial = ?", (normalize_serial(serial),)
         try:
             with self._db.autocommit() as tx:
                 found = tx.query(sql, key)
@@ -459,7 +636,7 @@ class Registry:
             self._db = connect(self.config.registry, timeout=self.config.timeout)
             with self._db.autocommit() as tx:
                 found = tx.query(sql, key)
-        return Status(found[0]["status"]) if found else None
+        return CertificateState(Status(found[0]["status"]), Kind(found[0]["kind"])) if found else None
 
     def record_of(self, serial: str) -> Record | None:
         """The certificate with ``serial`` (hex, any case), None if the CA never issued it."""

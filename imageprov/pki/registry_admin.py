@@ -1,6 +1,6 @@
 """Looking after a registry: check its invariants, copy it into another database (SQLite to PostgreSQL).
 
-Both cover the certificates and the identity pins the edge keeps beside them.
+Both cover the certificates, and the identity pins and enrollments the edge keeps beside them.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from imageprov.errors import PkiError
 from imageprov.pki.registry import Registry
-from imageprov.pki.registry_base import COLUMNS, PIN_COLUMNS, Record, Row, Status, Tx, rows_of
+from imageprov.pki.registry_base import COLUMNS, ENROLLMENT_COLUMNS, PIN_COLUMNS, Record, Row, Status, Tx, rows_of
 
 # A certificate only ever moves forward: pending -> active -> revoked (or pending -> revoked).
 _RANK = {Status.PENDING: 0, Status.ACTIVE: 1, Status.REVOKED: 2}
@@ -53,11 +53,12 @@ def check(registry: Registry) -> CheckReport:
         def groups(sql: str) -> list[str]:
             return [str(row["k"]) for row in tx.query(sql)]
 
-        for device in groups(
-            "SELECT device_id AS k FROM certificates WHERE kind = 'device' AND status IN ('pending', 'active') "
-            "GROUP BY device_id HAVING COUNT(*) > 1"
-        ):
-            problems.append(f"device {device} has more than one live certificate")
+        for kind, what in (("device", "certificate"), ("bootstrap", "bootstrap certificate")):
+            for device in groups(
+                f"SELECT device_id AS k FROM certificates WHERE kind = '{kind}' AND status IN ('pending', 'active') "
+                "GROUP BY device_id HAVING COUNT(*) > 1"
+            ):
+                problems.append(f"device {device} has more than one live {what}")
         # Compared as numbers would be: 0A and a are the same serial to a CRL.
         for serial in groups(
             "SELECT lower(ltrim(serial, '0')) AS k FROM certificates GROUP BY lower(ltrim(serial, '0')) "
@@ -79,6 +80,7 @@ def check(registry: Registry) -> CheckReport:
         counts = {str(r["status"]): int(r["n"]) for r in tx.query(
             "SELECT status, COUNT(*) AS n FROM certificates GROUP BY status")}  # fmt: skip
         problems += _pin_problems(tx)
+        problems += _enrollment_problems(tx)
         [pins] = tx.query(
             "SELECT COUNT(*) AS n, COUNT(released_at) AS released, "
             "SUM(CASE WHEN released_at IS NULL AND cut_at IS NULL AND serial IN "
@@ -130,6 +132,19 @@ def _pin_problems(tx: Tx) -> list[str]:
     return [message.format(row["k"]) for sql, message in checks for row in tx.query(sql)]
 
 
+def _enrollment_problems(tx: Tx) -> list[str]:
+    """The enrollments' invariants: a credential used is revoked, and what it obtained is a device certificate."""
+    checks = [
+        ("SELECT e.used_serial AS k FROM enrollments e LEFT JOIN certificates c ON c.serial = e.used_serial "
+         "WHERE c.serial IS NULL OR c.status != 'revoked' OR c.kind NOT IN ('bootstrap', 'device')",
+         "certificate {} was used to enroll but is not a revoked bootstrap or device certificate"),
+        ("SELECT e.used_serial AS k FROM enrollments e LEFT JOIN certificates c ON c.serial = e.issued_serial "
+         "WHERE c.serial IS NULL OR c.kind != 'device'",
+         "certificate {} obtained something that is no device certificate of the registry's"),
+    ]  # fmt: skip
+    return [message.format(row["k"]) for sql, message in checks for row in tx.query(sql)]
+
+
 @dataclass(frozen=True)
 class MigrateReport:
     source: str
@@ -142,6 +157,8 @@ class MigrateReport:
     pins_copied: int = 0  # identity pins new in the target
     pins_updated: int = 0  # already there, moved forward (moved on to another certificate, cut, a Mender device id)
     pins_verified: int = 0  # every pin of the source, found holding the same identity, never behind
+    enrollments_copied: int = 0  # enrollments new in the target, or moved on to a newer certificate
+    enrollments_verified: int = 0  # every enrollment of the source, found the same
 
 
 def migrate(source: Registry, target: Registry) -> MigrateReport:
@@ -159,6 +176,7 @@ def migrate(source: Registry, target: Registry) -> MigrateReport:
     with source.backend.autocommit() as tx:
         found = tx.query("SELECT value FROM meta WHERE key = 'crl_number'")
         pins = tx.query(f"SELECT {', '.join(PIN_COLUMNS)} FROM pins ORDER BY serial")
+        enrollments = tx.query(f"SELECT {', '.join(ENROLLMENT_COLUMNS)} FROM enrollments ORDER BY used_serial")
     crl_number = int(found[0]["value"]) if found else 0
     copied = updated = unchanged = 0
     with target.backend.transaction() as tx:
@@ -196,12 +214,46 @@ def migrate(source: Registry, target: Registry) -> MigrateReport:
         # CRL numbers must keep increasing after the move (RFC 5280, 5.2.3).
         tx.execute("UPDATE meta SET value = ? WHERE key = 'crl_number' AND value < ?", (crl_number, crl_number))
         pins_copied, pins_updated = _copy_pins(pins, tx, source, target)
+        enrollments_copied = _copy_enrollments(enrollments, tx)
     verified = _verify(records, target)
     pins_verified = _verify_pins(pins, target)
+    enrollments_verified = _verify_enrollments(enrollments, target)
     return MigrateReport(
         source.display, target.display, copied, updated, unchanged, verified, crl_number,
-        pins_copied, pins_updated, pins_verified,
+        pins_copied, pins_updated, pins_verified, enrollments_copied, enrollments_verified,
     )  # fmt: skip
+
+
+def _copy_enrollments(enrollments: list[Row], tx: Tx) -> int:
+    """Copy the enrollments after the certificates they name; one that moved on (a repeated enrollment) follows."""
+    there = {row["used_serial"]: row for row in tx.query(f"SELECT {', '.join(ENROLLMENT_COLUMNS)} FROM enrollments")}
+    changed = 0
+    for row in enrollments:
+        old = there.get(row["used_serial"])
+        if old is None:
+            tx.execute(
+                f"INSERT INTO enrollments ({', '.join(ENROLLMENT_COLUMNS)}) VALUES (?, ?, ?)",
+                tuple(row[name] for name in ENROLLMENT_COLUMNS),
+            )
+        elif old["issued_serial"] != row["issued_serial"]:
+            tx.execute(
+                "UPDATE enrollments SET issued_serial = ?, enrolled_at = ? WHERE used_serial = ?",
+                (row["issued_serial"], row["enrolled_at"], row["used_serial"]),
+            )
+        else:
+            continue
+        changed += 1
+    return changed
+
+
+def _verify_enrollments(enrollments: list[Row], target: Registry) -> int:
+    with target.backend.autocommit() as tx:
+        there = {row["used_serial"]: row["issued_serial"] for row in tx.query(
+            "SELECT used_serial, issued_serial FROM enrollments")}  # fmt: skip
+    wrong = [row["used_serial"] for row in enrollments if there.get(row["used_serial"]) != row["issued_serial"]]
+    if wrong:
+        raise PkiError(f"{len(wrong)} enrollment(s) did not arrive intact in {target.display} (e.g. {wrong[0]})")
+    return len(enrollments)
 
 
 def _copy_pins(pins: list[Row], tx: Tx, source: Registry, target: Registry) -> tuple[int, int]:

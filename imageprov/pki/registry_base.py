@@ -24,7 +24,7 @@ from imageprov.errors import PkiError
 # Schema versions, numbered. Every backend migrates forward to this one on
 # open, in one transaction; a registry with a higher number was made by a newer
 # imageprov and is refused rather than misread.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 COLUMNS = (
     "serial", "device_id", "kind", "fingerprint", "public_key", "not_before", "not_after", "issued_at",
@@ -33,6 +33,18 @@ COLUMNS = (
 
 # The identity pins (version 3): a device certificate is bound to the first identity it presents.
 PIN_COLUMNS = ("serial", "identity", "mender_device_id", "pinned_at", "released_at", "released_to", "cut_at")
+# The enrollments (version 7): which certificate each credential (a bootstrap certificate, or a device certificate
+# that renewed itself) was used to obtain, through EST. A credential is used once.
+ENROLLMENT_COLUMNS = ("used_serial", "issued_serial", "enrolled_at")
+
+
+class Kind(enum.Enum):
+    """What a certificate is for (the ``kind`` column)."""
+
+    DEVICE = "device"  # a device's TLS client certificate: what the edge admits
+    SERVER = "server"  # the edge's TLS server certificate
+    BOOTSTRAP = "bootstrap"  # a device's one enrollment (EST), and nothing else (version 7)
+
 
 Row = dict[str, Any]
 
@@ -133,6 +145,39 @@ class Pin:
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Pin:
         return cls(**{name: row[name] for name in ("serial", "identity", "mender_device_id", "pinned_at", "cut_at")})
+
+
+class EnrollVerdict(enum.Enum):
+    """What became of an enrollment with a credential (``Registry.enroll``): the first two issue, the rest refuse."""
+
+    ENROLLED = "enrolled"  # the credential's first use: the new certificate is the device's live one
+    # The credential was used before, and the key that enrollment certified asks again (its answer was lost):
+    # that certificate is replaced by the new one. Only the device holding that key can ask so.
+    REPEATED = "repeated"
+    UNKNOWN = "unknown"  # the registry never recorded the credential
+    WRONG_KIND = "wrong-kind"  # not the kind the operation takes (a device certificate at simpleenroll ...)
+    NOT_DELIVERED = "not-delivered"  # pending: its image was never confirmed written
+    REVOKED = "revoked"  # revoked, and never used to enroll
+    USED = "used"  # used already, by another key: a second device holds it (a clone), or someone replays it
+    SUPERSEDED = "superseded"  # the device was issued a certificate after this bootstrap certificate
+    BUSY = "busy"  # a station is stamping the device right now
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    verdict: EnrollVerdict
+    record: Record | None = None  # ENROLLED, REPEATED: the certificate recorded
+    # ENROLLED: the device certificate it replaced, if any; REPEATED, USED: the one the credential obtained before;
+    # SUPERSEDED: the device's newer certificate; BUSY: the one being stamped.
+    other: str | None = None
+
+
+@dataclass(frozen=True)
+class CertificateState:
+    """A certificate's status and kind: what the edge asks per request, from the primary key."""
+
+    status: Status
+    kind: Kind
 
 
 class RegistryUnavailable(PkiError):

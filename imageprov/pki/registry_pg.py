@@ -125,11 +125,25 @@ _MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX revoked_certificates ON certificates (issued_at, serial, revoked_at, reason, status) "
         "WHERE status = 'revoked'",
     ],
+    7: [
+        # Bootstrap certificates (issue 27), as in registry_sqlite.py; PostgreSQL widens the CHECK in place
+        # (version 1 left it the name PostgreSQL gives a column's check).
+        "ALTER TABLE certificates DROP CONSTRAINT IF EXISTS certificates_kind_check, "
+        "ADD CONSTRAINT certificates_kind_check CHECK (kind IN ('device', 'server', 'bootstrap'))",
+        """CREATE UNIQUE INDEX IF NOT EXISTS one_live_bootstrap_per_device
+            ON certificates (device_id) WHERE kind = 'bootstrap' AND status IN ('pending', 'active')""",
+        """CREATE TABLE IF NOT EXISTS enrollments (
+            used_serial   TEXT PRIMARY KEY REFERENCES certificates (serial),
+            issued_serial TEXT NOT NULL UNIQUE REFERENCES certificates (serial),
+            enrolled_at   TIMESTAMPTZ NOT NULL,
+            CHECK (issued_serial <> used_serial)
+        )""",
+    ],
 }
 
 INDEXES = (
     "one_live_certificate_per_device", "one_certificate_per_identity", "pins_not_cut",
-    "certificates_by_device", "pending_certificates", "revoked_certificates",
+    "certificates_by_device", "pending_certificates", "revoked_certificates", "one_live_bootstrap_per_device",
 )  # fmt: skip
 
 

@@ -32,6 +32,11 @@ from imageprov.pki.registry_base import (
     newer_schema,
 )
 
+# The columns of certificates that version 7 copies into its new table.
+_COPIED = (
+    "serial, device_id, kind, fingerprint, public_key, not_before, not_after, issued_at, status, revoked_at, "
+    "reason, delivered_to, delivered_at, owner, session"
+)
 # Version 1 is the schema of imageprov 0.1 (which had no version number): the
 # steps are written so that they also upgrade such a file in place.
 _MIGRATIONS: dict[int, list[str]] = {
@@ -112,12 +117,56 @@ _MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX revoked_certificates ON certificates (issued_at, serial, revoked_at, reason, status) "
         "WHERE status = 'revoked'",
     ],
+    7: [
+        # Bootstrap certificates (issue 27): a device's one enrollment at first boot (EST). SQLite cannot widen a
+        # CHECK constraint in place, so the table is made anew and its rows copied, row ids kept (each() and the
+        # identity pins order by them), then renamed, as https://www.sqlite.org/lang_altertable.html#otheralter
+        # describes; foreign keys are not enforced on this connection, so the pins' references stay as they are.
+        """CREATE TABLE certificates_7 (
+            serial       TEXT PRIMARY KEY,
+            device_id    TEXT NOT NULL,
+            kind         TEXT NOT NULL CHECK (kind IN ('device', 'server', 'bootstrap')),
+            fingerprint  TEXT NOT NULL UNIQUE,
+            public_key   TEXT NOT NULL,
+            not_before   TEXT NOT NULL,
+            not_after    TEXT NOT NULL,
+            issued_at    TEXT NOT NULL,
+            status       TEXT NOT NULL CHECK (status IN ('pending', 'active', 'revoked')),
+            revoked_at   TEXT,
+            reason       TEXT,
+            delivered_to TEXT,
+            delivered_at TEXT,
+            owner        TEXT,
+            session      INTEGER REFERENCES sessions (id)
+        )""",
+        f"INSERT INTO certificates_7 (rowid, {_COPIED}) SELECT rowid, {_COPIED} FROM certificates",
+        "DROP TABLE certificates",
+        "ALTER TABLE certificates_7 RENAME TO certificates",
+        # The indexes went with the old table: made again as versions 1, 4 and 6 made them.
+        """CREATE UNIQUE INDEX one_live_certificate_per_device
+            ON certificates (device_id) WHERE kind = 'device' AND status IN ('pending', 'active')""",
+        "CREATE INDEX certificates_by_device ON certificates (device_id)",
+        "CREATE INDEX pending_certificates ON certificates (session) WHERE status = 'pending'",
+        "CREATE INDEX revoked_certificates ON certificates (issued_at, serial, revoked_at, reason, status) "
+        "WHERE status = 'revoked'",
+        # A device holds at most one live bootstrap certificate, beside its one live device certificate.
+        """CREATE UNIQUE INDEX IF NOT EXISTS one_live_bootstrap_per_device
+            ON certificates (device_id) WHERE kind = 'bootstrap' AND status IN ('pending', 'active')""",
+        # Each credential is used once (its primary key): the certificate it obtained, replaced only when the
+        # same key asks again; a certificate is obtained by one credential.
+        """CREATE TABLE IF NOT EXISTS enrollments (
+            used_serial   TEXT PRIMARY KEY REFERENCES certificates (serial),
+            issued_serial TEXT NOT NULL UNIQUE REFERENCES certificates (serial),
+            enrolled_at   TEXT NOT NULL,
+            CHECK (issued_serial <> used_serial)
+        )""",
+    ],
 }
 
 # Indexes that carry an invariant or keep the edge's lookups off a table scan; `registry check` looks for them.
 INDEXES = (
     "one_live_certificate_per_device", "one_certificate_per_identity", "pins_not_cut",
-    "certificates_by_device", "pending_certificates", "revoked_certificates",
+    "certificates_by_device", "pending_certificates", "revoked_certificates", "one_live_bootstrap_per_device",
 )  # fmt: skip
 
 
