@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from imageprov.disk.golden import DEFAULT_MENDER_CONF, GoldenSpec, RootfsB, Scheme, build_golden
-from tests.conftest import SBIN, cli_env, need
+from tests.conftest import IMAGEPROV_ARGV, SBIN, cli_env, need
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -345,7 +345,7 @@ def make_sample(work: Path, *, with_pki: bool) -> None:
     (work / "serials.txt").write_text("".join(f"{i}\n" for i in SAMPLE_IDS))
     (work / "serials.csv").write_text("device_id,batch\n" + "".join(f"{i},1\n" for i in SAMPLE_IDS))
     if with_pki:
-        proc = subprocess.run([sys.executable, "-m", "imageprov", "ca", "init", "pki", *SAMPLE_CA], cwd=work,
+        proc = subprocess.run([*IMAGEPROV_ARGV, "ca", "init", "pki", *SAMPLE_CA], cwd=work,
                               capture_output=True, text=True, env=checkout_env(), stdin=subprocess.DEVNULL)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
 

@@ -16,7 +16,6 @@ import socket
 import ssl
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from imageprov.edge.nginx import AUTH_REQUESTS, CHECK, DEVICECONNECT, EdgeConfig, render_nginx
 from imageprov.errors import UsageError
-from tests.conftest import SBIN, imageprov, need
+from tests.conftest import IMAGEPROV_ARGV, SBIN, imageprov, need
 from tests.edge_support import (
     PASSWORD,
     USER,
@@ -83,7 +82,7 @@ def _config(edge: Edge, upstream: str, **kwargs: Any) -> EdgeConfig:
 
 def _edge_nginx(edge: Edge, port: int, *args: str | Path, env: dict[str, str] | None = None) -> str:
     """What ``imageprov edge nginx`` prints, run as a user runs it (the environment as given)."""
-    argv = [sys.executable, "-m", "imageprov", "edge", "nginx", "--pki", str(edge.pki), "--server-cert",
+    argv = [*IMAGEPROV_ARGV, "edge", "nginx", "--pki", str(edge.pki), "--server-cert",
             str(edge.server), "--listen", f"127.0.0.1:{port}", *map(str, args)]  # fmt: skip
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MTLS_", "UPSTREAM_"))}
     result = subprocess.run(argv, capture_output=True, text=True, env={**base, **(env or {})}, timeout=120)

@@ -14,7 +14,6 @@ import shutil
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +37,7 @@ from imageprov.pki.registry import (
     Status,
 )
 from imageprov.pki.registry_base import SCHEMA_VERSION, Backend, Row, Tx
-from tests.conftest import PASSPHRASE, cli_env, imageprov_pki
+from tests.conftest import IMAGEPROV_ARGV, PASSPHRASE, cli_env, imageprov_pki
 from tests.pg import Db, Postgres, running_postgres
 
 
@@ -571,7 +570,7 @@ def test_a_server_that_never_answers_the_connection_is_one_line(tmp_path: Path) 
         listener.listen(8)
         began = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, "-m", "imageprov", "devices", "--pki", str(pki), "--registry",
+            [*IMAGEPROV_ARGV, "devices", "--pki", str(pki), "--registry",
              f"postgresql:///registry?host={silent}&user=nobody"],
             capture_output=True, text=True, env=cli_env(), stdin=subprocess.DEVNULL, timeout=60,
         )  # fmt: skip
