@@ -344,6 +344,48 @@ def test_a_locked_registry_refuses_within_its_timeout(registry: tuple[Path, Regi
     assert _revoked(source, revoked) and not _revoked(source, active)
 
 
+def _in_flight(gate: RegistryGate, release: threading.Event) -> tuple[Any, threading.Event]:
+    """A registry call running in the gate's thread, held before its query until ``release``: as the cut-off
+    loop's call is when the service stops (its task cancelled, its thread going on)."""
+    started = threading.Event()
+
+    def held(registry: Registry) -> list[Any]:
+        started.set()
+        release.wait(60)
+        return registry.all()
+
+    call = gate._pool.submit(gate._with_registry, held)
+    assert started.wait(60)
+    return call, started
+
+
+def test_closing_waits_for_a_call_in_flight(registry: tuple[Path, RegistrySource, str, str]) -> None:
+    """Closing the connection under a running query crashed the interpreter (SQLite's C connection freed)."""
+    gate, release = registry[1].gate, threading.Event()
+    call, _ = _in_flight(gate, release)
+    closing = threading.Thread(target=gate.close)
+    closing.start()
+    closing.join(0.5)
+    assert closing.is_alive(), "closed the connection while a call was using it"
+    release.set()
+    assert len(call.result(60)) == 2  # the query ran on an open connection
+    closing.join(60)
+    assert not closing.is_alive()
+    with pytest.raises(PkiError, match="closed"):  # and a call that comes after is refused, not run on it
+        gate._with_registry(Registry.status_of_serial, "0")
+
+
+def test_closing_leaves_a_call_that_overruns_its_deadline(registry: tuple[Path, RegistrySource, str, str]) -> None:
+    """A call stuck on a server that stopped answering does not hold the service's stop for longer than one call
+    may take: its connection is left to the end of the process."""
+    gate, release = registry[1].gate, threading.Event()
+    gate.timeout = 0.2
+    call, _ = _in_flight(gate, release)
+    gate.close()  # returns, within the deadline
+    release.set()
+    assert len(call.result(60)) == 2
+
+
 # -- reloads off the event loop ----------------------------------------------------------------------------------
 
 

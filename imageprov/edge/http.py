@@ -621,7 +621,8 @@ async def _registry_gate(app: web.Application) -> AsyncIterator[None]:
         app[GATE] = RegistryGate(settings.registry_dir, timeout=settings.timeout)
     yield
     if GATE in app:
-        app[GATE].close()
+        # In a thread: it may wait for a call still running (see close).
+        await asyncio.to_thread(app[GATE].close)
 
 
 def revocation_sources(settings: ServeSettings) -> list[RevocationSource]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from imageprov.pki.registry import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("imageprov.edge")
 
 
 class Standing(enum.Enum):
@@ -62,6 +64,7 @@ class RegistryGate:
         url = load_config(pki_dir).registry
         self._file = url.path if url.scheme is Scheme.SQLITE else None
         self._lock = threading.Lock()
+        self._closed = False
         # Opening it is a start-up step: a registry that is named but missing or
         # unreachable stops the service here, with the registry's own message.
         self._opened, self._registry = self._open()
@@ -102,6 +105,8 @@ class RegistryGate:
         # In a worker thread. One call at a time: the connection takes them one
         # at a time anyway, and one that is replaced must not be in use.
         with self._lock:
+            if self._closed:  # a call that was already on its way when the service stopped
+                raise RegistryUnavailable(f"the registry {self.display} is closed: the service is stopping")
             if self._file_id() != self._opened:  # None == None on PostgreSQL
                 opened, registry = self._open()
                 self._registry.close()
@@ -166,5 +171,21 @@ class RegistryGate:
         await self._call("a readiness probe", Registry.status_of_serial, "0")
 
     def close(self) -> None:
+        """Take no more calls; close the connection once no call is using it.
+
+        A call given up at its deadline, or whose task was cancelled (the
+        cut-off loop's, at shutdown), goes on in its thread: closing the
+        connection under it frees what that thread is reading (SQLite's C
+        connection: the interpreter crashed here). So wait for it as long as one
+        call may take; one still running then waits on a server that stopped
+        answering, and its connection is left to the end of the process.
+        """
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._registry.close()
+        if not self._lock.acquire(timeout=self.timeout):
+            log.warning(f"the registry {self.display} is still answering a call: its connection is left open")
+            return
+        try:
+            self._closed = True
+            self._registry.close()
+        finally:
+            self._lock.release()
