@@ -56,7 +56,7 @@ URLS = (
 # in TEXT, so that a new option is classified, not forgotten.
 URL_OPTIONS = {
     "--registry", "--to", "--upstream", "--accept", "--listen", "--server-url", "--pkcs11", "--health-listen",
-    "--resolver",
+    "--resolver", "--enroll",
 }  # fmt: skip
 TEXT = {
     "--device-id", "--target", "--wait-for", "--tenant-token", "--rootfs-parts", "--mode", "--owner", "--boot-fs",

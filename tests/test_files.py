@@ -83,6 +83,10 @@ def test_cp_out_of_image_is_private_and_into_a_directory(golden: Path, tmp_path:
     copied = outdir / "device_type"
     assert copied.read_text() == "device_type=imageprov-demo\n"
     assert copied.stat().st_mode & 0o777 == 0o600
+    # Into a directory that is not there: one line, as cp says it (it was a traceback).
+    missing = imageprov("cp", f"{golden}:/data/mender/device_type", tmp_path / "nowhere" / "device_type", check=False)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert f"{tmp_path / 'nowhere'} is not a directory" in missing.stderr and not (tmp_path / "nowhere").exists()
 
 
 def test_replacing_a_file_keeps_the_others(golden: Path, tmp_path: Path) -> None:

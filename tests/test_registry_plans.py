@@ -132,6 +132,10 @@ def _workout(registry: Registry, ca: CertificateAuthority, calling: Callable[[st
     # Enrollment (EST): a bootstrap certificate beside the device's, and the device certificate it obtains.
     boot = call("record", ca.issue_bootstrap("d4"), kind="bootstrap")
     call("state_of_serial", boot.serial)  # type: ignore[attr-defined]
+    # A line that stamps enrolling images (stamp --enroll) asks of bootstrap certificates as of device ones.
+    call("live", "d4", kind=Kind.BOOTSTRAP)
+    call("live_of", ["d4", "nobody"], kind=Kind.BOOTSTRAP)
+    call("revoke_abandoned", "d4", kind=Kind.BOOTSTRAP)
     key = ec.generate_private_key(ec.SECP256R1()).public_key()
     spki = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     call("enrollment_verdict", boot.serial, spki, kind=Kind.BOOTSTRAP)  # type: ignore[attr-defined]

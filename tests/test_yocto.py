@@ -35,6 +35,8 @@ from typing import Any
 
 import pytest
 
+from imageprov.mender.conf import Settings, merge
+from imageprov.mender.enroll import ENROLL_CONF, KEY_URI, Enrollment
 from imageprov.mender.verify import DEVICE_ID_FILE
 from tests.conftest import IN_CI, need, tool
 from tests.mender_client import client_config
@@ -715,6 +717,82 @@ def test_a_device_id_file_in_the_build_is_refused(tmp_path: Path, caplog: pytest
     (rootfs / DEVICE_ID_FILE.lstrip("/")).write_text("SN-0001\n")
     assert _build_error(tmp_path, rootfs, caplog).startswith(f"imageprov: the image holds {DEVICE_ID_FILE}: ")
     assert (rootfs / "data/mender/mender.conf").read_bytes() == before
+
+
+# -- keys made on the device (IMAGEPROV_ENROLL) -------------------------------------------------------------------
+
+ENROLL = 'IMAGEPROV_ENROLL = "1"\nlibdir = "/usr/lib"\nsystemd_system_unitdir = "/lib/systemd/system"\n'
+ENROLL_UNITS = ("imageprov-enroll.service", "imageprov-enroll-renew.service", "imageprov-enroll-renew.timer")
+
+
+def test_enroll_names_the_token_key_and_installs_the_program(tmp_path: Path) -> None:
+    """The block ``stamp --enroll`` writes (so that stamping changes no conf), the program the end-to-end test
+    runs (tests/test_enroll_device.py), its units enabled, and the client waiting for it."""
+    rootfs = _rootfs(tmp_path)
+    d = _parse(tmp_path, rootfs, ENROLL)
+    assert d.getVar("IMAGE_INSTALL").split() == ["curl", "openssl-bin", "gnutls-bin", "opensc", "libp11", "tpm2-pkcs11"]
+    _postprocess(d)
+    conf = json.loads((rootfs / "data/mender/mender.conf").read_text())
+    expected = json.loads(merge(None, Enrollment("https://edge.example.com/.well-known/est").settings(Settings()),
+                                "a new conf").text)  # fmt: skip
+    assert (conf["HttpsClient"], conf["Security"]) == (expected["HttpsClient"], expected["Security"])
+    assert conf["HttpsClient"] == {"Certificate": BLOCK["Certificate"], "Key": KEY_URI, "SSLEngine": "pkcs11"}
+    program = rootfs / "usr/sbin/imageprov-enroll"
+    assert program.read_bytes() == (LAYER / "files/imageprov-enroll").read_bytes()
+    assert program.stat().st_mode & 0o7777 == 0o755
+    for unit in ENROLL_UNITS:
+        assert (rootfs / "lib/systemd/system" / unit).read_bytes() == (LAYER / "files" / unit).read_bytes()
+    assert os.readlink(rootfs / "etc/systemd/system/multi-user.target.wants/imageprov-enroll.service") == (
+        "/lib/systemd/system/imageprov-enroll.service")  # fmt: skip
+    assert os.readlink(rootfs / "etc/systemd/system/timers.target.wants/imageprov-enroll-renew.timer") == (
+        "/lib/systemd/system/imageprov-enroll-renew.timer")  # fmt: skip
+    for client in ("mender-client.service", "mender-authd.service"):
+        drop_in = (rootfs / f"etc/systemd/system/{client}.d/imageprov-enroll.conf").read_text()
+        assert "Requires=imageprov-enroll.service\nAfter=imageprov-enroll.service\n" in drop_in
+        assert "Environment=PKCS11_MODULE_PATH=/usr/lib/pkcs11/libtpm2_pkcs11.so\n" in drop_in
+    default = (rootfs / "etc/default/imageprov-enroll").read_text()
+    assert "PKCS11_MODULE_PATH=/usr/lib/pkcs11/libtpm2_pkcs11.so\nTPM2_PKCS11_STORE=/data/imageprov/token\n" in default
+    # The service reads the enroll.conf stamp writes, where stamp writes it.
+    service = (rootfs / "lib/systemd/system/imageprov-enroll.service").read_text()
+    assert f"ConditionPathExists={ENROLL_CONF.device_path}\n" in service
+    # Idempotent, and nothing of the program without the setting.
+    first = {p: p.read_bytes() for p in rootfs.rglob("*") if p.is_file() and not p.is_symlink()}
+    _postprocess(_parse(tmp_path, rootfs, ENROLL))
+    assert {p: p.read_bytes() for p in rootfs.rglob("*") if p.is_file() and not p.is_symlink()} == first
+    plain = _rootfs(tmp_path / "plain")
+    d = _parse(tmp_path / "plain", plain)
+    assert not (d.getVar("IMAGE_INSTALL") or "").split()
+    _postprocess(d)
+    assert not (plain / "usr/sbin/imageprov-enroll").exists() and not (plain / "etc/systemd").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        ('IMAGEPROV_ENROLL = "yes"\n', "imageprov: IMAGEPROV_ENROLL must be \"1\" (or unset), not 'yes'"),
+        (ENROLL + 'IMAGEPROV_AUTH_KEY = "device"\n', "imageprov: IMAGEPROV_ENROLL signs auth requests with the token"),
+        (
+            ENROLL + 'IMAGEPROV_ENROLL_PKCS11_MODULE = "lib/x.so"\n',
+            "imageprov: IMAGEPROV_ENROLL_PKCS11_MODULE must be an abs",
+        ),
+    ],
+    ids=["not-a-switch", "device-auth-key", "relative-module"],
+)
+def test_bad_enroll_settings_are_build_errors(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, extra: str, said: str
+) -> None:
+    rootfs = _rootfs(tmp_path)
+    assert _build_error(tmp_path, rootfs, caplog, extra).startswith(said)
+    assert not (rootfs / "usr/sbin/imageprov-enroll").exists()
+
+
+def test_a_bootstrap_credential_in_the_build_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rootfs = _rootfs(tmp_path)
+    key = rootfs / "data/imageprov/enroll/bootstrap-key.pem"
+    key.parent.mkdir(parents=True)
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    error = _build_error(tmp_path, rootfs, caplog, ENROLL)
+    assert error.startswith("imageprov: the image holds /data/imageprov/enroll/bootstrap-key.pem: per-device files")
 
 
 # -- every test above, under each older release's BitBake ---------------------------------------------------------

@@ -23,7 +23,8 @@ from imageprov.cli.options import (
     ConfTargetOpt,
     CurveOpt,
     DataPart,
-    DeviceDays,
+    EnrollOpt,
+    LineDays,
     PassFile,
     Pki,
     RegistryOpt,
@@ -163,9 +164,10 @@ def flash(
     tenant_token: TenantToken = None,
     conf_target: ConfTargetOpt = ConfTarget.AUTO,
     auth_key: AuthKeyOpt = AuthKey.CERT,
-    days: DeviceDays = 3650,
+    days: LineDays = None,
     curve: CurveOpt = Curve.P256,
     server_ca: ServerCaOpt = None,
+    enroll: EnrollOpt = None,
     reissue: Annotated[
         bool, typer.Option("--reissue", help="Flash a device already delivered: its old certificate is revoked.")
     ] = False,
@@ -261,7 +263,7 @@ def flash(
     overrides = Overrides.parse(data_part, rootfs_parts, boot_part)
     options = FlashOptions(
         stamp=device_options(
-            server_url, tenant_token, auth_key, conf_target, days, curve, reissue, overrides, server_ca
+            server_url, tenant_token, auth_key, conf_target, days, curve, reissue, overrides, server_ca, enroll
         ),
         force=force,
         scratch_dir=scratch,

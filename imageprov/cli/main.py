@@ -213,6 +213,9 @@ def cp(
         target = Path(dest)
         if target.is_dir():
             target = target / path.device_path.name
+        if not target.parent.is_dir():
+            # As cp: the destination's directory is the user's to make.
+            raise UsageError(f"cannot write {target}: {target.parent} is not a directory", hint="make it first")
         with staged(target) as temp:
             # What comes out may be a private key: never wider than 0600 until chmod by the user.
             temp.chmod(0o600)

@@ -12,7 +12,7 @@ from imageprov.errors import UsageError
 from imageprov.mender.conf import AuthKey
 from imageprov.mender.prepare import ConfTarget
 from imageprov.mender.server_ca import SERVER_CERT
-from imageprov.pki.ca import MAX_DAYS, Curve
+from imageprov.pki.ca import BOOTSTRAP_DAYS, MAX_DAYS, Curve
 from imageprov.pki.config import mask_password
 
 PASSPHRASE_ENV = "IMAGEPROV_CA_PASSPHRASE"
@@ -48,6 +48,29 @@ CurveOpt = Annotated[Curve, typer.Option("--curve", help="EC curve of the new ke
 # What each device gets: the same for stamp and flash.
 DeviceDays = Annotated[
     int, typer.Option("--days", min=1, max=MAX_DAYS, help="Validity of the device certificates, in days.")
+]
+# stamp's and flash's: the device certificate's, or with --enroll the bootstrap certificate's.
+LineDays = Annotated[
+    Optional[int],
+    typer.Option(
+        "--days",
+        min=1,
+        max=MAX_DAYS,
+        help=f"Validity of each device's certificate, in days [default: 3650]; with --enroll, of its "
+        f"bootstrap certificate [default: {BOOTSTRAP_DAYS}]: from the line to the device's first boot.",
+        show_default=False,
+    ),
+]
+EnrollOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--enroll",
+        metavar="URL",
+        help="Keys made on the device: write a bootstrap certificate and key (good for one enrollment) instead "
+        "of the device's key, and the edge's EST URL (https://EDGE/.well-known/est); at first boot "
+        "imageprov-enroll makes the key in the device's TPM and gets its certificate there. "
+        "mender.conf then names the token's key (pkcs11: URI, SSLEngine pkcs11).",
+    ),
 ]
 # The other --days: checked by the command (pki.ca.check_days, the same bounds) before anything is asked or made.
 CaDays = Annotated[int, typer.Option("--days", help=f"Validity of the CA certificate, in days (at most {MAX_DAYS}).")]

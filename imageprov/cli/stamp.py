@@ -19,8 +19,9 @@ from imageprov.cli.options import (
     ConfTargetOpt,
     CurveOpt,
     DataPart,
-    DeviceDays,
+    EnrollOpt,
     Json,
+    LineDays,
     PassFile,
     Pki,
     RegistryOpt,
@@ -37,10 +38,11 @@ from imageprov.errors import ImageprovError, PkiError, UsageError
 from imageprov.line.prepare import prepare_image
 from imageprov.line.stamp import Batch, Engine, Failed, Stamped, StampOptions, check_outputs
 from imageprov.mender.conf import AuthKey, Settings
+from imageprov.mender.enroll import Enrollment
 from imageprov.mender.prepare import ConfTarget
 from imageprov.mender.server_ca import ServerCa
 from imageprov.mender.verify import Report, verify_image
-from imageprov.pki.ca import Curve, load_cert
+from imageprov.pki.ca import BOOTSTRAP_DAYS, Curve, load_cert
 from imageprov.pki.devices import check_device_ids, read_device_ids
 from imageprov.pki.registry import Registry
 
@@ -56,17 +58,28 @@ def device_options(
     tenant_token: str | None,
     auth_key: AuthKey,
     conf_target: ConfTarget,
-    days: int,
+    days: int | None,
     curve: Curve,
     reissue: bool,
     overrides: Overrides,
     server_ca: Path | None = None,
+    enroll: str | None = None,
 ) -> StampOptions:
     """What each device gets, from the options stamp and flash share."""
     settings = Settings(server_url=server_url, tenant_token=tenant_token, auth_key=auth_key,
                         server_ca=ServerCa.load(server_ca) if server_ca is not None else None)  # fmt: skip
+    enrollment = Enrollment(enroll) if enroll is not None else None
+    if enrollment is not None:
+        settings = enrollment.settings(settings)
+        days = BOOTSTRAP_DAYS if days is None else days
     return StampOptions(
-        settings=settings, conf_target=conf_target, days=days, curve=curve, reissue=reissue, overrides=overrides
+        settings=settings,
+        conf_target=conf_target,
+        days=3650 if days is None else days,
+        curve=curve,
+        reissue=reissue,
+        overrides=overrides,
+        enroll=enrollment,
     )
 
 
@@ -89,7 +102,7 @@ def stamp(
     engine: Annotated[
         Engine, typer.Option("--engine", help="debugfs (fast, in place) or mender-artifact.")
     ] = Engine.DEBUGFS,
-    days: DeviceDays = 3650,
+    days: LineDays = None,
     curve: CurveOpt = Curve.P256,
     reissue: Annotated[
         bool, typer.Option("--reissue", help="Revoke a device's live certificate and issue anew.")
@@ -106,6 +119,7 @@ def stamp(
     boot_part: BootPart = None,
     registry_url: RegistryOpt = None,
     server_ca: ServerCaOpt = None,
+    enroll: EnrollOpt = None,
 ) -> None:
     """Write one ready, verified image per device: its own key and CA-signed certificate, and mender.conf.
 
@@ -126,7 +140,7 @@ def stamp(
     check_outputs(image, out, ids, compress)
     # Before the CA is opened: a wrong --server-ca is refused before a passphrase or PIN is asked.
     base = device_options(server_url, tenant_token, auth_key, conf_target, days, curve, reissue,
-                          Overrides.parse(data_part, rootfs_parts, boot_part), server_ca)  # fmt: skip
+                          Overrides.parse(data_part, rootfs_parts, boot_part), server_ca, enroll)  # fmt: skip
     ca = open_ca(pki, passphrase_file, pin_file)
     ca.check_usable()
     options = replace(
@@ -240,6 +254,13 @@ def verify(
     image and hold PEM certificates (with --server-ca, those of FILE). Takes a
     bare rootfs.ext4 or .dataimg too, and checks what it holds,
     and a compressed image (.gz, .xz, .bz2, .zst), such as stamp --compress writes.
+
+    An image made with --enroll (it holds /data/imageprov/enroll/enroll.conf) is
+    checked as one that enrolls at first boot: no key or certificate at the
+    client's paths; the bootstrap key (0600) and certificate, which chains to the
+    CA, names the device and has the bootstrap profile; fleet-ca.pem is the CA;
+    enroll.conf names the device and an https URL; and the client loads the
+    token's key through the pkcs11 engine, for TLS and for its auth requests.
     """
     if not image.exists():
         raise UsageError(f"{image} does not exist")

@@ -373,12 +373,13 @@ class FlashBatch(Batch):
 
     def delivery(self, device_id: str) -> Record | None:
         """The device's certificate if it is already on a card or in an image."""
-        live = self.registry.live(device_id)
+        live = self.registry.live(device_id, kind=self.options.kind)
         return live if live is not None and live.status is Status.ACTIVE else None
 
     def delivered_among(self, device_ids: Sequence[str]) -> set[str]:
         """Those of ``device_ids`` already on a card or in an image: asked in bulk, for a line's whole list."""
-        return {i for i, live in self.registry.live_of(device_ids).items() if live.status is Status.ACTIVE}
+        found = self.registry.live_of(device_ids, kind=self.options.kind)
+        return {i for i, live in found.items() if live.status is Status.ACTIVE}
 
     def _issue(self, device_id: str) -> tuple[Issued, list[str]]:
         done = self.delivery(device_id)
@@ -391,9 +392,8 @@ class FlashBatch(Batch):
         notes = self._revoke_undelivered(device_id)
         if done is not None:
             notes.append(f"revoked certificate {done.serial} (superseded): delivered before to {done.delivered_to}")
-        issued = self.ca.issue_device(device_id, days=self.options.days, curve=self.options.curve)
-        self.registry.record(issued, status=Status.PENDING, reissue=self.options.reissue)
-        return issued, notes
+        issued, more = self._issue_credential(device_id)
+        return issued, notes + more
 
     # -- the batch ---------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
 from imageprov.disk.bmap import bmap_for
 from imageprov.disk.compress import Compression, compress, decompress_sparse, inner_name
@@ -44,9 +44,10 @@ from imageprov.disk.copy import copy_image, discard_staged, publish, remove_stal
 from imageprov.disk.ext4 import NewFile, WritePlan, fsck
 from imageprov.disk.image import DiskImage
 from imageprov.disk.layout import Overrides, Role
-from imageprov.errors import ImageprovError, UsageError
+from imageprov.errors import ImageprovError, PkiError, UsageError
 from imageprov.mender import mender_artifact
 from imageprov.mender.conf import Settings
+from imageprov.mender.enroll import BOOTSTRAP_CERT, ENROLL_PATHS, Enrollment
 from imageprov.mender.prepare import ConfTarget, apply_changes, plan_changes, resolve_target
 from imageprov.mender.verify import (
     CERT_PATH,
@@ -62,7 +63,7 @@ from imageprov.mender.verify import (
     verify_image,
 )
 from imageprov.pki.ca import CertificateAuthority, Curve, Issued
-from imageprov.pki.registry import Reason, Record, Registry, RegistryUnavailable, Status
+from imageprov.pki.registry import Kind, Reason, Record, Registry, RegistryUnavailable, Status
 
 # A stamped image holds the device's private key: readable by its owner only.
 IMAGE_MODE = 0o600
@@ -71,6 +72,8 @@ SUPERSEDED = "superseded"
 # Where device_files() go on the data partition: known before any certificate is issued, so that
 # one write plan serves the whole batch (a plan and files that differ are refused when applied).
 DEVICE_PATHS = (KEY_PATH.inner, CERT_PATH.inner, DEVICE_ID_PATH.inner)
+# And enrolling_files(): the bootstrap credential, and the device id as well.
+ENROLLING_PATHS = (*ENROLL_PATHS, DEVICE_ID_PATH.inner)
 
 
 def device_files(device_id: str, issued: Issued) -> list[NewFile]:
@@ -82,6 +85,17 @@ def device_files(device_id: str, issued: Issued) -> list[NewFile]:
     return [
         NewFile(KEY_PATH.inner, issued.key_pem(), 0o600),
         NewFile(CERT_PATH.inner, issued.cert_pem()),
+        NewFile(DEVICE_ID_PATH.inner, device_id_text(device_id)),
+    ]
+
+
+def enrolling_files(
+    device_id: str, issued: Issued, enrollment: Enrollment, ca: CertificateAuthority, settings: Settings
+) -> list[NewFile]:
+    """What one device that enrolls at first boot gets (``--enroll``): its bootstrap credential, and its id."""
+    server_ca = settings.server_certificate
+    return [
+        *enrollment.files(device_id, issued, ca.cert.public_bytes(serialization.Encoding.PEM), server_ca),
         NewFile(DEVICE_ID_PATH.inner, device_id_text(device_id)),
     ]
 
@@ -102,12 +116,22 @@ class StampOptions:
     overrides: Overrides = field(default_factory=Overrides)
     bmap: bool = False  # write <ID>.bmap beside each image
     compress: Compression | None = None
+    # Enroll at first boot (a bootstrap credential, the key made on the device), or None: the device's key.
+    # ``settings`` are then the enrolling ones (Enrollment.settings).
+    enroll: Enrollment | None = None
     # Images built at once; the work is mostly waiting on the kernel and disk.
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
 
     def __post_init__(self) -> None:
         if self.days < 1:
             raise UsageError(f"a certificate valid for {self.days} days is never valid", hint="give --days 1 or more")
+        if self.enroll is not None and self.engine is Engine.MENDER_ARTIFACT:
+            raise UsageError("--enroll writes with debugfs only", hint="leave out --engine mender-artifact")
+
+    @property
+    def kind(self) -> Kind:
+        """What a device is issued: its certificate, or (enrolling) a bootstrap certificate."""
+        return Kind.BOOTSTRAP if self.enroll is not None else Kind.DEVICE
 
 
 @dataclass(frozen=True)
@@ -276,7 +300,8 @@ class Batch:
             notes.append("golden image already prepared: only the data partition changes per device")
         disk = self.disk.at(source)
         self._check_prepared(disk)
-        self._plan = disk.ext(disk.layout.data_partition).plan(DEVICE_PATHS)
+        paths = ENROLLING_PATHS if self.options.enroll is not None else DEVICE_PATHS
+        self._plan = disk.ext(disk.layout.data_partition).plan(paths)
         self.notes = tuple(notes)
         self._source = source
         return source
@@ -338,7 +363,7 @@ class Batch:
         device_ids = list(device_ids)
         # What the registry holds for the batch, asked once rather than once per device: a rerun of
         # thousands of delivered devices, or a new batch, costs a query per 500 ids (Registry.live_of).
-        self._live_at_start = self.registry.live_of(device_ids)
+        self._live_at_start = self.registry.live_of(device_ids, kind=self.options.kind)
         workers = max(1, self.options.workers)
         queue: deque[Outcome | tuple[_Job, Future[None]]] = deque()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imageprov-build") as pool:
@@ -379,7 +404,7 @@ class Batch:
                 self.delivered.add(device_id)
                 continue
             # Also a certificate issued just before the interrupt, whose job was never made.
-            live = self.registry.live(device_id)
+            live = self.registry.live(device_id, kind=self.options.kind)
             if live is not None and live.status is Status.PENDING and self.registry.owns(live):
                 self.registry.revoke(serial=live.serial, reason=Reason.CESSATION_OF_OPERATION)
         self._open.clear()
@@ -403,10 +428,37 @@ class Batch:
             notes.append(f"{done} {self._move_aside(device_id, final)}; stamping a new image")
         notes += self._revoke_undelivered(device_id)
         self._open[device_id] = None
-        issued = self.ca.issue_device(device_id, days=self.options.days, curve=self.options.curve)
-        self.registry.record(issued, status=Status.PENDING, reissue=self.options.reissue)
-        job = self._open[device_id] = _Job(device_id, final, issued, started, tuple(notes))
+        issued, more = self._issue_credential(device_id)
+        job = self._open[device_id] = _Job(device_id, final, issued, started, (*notes, *more))
         return job
+
+    def _issue_credential(self, device_id: str) -> tuple[Issued, list[str]]:
+        """Issue the device's certificate, or (enrolling) its bootstrap certificate, and record it pending.
+
+        A device holds one kind of credential: one of the other kind still
+        live belongs to an image or card made the other way. ``--reissue``
+        revokes it (superseded) once the new one is recorded; otherwise the
+        device is refused, as for a second certificate of the same kind.
+        """
+        options = self.options
+        other = Kind.DEVICE if options.kind is Kind.BOOTSTRAP else Kind.BOOTSTRAP
+        held = self.registry.live(device_id, kind=other)
+        if held is not None:
+            if not options.reissue:
+                raise PkiError(
+                    f"device {device_id} already has a {other.value} certificate ({held.status.value}, "
+                    f"serial {held.serial})",
+                    hint=f"pass --reissue to revoke it as superseded and issue a {options.kind.value} certificate",
+                )
+            if held.status is Status.PENDING and self.registry.owner_alive(held):
+                raise self.registry.busy(held)
+        issue = self.ca.issue_bootstrap if options.kind is Kind.BOOTSTRAP else self.ca.issue_device
+        issued = issue(device_id, days=options.days, curve=options.curve)
+        self.registry.record(issued, kind=options.kind.value, status=Status.PENDING, reissue=options.reissue)
+        if held is None:
+            return issued, []
+        self.registry.revoke(serial=held.serial, reason=Reason.SUPERSEDED)
+        return issued, [f"revoked {other.value} certificate {held.serial} (superseded)"]
 
     def _move_aside(self, device_id: str, final: Path) -> str:
         """Move an image that is not delivered (and its bmap) into OUT/superseded/; say where."""
@@ -475,7 +527,12 @@ class Batch:
             self._copy_for_device(temp)
             disk = self.disk.at(temp)
             data = disk.layout.data_partition
-            files = device_files(device_id, issued)
+            enrollment = self.options.enroll
+            files = (
+                enrolling_files(device_id, issued, enrollment, self.ca, self.options.settings)
+                if enrollment is not None
+                else device_files(device_id, issued)
+            )
             disk.ext(data).apply(self._plan, files)
             checks = Checks()
             expected = {f.path: f.content for f in files}
@@ -535,7 +592,7 @@ class Batch:
         """The existing image if it is delivered under the device's live certificate, else why it is not."""
         live = self._live_at_start.get(device_id) if self._live_at_start is not None else None
         if live is None or live.status is not Status.ACTIVE:
-            live = self.registry.live(device_id)  # anything but a delivery is asked again, as it is now
+            live = self.registry.live(device_id, kind=self.options.kind)  # anything but a delivery: asked again
         if self.options.compress is not None:
             # A compressed image cannot be read in place: the registry's word is taken.
             if live is None:
@@ -543,8 +600,9 @@ class Batch:
             serial, fingerprint = live.serial, live.fingerprint
         else:
             try:
-                found = self.disk.at(final).ext(self.disk.layout.data_partition).fetch([CERT_PATH.inner])
-                cert = x509.load_pem_x509_certificate(found[CERT_PATH.inner][1] or b"")
+                where = (BOOTSTRAP_CERT if self.options.enroll is not None else CERT_PATH).inner
+                found = self.disk.at(final).ext(self.disk.layout.data_partition).fetch([where])
+                cert = x509.load_pem_x509_certificate(found[where][1] or b"")
                 serial, fingerprint = f"{cert.serial_number:x}", cert.fingerprint(hashes.SHA256()).hex()
                 holds = f"{final.name} holds certificate {serial}"
             except (ImageprovError, ValueError):
@@ -576,7 +634,7 @@ class Batch:
             # the registry's unique index refuses a second one when this one is recorded.
             return []
         # Only once the station that issued it has lost its lease (raises while it holds it).
-        gone = self.registry.revoke_abandoned(device_id)
+        gone = self.registry.revoke_abandoned(device_id, kind=self.options.kind)
         if gone is None:
             return []
         return [f"revoked certificate {gone.serial}, issued by a run that is gone ({gone.owner}), never delivered"]

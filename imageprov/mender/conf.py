@@ -84,6 +84,9 @@ class Settings:
     auth_key: AuthKey = AuthKey.CERT
     # The edge's certificate or CA: installed at SERVER_CERT, which ServerCertificate then names.
     server_ca: ServerCa | None = None
+    # The OpenSSL engine that loads ``key`` (a ``pkcs11:`` URI): set as HttpsClient.SSLEngine, and as
+    # Security.SSLEngine with the auth key. None: ``key`` is a file.
+    ssl_engine: str | None = None
 
     @property
     def server_certificate(self) -> str | None:
@@ -92,7 +95,8 @@ class Settings:
 
     @property
     def https_client(self) -> dict[str, str]:
-        return {"Certificate": self.certificate, "Key": self.key}
+        engine = {"SSLEngine": self.ssl_engine} if self.ssl_engine is not None else {}
+        return {"Certificate": self.certificate, "Key": self.key, **engine}
 
     @property
     def auth_private_key(self) -> str | None:
@@ -271,8 +275,11 @@ def merge(text: bytes | None, settings: Settings, where: str) -> Merge:
     if wanted is not None:
         old_key = auth_private_key(config)
         replaced_auth_key = old_key if old_key is not None and old_key != wanted else None
-        # Other Security keys (SSLEngine, an HSM's AuthPrivateKey engine settings) are kept.
-        config = _put(config, "Security", _put(lookup(config, "Security") or {}, "AuthPrivateKey", wanted))
+        # Other Security keys (an HSM's SSLEngine for a key of its own) are kept.
+        security = _put(lookup(config, "Security") or {}, "AuthPrivateKey", wanted)
+        if settings.ssl_engine is not None:
+            security = _put(security, "SSLEngine", settings.ssl_engine)
+        config = _put(config, "Security", security)
     rendered = render(config)
     return Merge(rendered, config != before or rendered != text, replaced, replaced_auth_key)
 

@@ -16,7 +16,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 from imageprov.disk.ext4 import Ext4, Inode, fsck
 from imageprov.disk.image import Area, DevicePath, DiskImage
@@ -35,7 +35,17 @@ from imageprov.mender.conf import (
     lookup_path,
     parse,
 )
+from imageprov.mender.enroll import (
+    BOOTSTRAP_CERT,
+    BOOTSTRAP_KEY,
+    ENGINE,
+    ENROLL_CONF,
+    FLEET_CA,
+    KEY_URI,
+    read_conf,
+)
 from imageprov.mender.server_ca import SERVER_CERT, certificates_in, fingerprint
+from imageprov.pki.ca import bootstrap_problems, is_bootstrap
 from imageprov.pki.chain import device_key_problem, extension_problem, leaf_problems, usage_problems
 
 # The device id the line stamped, one line, for the device's identity script:
@@ -64,6 +74,15 @@ _MIGRATE_MARK = b"mender-persistent.conf"
 
 # What the client reads that decides where it connects and with which credentials.
 VIEWED = ("ServerURL", "HttpsClient.Certificate", "HttpsClient.Key", "Security.AuthPrivateKey")
+
+# The HttpsClient block the client must use: the key in a file, or (an enrolling image) in the device's token.
+FILE_CLIENT: dict[str, str | None] = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY, "SSLEngine": None}
+TOKEN_CLIENT: dict[str, str | None] = {"Certificate": CLIENT_CERT, "Key": KEY_URI, "SSLEngine": ENGINE}
+
+
+def client_block(settings: Settings) -> dict[str, str | None]:
+    """The HttpsClient block ``settings`` write, with an absent SSLEngine as None."""
+    return {"Certificate": settings.certificate, "Key": settings.key, "SSLEngine": settings.ssl_engine}
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,8 @@ class Report:
     serial: str | None = None
     fingerprint: str | None = None
     client: tuple[ClientView, ...] = ()
+    # "device": the device's key and certificate; "bootstrap": a bootstrap credential, enrolling at first boot.
+    kind: str = "device"
 
     @property
     def ok(self) -> bool:
@@ -126,6 +147,7 @@ class Report:
             "device_id": self.device_id,
             "serial": self.serial,
             "fingerprint": self.fingerprint,
+            "kind": self.kind,
             "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "warning": c.warning} for c in self.checks],
             "client": {view.role: view.to_dict() for view in self.client},
         }
@@ -153,6 +175,12 @@ class DataFindings:
     cert: x509.Certificate | None = None
     fallback: bytes | None = None
     readable: bool = True
+    # The HttpsClient block the client must use: FILE_CLIENT, or TOKEN_CLIENT for an enrolling image.
+    client: dict[str, str | None] = field(default_factory=lambda: dict(FILE_CLIENT))
+
+    @property
+    def enrolling(self) -> bool:
+        return self.client == TOKEN_CLIENT
 
 
 def verify_image(
@@ -193,7 +221,7 @@ def verify_image(
         found = check_data_partition(checks, disk, ca_cert, device_id=device_id, crl=crl, now=now, strict=strict)
     if not found.readable:
         return Report(image, tuple(checks.items), device_id)
-    views = check_mender_confs(checks, disk, found.fallback, settings, auth_key=auth_key)
+    views = check_mender_confs(checks, disk, found.fallback, settings, auth_key=auth_key, client=found.client)
     check_migrate_script(checks, disk)
     # e2fsck for the ext filesystems; a squashfs rootfs is read-only and was never written.
     touched = [v for v in (*([data] if data else ()), *(volumes if fsck_rootfs else ())) if v.filesystem.is_ext]
@@ -206,6 +234,7 @@ def verify_image(
         f"{cert.serial_number:x}" if cert else None,
         cert.fingerprint(hashes.SHA256()).hex() if cert else None,
         tuple(views),
+        "bootstrap" if found.enrolling else "device",
     )
 
 
@@ -226,8 +255,9 @@ def check_data_partition(
     byte for byte.
     """
     wanted = [KEY_PATH.inner, CERT_PATH.inner, DEVICE_ID_PATH.inner, DATA_CONF_PATH.inner]
+    enroll_paths = [BOOTSTRAP_KEY.inner, BOOTSTRAP_CERT.inner, FLEET_CA.inner, ENROLL_CONF.inner]
     try:
-        found = disk.ext(disk.layout.data_partition).fetch(wanted)
+        found = disk.ext(disk.layout.data_partition).fetch([*wanted, *enroll_paths])
     except ImageprovError as exc:
         checks.add("data partition readable", False, str(exc))
         return DataFindings(readable=False)
@@ -235,16 +265,72 @@ def check_data_partition(
     cert_inode, cert_pem = found[CERT_PATH.inner]
     for path, want in (expected or {}).items():
         checks.add(f"{path} reads back as written", found[path][1] == want)
-    _check_file(checks, CLIENT_KEY, key_inode, 0o600)
-    _check_file(checks, CLIENT_CERT, cert_inode, 0o644)
+    enrolling = found[ENROLL_CONF.inner][0] is not None
+    if enrolling:
+        cert = _check_enrolling(checks, found, ca_cert, device_id, crl, now, strict)
+    else:
+        _check_file(checks, CLIENT_KEY, key_inode, 0o600)
+        _check_file(checks, CLIENT_CERT, cert_inode, 0o644)
+        cert = _check_credentials(checks, key_pem, cert_pem, ca_cert, device_id, crl, now, strict)
+        if cert is not None:
+            # The edge refuses a bootstrap certificate on every device path: such an image never gets in.
+            checks.add("certificate is no bootstrap certificate", not is_bootstrap(cert),
+                       "its certificate policies say enrollment (EST) only" if is_bootstrap(cert) else "")  # fmt: skip
     id_inode, id_text = found[DEVICE_ID_PATH.inner]
     _check_file(checks, DEVICE_ID_FILE, id_inode, 0o644)
-    cert = _check_credentials(checks, key_pem, cert_pem, ca_cert, device_id, crl, now, strict)
     if cert is not None and id_inode is not None:
         # What the device's identity script sends as id_data[NAME]; the edge compares it with the CN.
         checks.add(f"{DEVICE_ID_FILE} holds the certificate's CN", id_text == device_id_text(_cn(cert)),
                    repr(id_text.decode(errors="replace")) if id_text is not None else "unreadable")  # fmt: skip
-    return DataFindings(cert, found[DATA_CONF_PATH.inner][1])
+    client = dict(TOKEN_CLIENT if enrolling else FILE_CLIENT)
+    return DataFindings(cert, found[DATA_CONF_PATH.inner][1], client=client)
+
+
+def _check_enrolling(
+    checks: Checks,
+    found: dict[PurePosixPath, tuple[Inode | None, bytes | None]],
+    ca_cert: x509.Certificate,
+    device_id: str | None,
+    crl: x509.CertificateRevocationList | None,
+    now: dt.datetime | None,
+    strict: bool,
+) -> x509.Certificate | None:
+    """An image that enrolls at first boot (mender/enroll.py): its bootstrap credential, and no key of the device.
+
+    The bootstrap certificate passes every check the device certificate
+    would (nginx takes it for EST), and has the bootstrap profile; the image
+    holds no key or certificate at the client's paths: the device makes its key
+    in its token and writes the certificate the edge gives it.
+    """
+    for path, device_path in ((CLIENT_KEY, KEY_PATH), (CLIENT_CERT, CERT_PATH)):
+        inode = found[device_path.inner][0]
+        what = "an enrolling image holds no key or certificate there: the device makes its key in its token"
+        checks.add(f"{path} absent", inode is None, what if inode is not None else "")
+    for device_path, mode in ((BOOTSTRAP_KEY, 0o600), (BOOTSTRAP_CERT, 0o644), (FLEET_CA, 0o644), (ENROLL_CONF, 0o644)):
+        _check_file(checks, str(device_path.device_path), found[device_path.inner][0], mode)
+    key_pem, cert_pem = found[BOOTSTRAP_KEY.inner][1], found[BOOTSTRAP_CERT.inner][1]
+    cert = _check_credentials(checks, key_pem, cert_pem, ca_cert, device_id, crl, now, strict)
+    if cert is not None:
+        problems = bootstrap_problems(cert)
+        checks.add("certificate is a bootstrap certificate (enrollment only)", not problems, "; ".join(problems))
+    fleet = found[FLEET_CA.inner][1]
+    try:
+        held = x509.load_pem_x509_certificate(fleet or b"")
+        checks.add(f"{FLEET_CA.device_path} is the CA", held == ca_cert, held.subject.rfc4514_string())
+    except ValueError:
+        checks.add(f"{FLEET_CA.device_path} is the CA", False, "not a PEM certificate")
+    try:
+        conf = read_conf(found[ENROLL_CONF.inner][1] or b"")
+    except ImageprovError as exc:
+        checks.add(f"{ENROLL_CONF.device_path} readable", False, str(exc))
+        return cert
+    url = conf.get("EST_URL", "")
+    checks.add("enrollment URL is https", url.startswith("https://"), url)
+    checks.add("enrollment key is the one the client loads", conf.get("KEY_URI") == KEY_URI, conf.get("KEY_URI", ""))
+    if cert is not None:
+        named = conf.get("DEVICE_ID", "")
+        checks.add(f"{ENROLL_CONF.device_path} names the certificate's CN", named == _cn(cert), named)
+    return cert
 
 
 def device_id_text(device_id: str) -> bytes:
@@ -260,6 +346,7 @@ def check_mender_confs(
     *,
     auth_key: AuthKey = AuthKey.CERT,
     data_from: DiskImage | None = None,
+    client: dict[str, str | None] | None = None,
 ) -> list[ClientView]:
     """Check the configuration the client will use when booted from rootfs A and from rootfs B.
 
@@ -277,7 +364,7 @@ def check_mender_confs(
     volumes = disk.rootfs_volumes
     if not volumes:  # a bare data partition: its fallback is all there is to see
         views += _check_conf(checks, "mender.conf on the data partition", None, fallback, settings, bare_data=True,
-                             auth_key=auth_key)  # fmt: skip
+                             auth_key=auth_key, client=client)  # fmt: skip
     for volume in volumes:
         try:
             main = disk.read_files(volume, [ROOTFS_CONF_PATH])[ROOTFS_CONF_PATH]
@@ -285,7 +372,7 @@ def check_mender_confs(
             checks.add(f"mender.conf on {volume.role.value}", False, str(exc))
             continue
         views += _check_conf(checks, f"mender.conf on {volume.role.value}", main, fallback, settings,
-                             bare_data=False, role=volume.role.value, auth_key=auth_key)  # fmt: skip
+                             bare_data=False, role=volume.role.value, auth_key=auth_key, client=client)  # fmt: skip
     for view in views:
         rootfs = next((v for v in volumes if v.role.value == view.role), None)
         _check_server_certificate(checks, disk, data_from or disk, view, rootfs, settings)
@@ -415,6 +502,8 @@ def _check_credentials(
     now: dt.datetime | None,
     strict: bool = False,
 ) -> x509.Certificate | None:
+    """Check a certificate and its key as the edge and OpenSSL will. A bootstrap certificate's critical policy
+    is left to the caller's check of its profile (it is one for an enrolling image, and wrong in any other)."""
     if cert_pem is None:
         return None
     try:
@@ -428,7 +517,8 @@ def _check_credentials(
     except (ValueError, TypeError, InvalidSignature) as exc:
         checks.add("certificate signed by the CA", False, str(exc) or "signature does not verify")
     # What nginx refuses besides a bad signature: a CA that may not sign certificates, and the like.
-    refused = leaf_problems(cert, ca_cert, now=now)
+    policies = frozenset({ExtensionOID.CERTIFICATE_POLICIES}) if is_bootstrap(cert) else frozenset()
+    refused = leaf_problems(cert, ca_cert, now=now, processed=policies)
     checks.add("chain passes OpenSSL's checks", not refused, "; ".join(refused))
     moment = now or dt.datetime.now(dt.UTC)
     checks.add(
@@ -480,7 +570,10 @@ def _check_conf(
     bare_data: bool,
     role: str = "",
     auth_key: AuthKey = AuthKey.CERT,
+    client: dict[str, str | None] | None = None,
 ) -> list[ClientView]:
+    # What the client must use: given, or what ``settings`` write, or the key in a file.
+    wanted = client or (client_block(settings) if settings is not None else FILE_CLIENT)
     try:
         main = parse(main_text, f"{ROOTFS_CONF} on {role}") if main_text is not None else {}
         extra = parse(fallback, DATA_CONF) if fallback is not None else {}
@@ -496,10 +589,9 @@ def _check_conf(
     view = ClientView(role or "data", tuple(fields))
     checks.add(f"configuration the client uses{suffix}", True,
                "; ".join(f"{path} {used}" for path, used in view.fields))  # fmt: skip
-    wanted = {"Certificate": CLIENT_CERT, "Key": CLIENT_KEY}
     used = effective(main, extra)
     if auth_key is AuthKey.CERT:
-        _check_auth_key(checks, used, role, view.get("Security.AuthPrivateKey").source)
+        _check_auth_key(checks, used, role, view.get("Security.AuthPrivateKey").source, wanted)
     for key, value in (
         ("ServerURL", settings and settings.server_url),
         ("TenantToken", settings and settings.tenant_token),
@@ -518,7 +610,8 @@ def _check_conf(
     if got["Key"] == CLIENT_CERT:
         checks.add(name, False, f"HttpsClient.Key in {where} points at the certificate, not the key")
         return [view]
-    if not checks.add(name, got == wanted, f"HttpsClient in {where}: {got}"):
+    shown = {k: v for k, v in got.items() if v is not None}
+    if not checks.add(name, got == wanted, f"HttpsClient in {where}: {shown}"):
         return [view]
     kept = effective({}, extra).get("HttpsClient")
     if not bare_data and (not isinstance(kept, dict) or {k: kept.get(k) for k in wanted} != wanted):
@@ -538,7 +631,9 @@ def _used(main: dict[str, Any], fallback: dict[str, Any], path: str) -> Used:
     return Used("", None)
 
 
-def _check_auth_key(checks: Checks, used: dict[str, Any], role: str, source: str | None) -> None:
+def _check_auth_key(
+    checks: Checks, used: dict[str, Any], role: str, source: str | None, wanted: dict[str, str | None]
+) -> None:
     name = f"auth requests signed with the certificate's key{f' on {role}' if role else ''}"
     signing = auth_private_key(used)
     if signing is None:
@@ -546,8 +641,13 @@ def _check_auth_key(checks: Checks, used: dict[str, Any], role: str, source: str
         # that other clients do, and a generated key is refused by an accepting edge.
         checks.add(name, False, "no Security.AuthPrivateKey: the client may sign with a key of its own")
     else:
-        # CLIENT_KEY is the file checked above to hold the certificate's key.
-        checks.add(name, signing == CLIENT_KEY, f"Security.AuthPrivateKey: {signing} from {source}")
+        # The file checked above to hold the certificate's key, or the token's key the device makes.
+        checks.add(name, signing == wanted["Key"], f"Security.AuthPrivateKey: {signing} from {source}")
+        engine = lookup_path(used, "Security.SSLEngine")
+        if engine is not None or wanted["SSLEngine"] is not None:
+            # The engine loads the auth key: one for a file key would be asked for a file it cannot load.
+            checks.add(f"auth key loaded through {wanted['SSLEngine'] or 'no engine'}{f' on {role}' if role else ''}",
+                       engine == wanted["SSLEngine"], f"Security.SSLEngine: {engine!r}")  # fmt: skip
 
 
 def _check_fsck(checks: Checks, image: Path, volume: Volume) -> None:

@@ -63,11 +63,12 @@ def extension_problem(cert: x509.Certificate) -> str | None:
     return None
 
 
-def unhandled_critical(cert: x509.Certificate) -> list[str]:
-    """The critical extensions of ``cert`` that no check here processes: each makes it unusable."""
+def unhandled_critical(cert: x509.Certificate, processed: frozenset[ObjectIdentifier] = frozenset()) -> list[str]:
+    """The critical extensions of ``cert`` that no check here (nor the caller: ``processed``) processes: each makes
+    it unusable."""
     found = []
     for extension in cert.extensions:
-        if extension.critical and extension.oid not in HANDLED_EXTENSIONS:
+        if extension.critical and extension.oid not in HANDLED_EXTENSIONS | processed:
             name = extension.oid.dotted_string
             if not isinstance(extension.value, x509.UnrecognizedExtension):
                 name = f"{type(extension.value).__name__}, {name}"
@@ -134,12 +135,13 @@ def leaf_problems(
     *,
     purpose: ObjectIdentifier = CLIENT,
     now: dt.datetime | None = None,
+    processed: frozenset[ObjectIdentifier] = frozenset(),
 ) -> list[str]:
     """Why ``openssl verify -purpose ssl{client,server}`` or the edge would refuse ``leaf`` issued by ``ca``,
     besides its signature and its own validity period.
 
     The signature (and with it the issuer's name and key) is checked by the
-    caller, with ``verify_directly_issued_by``.
+    caller, with ``verify_directly_issued_by``; critical extensions in ``processed``, by the caller too.
     """
     moment = now or dt.datetime.now(dt.UTC)
     problems = [f"the CA: {p}" for p in ca_problems(ca, purposes=(purpose,))]
@@ -150,7 +152,7 @@ def leaf_problems(
     unreadable = extension_problem(leaf)
     if unreadable is not None:
         return [*problems, unreadable]
-    return problems + usage_problems(leaf, purpose=purpose) + unhandled_critical(leaf)
+    return problems + usage_problems(leaf, purpose=purpose) + unhandled_critical(leaf, processed)
 
 
 def crl_problem(ca: x509.Certificate) -> str | None:

@@ -322,7 +322,7 @@ class Registry:
                     live = [Record.from_row(r) for r in tx.query(f"{_SELECT} WHERE {_LIVE[live_kind]}", (device_id,))]
                     if live:
                         if live[0].status is Status.PENDING and self.owner_alive(live[0]):
-                            raise self._busy(live[0])
+                            raise self.busy(live[0])
                         tx.execute(
                             "UPDATE certificates SET status = 'revoked', revoked_at = ?, reason = 'superseded' "
                             f"WHERE {_LIVE[live_kind]}",
@@ -332,7 +332,7 @@ class Registry:
         except RegistryConflict as exc:
             live_now = self.live(device_id, kind=live_kind) if live_kind is not None else None
             if live_now is not None and live_now.status is Status.PENDING and self.owner_alive(live_now):
-                raise self._busy(live_now) from exc
+                raise self.busy(live_now) from exc
             if live_now is not None and not reissue:
                 raise PkiError(
                     f"device {device_id} already has a {kind} certificate ({live_now.status.value}, "
@@ -356,7 +356,8 @@ class Registry:
             status.value, None, None, delivered_to, now if delivered_to else None, self.station.describe(), session,
         )  # fmt: skip
 
-    def _busy(self, record: Record) -> PkiError:
+    def busy(self, record: Record) -> PkiError:
+        """The error for a device another live station is stamping (``record`` its pending certificate)."""
         return PkiError(
             f"device {record.device_id} is being stamped by another station: {record.owner}",
             hint="leave it to that station; rerun once it has finished",
@@ -410,16 +411,16 @@ class Registry:
             )
         return [r for r in self._select(where, (key,)) if r.serial in targets]
 
-    def revoke_abandoned(self, device_id: str) -> Record | None:
+    def revoke_abandoned(self, device_id: str, *, kind: Kind = Kind.DEVICE) -> Record | None:
         """Revoke (superseded) ``device_id``'s pending certificate if the station that issued it is gone.
 
         Returns what was revoked, None if there was nothing pending; raises if
         a live station (this process included) is still delivering it."""
-        live = self.live(device_id)
+        live = self.live(device_id, kind=kind)
         if live is None or live.status is not Status.PENDING:
             return None
         if self.owner_alive(live):
-            raise self._busy(live)
+            raise self.busy(live)
         # A lease once gone never comes back: the check above cannot go stale.
         with self._db.transaction() as tx:
             changed = tx.execute(
@@ -597,7 +598,7 @@ class Registry:
         found = self._select(_LIVE[kind], (device_id,))
         return found[0] if found else None
 
-    def live_of(self, device_ids: Iterable[str]) -> dict[str, Record]:
+    def live_of(self, device_ids: Iterable[str], *, kind: Kind = Kind.DEVICE) -> dict[str, Record]:
         """The live certificate of each of ``device_ids`` that has one: a query per 500 ids, not one per id.
 
         What a station asks once at its start (``flash --wait`` with a fleet's list of ids, a rerun of a
@@ -608,7 +609,8 @@ class Registry:
         for start in range(0, len(wanted), _IDS_PER_QUERY):
             chunk = wanted[start : start + _IDS_PER_QUERY]
             marks = ", ".join("?" for _ in chunk)
-            where = f"device_id IN ({marks}) AND kind = 'device' AND status IN ('pending', 'active')"
+            # The kind spelled out, as in _LIVE: a partial index is used only for a condition it can see.
+            where = f"device_id IN ({marks}) AND kind = '{kind.value}' AND status IN ('pending', 'active')"
             found.update((r.device_id, r) for r in self._select(where, tuple(chunk)))
         return found
 

@@ -79,6 +79,36 @@ do_rootfs[file-checksums] += "${@'%s:True' % d.getVar('IMAGEPROV_SERVER_CA') if 
 # bbappend would have to name a client recipe that differs between meta-mender
 # releases. Being in the rootfs, it is in every update built here.
 IMAGEPROV_IDENTITY_ATTRIBUTE ?= ""
+
+# Opt-in, for devices that make their own key in their TPM (imageprov stamp or flash --enroll URL):
+#
+#   IMAGEPROV_ENROLL = "1"
+#
+# - the block names the key the device makes in its token instead of a file:
+#   HttpsClient.Key and Security.AuthPrivateKey IMAGEPROV_ENROLL_KEY_URI (a
+#   pkcs11: URI whose PIN the device reads from a file it makes itself), and
+#   HttpsClient.SSLEngine and Security.SSLEngine "pkcs11" (libp11's engine, which
+#   the Mender client loads by that name), as `imageprov stamp --enroll` writes it;
+# - files/imageprov-enroll goes in as /usr/sbin/imageprov-enroll, with
+#   imageprov-enroll.service (enabled: at every boot, before the Mender client,
+#   it enrolls once and then only checks), imageprov-enroll-renew.timer (enabled:
+#   daily, it renews the certificate 30 days before it expires, and restarts the
+#   client), and a drop-in that makes the client wait for the enrollment and
+#   find the token (PKCS11_MODULE_PATH, TPM2_PKCS11_STORE);
+# - IMAGEPROV_ENROLL_PACKAGES go into the image: curl, openssl, certtool
+#   (GnuTLS), pkcs11-tool (OpenSC), libp11's engine and the tpm2-pkcs11 module:
+#   the last three from meta-oe and meta-security's meta-tpm, which the build
+#   must then include (the kernel needs its TPM driver and /dev/tpmrm0).
+# Units and drop-ins go into the root filesystem: every update built here carries them.
+IMAGEPROV_ENROLL ?= ""
+IMAGEPROV_ENROLL_KEY_URI ?= "pkcs11:token=imageprov;object=mender;type=private?pin-source=file:/data/imageprov/token/pin"
+IMAGEPROV_ENROLL_PKCS11_MODULE ?= "${libdir}/pkcs11/libtpm2_pkcs11.so"
+IMAGEPROV_ENROLL_PACKAGES ?= "curl openssl-bin gnutls-bin opensc libp11 tpm2-pkcs11"
+IMAGEPROV_ENROLL_FILES ?= "${IMAGEPROV_LAYERDIR}/files"
+IMAGE_INSTALL:append = "${@' ' + d.getVar('IMAGEPROV_ENROLL_PACKAGES') if d.getVar('IMAGEPROV_ENROLL') == '1' else ''}"
+do_rootfs[file-checksums] += "${@' '.join('%s/%s:True' % (d.getVar('IMAGEPROV_ENROLL_FILES'), f) for f in \
+    ('imageprov-enroll', 'imageprov-enroll.service', 'imageprov-enroll-renew.service', \
+     'imageprov-enroll-renew.timer', 'imageprov-enroll-client.conf', 'imageprov-enroll.default')) if d.getVar('IMAGEPROV_ENROLL') == '1' else ''}"
 IMAGEPROV_IDENTITY_SCRIPT_SOURCE ?= "${IMAGEPROV_LAYERDIR}/files/mender-device-identity"
 # A change to the script rebuilds the rootfs, as a change to a variable does.
 do_rootfs[file-checksums] += "${IMAGEPROV_IDENTITY_SCRIPT_SOURCE}:True"
@@ -94,6 +124,7 @@ do_rootfs[file-checksums] += "${IMAGEPROV_IDENTITY_SCRIPT_SOURCE}:True"
 #   editing it would not rebuild the rootfs.
 ROOTFS_POSTPROCESS_COMMAND += "imageprov_mender_conf ;"
 ROOTFS_POSTPROCESS_COMMAND += "${@'imageprov_identity_script ;' if d.getVar('IMAGEPROV_IDENTITY_ATTRIBUTE') else ''}"
+ROOTFS_POSTPROCESS_COMMAND += "${@'imageprov_enroll_program ;' if d.getVar('IMAGEPROV_ENROLL') == '1' else ''}"
 
 IMAGEPROV_MAIN_CONF = "/etc/mender/mender.conf"
 
@@ -269,6 +300,10 @@ python imageprov_mender_conf() {
     rootfs = d.getVar("IMAGE_ROOTFS")
     target = d.getVar("IMAGEPROV_MENDER_CONF")
     block = {"Certificate": d.getVar("IMAGEPROV_CLIENT_CERT"), "Key": d.getVar("IMAGEPROV_CLIENT_KEY")}
+    enroll = imageprov_enroll(d)
+    if enroll:
+        # The key the device makes in its token, loaded through libp11's engine (imageprov/mender/enroll.py).
+        block = {"Certificate": block["Certificate"], "Key": d.getVar("IMAGEPROV_ENROLL_KEY_URI"), "SSLEngine": "pkcs11"}
     main_conf = d.getVar("IMAGEPROV_MAIN_CONF")
     if not target.startswith("/") or ".." in target.split("/"):
         bb.fatal("imageprov: IMAGEPROV_MENDER_CONF must be an absolute path, not %r" % target)
@@ -289,7 +324,11 @@ python imageprov_mender_conf() {
                 bb.fatal("imageprov: %s in the image is not UTF-8: %s" % (device_path, exc))
         return path, imageprov_parse_conf(text, device_path, d)
 
-    for device_path in (block["Key"], block["Certificate"], d.getVar("IMAGEPROV_DEVICE_ID_FILE")):
+    per_device = [block["Certificate"], d.getVar("IMAGEPROV_DEVICE_ID_FILE")]
+    per_device += ([] if enroll else [block["Key"]])
+    per_device += (["/data/imageprov/enroll/%s" % f for f in ("bootstrap-key.pem", "bootstrap-cert.pem", "enroll.conf")]
+                   + ["/data/imageprov/token"]) if enroll else []
+    for device_path in per_device:
         # Per-device files (credentials, the id) belong to the line: in a build they would
         # land in sstate and the deploy directory, and every device would share them.
         if os.path.lexists(os.path.join(rootfs, device_path.lstrip("/"))):
@@ -331,10 +370,15 @@ python imageprov_mender_conf() {
     auth_key = d.getVar("IMAGEPROV_AUTH_KEY")
     if auth_key not in ("cert", "device"):
         bb.fatal("imageprov: IMAGEPROV_AUTH_KEY must be \"cert\" or \"device\", not %r" % auth_key)
+    if enroll and auth_key != "cert":
+        bb.fatal("imageprov: IMAGEPROV_ENROLL signs auth requests with the token's key: leave IMAGEPROV_AUTH_KEY "
+                 "\"cert\"")
     if auth_key == "cert":
-        # Other Security keys (SSLEngine, an HSM's settings) are kept, in their place.
-        security = imageprov_lookup(conf, "Security") or {}
-        conf = imageprov_put(conf, "Security", imageprov_put(security, "AuthPrivateKey", block["Key"]))
+        # Other Security keys (an HSM's settings) are kept, in their place; with the token's key, its engine.
+        security = imageprov_put(imageprov_lookup(conf, "Security") or {}, "AuthPrivateKey", block["Key"])
+        if enroll:
+            security = imageprov_put(security, "SSLEngine", "pkcs11")
+        conf = imageprov_put(conf, "Security", security)
     if server_ca is not None:
         conf = imageprov_put(conf, "ServerCertificate", server_cert)
         cert_path = os.path.join(rootfs, server_cert.lstrip("/"))
@@ -355,6 +399,63 @@ python imageprov_mender_conf() {
     os.chmod(partial, mode)
     os.replace(partial, path)
     bb.note("imageprov: HttpsClient in %s -> %s, %s" % (target, block["Certificate"], block["Key"]))
+}
+
+def imageprov_enroll(d):
+    """Whether IMAGEPROV_ENROLL is on; bb.fatal for a value that is neither."""
+    value = d.getVar("IMAGEPROV_ENROLL") or ""
+    if value not in ("", "0", "1"):
+        bb.fatal("imageprov: IMAGEPROV_ENROLL must be \"1\" (or unset), not %r" % value)
+    return value == "1"
+
+python imageprov_enroll_program() {
+    import os
+    import re
+
+    if not imageprov_has_mender(d):
+        return
+    rootfs = d.getVar("IMAGE_ROOTFS")
+    files = d.getVar("IMAGEPROV_ENROLL_FILES")
+    module = d.getVar("IMAGEPROV_ENROLL_PKCS11_MODULE")
+    if not re.fullmatch(r"/[A-Za-z0-9_./+-]+", module) or ".." in module.split("/"):
+        bb.fatal("imageprov: IMAGEPROV_ENROLL_PKCS11_MODULE must be an absolute path, not %r" % module)
+    units = d.getVar("systemd_system_unitdir") or "/lib/systemd/system"
+
+    def install(source, device_path, mode, replace=()):
+        with open(os.path.join(files, source), encoding="utf-8") as handle:
+            text = handle.read()
+        for old, new in replace:
+            text = text.replace(old, new)
+        path = os.path.join(rootfs, device_path.lstrip("/"))
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+            bb.fatal("imageprov: %s in the image is not a regular file" % device_path)
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        partial = path + ".imageprov"
+        with open(partial, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(partial, mode)
+        os.replace(partial, path)
+
+    def enable(unit, target):
+        link = os.path.join(rootfs, "etc/systemd/system", target + ".wants", unit)
+        os.makedirs(os.path.dirname(link), mode=0o755, exist_ok=True)
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(os.path.join(units, unit), link)
+
+    install("imageprov-enroll", "/usr/sbin/imageprov-enroll", 0o755)
+    for unit in ("imageprov-enroll.service", "imageprov-enroll-renew.service", "imageprov-enroll-renew.timer"):
+        install(unit, os.path.join(units, unit), 0o644)
+    # What the enrollment and the client both need to find the token.
+    install("imageprov-enroll.default", "/etc/default/imageprov-enroll", 0o644, [("@MODULE@", module)])
+    # Mender 3.x runs as mender-client.service, 4.x and later authenticate in mender-authd.service.
+    for client in ("mender-client.service", "mender-authd.service"):
+        install("imageprov-enroll-client.conf", "/etc/systemd/system/%s.d/imageprov-enroll.conf" % client, 0o644,
+                [("@MODULE@", module)])
+    enable("imageprov-enroll.service", "multi-user.target")
+    enable("imageprov-enroll-renew.timer", "timers.target")
+    bb.note("imageprov: /usr/sbin/imageprov-enroll enrolls the device at first boot (imageprov-enroll.service), "
+            "the Mender client waits for it; the token: %s" % module)
 }
 
 python imageprov_identity_script() {
