@@ -13,8 +13,6 @@ import base64
 import datetime as dt
 import http.client
 import json
-import os
-import secrets
 import ssl
 import subprocess
 import sys
@@ -39,8 +37,8 @@ from tests.edge_support import (
     nginx,
     running_standin,
     signed_request,
-    wait_for,
 )
+from tests.netns import device_namespace
 from tests.standin_mender import StandinStorage
 
 NEXT = "/api/devices/v1/deployments/device/deployments/next?artifact_name=release-1&device_type=raspberrypi4"
@@ -329,45 +327,11 @@ def test_nginx_sends_artifacts_to_the_service_only_with_accept(pki: Path) -> Non
     assert "location = /api/devices/v1/deployments/device/deployments/next {" in conf
 
 
-@contextmanager
-def _device_namespace() -> Iterator[tuple[int, str]]:
-    """A network namespace (``unshare -n``) whose only way out is a veth to this one: a process in it, and the
-    address of this side of the veth (where the edge listens). Its own loopback is not this one's: the stand-in
-    storage and Mender, on this side's 127.0.0.1, are out of its reach."""
-    need("unshare", "nsenter", "ip")
-    if os.geteuid() != 0:
-        pytest.skip("a network namespace with a veth needs root")
-    suffix = secrets.token_hex(3)
-    outside, inside = f"iah{suffix}", f"iad{suffix}"
-    subnet = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
-    holder = subprocess.Popen(["unshare", "-n", "--", "sleep", "600"])
-    try:
-
-        def ip(*args: str, netns: bool = False) -> None:
-            prefix = ["nsenter", "-t", str(holder.pid), "-n"] if netns else []
-            subprocess.run([*prefix, "ip", *args], check=True, capture_output=True)
-
-        wait_for(lambda: os.readlink(f"/proc/{holder.pid}/ns/net") != os.readlink("/proc/self/ns/net"),
-                 "the namespace")  # fmt: skip
-        ip("link", "add", outside, "type", "veth", "peer", "name", inside)
-        ip("link", "set", inside, "netns", str(holder.pid))
-        ip("addr", "add", f"{subnet}.1/30", "dev", outside)
-        ip("link", "set", outside, "up")
-        ip("link", "set", "lo", "up", netns=True)
-        ip("addr", "add", f"{subnet}.2/30", "dev", inside, netns=True)
-        ip("link", "set", inside, "up", netns=True)
-        yield holder.pid, f"{subnet}.1"
-    finally:
-        holder.kill()
-        holder.wait()
-        subprocess.run(["ip", "link", "del", outside], capture_output=True, check=False)
-
-
 def test_in_a_namespace_that_reaches_only_the_edge_a_device_updates(
     tmp_path_factory: pytest.TempPathFactory, pki: Path
 ) -> None:
     tmp_path = tmp_path_factory.mktemp("netns")
-    with _device_namespace() as (pid, address):
+    with device_namespace() as (pid, address):
         server = tmp_path / "server"
         imageprov_pki("server-cert", "--pki", pki, "--host", "localhost", "--ip", address, "--out", server)
         with _stack(tmp_path, pki, listen="0.0.0.0", server=server, netns=(pid, address)) as stack:

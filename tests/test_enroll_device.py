@@ -32,6 +32,7 @@ from cryptography.x509.oid import NameOID
 from imageprov.disk.golden import Scheme
 from tests.conftest import PASSPHRASE, imageprov, imageprov_pki, need, tool
 from tests.edge_support import PASSWORD, USER, edge_service, free_port, log_lines, nginx, running_standin
+from tests.netns import device_namespace
 from tests.oracle import registry_rows
 from tests.test_edge_e2e import _list, identity_runner  # noqa: F401 - identity_runner: a fixture
 from tests.test_edge_e2e import _spki as _spki_pem
@@ -62,12 +63,17 @@ def _device_root(tmp_path: Path, image: Path, name: str) -> Path:
     return root
 
 
-def _enroll(root: Path, tpm: Tpm, **env: str) -> subprocess.CompletedProcess[str]:
+def _in(namespace: int, argv: list[str]) -> list[str]:
+    """``argv`` run in the device's network namespace (tests/netns.py): it reaches the edge and nothing else."""
+    return ["nsenter", "-t", str(namespace), "-n", *argv]
+
+
+def _enroll(namespace: int, root: Path, tpm: Tpm, **env: str) -> subprocess.CompletedProcess[str]:
     """The layer's program as the device's service runs it, by dash, with the TPM's environment."""
     need("dash")
     full = {**os.environ, **tpm.env, "IMAGEPROV_ENROLL_CONF": str(root / "data/imageprov/enroll/enroll.conf"), **env}
-    return subprocess.run(["dash", str(PROGRAM)], env=full, capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.run(_in(namespace, ["dash", str(PROGRAM)]), env=full, capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
 
 
 def _token_public_key(root: Path, tpm: Tpm) -> bytes:
@@ -123,15 +129,28 @@ def test_a_key_made_in_the_tpm_enrolls_and_the_mender_client_is_accepted_with_it
     identity_runner: Any,  # noqa: F811
 ) -> None:
     need("nginx", "mender")
+    with device_namespace() as (namespace, address):
+        _enroll_and_authenticate(tmp_path, make_golden, pki, tpm, identity_runner, namespace, address)
+
+
+def _enroll_and_authenticate(
+    tmp_path: Path,
+    make_golden: Callable[..., Path],
+    pki: Path,
+    tpm: Tpm,
+    identity_runner: Any,  # noqa: F811
+    namespace: int,
+    address: str,
+) -> None:
     golden = make_golden(Scheme.MBR)
     port = free_port()
-    edge_url = f"https://localhost:{port}"
+    edge_url = f"https://{address}:{port}"
     ca_cert = pki / "ca-cert.pem"
     out = tmp_path / "out"
     imageprov_pki("stamp", golden, "--pki", pki, "--out", out, "--device-id", "TPM-1", "--device-id", "TPM-2",
                   "--enroll", f"{edge_url}/.well-known/est", "--server-ca", ca_cert)  # fmt: skip
     server = tmp_path / "edge"
-    imageprov_pki("server-cert", "--pki", pki, "--host", "localhost", "--ip", "127.0.0.1", "--out", server)
+    imageprov_pki("server-cert", "--pki", pki, "--host", "localhost", "--ip", address, "--out", server)
     passphrase, password = tmp_path / "passphrase", tmp_path / "password"
     passphrase.write_text(PASSPHRASE)
     password.write_text(PASSWORD)
@@ -149,10 +168,14 @@ def test_a_key_made_in_the_tpm_enrolls_and_the_mender_client_is_accepted_with_it
                           "--password-file", password, "--est", "--passphrase-file", passphrase,
                           "--est-days", "30") as service:  # fmt: skip
             conf_text = imageprov_pki("edge", "nginx", "--pki", pki, "--server-cert", server, "--upstream",
-                                      standin.url, "--listen", f"127.0.0.1:{port}", "--accept", service["url"],
+                                      standin.url, "--listen", f"0.0.0.0:{port}", "--accept", service["url"],
                                       "--est").stdout  # fmt: skip
             with nginx(tmp_path, conf_text, port):
-                first = _enroll(device, tpm)
+                # From the device's namespace the Mender server is out of reach: everything goes through the edge.
+                reach = subprocess.run(_in(namespace, ["curl", "-sS", "--max-time", "3", standin.url]),
+                                       capture_output=True, text=True, check=False)  # fmt: skip
+                assert reach.returncode == 7, reach.stderr  # curl: failed to connect
+                first = _enroll(namespace, device, tpm)
                 assert first.returncode == 0, first.stderr
                 cert_file = device / "data/mender/mender-cert.pem"
                 verified = tool("openssl", "verify", "-CAfile", ca_cert, "-purpose", "sslclient", cert_file)
@@ -164,7 +187,7 @@ def test_a_key_made_in_the_tpm_enrolls_and_the_mender_client_is_accepted_with_it
                 assert not (device / "data/imageprov/enroll/bootstrap-key.pem").exists()
                 assert (cert_file.stat().st_mode & 0o777) == 0o644
                 # Nothing to do while it is valid for more than RENEW_DAYS (--est-days 30 here).
-                again = _enroll(device, tpm, IMAGEPROV_RENEW_DAYS="7")
+                again = _enroll(namespace, device, tpm, IMAGEPROV_RENEW_DAYS="7")
                 assert again.returncode == 0, again.stderr
                 assert again.stderr.strip().endswith("is valid for more than 7 days"), again.stderr
 
@@ -172,23 +195,21 @@ def test_a_key_made_in_the_tpm_enrolls_and_the_mender_client_is_accepted_with_it
                 main, fallback = _client_confs(device, edge_url)
                 env = [f"{k}={v}" for k, v in tpm.env.items()]
                 env.append(f"TPM2_PKCS11_STORE={device / 'data/imageprov/token'}")
-                booted = identity_runner(
-                    ["env", *env, "mender", "--config", str(main), "--fallback-config", str(fallback), "--data",
-                     str(device / "data/mender"), "--no-syslog", "--log-level", "info", "bootstrap"],
-                    "02:00:00:00:27:01",
-                )  # fmt: skip
+                argv = ["env", *env, "mender", "--config", str(main), "--fallback-config", str(fallback), "--data",
+                        str(device / "data/mender"), "--no-syslog", "--log-level", "info", "bootstrap"]  # fmt: skip
+                booted = identity_runner(_in(namespace, argv), "02:00:00:00:27:01")
                 assert booted.returncode == 0, booted.stderr[-3000:]
                 assert "loaded private key: 'pkcs11:...' from 'pkcs11'" in booted.stderr
 
-                cloned = _enroll(clone, tpm)
+                cloned = _enroll(namespace, clone, tpm)
                 assert cloned.returncode == 2, cloned.stderr
                 assert "refused (403)" in cloned.stderr and "used to enroll already" in cloned.stderr
                 assert not (clone / "data/mender/mender-cert.pem").exists()
-                refused = _enroll(revoked, tpm)
+                refused = _enroll(namespace, revoked, tpm)
                 assert refused.returncode == 2 and "refused (403)" in refused.stderr, refused.stderr
 
                 # Renewal: due once it expires within RENEW_DAYS; over TLS with the TPM's key and the certificate.
-                renewed = _enroll(device, tpm, IMAGEPROV_RENEW_DAYS="60")
+                renewed = _enroll(namespace, device, tpm, IMAGEPROV_RENEW_DAYS="60")
                 assert renewed.returncode == 0 and "renewed:" in renewed.stderr, renewed.stderr
                 new = x509.load_pem_x509_certificate(cert_file.read_bytes())
                 assert new.serial_number != cert.serial_number and _spki(new) == _spki(cert)

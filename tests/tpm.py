@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import IN_CI, need
-from tests.edge_support import free_port, wait_for
+from tests.edge_support import wait_for
 
 # Debian's paths (libtpm2-pkcs11-1, libengine-pkcs11-openssl).
 TPM2_PKCS11 = Path("/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so")
@@ -51,7 +51,6 @@ def running_tpm(directory: Path) -> Iterator[Tpm]:
     directory.mkdir(parents=True, exist_ok=True)
     state = directory / "state"
     state.mkdir(exist_ok=True)
-    port = free_port()
     with ExitStack() as stack:
 
         def started(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
@@ -59,20 +58,26 @@ def running_tpm(directory: Path) -> Iterator[Tpm]:
             stack.callback(_stop, proc)
             return proc
 
-        swtpm_log = directory / "swtpm.log"
-        started(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}", "--flags", "not-need-init,startup-clear",
-                 "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-                 "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1", "--log", f"file={swtpm_log}"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        bus = started(["dbus-daemon", "--session", "--nofork", "--print-address=1"], stdout=subprocess.PIPE,
+        # Unix sockets, not TCP ports: nothing to collide with another test's (a port and port + 1 free a moment
+        # ago are not free for sure).
+        socket = directory / "tpm.sock"
+        swtpm = started(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}", "--flags",
+                         "not-need-init,startup-clear", "--server", f"type=unixio,path={socket}",
+                         "--ctrl", f"type=unixio,path={socket}.ctrl", "--log", f"file={directory / 'swtpm.log'}"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        raw = f"swtpm:path={socket}"
+        # A socket in the filesystem, not an abstract one: those belong to a network namespace, and the device's
+        # programs may run in another (tests/netns.py).
+        bus = started(["dbus-daemon", "--session", "--nofork", "--print-address=1",
+                       f"--address=unix:path={directory / 'bus'}"], stdout=subprocess.PIPE,
                       stderr=subprocess.DEVNULL)  # fmt: skip
         assert bus.stdout is not None
         address = bus.stdout.readline().decode().strip()
         assert address, "dbus-daemon printed no address"
         env = {**os.environ, "DBUS_SESSION_BUS_ADDRESS": address}
-        wait_for(lambda: _answers(f"swtpm:host=127.0.0.1,port={port}", env), "swtpm to answer")
+        wait_for(lambda: _alive(swtpm, directory / "swtpm.log") and _answers(raw, env), "swtpm to answer")
         with open(directory / "abrmd.log", "wb") as log:
-            started(["tpm2-abrmd", "--allow-root", "--session", f"--tcti=swtpm:host=127.0.0.1,port={port}"],
+            started(["tpm2-abrmd", "--allow-root", "--session", f"--tcti={raw}"],
                     env=env, stdout=log, stderr=log)  # fmt: skip
         tcti = "tabrmd:bus_type=session"
         wait_for(lambda: _answers(tcti, env), "tpm2-abrmd to answer")
@@ -83,6 +88,12 @@ def running_tpm(directory: Path) -> Iterator[Tpm]:
 def _answers(tcti: str, env: dict[str, str]) -> bool:
     probe = subprocess.run(["tpm2_getcap", "-T", tcti, "properties-fixed"], env=env, capture_output=True, check=False)
     return probe.returncode == 0
+
+
+def _alive(proc: subprocess.Popen[bytes], log: Path) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"swtpm exited {proc.returncode}: {log.read_text() if log.exists() else ''}")
+    return True
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
