@@ -409,6 +409,9 @@ def _report(args: argparse.Namespace, counts: list[int], runs: dict[int, list[_R
 
 
 def main() -> None:
+    if "--est" in sys.argv[1:]:
+        # Enrollments/s (issue 27): a benchmark of its own, scripts/bench_edge_est.py (--est --help).
+        os.execv(sys.executable, [sys.executable, str(ROOT / "scripts" / "bench_edge_est.py"), *sys.argv[1:]])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=1000, help="fleet size (default 1000)")
     parser.add_argument("--new-rate", type=float, default=200, help="arrivals/s for the new-device latency")
@@ -420,6 +423,8 @@ def main() -> None:
     parser.add_argument("--instances", metavar="1,2", help="instead: devices/s with 1 and 2 edge serve instances on"
                         " one PostgreSQL registry, and the ratio (counts, comma-separated: 1, 2 or both)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=2, help="with --instances: runs of each (default 2)")
+    parser.add_argument("--est", action="store_true", help="instead: enrollments/s (EST) at the edge against the "
+                        "station issuing certificates itself (scripts/bench_edge_est.py; --est --help)")  # fmt: skip
     args = parser.parse_args()
     if args.crl_churn and not (args.crl_size >= 1 and args.churn_interval > 0 and args.churn_rounds >= 1):
         parser.error("--crl-size and --churn-rounds must be at least 1, --churn-interval above 0")

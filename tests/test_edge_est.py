@@ -971,3 +971,17 @@ def test_edge_serve_est_refuses_what_it_cannot_do(tmp_path: Path, pki: Path) -> 
                           env=cli_env(None), stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.returncode == 1 and "wrong passphrase" in proc.stderr, proc.stderr
     assert "not the passphrase" not in proc.stderr
+
+
+def test_the_enrollment_benchmark_runs_and_checks_its_answers() -> None:
+    """``scripts/bench edge --est`` on a few devices: it enrolls and renews each, checks each answer, prints the
+    ratio (so that the benchmark cannot rot between the times it is run for figures)."""
+    need("nginx")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_edge.py"
+    proc = subprocess.run([sys.executable, str(script), "--est", "--devices", "5"], capture_output=True, text=True,
+                          timeout=600, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert [line.split(":")[0].strip() for line in lines if line.strip().startswith(("enroll:", "renew:"))] == [
+        "enroll", "renew"]  # fmt: skip
+    assert "ratio enroll at the edge / issue at the station:" in lines[-1]
