@@ -134,6 +134,12 @@ def test_one_kind_of_credential_per_device(golden: Path, pki: Path, tmp_path: Pa
     assert [(r["kind"], r["status"], r["reason"]) for r in rows] == [
         ("device", "revoked", "superseded"), ("bootstrap", "active", None)]  # fmt: skip
     assert rows[1]["serial"] == line["serial"]
+    # The listing's columns hold the longer kind too.
+    listed = [
+        (line[25:34].strip(), line[35:43].strip())
+        for line in imageprov_pki("devices", "--pki", pki).stdout.splitlines()
+    ]
+    assert listed == [("device", "revoked"), ("bootstrap", "active")]
     back = _stamp(golden, pki, tmp_path / "keyed-again", "K-1", check=False)
     assert back.returncode == 1 and "K-1 already has a bootstrap certificate" in back.stderr
 

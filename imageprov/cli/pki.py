@@ -360,7 +360,7 @@ def devices(pki: Pki, json_out: Json = False, registry_url: RegistryOpt = None) 
                 sys.stdout.write(("[\n" if first else ",\n") + json.dumps(r.to_dict()))
             else:
                 sys.stdout.write(
-                    f"{r.device_id:<24} {r.kind:<6} {r.status.value:<8} {r.serial:<40} until {r.not_after[:10]}"
+                    f"{r.device_id:<24} {r.kind:<9} {r.status.value:<8} {r.serial:<40} until {r.not_after[:10]}"
                     + (f"  revoked {r.revoked_at} ({r.reason.value if r.reason else ''})" if r.revoked_at else "")
                     + "\n"
                 )
