@@ -234,6 +234,28 @@ def _enroll_and_authenticate(
     keys = _private_keys_in(tmp_path)
     assert keys, "the scan finds the keys that are in files (the bootstrap keys in the images)"
     assert all(key is None or _spki_of(key) != _spki(cert) for _, key in keys)
+    # What the token's store holds is the key wrapped by this TPM: the store and the PIN copied to another TPM
+    # sign nothing, where on this one they do.
+    assert _signs(device / "data/imageprov/token", tpm, tmp_path / "here").returncode == 0
+    copied = tmp_path / "copied-token"
+    shutil.copytree(device / "data/imageprov/token", copied)
+    with running_tpm(tmp_path / "another-tpm") as another:
+        elsewhere = _signs(copied, another, tmp_path / "elsewhere")
+    assert elsewhere.returncode != 0 and not (tmp_path / "elsewhere.pem").exists(), elsewhere.stderr
+
+
+def _signs(store: Path, tpm: Tpm, out: Path) -> subprocess.CompletedProcess[str]:
+    """A certificate request signed by the token's key in ``store`` (PIN from its file), as imageprov-enroll makes
+    one; written to ``out``.pem."""
+    template = out.with_suffix(".template")
+    template.write_text('cn = "TPM-1"\n')
+    env = {**os.environ, **tpm.env, "TPM2_PKCS11_STORE": str(store), "GNUTLS_PIN": (store / "pin").read_text()}
+    return subprocess.run(
+        ["certtool", "--provider", tpm.env["PKCS11_MODULE_PATH"], "--generate-request", "--load-privkey",
+         "pkcs11:token=imageprov;object=mender;type=private", "--template", str(template),
+         "--outfile", str(out.with_suffix(".pem"))],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
 
 
 def _spki_of(key: Any) -> bytes:
