@@ -46,6 +46,8 @@ class Edge:
     """The stand-in: ``answer(csr)`` gives (status, body) for each request; what it was asked is kept."""
 
     answer: Callable[[x509.CertificateSigningRequest], tuple[int, bytes]] = lambda csr: (500, b"not set")
+    # What cacerts answers: the fleet CA unless a test says otherwise.
+    cacerts: Callable[[], tuple[int, bytes]] | None = None
     asked: list[str] = field(default_factory=list)
 
 
@@ -78,6 +80,15 @@ def edge(tmp_path_factory: pytest.TempPathFactory, fleet: FleetCA) -> Iterator[t
     state = Edge()
 
     class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state.asked.append(self.path)
+            status, answer = state.cacerts() if state.cacerts is not None else (200, _certs_only(fleet.cert))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/pkcs7-mime")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             state.asked.append(self.path)
@@ -161,7 +172,7 @@ def test_a_wrong_answer_writes_nothing_and_keeps_the_bootstrap_key(
     case: str, device: Path, tpm: Tpm, fleet: FleetCA, edge: tuple[Edge, int, Path]
 ) -> None:
     answer, code, said = ANSWERS[case]
-    edge[0].answer = lambda csr: answer(fleet, csr)
+    edge[0].answer, edge[0].cacerts = (lambda csr: answer(fleet, csr)), None
     ran = _run(device, tpm)
     assert ran.returncode == code, ran.stderr
     assert said in ran.stderr, ran.stderr
@@ -169,13 +180,41 @@ def test_a_wrong_answer_writes_nothing_and_keeps_the_bootstrap_key(
     assert (device / "data/imageprov/enroll/bootstrap-key.pem").exists()
 
 
+@pytest.mark.parametrize(
+    ("cacerts", "code", "said"),
+    [
+        (lambda: (200, _certs_only(OTHER_CA.cert)), 2, "the edge's CA is not the fleet CA"),
+        (lambda: (200, base64.encodebytes(b"no")), 2, "cacerts: the answer is not a certs-only PKCS#7"),
+        (lambda: (404, b"no EST here"), 2, "cacerts: the edge answered 404"),
+        (lambda: (503, b""), 1, "cacerts: the edge answered 503"),
+    ],
+    ids=["another fleet's CA", "not PKCS#7", "no EST", "down"],
+)
+def test_an_edge_of_another_fleet_is_never_sent_a_request(
+    cacerts: Callable[[], tuple[int, bytes]], code: int, said: str, device: Path, tpm: Tpm, fleet: FleetCA,
+    edge: tuple[Edge, int, Path],
+) -> None:  # fmt: skip
+    """cacerts first (RFC 7030, 4.1): the edge's CA must be the fleet CA the image names, or nothing is asked."""
+    state = edge[0]
+    state.answer, state.cacerts = (lambda csr: (200, _certs_only(_certify(fleet, DEVICE, csr.public_key())))), cacerts
+    before = len(state.asked)
+    ran = _run(device, tpm)
+    assert ran.returncode == code and said in ran.stderr, ran.stderr
+    assert state.asked[before:] == ["/.well-known/est/cacerts"]
+    assert not (device / "data/mender/mender-cert.pem").exists()
+    assert (device / "data/imageprov/enroll/bootstrap-key.pem").exists()
+
+
 def test_the_right_answer_is_written_and_the_bootstrap_key_deleted(
     device: Path, tpm: Tpm, fleet: FleetCA, edge: tuple[Edge, int, Path]
 ) -> None:
-    """The control: the stand-in's good answer passes every check above."""
-    edge[0].answer = lambda csr: (200, _certs_only(_certify(fleet, DEVICE, csr.public_key())))
+    """The control: the stand-in's good answers pass every check above."""
+    state = edge[0]
+    state.answer, state.cacerts = (lambda csr: (200, _certs_only(_certify(fleet, DEVICE, csr.public_key())))), None
+    before = len(state.asked)
     ran = _run(device, tpm)
     assert ran.returncode == 0, ran.stderr
+    assert state.asked[before:] == ["/.well-known/est/cacerts", "/.well-known/est/simpleenroll"]
     cert = x509.load_pem_x509_certificate((device / "data/mender/mender-cert.pem").read_bytes())
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == DEVICE
     assert not (device / "data/imageprov/enroll/bootstrap-key.pem").exists()
