@@ -95,7 +95,7 @@ def test_merge_writes_menders_spelling_in_place_of_the_files() -> None:
     # Same places, Mender's spelling for what is set; a key not set keeps its spelling.
     assert list(value) == ["ServerURL", "HttpsClient", "x", "Security", "tenanttoken"]
     assert value["ServerURL"] == "https://new" and value["HttpsClient"] == BLOCK
-    assert value["Security"] == {"sslengine": "e", "AuthPrivateKey": CLIENT_KEY}
+    assert value["Security"] == {"AuthPrivateKey": CLIENT_KEY}  # the engine goes with the key it loaded
     assert merged.replaced == {"certificate": "/old.pem"} and merged.replaced_auth_key == "/old-key.pem"
     again = merge(merged.text, Settings(server_url="https://new"), "m")
     assert not again.changed and again.text == merged.text

@@ -21,10 +21,11 @@ AGENT_KEY = "/data/mender/mender-agent.pem"
 
 
 def test_merge_adds_the_auth_key_and_keeps_other_security_keys() -> None:
-    text = json.dumps({"Security": {"SSLEngine": "pkcs11", "AuthPrivateKey": AGENT_KEY}, "Z": 1}).encode()
+    text = json.dumps({"Security": {"SSLEngine": "pkcs11", "AuthPrivateKey": AGENT_KEY, "Other": 1}, "Z": 1}).encode()
     merged = merge(text, Settings(), "m")
     value = json.loads(merged.text)
-    assert value["Security"] == {"SSLEngine": "pkcs11", "AuthPrivateKey": CLIENT_KEY}
+    # The engine goes with the key it loaded: the C++ client (4.x) would ask it to load the file's path.
+    assert value["Security"] == {"AuthPrivateKey": CLIENT_KEY, "Other": 1}
     assert list(value) == ["Security", "Z", "HttpsClient"] and merged.replaced_auth_key == AGENT_KEY
     assert merge(merged.text, Settings(), "m").text == merged.text  # idempotent
 
@@ -70,7 +71,7 @@ def test_stamp_sets_the_auth_key_on_both_rootfs(golden_with_security: Path, pki:
     assert f"replaced Security.AuthPrivateKey {AGENT_KEY}" in proc.stderr
     image = tmp_path / "out" / "s-1.sdimg"
     for role in ("rootfs-a", "rootfs-b"):
-        assert _conf(image, role)["Security"] == {"SSLEngine": "pkcs11", "AuthPrivateKey": CLIENT_KEY}
+        assert _conf(image, role)["Security"] == {"AuthPrivateKey": CLIENT_KEY}
     assert _verify_failures(image, pki) == set()
 
 

@@ -36,6 +36,7 @@ from tests.netns import device_namespace
 from tests.oracle import registry_rows
 from tests.test_edge_e2e import _list, identity_runner  # noqa: F401 - identity_runner: a fixture
 from tests.test_edge_e2e import _spki as _spki_pem
+from tests.test_enroll_line import with_program
 from tests.tpm import Tpm, running_tpm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,11 +69,11 @@ def _in(namespace: int, argv: list[str]) -> list[str]:
     return ["nsenter", "-t", str(namespace), "-n", *argv]
 
 
-def _enroll(namespace: int, root: Path, tpm: Tpm, **env: str) -> subprocess.CompletedProcess[str]:
+def _enroll(namespace: int, root: Path, tpm: Tpm, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """The layer's program as the device's service runs it, by dash, with the TPM's environment."""
     need("dash")
     full = {**os.environ, **tpm.env, "IMAGEPROV_ENROLL_CONF": str(root / "data/imageprov/enroll/enroll.conf"), **env}
-    return subprocess.run(_in(namespace, ["dash", str(PROGRAM)]), env=full, capture_output=True, text=True,
+    return subprocess.run(_in(namespace, ["dash", str(PROGRAM), *args]), env=full, capture_output=True, text=True,
                           timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
 
 
@@ -142,7 +143,7 @@ def _enroll_and_authenticate(
     namespace: int,
     address: str,
 ) -> None:
-    golden = make_golden(Scheme.MBR)
+    golden = with_program(make_golden(Scheme.MBR))
     port = free_port()
     edge_url = f"https://{address}:{port}"
     ca_cert = pki / "ca-cert.pem"
@@ -175,7 +176,8 @@ def _enroll_and_authenticate(
                 reach = subprocess.run(_in(namespace, ["curl", "-sS", "--max-time", "3", standin.url]),
                                        capture_output=True, text=True, check=False)  # fmt: skip
                 assert reach.returncode == 7, reach.stderr  # curl: failed to connect
-                first = _enroll(namespace, device, tpm)
+                # As the boot service runs it (--boot: the first enrollment, tried until it succeeds).
+                first = _enroll(namespace, device, tpm, "--boot")
                 assert first.returncode == 0, first.stderr
                 cert_file = device / "data/mender/mender-cert.pem"
                 verified = tool("openssl", "verify", "-CAfile", ca_cert, "-purpose", "sslclient", cert_file)
@@ -187,6 +189,8 @@ def _enroll_and_authenticate(
                 assert not (device / "data/imageprov/enroll/bootstrap-key.pem").exists()
                 assert (cert_file.stat().st_mode & 0o777) == 0o644
                 # Nothing to do while it is valid for more than RENEW_DAYS (--est-days 30 here).
+                at_boot = _enroll(namespace, device, tpm, "--boot", IMAGEPROV_RENEW_DAYS="100000")
+                assert at_boot.returncode == 0 and "renewal is the timer's" in at_boot.stderr, at_boot.stderr
                 again = _enroll(namespace, device, tpm, IMAGEPROV_RENEW_DAYS="7")
                 assert again.returncode == 0, again.stderr
                 assert again.stderr.strip().endswith("is valid for more than 7 days"), again.stderr
@@ -201,7 +205,7 @@ def _enroll_and_authenticate(
                 assert booted.returncode == 0, booted.stderr[-3000:]
                 assert "loaded private key: 'pkcs11:...' from 'pkcs11'" in booted.stderr
 
-                cloned = _enroll(namespace, clone, tpm)
+                cloned = _enroll(namespace, clone, tpm, "--boot")
                 assert cloned.returncode == 2, cloned.stderr
                 assert "refused (403)" in cloned.stderr and "used to enroll already" in cloned.stderr
                 assert not (clone / "data/mender/mender-cert.pem").exists()

@@ -15,11 +15,12 @@ import json
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from imageprov.disk.golden import Scheme
-from tests.conftest import debugfs, imageprov_pki, offset_of, roles, tool
+from tests.conftest import debugfs, imageprov, imageprov_pki, offset_of, roles, tool
 from tests.flashdev import STALE, Loops, loop_devices, read_span
 from tests.flashdev import debugfs as flash_debugfs
 from tests.oracle import registry_rows, stat
@@ -63,9 +64,18 @@ def loops(tmp_path: Path) -> Iterator[Loops]:
     yield from loop_devices(tmp_path)
 
 
+PROGRAM = Path(__file__).resolve().parent.parent / "yocto" / "meta-imageprov" / "files" / "imageprov-enroll"
+
+
+def with_program(image: Path) -> Path:
+    """``image`` with the layer's imageprov-enroll in its root filesystems, as IMAGEPROV_ENROLL builds it."""
+    imageprov("cp", PROGRAM, f"{image}:/usr/sbin/imageprov-enroll", "--mode", "0755")
+    return image
+
+
 @pytest.fixture
 def golden(make_golden: Callable[..., Path]) -> Path:
-    return make_golden(Scheme.MBR)
+    return with_program(make_golden(Scheme.MBR))
 
 
 def test_stamp_enroll_writes_a_bootstrap_credential_and_no_device_key(golden: Path, pki: Path, tmp_path: Path) -> None:
@@ -164,6 +174,28 @@ def test_bad_enroll_options_are_one_line_and_nothing_made(
     assert registry_rows(pki) == [] and list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_golden_image_without_the_program_is_refused_before_anything_is_issued(
+    make_golden: Callable[..., Path], pki: Path, tmp_path: Path
+) -> None:
+    proc = _stamp(make_golden(Scheme.MBR), pki, tmp_path / "out", "N-1", extra=("--enroll", URL), check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "/usr/sbin/imageprov-enroll on rootfs-a" in proc.stderr and "IMAGEPROV_ENROLL" in proc.stderr
+    assert registry_rows(pki) == []
+
+
+def test_enroll_conf_trusts_the_edge_as_the_prepared_image_does(
+    make_golden: Callable[..., Path], pki: Path, tmp_path: Path
+) -> None:
+    """A golden image prepared with --server-ca (or the layer's IMAGEPROV_SERVER_CA), stamped without it: the
+    device enrolls trusting the edge by the same file as its client."""
+    golden = with_program(make_golden(Scheme.MBR))
+    imageprov_pki("prepare", golden, "--server-ca", pki / "ca-cert.pem")
+    [line] = _enrolled(golden, pki, tmp_path / "out", "S-1")
+    conf = debugfs(Path(line["image"]), roles(golden)["data"], f"cat {ENROLL}/enroll.conf")
+    assert "\nSERVER_CA=/data/mender/server.crt\n" in conf
+    assert _verify(Path(line["image"]), pki, "S-1")["ok"]
+
+
 def test_bootstrap_validity_defaults_to_its_own(golden: Path, pki: Path, tmp_path: Path) -> None:
     _enrolled(golden, pki, tmp_path / "out", "D-1")
     [row] = registry_rows(pki)
@@ -192,6 +224,18 @@ def _conf_without_engine(image: Path, tmp_path: Path) -> str:
     conf["HttpsClient"] = {"Certificate": "/data/mender/mender-cert.pem", "Key": "/data/mender/mender-cert-private.pem"}
     conf["Security"] = {"AuthPrivateKey": "/data/mender/mender-cert-private.pem"}
     local = tmp_path / "mender.conf"
+    local.write_text(json.dumps(conf))
+    return f"rm /mender/mender.conf\nwrite {local} /mender/mender.conf\n"
+
+
+def _no_security_engine(conf: dict[str, Any]) -> None:
+    del conf["Security"]["SSLEngine"]
+
+
+def _conf_edit(image: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> str:
+    conf = json.loads(debugfs(image, roles(image)["data"], "cat /mender/mender.conf"))
+    edit(conf)
+    local = tmp_path / "edited-mender.conf"
     local.write_text(json.dumps(conf))
     return f"rm /mender/mender.conf\nwrite {local} /mender/mender.conf\n"
 
@@ -239,6 +283,17 @@ TAMPERED: dict[str, tuple[Callable[[Path, Path, Path], str], str]] = {
         "/data/imageprov/enroll/enroll.conf names the certificate's CN"),
     "an enrollment over plain http": (
         lambda image, pki, t: _edit_conf(image, t, "https://", "http://"), "enrollment URL is https"),
+    "a token store from an enrolled device": (
+        lambda image, pki, t: "mkdir /imageprov/token\n", "/data/imageprov/token absent"),
+    "an enroll.conf without the token's directory": (
+        lambda image, pki, t: _edit_conf(image, t, "TOKEN_DIR=/data/imageprov/token\n", ""),
+        "/data/imageprov/enroll/enroll.conf as imageprov writes it"),
+    "enrolling trusts another edge certificate than the client": (
+        lambda image, pki, t: _edit_conf(image, t, "SERVER_CA=\n", "SERVER_CA=/data/other.crt\n"),
+        "enrollment trusts the edge as the client does"),
+    "no program to enroll": (lambda image, pki, t: "", "/usr/sbin/imageprov-enroll"),
+    "the auth key without its engine": (lambda image, pki, t: _conf_edit(image, t, _no_security_engine),
+                                        "auth key loaded through pkcs11"),
     "a bootstrap key readable by all": (
         lambda image, pki, t: f"sif {ENROLL}/bootstrap-key.pem mode 0100644\n",
         "/data/imageprov/enroll/bootstrap-key.pem is 0600 root:root"),
@@ -248,18 +303,23 @@ TAMPERED: dict[str, tuple[Callable[[Path, Path, Path], str], str]] = {
 @pytest.mark.parametrize("case", list(TAMPERED))
 def test_verify_fails_an_enrolling_image_gone_wrong(enrolling: Path, pki: Path, tmp_path: Path, case: str) -> None:
     tamper, check = TAMPERED[case]
-    _debugfs_w(enrolling, tamper(enrolling, pki, tmp_path), tmp_path)
+    if case == "no program to enroll":
+        for role in ("rootfs-a", "rootfs-b"):
+            fs = f"{enrolling}?offset={offset_of(enrolling, roles(enrolling)[role])}"
+            tool("debugfs", "-w", "-R", "rm /usr/sbin/imageprov-enroll", fs)
+    else:
+        _debugfs_w(enrolling, tamper(enrolling, pki, tmp_path), tmp_path)
     report = _verify(enrolling, pki, "V-1")
-    if check == "the conf names a file key":  # on both rootfs: the block, the auth key, and its engine
-        expected = [
-            f"{name} on {role}"
-            for role in ("rootfs-a", "rootfs-b")
-            for name in (
-                "auth requests signed with the certificate's key",
-                "auth key loaded through pkcs11",
-                "mender.conf",
-            )
-        ]
+    if check == "the conf names a file key":  # on both rootfs: the block and the auth key
+        expected = [f"{name} on {role}" for role in ("rootfs-a", "rootfs-b")
+                    for name in ("auth requests signed with the certificate's key", "mender.conf")]  # fmt: skip
+    elif check in (
+        "enrollment trusts the edge as the client does",
+        "/usr/sbin/imageprov-enroll",
+        "auth key loaded through pkcs11",
+    ):  # each rootfs
+        expected = [f"{check} ({role})" if "trusts" in check else f"{check} on {role}"
+                    for role in ("rootfs-a", "rootfs-b")]  # fmt: skip
     else:
         expected = [check]
     assert _failed(report) == expected, _failed(report)
@@ -294,7 +354,7 @@ def test_flash_enroll_writes_a_card_that_enrolls(
 ) -> None:
     """The same credential on a card (a loop device), the bootstrap certificate delivered to it; a second card
     for the id is refused as a clone would be."""
-    golden = make_golden(Scheme.GPT, rootfs_mib=16, data_mib=16)
+    golden = with_program(make_golden(Scheme.GPT, rootfs_mib=16, data_mib=16))
     first, second = loops.card(golden.stat().st_size), loops.card(golden.stat().st_size)
     proc = imageprov_pki("flash", golden, "--pki", pki, "--json", "--enroll", URL, "--target", f"{first}=F-1")
     [result] = [json.loads(line) for line in proc.stdout.splitlines()]

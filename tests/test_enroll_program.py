@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from imageprov.mender.enroll import Enrollment
-from tests.conftest import need
+from tests.conftest import need, tool
 from tests.edge_support import FleetCA, key_pem, pem
 from tests.tpm import Tpm, running_tpm
 
@@ -140,9 +140,17 @@ def device(tmp_path: Path, fleet: FleetCA, edge: tuple[Edge, int, Path]) -> Path
     return root
 
 
-def _run(root: Path, tpm: Tpm) -> subprocess.CompletedProcess[str]:
+def _run(root: Path, tpm: Tpm, **extra: str) -> subprocess.CompletedProcess[str]:
+    """The program, by dash; the device's system CAs (OpenSSL's default store) hold another CA: the fleet's
+    trust must not reach it."""
     need("dash")
-    env = {**os.environ, **tpm.env, "IMAGEPROV_ENROLL_CONF": str(root / "data/imageprov/enroll/enroll.conf")}
+    system = root / "system-certs"  # as /etc/ssl/certs: hashed names (openssl rehash), which -CAfile still reads
+    if not system.exists():
+        system.mkdir()
+        (system / "other.pem").write_bytes(OTHER_CA.cert_pem())
+        tool("openssl", "rehash", system)
+    env = {**os.environ, **tpm.env, "IMAGEPROV_ENROLL_CONF": str(root / "data/imageprov/enroll/enroll.conf"),
+           "SSL_CERT_DIR": str(system), **extra}  # fmt: skip
     return subprocess.run(["dash", str(PROGRAM)], env=env, capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)  # fmt: skip
 
@@ -221,6 +229,18 @@ def test_the_right_answer_is_written_and_the_bootstrap_key_deleted(
     # The PINs it made are the device's own: 0600, as the rest of its token directory.
     for name in ("pin", "so-pin"):
         assert (device / "data/imageprov/token" / name).stat().st_mode & 0o777 == 0o600
+    # A power cut between the certificate and the bootstrap key's removal: the next run removes it.
+    bootstrap_key = device / "data/imageprov/enroll/bootstrap-key.pem"
+    bootstrap_key.write_text("left by a power cut\n")
+    assert _run(device, tpm).returncode == 0 and not bootstrap_key.exists()
+    # A renewal whose answer is wrong keeps the certificate the device has.
+    good = (device / "data/mender/mender-cert.pem").read_bytes()
+    for wrong in ("a certificate for another key", "another CA's certificate", "refused"):
+        state.answer = lambda csr, wrong=wrong: ANSWERS[wrong][0](fleet, csr)  # type: ignore[misc]
+        renewal = _run(device, tpm, IMAGEPROV_RENEW_DAYS="100000")
+        assert renewal.returncode == 2 and "simplereenroll" in renewal.stderr, renewal.stderr
+        assert (device / "data/mender/mender-cert.pem").read_bytes() == good
+    assert state.asked[-1] == "/.well-known/est/simplereenroll"
 
 
 def test_a_bad_enroll_conf_is_refused_before_the_tpm_is_touched(device: Path, tpm: Tpm) -> None:
@@ -235,3 +255,19 @@ def test_a_bad_enroll_conf_is_refused_before_the_tpm_is_touched(device: Path, tp
         ran = _run(device, tpm)
         assert ran.returncode == 2 and said in ran.stderr, ran.stderr
     assert not (device / "data/imageprov/token").exists()
+
+
+def test_another_fleets_edge_is_refused_even_where_the_system_trusts_the_fleet_ca(
+    device: Path, tpm: Tpm, fleet: FleetCA, edge: tuple[Edge, int, Path], tmp_path: Path
+) -> None:
+    """The fleet CA in the device's system store (a common build) must not stand in for the edge's cacerts."""
+    system = tmp_path / "system-with-fleet"
+    system.mkdir()
+    (system / "fleet.pem").write_bytes(fleet.cert_pem())
+    tool("openssl", "rehash", system)
+    state = edge[0]
+    state.answer, state.cacerts = (lambda csr: (200, _certs_only(_certify(fleet, DEVICE, csr.public_key())))), (
+        lambda: (200, _certs_only(OTHER_CA.cert)))  # fmt: skip
+    ran = _run(device, tpm, SSL_CERT_DIR=str(system))
+    assert ran.returncode == 2 and "the edge's CA is not the fleet CA" in ran.stderr, ran.stderr
+    assert not (device / "data/mender/mender-cert.pem").exists()

@@ -170,9 +170,14 @@ def test_conflicts_with_the_rootfs_conf() -> None:
 
 
 def test_auth_private_key_is_the_certificate_key_by_default() -> None:
-    text = b'{"Security": {"AuthPrivateKey": "/old.pem", "SSLEngine": "pkcs11"}}'
+    text = b'{"Security": {"AuthPrivateKey": "/old.pem", "SSLEngine": "pkcs11", "Other": 1}}'
     merged = merge(text, Settings(), "m")
-    assert json.loads(merged.text)["Security"] == {"AuthPrivateKey": CLIENT_KEY, "SSLEngine": "pkcs11"}
+    # A key in a file: an engine left from a token's conf would be asked to load the file's path; others are kept.
+    assert json.loads(merged.text)["Security"] == {"AuthPrivateKey": CLIENT_KEY, "Other": 1}
+    token = merge(text, Settings(key="pkcs11:token=t;object=k", ssl_engine="pkcs11"), "m")
+    assert json.loads(token.text)["Security"] == {"AuthPrivateKey": "pkcs11:token=t;object=k", "SSLEngine": "pkcs11",
+                                                  "Other": 1}  # fmt: skip
+    assert merge(b'{"Security": {"sslengine": "x"}}', Settings(), "m").text.count(b"sslengine") == 0
     assert merged.replaced_auth_key == "/old.pem"
     same = merge(merged.text, Settings(), "m")
     assert same.replaced_auth_key is None and not same.changed

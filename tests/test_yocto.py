@@ -499,15 +499,16 @@ def test_a_target_through_a_link_is_refused(tmp_path: Path, caplog: pytest.LogCa
 def test_keys_in_another_case_are_replaced_in_place_in_menders_spelling(tmp_path: Path) -> None:
     rootfs = _rootfs(tmp_path)
     data = {**PERSISTENT, "httpsclient": {"certificate": "/old.pem", "KEY": "/old.key"},
-            "SECURITY": {"sslengine": "pkcs11"}, "Extra": 1}  # fmt: skip
+            "SECURITY": {"sslengine": "pkcs11", "otherField": 2}, "Extra": 1}  # fmt: skip
     (rootfs / "data/mender/mender.conf").write_text(json.dumps(data))
     _postprocess(_parse(tmp_path, rootfs))
     conf_path = rootfs / "data/mender/mender.conf"
     conf = json.loads(conf_path.read_text())
-    # One key each, where it was, in Mender's spelling; the other Security field kept as spelled.
+    # One key each, where it was, in Mender's spelling; the other Security field kept as spelled, the engine
+    # gone with the key it loaded (a file key now).
     assert list(conf) == [*PERSISTENT, "HttpsClient", "Security", "Extra"]
     assert conf["HttpsClient"] == BLOCK
-    assert conf["Security"] == {"sslengine": "pkcs11", "AuthPrivateKey": BLOCK["Key"]}
+    assert conf["Security"] == {"otherField": 2, "AuthPrivateKey": BLOCK["Key"]}
     effective = client_config(rootfs / "etc/mender/mender.conf", conf_path, tmp_path)
     assert effective["HttpsClient"] == BLOCK and effective["Security"]["AuthPrivateKey"] == BLOCK["Key"]
 
@@ -746,7 +747,7 @@ def test_enroll_names_the_token_key_and_installs_the_program(tmp_path: Path) -> 
         "/lib/systemd/system/imageprov-enroll.service")  # fmt: skip
     assert os.readlink(rootfs / "etc/systemd/system/timers.target.wants/imageprov-enroll-renew.timer") == (
         "/lib/systemd/system/imageprov-enroll-renew.timer")  # fmt: skip
-    for client in ("mender-client.service", "mender-authd.service"):
+    for client in ("mender-client.service", "mender-authd.service", "mender-updated.service"):
         drop_in = (rootfs / f"etc/systemd/system/{client}.d/imageprov-enroll.conf").read_text()
         assert "Requires=imageprov-enroll.service\nAfter=imageprov-enroll.service\n" in drop_in
         assert "Environment=PKCS11_MODULE_PATH=/usr/lib/pkcs11/libtpm2_pkcs11.so\n" in drop_in
@@ -784,6 +785,16 @@ def test_bad_enroll_settings_are_build_errors(
     rootfs = _rootfs(tmp_path)
     assert _build_error(tmp_path, rootfs, caplog, extra).startswith(said)
     assert not (rootfs / "usr/sbin/imageprov-enroll").exists()
+
+
+def test_a_file_key_leaves_no_engine_from_a_token_conf(tmp_path: Path) -> None:
+    """An image built without IMAGEPROV_ENROLL over a conf that had the token's key: the engine would be asked to
+    load a file's path, so it goes with the key it loaded."""
+    rootfs = _rootfs(tmp_path)
+    conf_path = rootfs / "data/mender/mender.conf"
+    conf_path.write_text(json.dumps({**PERSISTENT, "Security": {"AuthPrivateKey": KEY_URI, "SSLEngine": "pkcs11"}}))
+    _postprocess(_parse(tmp_path, rootfs))
+    assert json.loads(conf_path.read_text())["Security"] == SECURITY
 
 
 def test_a_bootstrap_credential_in_the_build_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -57,6 +57,7 @@ from imageprov.mender.verify import (
     KEY_PATH,
     Checks,
     check_data_partition,
+    check_enroll_program,
     check_fsck,
     check_mender_confs,
     device_id_text,
@@ -90,10 +91,12 @@ def device_files(device_id: str, issued: Issued) -> list[NewFile]:
 
 
 def enrolling_files(
-    device_id: str, issued: Issued, enrollment: Enrollment, ca: CertificateAuthority, settings: Settings
+    device_id: str, issued: Issued, enrollment: Enrollment, ca: CertificateAuthority, server_ca: str | None
 ) -> list[NewFile]:
-    """What one device that enrolls at first boot gets (``--enroll``): its bootstrap credential, and its id."""
-    server_ca = settings.server_certificate
+    """What one device that enrolls at first boot gets (``--enroll``): its bootstrap credential, and its id.
+
+    ``server_ca``: the file the client trusts the edge by (its ServerCertificate), which enrolling trusts too.
+    """
     return [
         *enrollment.files(device_id, issued, ca.cert.public_bytes(serialization.Encoding.PEM), server_ca),
         NewFile(DEVICE_ID_PATH.inner, device_id_text(device_id)),
@@ -234,6 +237,8 @@ class Batch:
         self._source: Path | None = None
         self._conf_target = options.conf_target
         self._plan: WritePlan | None = None
+        # The ServerCertificate the client uses in the prepared image: enrolling trusts the edge by it too.
+        self._server_certificate: str | None = None
         self._scratch: Path | None = None
         # The live certificates of the devices of the current run, read once at its start (run());
         # None where nothing was read ahead (flash, a card at a time): each device is asked on its own.
@@ -343,8 +348,12 @@ class Batch:
         # here once, rather than once per device.
         checks = Checks()
         fallback = disk.ext(disk.layout.data_partition).fetch([DATA_CONF_PATH.inner])[DATA_CONF_PATH.inner][1]
-        check_mender_confs(checks, self._rootfs_view(disk), fallback, self.options.settings,
-                           auth_key=self.options.settings.auth_key, data_from=disk)  # fmt: skip
+        views = check_mender_confs(checks, self._rootfs_view(disk), fallback, self.options.settings,
+                                   auth_key=self.options.settings.auth_key, data_from=disk)  # fmt: skip
+        if self.options.enroll is not None:
+            check_enroll_program(checks, self._rootfs_view(disk))
+            self._server_certificate = next((v.get("ServerCertificate").value for v in views
+                                             if v.get("ServerCertificate").value), None)  # fmt: skip
         if checks.failures:
             failed = checks.failures[0]
             raise ImageprovError(f"the prepared image fails '{failed.name}': {failed.detail}")
@@ -457,7 +466,12 @@ class Batch:
         self.registry.record(issued, kind=options.kind.value, status=Status.PENDING, reissue=options.reissue)
         if held is None:
             return issued, []
-        self.registry.revoke(serial=held.serial, reason=Reason.SUPERSEDED)
+        try:
+            self.registry.revoke(serial=held.serial, reason=Reason.SUPERSEDED)
+        except BaseException:
+            # The new one must not stay live beside the old one, nor pending with no image or card to hold it.
+            self.registry.revoke(serial=issued.serial_hex, reason=Reason.CESSATION_OF_OPERATION)
+            raise
         return issued, [f"revoked {other.value} certificate {held.serial} (superseded)"]
 
     def _move_aside(self, device_id: str, final: Path) -> str:
@@ -529,7 +543,7 @@ class Batch:
             data = disk.layout.data_partition
             enrollment = self.options.enroll
             files = (
-                enrolling_files(device_id, issued, enrollment, self.ca, self.options.settings)
+                enrolling_files(device_id, issued, enrollment, self.ca, self._server_certificate)
                 if enrollment is not None
                 else device_files(device_id, issued)
             )

@@ -275,10 +275,13 @@ def merge(text: bytes | None, settings: Settings, where: str) -> Merge:
     if wanted is not None:
         old_key = auth_private_key(config)
         replaced_auth_key = old_key if old_key is not None and old_key != wanted else None
-        # Other Security keys (an HSM's SSLEngine for a key of its own) are kept.
+        # Other Security keys are kept; SSLEngine is the engine that loads this key: ours, or none for a file
+        # (one left from a token's conf would be asked to load a file path, and fail).
         security = _put(lookup(config, "Security") or {}, "AuthPrivateKey", wanted)
         if settings.ssl_engine is not None:
             security = _put(security, "SSLEngine", settings.ssl_engine)
+        else:
+            security = {k: v for k, v in security.items() if fold(k) != fold("SSLEngine")}
         config = _put(config, "Security", security)
     rendered = render(config)
     return Merge(rendered, config != before or rendered != text, replaced, replaced_auth_key)

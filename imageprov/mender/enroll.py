@@ -46,6 +46,8 @@ TOKEN_LABEL = "imageprov"
 KEY_LABEL = "mender"
 KEY_URI = f"pkcs11:token={TOKEN_LABEL};object={KEY_LABEL};type=private?pin-source=file:{TOKEN_DIR}/pin"
 ENGINE = "pkcs11"
+# Where the layer installs the program that enrolls the device (files/imageprov-enroll).
+PROGRAM = "/usr/sbin/imageprov-enroll"
 
 # What enroll.conf may hold: the device's program splits each line at its first "=" and takes the rest as it is.
 _VALUE = re.compile(r"[\x21-\x7e]+")

@@ -42,6 +42,9 @@ from imageprov.mender.enroll import (
     ENROLL_CONF,
     FLEET_CA,
     KEY_URI,
+    PROGRAM,
+    TOKEN_DIR,
+    Enrollment,
     read_conf,
 )
 from imageprov.mender.server_ca import SERVER_CERT, certificates_in, fingerprint
@@ -177,6 +180,8 @@ class DataFindings:
     readable: bool = True
     # The HttpsClient block the client must use: FILE_CLIENT, or TOKEN_CLIENT for an enrolling image.
     client: dict[str, str | None] = field(default_factory=lambda: dict(FILE_CLIENT))
+    # An enrolling image's enroll.conf, as the device reads it.
+    enroll: dict[str, str] | None = None
 
     @property
     def enrolling(self) -> bool:
@@ -222,6 +227,10 @@ def verify_image(
     if not found.readable:
         return Report(image, tuple(checks.items), device_id)
     views = check_mender_confs(checks, disk, found.fallback, settings, auth_key=auth_key, client=found.client)
+    if found.enrolling:
+        check_enroll_program(checks, disk)
+        if found.enroll is not None:
+            check_enroll_trust(checks, found.enroll, views)
     check_migrate_script(checks, disk)
     # e2fsck for the ext filesystems; a squashfs rootfs is read-only and was never written.
     touched = [v for v in (*([data] if data else ()), *(volumes if fsck_rootfs else ())) if v.filesystem.is_ext]
@@ -266,8 +275,15 @@ def check_data_partition(
     for path, want in (expected or {}).items():
         checks.add(f"{path} reads back as written", found[path][1] == want)
     enrolling = found[ENROLL_CONF.inner][0] is not None
+    enroll: dict[str, str] | None = None
     if enrolling:
-        cert = _check_enrolling(checks, found, ca_cert, device_id, crl, now, strict)
+        cert, enroll = _check_enrolling(checks, found, ca_cert, device_id, crl, now, strict)
+        # A token's store (and its PINs) from a device that enrolled, captured into a golden image: every card
+        # would carry it.
+        token = disk.ext(disk.layout.data_partition).stat(DevicePath.parse(TOKEN_DIR).inner)
+        checks.add(f"{TOKEN_DIR} absent", token is None,
+                   "a device's token store and PINs: the golden image was taken from an enrolled device" if token
+                   else "")  # fmt: skip
     else:
         _check_file(checks, CLIENT_KEY, key_inode, 0o600)
         _check_file(checks, CLIENT_CERT, cert_inode, 0o644)
@@ -283,7 +299,7 @@ def check_data_partition(
         checks.add(f"{DEVICE_ID_FILE} holds the certificate's CN", id_text == device_id_text(_cn(cert)),
                    repr(id_text.decode(errors="replace")) if id_text is not None else "unreadable")  # fmt: skip
     client = dict(TOKEN_CLIENT if enrolling else FILE_CLIENT)
-    return DataFindings(cert, found[DATA_CONF_PATH.inner][1], client=client)
+    return DataFindings(cert, found[DATA_CONF_PATH.inner][1], client=client, enroll=enroll)
 
 
 def _check_enrolling(
@@ -294,7 +310,7 @@ def _check_enrolling(
     crl: x509.CertificateRevocationList | None,
     now: dt.datetime | None,
     strict: bool,
-) -> x509.Certificate | None:
+) -> tuple[x509.Certificate | None, dict[str, str] | None]:
     """An image that enrolls at first boot (mender/enroll.py): its bootstrap credential, and no key of the device.
 
     The bootstrap certificate passes every check the device certificate
@@ -323,14 +339,47 @@ def _check_enrolling(
         conf = read_conf(found[ENROLL_CONF.inner][1] or b"")
     except ImageprovError as exc:
         checks.add(f"{ENROLL_CONF.device_path} readable", False, str(exc))
-        return cert
+        return cert, None
     url = conf.get("EST_URL", "")
     checks.add("enrollment URL is https", url.startswith("https://"), url)
     checks.add("enrollment key is the one the client loads", conf.get("KEY_URI") == KEY_URI, conf.get("KEY_URI", ""))
     if cert is not None:
         named = conf.get("DEVICE_ID", "")
         checks.add(f"{ENROLL_CONF.device_path} names the certificate's CN", named == _cn(cert), named)
-    return cert
+        # Every other line as imageprov writes it: paths, labels and URI that agree with each other and with
+        # mender.conf (the device refuses a conf that misses one).
+        try:
+            # EST_URL is checked above: any https URL is the site's.
+            placeholder = Enrollment("https://edge.invalid/.well-known/est")
+            expected = read_conf(placeholder.conf(named, conf.get("SERVER_CA") or None))
+        except ImageprovError:  # a CN enroll.conf cannot hold: refused above already, by the device id check
+            expected = {}
+        differ = sorted(k for k in expected.keys() | conf.keys() if expected.get(k) != conf.get(k) and k != "EST_URL")
+        checks.add(f"{ENROLL_CONF.device_path} as imageprov writes it", bool(expected) and not differ,
+                   ", ".join(f"{k}={conf.get(k, '(none)')}" for k in differ))  # fmt: skip
+    return cert, conf
+
+
+def check_enroll_program(checks: Checks, disk: DiskImage) -> None:
+    """Each populated rootfs holds the program that enrolls the device (the layer's, IMAGEPROV_ENROLL): else the
+    device never gets its key or certificate, and its client never starts."""
+    for volume in disk.rootfs_volumes:
+        name = f"{PROGRAM} on {volume.role.value}"
+        try:
+            content = disk.read_files(volume, [PurePosixPath(PROGRAM)])[PurePosixPath(PROGRAM)]
+        except ImageprovError as exc:
+            checks.add(name, False, str(exc))
+            continue
+        checks.add(name, content is not None,
+                   "" if content is not None else "missing: build the image with IMAGEPROV_ENROLL = \"1\"")  # fmt: skip
+
+
+def check_enroll_trust(checks: Checks, conf: dict[str, str], views: list[ClientView]) -> None:
+    """enroll.conf's SERVER_CA is the ServerCertificate the client uses: both talk to the same edge."""
+    for view in views:
+        used = view.get("ServerCertificate").value
+        checks.add(f"enrollment trusts the edge as the client does ({view.role})", conf.get("SERVER_CA", "") == used,
+                   f"SERVER_CA={conf.get('SERVER_CA', '')!r}, ServerCertificate={used!r}")  # fmt: skip
 
 
 def device_id_text(device_id: str) -> bytes:
@@ -642,7 +691,8 @@ def _check_auth_key(
         checks.add(name, False, "no Security.AuthPrivateKey: the client may sign with a key of its own")
     else:
         # The file checked above to hold the certificate's key, or the token's key the device makes.
-        checks.add(name, signing == wanted["Key"], f"Security.AuthPrivateKey: {signing} from {source}")
+        if not checks.add(name, signing == wanted["Key"], f"Security.AuthPrivateKey: {signing} from {source}"):
+            return
         engine = lookup_path(used, "Security.SSLEngine")
         if engine is not None or wanted["SSLEngine"] is not None:
             # The engine loads the auth key: one for a file key would be asked for a file it cannot load.

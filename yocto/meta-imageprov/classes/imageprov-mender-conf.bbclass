@@ -378,6 +378,9 @@ python imageprov_mender_conf() {
         security = imageprov_put(imageprov_lookup(conf, "Security") or {}, "AuthPrivateKey", block["Key"])
         if enroll:
             security = imageprov_put(security, "SSLEngine", "pkcs11")
+        else:
+            # A file key: an engine left from a token's conf would be asked to load a file path.
+            security = dict((k, v) for k, v in security.items() if imageprov_fold(k) != imageprov_fold("SSLEngine"))
         conf = imageprov_put(conf, "Security", security)
     if server_ca is not None:
         conf = imageprov_put(conf, "ServerCertificate", server_cert)
@@ -448,8 +451,9 @@ python imageprov_enroll_program() {
         install(unit, os.path.join(units, unit), 0o644)
     # What the enrollment and the client both need to find the token.
     install("imageprov-enroll.default", "/etc/default/imageprov-enroll", 0o644, [("@MODULE@", module)])
-    # Mender 3.x runs as mender-client.service, 4.x and later authenticate in mender-authd.service.
-    for client in ("mender-client.service", "mender-authd.service"):
+    # Mender 3.x runs as mender-client.service; 4.x and later authenticate in mender-authd.service and
+    # download (with HttpsClient's certificate and key too) in mender-updated.service.
+    for client in ("mender-client.service", "mender-authd.service", "mender-updated.service"):
         install("imageprov-enroll-client.conf", "/etc/systemd/system/%s.d/imageprov-enroll.conf" % client, 0o644,
                 [("@MODULE@", module)])
     enable("imageprov-enroll.service", "multi-user.target")
