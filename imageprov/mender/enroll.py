@@ -20,7 +20,7 @@ a ``pkcs11:`` URI with no PIN in it, loaded through the ``pkcs11`` engine
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from imageprov.disk.ext4 import NewFile
@@ -84,15 +84,7 @@ class Enrollment:
         """``settings`` with the client pointed at the token's key and the certificate the device writes."""
         if settings.auth_key is not AuthKey.CERT:
             raise UsageError("--enroll signs auth requests with the token's key", hint="leave out --auth-key device")
-        return Settings(
-            certificate=CLIENT_CERT,
-            key=KEY_URI,
-            server_url=settings.server_url,
-            tenant_token=settings.tenant_token,
-            auth_key=AuthKey.CERT,
-            server_ca=settings.server_ca,
-            ssl_engine=ENGINE,
-        )
+        return replace(settings, certificate=CLIENT_CERT, key=KEY_URI, ssl_engine=ENGINE)
 
     def conf(self, device_id: str, server_ca: str | None) -> bytes:
         """enroll.conf for ``device_id``: which edge, which device, which token and key, which CA for TLS."""
