@@ -21,7 +21,7 @@ import socket
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -230,6 +230,9 @@ def chromium(profile: Path, *, javascript: bool = True) -> Any:
     return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
 
 
+T = TypeVar("T")
+
+
 def poll(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
     """``check()``'s first true value, looked for every 0.1 s; fails naming ``what`` after ``timeout``."""
     from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
@@ -247,8 +250,25 @@ def poll(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
         raise AssertionError(f"no {what} within {timeout} s") from exc
 
 
+def fresh(act: Callable[[], T]) -> T:
+    """``act()``, done again on elements found anew when the board was swapped under it (every update
+    replaces it): a stale element was neither read nor clicked, so doing it again is safe."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(50):
+        try:
+            return act()
+        except StaleElementReferenceException:
+            continue
+    return act()
+
+
 def tile(browser: Any, slot: Path) -> dict[str, str]:
     """A slot's tile as the operator reads it: its state, id, text and colour."""
+    return fresh(lambda: _tile(browser, slot))
+
+
+def _tile(browser: Any, slot: Path) -> dict[str, str]:
     from selenium.webdriver.common.by import By
 
     found = browser.find_elements(By.CSS_SELECTOR, f'[data-slot="{slot.name}"]')
@@ -266,14 +286,14 @@ def tile(browser: Any, slot: Path) -> dict[str, str]:
 def totals(browser: Any) -> dict[str, str]:
     from selenium.webdriver.common.by import By
 
-    return {e.get_attribute("data-total"): e.find_element(By.CLASS_NAME, "n").text
-            for e in browser.find_elements(By.CSS_SELECTOR, "[data-total]")}  # fmt: skip
+    return fresh(lambda: {e.get_attribute("data-total"): e.find_element(By.CLASS_NAME, "n").text
+                          for e in browser.find_elements(By.CSS_SELECTOR, "[data-total]")})  # fmt: skip
 
 
 def station_state(browser: Any) -> str:
     from selenium.webdriver.common.by import By
 
-    return str(browser.find_element(By.CSS_SELECTOR, "[data-station]").get_attribute("data-station"))
+    return fresh(lambda: str(browser.find_element(By.CSS_SELECTOR, "[data-station]").get_attribute("data-station")))
 
 
 class FailingSlot(Writer):
@@ -396,7 +416,7 @@ def test_the_line_on_its_screen(make_golden: Callable[..., Path], pki: Path, loo
         figures = poll("the totals", lambda: (t := totals(browser))["delivered"] == "2" and t)
         assert (figures["failed"], figures["remaining"]) == ("2", "2")
         assert figures["cards-per-hour"].isdigit() and float(figures["mean-seconds"]) > 0
-        log_text = browser.find_element("css selector", ".log").text
+        log_text = fresh(lambda: browser.find_element("css selector", ".log").text)
         assert "D-2" in log_text and "No space left on device" in log_text
 
         # The metrics count what the screen shows; the golden image was never read twice in a pass.
@@ -421,7 +441,7 @@ def test_the_line_on_its_screen(make_golden: Callable[..., Path], pki: Path, loo
         assert plain.find_element("id", "link").text == f"updated every {page.REFRESH_SECONDS} s"
         assert tile(plain, slot_a.device)["state"] == "delivered" and tile(plain, bad.device)["state"] == "failed"
         assert "a bad reader" in tile(plain, bad.device)["text"] and totals(plain)["delivered"] == "2"
-        assert browser.find_element("id", "link").text == "live"
+        assert fresh(lambda: browser.find_element("id", "link").text) == "live"
 
         slow.put_in(size)  # its writes wait for the thaw
         poll("D-3 writing on the slow slot", lambda: tile(browser, slow.device)["state"] == "writing")
@@ -432,7 +452,7 @@ def test_the_line_on_its_screen(make_golden: Callable[..., Path], pki: Path, loo
         shutil.copy(screenshot, SCREENSHOT_COPY)
         print(f"dashboard screenshot: {screenshot} (and {SCREENSHOT_COPY})")
 
-        browser.find_element("css selector", "form.controls button").click()
+        fresh(lambda: browser.find_element("css selector", "form.controls button").click())
         poll("the station stopping", lambda: station_state(browser) == "stopping")
         assert tile(browser, slow.device)["state"] == "writing"  # still: the card in progress is finished first
         # A card put in meanwhile is not taken.

@@ -491,3 +491,30 @@ def test_live_of_answers_for_a_whole_line_list(pki: Path) -> None:
         "p": (pending.serial, Status.PENDING),
         "s": (newer.serial, Status.ACTIVE),
     }
+
+
+def test_a_device_taken_and_delivered_by_another_station_meanwhile_is_a_race_not_a_reissue(
+    pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read before the insert saw no certificate; another station then issued and delivered one.
+    The refusal says so: "pass --reissue" would revoke the card that station just wrote."""
+    ca = load_ca(pki, PASSPHRASE.encode())
+    with Registry(pki) as mine, Registry(pki) as other:
+        read = mine.live
+
+        def read_then_lose_the_race(device_id: str, **kwargs: Any) -> Any:
+            seen = read(device_id, **kwargs)
+            if seen is None:
+                theirs = other.record(ca.issue_device(device_id), status=Status.PENDING)
+                other.deliver(theirs.serial, "their.sdimg")
+            return seen
+
+        monkeypatch.setattr(mine, "live", read_then_lose_the_race)
+        with pytest.raises(PkiError) as refused:
+            mine.record(ca.issue_device("dev-r"), status=Status.PENDING)
+        assert "at the same time" in str(refused.value) and "reissue" not in f"{refused.value} {refused.value.hint}"
+        monkeypatch.undo()
+        # Held before the read: that one is for --reissue.
+        with pytest.raises(PkiError, match="already has a device certificate") as held:
+            mine.record(ca.issue_device("dev-r"), status=Status.PENDING)
+        assert "--reissue" in str(held.value.hint)

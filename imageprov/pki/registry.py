@@ -310,10 +310,16 @@ class Registry:
         live_kind = Kind(kind) if kind in _LIVE_KINDS else None
         session = self.lease() if status is Status.PENDING else None
         values = self._values(cert, kind, status, delivered_to, session)
+        if not reissue and live_kind is not None:
+            # Read first, so that a conflict below can only be a race: another station
+            # took the device between this read and the insert (and may have delivered it since).
+            held = self.live(device_id, kind=live_kind)
+            if held is not None:
+                raise self._held(held, kind)
         try:
             if not reissue:
                 # One statement, one durable commit: the partial unique index
-                # refuses a second live certificate; the reason is read after.
+                # refuses a second live certificate.
                 with self._db.autocommit() as tx:
                     [row] = tx.query(_INSERT, values)
                 return Record.from_row(row)
@@ -333,13 +339,8 @@ class Registry:
             live_now = self.live(device_id, kind=live_kind) if live_kind is not None else None
             if live_now is not None and live_now.status is Status.PENDING and self.owner_alive(live_now):
                 raise self.busy(live_now) from exc
-            if live_now is not None and not reissue:
-                raise PkiError(
-                    f"device {device_id} already has a {kind} certificate ({live_now.status.value}, "
-                    f"serial {live_now.serial})",
-                    hint="pass --reissue to revoke it as superseded and issue a new one",
-                ) from exc
-            # A race lost to another station (or a 1 in 2**159 serial collision).
+            # A race lost to another station, which may have delivered the device since
+            # (or a 1 in 2**159 serial collision): never "pass --reissue" for that.
             raise RegistryConflict(
                 f"device {device_id} was issued a certificate by another station at the same time"
             ) from exc
@@ -355,6 +356,16 @@ class Registry:
             _spki_pem(cert), cert.not_valid_before_utc.isoformat(), cert.not_valid_after_utc.isoformat(), now,
             status.value, None, None, delivered_to, now if delivered_to else None, self.station.describe(), session,
         )  # fmt: skip
+
+    def _held(self, record: Record, kind: str) -> PkiError:
+        """The error for a device that already holds a live certificate of ``kind``."""
+        if record.status is Status.PENDING and self.owner_alive(record):
+            return self.busy(record)
+        return PkiError(
+            f"device {record.device_id} already has a {kind} certificate "
+            f"({record.status.value}, serial {record.serial})",
+            hint="pass --reissue to revoke it as superseded and issue a new one",
+        )
 
     def busy(self, record: Record) -> PkiError:
         """The error for a device another live station is stamping (``record`` its pending certificate)."""
