@@ -518,3 +518,7 @@ def test_a_device_taken_and_delivered_by_another_station_meanwhile_is_a_race_not
         with pytest.raises(PkiError, match="already has a device certificate") as held:
             mine.record(ca.issue_device("dev-r"), status=Status.PENDING)
         assert "--reissue" in str(held.value.hint)
+        # Held before the read, but after the caller's batch found the device free: the same race, earlier.
+        with pytest.raises(PkiError, match="at the same time") as taken:
+            mine.record(ca.issue_device("dev-r"), status=Status.PENDING, seen_free=True)
+        assert "reissue" not in f"{taken.value} {taken.value.hint}"

@@ -463,7 +463,11 @@ class Batch:
                 raise self.registry.busy(held)
         issue = self.ca.issue_bootstrap if options.kind is Kind.BOOTSTRAP else self.ca.issue_device
         issued = issue(device_id, days=options.days, curve=options.curve)
-        self.registry.record(issued, kind=options.kind.value, status=Status.PENDING, reissue=options.reissue)
+        # Nothing live at the batch's start: a certificate there now is another station's, taken meanwhile.
+        seen_free = self._live_at_start is not None and device_id not in self._live_at_start
+        self.registry.record(
+            issued, kind=options.kind.value, status=Status.PENDING, reissue=options.reissue, seen_free=seen_free
+        )
         if held is None:
             return issued, []
         try:

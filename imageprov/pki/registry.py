@@ -301,10 +301,12 @@ class Registry:
         status: Status = Status.ACTIVE,
         delivered_to: str | None = None,
         reissue: bool = False,
+        seen_free: bool = False,
     ) -> Record:
         """Enter a newly issued certificate. A device with a live certificate of that kind (device, or
         bootstrap) is refused unless ``reissue``, which revokes the old one as superseded (never one another
-        live station is still delivering)."""
+        live station is still delivering). ``seen_free``: the caller found the device with none (a batch, at
+        its start), so one there now was taken by another station since, and is refused as that race."""
         cert = issued.cert
         device_id = _common_name(cert)
         live_kind = Kind(kind) if kind in _LIVE_KINDS else None
@@ -315,7 +317,7 @@ class Registry:
             # took the device between this read and the insert (and may have delivered it since).
             held = self.live(device_id, kind=live_kind)
             if held is not None:
-                raise self._held(held, kind)
+                raise self._taken(held) if seen_free else self._held(held, kind)
         try:
             if not reissue:
                 # One statement, one durable commit: the partial unique index
@@ -336,15 +338,20 @@ class Registry:
                         )
                 [row] = tx.query(_INSERT, values)
         except RegistryConflict as exc:
-            live_now = self.live(device_id, kind=live_kind) if live_kind is not None else None
-            if live_now is not None and live_now.status is Status.PENDING and self.owner_alive(live_now):
-                raise self.busy(live_now) from exc
             # A race lost to another station, which may have delivered the device since
             # (or a 1 in 2**159 serial collision): never "pass --reissue" for that.
-            raise RegistryConflict(
-                f"device {device_id} was issued a certificate by another station at the same time"
-            ) from exc
+            live_now = self.live(device_id, kind=live_kind) if live_kind is not None else None
+            raise self._taken(live_now) if live_now is not None else self._raced(device_id) from exc
         return Record.from_row(row)
+
+    def _raced(self, device_id: str) -> RegistryConflict:
+        return RegistryConflict(f"device {device_id} was issued a certificate by another station at the same time")
+
+    def _taken(self, record: Record) -> PkiError:
+        """The error for a device another station took while this one was about to."""
+        if record.status is Status.PENDING and self.owner_alive(record):
+            return self.busy(record)
+        return self._raced(record.device_id)
 
     def _values(
         self, cert: x509.Certificate, kind: str, status: Status, delivered_to: str | None, session: int | None
