@@ -279,6 +279,7 @@ class Tracked:
     started: float | None = None  # its first attempt
     accepted_by: str | None = None
     waiting_on: str | None = None  # the replica its request is at now, unanswered
+    waiting_since: float = 0.0  # when that request was sent
 
 
 @dataclass
@@ -299,8 +300,9 @@ class Spread:
     def accepted_by(self, name: str, before: float | None = None) -> list[Tracked]:
         return [d for d in self.devices if d.accepted_by == name and (before is None or d.tries[-1].ended < before)]
 
-    def waiting_on(self, name: str) -> list[Tracked]:
-        return [d for d in self.devices if d.waiting_on == name]
+    def waiting_on(self, name: str, *, sent_after: float = 0.0) -> list[Tracked]:
+        """Devices whose request is at replica ``name``, unanswered, sent after ``sent_after``."""
+        return [d for d in self.devices if d.waiting_on == name and d.waiting_since > sent_after]
 
     def attempts(self, device: Tracked) -> int:
         return len({t.attempt for t in device.tries})
@@ -319,7 +321,7 @@ async def _switch_on(session: aiohttp.ClientSession, tracked: Tracked, retry: Cl
         for replica in tracked.servers:  # each configured server once, until one answers 200
             started = time.monotonic()
             token = b""
-            tracked.waiting_on = replica.name
+            tracked.waiting_on, tracked.waiting_since = replica.name, started
             try:
                 async with session.post(
                     replica.url + AUTH_PATH, data=device.body, headers=headers, ssl=device.context, timeout=timeout

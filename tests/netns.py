@@ -25,7 +25,7 @@ def device_namespace() -> Iterator[tuple[int, str]]:
     suffix = secrets.token_hex(3)
     outside, inside = f"iah{suffix}", f"iad{suffix}"
     subnet = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
-    holder = subprocess.Popen(["unshare", "-n", "--", "sleep", "600"])
+    holder = subprocess.Popen(["unshare", "-n", "--", "sleep", "infinity"])
     try:
 
         def ip(*args: str, netns: bool = False) -> None:

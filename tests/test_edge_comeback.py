@@ -85,7 +85,7 @@ def no_ambient_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 def settings(tmp_path: Path, pki: Path, upstream: str, **flags: Any) -> ServeSettings:
     password = tmp_path / "password"
     password.write_text(PASSWORD)
-    given = Flags(pki=pki, upstream=upstream, username=USER, password_file=password, timeout=3, **flags)
+    given = Flags(pki=pki, upstream=upstream, username=USER, password_file=password, timeout=15, **flags)
     return ServeSettings.from_sources(given, {})
 
 

@@ -58,7 +58,7 @@ def settings(tmp_path: Path, pki: Path | None, standin: Any, **flags: Any) -> Se
     password = tmp_path / "password"
     password.write_text(PASSWORD)
     ca = {"pki": pki} if pki is not None else {}
-    given = Flags(**ca, upstream=standin.url, username=USER, password_file=password, timeout=3, **flags)
+    given = Flags(**ca, upstream=standin.url, username=USER, password_file=password, timeout=15, **flags)
     return ServeSettings.from_sources(given, {})
 
 

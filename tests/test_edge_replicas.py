@@ -298,10 +298,12 @@ def test_a_replica_killed_mid_load_loses_no_device(tmp_path: Path, postgres: Pos
                 assert time.monotonic() - spread.started < 60, "A accepted too few devices"
                 await asyncio.sleep(0.01)
             a.freeze()
-            while len(spread.waiting_on("A")) < CAUGHT:
+            # Only requests sent after the freeze: one sent before may have its answer from A on its way.
+            frozen = time.monotonic()
+            while len(spread.waiting_on("A", sent_after=frozen)) < CAUGHT:
                 assert time.monotonic() - spread.started < 60, "too few devices reached A once it was frozen"
                 await asyncio.sleep(0.01)
-            caught.extend(d.device.name for d in spread.waiting_on("A"))
+            caught.extend(d.device.name for d in spread.waiting_on("A", sent_after=frozen))
             a.kill()
             killed["at"] = time.monotonic()
             killed["accepted"] = len([d for d in spread.devices if d.accepted_by])

@@ -110,7 +110,9 @@ def test_a_failing_target_stops_alone(tmp_path: Path) -> None:
 SMALL = (1 << 20) + 7 * 512
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(
     holes=st.lists(st.tuples(st.integers(0, SMALL // 4096 - 1), st.integers(1, 32)), max_size=6),
     spans=st.lists(st.tuples(st.integers(0, SMALL - 1), st.integers(1, SMALL)), min_size=1, max_size=4),

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from imageprov.disk.golden import Scheme
-from tests.conftest import IMAGEPROV_ARGV, cli_env, imageprov_pki, sigint_default, tool
+from tests.conftest import IMAGEPROV_ARGV, cli_env, imageprov_pki, need, sigint_default, tool
 from tests.flashdev import STALE, Loops, loop_devices, read_span, stale_file
 from tests.test_flash import check_card
 
@@ -50,6 +50,30 @@ class Writer:
         with open(self.backing, "r+b") as handle:
             handle.truncate(0)
         tool("losetup", "-c", self.device)
+
+
+class FrozenSlot(Writer):
+    """A writer whose card, once in, is written only when the test thaws the filesystem under it."""
+
+    def __init__(self, loops: Loops, tmp: Path, size: int) -> None:
+        image = tmp / "frozen-fs.img"
+        with open(image, "wb") as handle:
+            handle.truncate(size + (32 << 20))
+        tool("mkfs.ext4", "-q", "-F", image)
+        self.mount = loops.mount(image, tmp / "frozen", "-o", "loop")
+        super().__init__(loops, self.mount / "card.img")
+        self.frozen = False
+
+    def put_in(self, size: int) -> None:
+        stale_file(self.backing, size)
+        tool("fsfreeze", "-f", self.mount)  # flushes the card's bytes, then holds every write
+        self.frozen = True
+        tool("losetup", "-c", self.device)
+
+    def thaw(self) -> None:
+        if self.frozen:
+            tool("fsfreeze", "-u", self.mount)
+            self.frozen = False
 
 
 class Operator:
@@ -144,8 +168,10 @@ def test_wait_flashes_each_new_card_skips_delivered_and_stops_on_ctrl_c(
 def test_ctrl_c_during_a_card_finishes_it_first(
     make_golden: Callable[..., Path], pki: Path, loops: Loops, tmp_path: Path
 ) -> None:
+    need("fsfreeze", "mkfs.ext4")
     golden = make_golden(Scheme.GPT, **SMALL)
-    slot = Writer(loops, tmp_path / "slot")
+    # A card whose writes wait for the thaw: Ctrl-C lands while it is in progress, however slow the machine.
+    slot = FrozenSlot(loops, tmp_path, golden.stat().st_size)
     operator = Operator([*IMAGEPROV_ARGV, "flash", golden, "--pki", pki, "--device-id", "C-1",
                          "--device-id", "C-2", "--wait", "--wait-for", slot.device.name, "--json"])  # fmt: skip
     try:
@@ -153,10 +179,12 @@ def test_ctrl_c_during_a_card_finishes_it_first(
         slot.put_in(golden.stat().st_size)
         operator.expect(f"flashing C-1 onto {slot.device}")
         operator.proc.send_signal(signal.SIGINT)
+        slot.thaw()
         operator.expect("stopping after the card in progress")
         operator.expect(f"done: remove card {slot.device}")
         code, results = operator.finish()
     finally:
+        slot.thaw()
         operator.kill()
     assert code == 130
     assert [(r["device_id"], r["result"]) for r in results] == [("C-1", "delivered")]

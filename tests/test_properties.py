@@ -86,7 +86,9 @@ def _write_mbr(path: Path, layout: dict[str, Any]) -> None:
     path.write_bytes(bytes(image))
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(layout=mbr_layouts())
 def test_mbr_round_trip(tmp_path: Path, layout: dict[str, Any]) -> None:
     image = tmp_path / "mbr.img"
@@ -169,7 +171,9 @@ def _write_gpt(path: Path, parts: list[tuple[int, int, str, str, str, int]], dis
     path.write_bytes(bytes(image))
 
 
-@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(parts=gpt_layouts(), disk=st.uuids(), damage_primary=st.booleans())
 def test_gpt_round_trip(
     tmp_path: Path, parts: list[tuple[int, int, str, str, str, int]], disk: uuid.UUID, damage_primary: bool
@@ -194,7 +198,9 @@ def test_gpt_round_trip(
     assert got == want
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.binary(min_size=0, max_size=8 * SECTOR), signed=st.booleans(), gpt=st.booleans())
 def test_random_bytes_raise_only_our_error(tmp_path: Path, data: bytes, signed: bool, gpt: bool) -> None:
     raw = bytearray(data.ljust(4 * SECTOR, b"\0") if signed else data)
@@ -229,7 +235,7 @@ _other_keys = st.text(min_size=1, max_size=12).filter(
 _other_configs = st.lists(st.tuples(_other_keys, json_values), max_size=10, unique_by=lambda kv: fold(kv[0])).map(dict)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(config=_other_configs, server=st.none() | st.text(min_size=1, max_size=30))
 def test_merge_keeps_everything_else(config: dict[str, Any], server: str | None) -> None:
     text = json.dumps(config).encode()
@@ -244,7 +250,7 @@ def test_merge_keeps_everything_else(config: dict[str, Any], server: str | None)
     assert merge(merged.text, Settings(server_url=server), "m").text == merged.text  # idempotent
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(text=st.binary(max_size=200))
 def test_merge_of_garbage_raises_only_our_error(text: bytes) -> None:
     with contextlib.suppress(ImageprovError):

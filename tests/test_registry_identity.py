@@ -509,9 +509,11 @@ def test_a_slow_server_is_cut_at_the_deadline(postgres: Postgres, tmp_path: Path
     pki, db = _pg_registry(postgres, tmp_path, 0.5)
     with Registry(pki) as registry:
         began = time.monotonic()
-        with pytest.raises(RegistryTimeout, match=r"did not answer within 1.5 s"), registry.backend.autocommit() as tx:
+        # The server's statement_timeout (1.5 s) or, if the server is late, this side's watchdog (2.5 s).
+        late = pytest.raises(RegistryTimeout, match=r"did not answer within (1\.5|2\.5) s")
+        with late, registry.backend.autocommit() as tx:
             tx.query("SELECT pg_sleep(20)")
-        assert time.monotonic() - began < 4
+        assert time.monotonic() - began < 10
         assert registry.status_of_serial("abc") is None  # the connection is still good
     # Every insert into the registry now takes a minute: the CLI gives up with one line, and issues nothing.
     db.execute(
@@ -521,7 +523,7 @@ def test_a_slow_server_is_cut_at_the_deadline(postgres: Postgres, tmp_path: Path
     )
     began = time.monotonic()
     proc = imageprov_pki("device-cert", "--pki", pki, "--device-id", "d1", "--out", tmp_path / "d1", check=False)
-    assert "did not answer within 1.5 s" in _one_error_line(proc)
+    assert re.search(r"did not answer within (1\.5|2\.5) s", _one_error_line(proc))
     assert time.monotonic() - began < 15 and not (tmp_path / "d1").exists()
     assert db.rows(pki, "SELECT COUNT(*) FROM certificates") == [(0,)]
 
