@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,19 @@ Row = dict[str, Any]
 
 def _read_registry(pki: Path, query: str) -> list[Row]:
     uri = f"file:{quote(str(pki / 'registry.sqlite'))}?mode=ro"
-    # WAL mode: a reader is never blocked by a writer; the timeout covers a checkpoint only.
-    with closing(sqlite3.connect(uri, uri=True, timeout=60)) as db:
-        db.row_factory = sqlite3.Row
-        return [dict(row) for row in db.execute(query)]
+    for _ in range(100):
+        try:
+            # WAL mode: a reader is never blocked by a writer; the timeout covers a checkpoint only.
+            with closing(sqlite3.connect(uri, uri=True, timeout=60)) as db:
+                db.row_factory = sqlite3.Row
+                return [dict(row) for row in db.execute(query)]
+        except sqlite3.OperationalError as exc:
+            # SQLITE_PROTOCOL: the WAL index was being rebuilt (a writer just SIGKILLed by the test, whose
+            # next connection recovers it) and SQLite gave up its own retries; the read is asked again.
+            if "locking protocol" not in str(exc):
+                raise
+            time.sleep(0.05)
+    raise AssertionError(f"the registry of {pki} stayed unreadable (locking protocol)")
 
 
 def registry_rows(pki: Path) -> list[Row]:

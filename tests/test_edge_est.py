@@ -793,20 +793,35 @@ def test_reenroll_refused(tmp_path: Path, pki: Path, ca: CertificateAuthority, c
     assert statuses(pki) == before
 
 
-def test_the_identity_pin_moves_to_the_renewed_certificate(tmp_path: Path, pki: Path, ca: CertificateAuthority) -> None:
-    """Pins start at a certificate's first auth request: a bootstrap certificate never has one (refused first), and
-    a renewed certificate takes over its predecessor's, with the Mender device id, as a reissued one does."""
-    first, request = _enrolled(tmp_path, pki, ca, "PIN-1")
-    identity = json.dumps({"mac": "02:00:00:00:27:01"}, separators=(",", ":"))
+@pytest.mark.parametrize("key", ["the same key", "a new key"])
+def test_the_identity_pin_moves_to_the_renewed_certificate(
+    tmp_path: Path, pki: Path, ca: CertificateAuthority, key: str
+) -> None:
+    """Pins start at a certificate's first auth request: a bootstrap certificate never has one (refused first).
+    A renewal for the same key (a TPM's) hands the pin on at once, with the Mender device id: the edges'
+    cut-off then finds no revoked pin, and the key, still the device's, is never rejected in Mender. For a
+    new key the old key is cut off, and the new certificate takes the pin over at its first auth request."""
+    name = f"PIN-{len(key)}"
+    first, request = _enrolled(tmp_path, pki, ca, name)
+    old, identity = (
+        f"{first.serial_number:x}",
+        json.dumps({"mac": f"02:00:00:00:27:{len(key):02x}"}, separators=(",", ":")),
+    )
     with Registry(pki) as registry:
-        assert registry.pin_identity(f"{first.serial_number:x}", identity).verdict is PinVerdict.PINNED
-        registry.set_mender_device(f"{first.serial_number:x}", "mender-27")
-    second = reenroll(settings(tmp_path, pki), ca, first, request.body).issued
+        assert registry.pin_identity(old, identity).verdict is PinVerdict.PINNED
+        registry.set_mender_device(old, "mender-27")
+    body = request.body if key == "the same key" else openssl_csr(tmp_path / "rekey", name).body
+    second = reenroll(settings(tmp_path, pki), ca, first, body).issued
+    new = f"{second.serial_number:x}"
     with Registry(pki) as registry:
-        moved = registry.pin_identity(f"{second.serial_number:x}", identity)
-        assert (moved.verdict, moved.holder) == (PinVerdict.REPINNED, f"{first.serial_number:x}")
-        pin = registry.pin_of(f"{second.serial_number:x}")
-        assert pin is not None and pin.mender_device_id == "mender-27"
+        cut = [pin.serial for pin in registry.uncut_revoked_pins()]
+        verdict = registry.pin_identity(new, identity)
+        pin, before = registry.pin_of(new), registry.pin_of(old)
+    assert pin is not None and pin.mender_device_id == "mender-27" and before is None
+    if key == "the same key":
+        assert cut == [] and verdict.verdict is PinVerdict.SAME
+    else:
+        assert cut == [old] and (verdict.verdict, verdict.holder) == (PinVerdict.REPINNED, old)
 
 
 def test_the_registry_decides_each_enrollment_once(pki: Path, ca: CertificateAuthority) -> None:

@@ -98,6 +98,21 @@ _IDS_PER_QUERY = 500
 MAX_IDENTITY = 2048  # bytes of canonical JSON: the schema's CHECK, within a btree entry of PostgreSQL
 
 
+def _hand_on_pin(tx: Tx, old: str, new: str, now: str) -> None:
+    """Move certificate ``old``'s current identity pin, with its Mender device id, to ``new`` (same device,
+    same key); the old row stays as history, released to ``new``, as ``pin_identity`` leaves it."""
+    held = tx.query("SELECT identity, mender_device_id FROM pins WHERE serial = ? AND released_at IS NULL", (old,))
+    if not held:
+        return  # never authenticated with it: the new one pins at its first auth request
+    if tx.execute("UPDATE pins SET released_at = ?, released_to = ? WHERE serial = ? AND released_at IS NULL",
+                  (now, new, old)) != 1:  # fmt: skip
+        raise _LostRace
+    tx.execute(
+        "INSERT INTO pins (serial, identity, mender_device_id, pinned_at) VALUES (?, ?, ?, ?)",
+        (new, held[0]["identity"], held[0]["mender_device_id"], now),
+    )
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
@@ -477,9 +492,12 @@ class Registry:
           ``enrollments`` row), the device's live device certificate too (superseded: the renewed one, or one
           older than the bootstrap certificate), and ``cert`` recorded active, delivered to ``where``.
 
-        Identity pins need nothing here: a bootstrap certificate never pins one (the edge admits it nowhere
-        but EST), and the first auth request of ``cert`` takes over the identity its device's superseded
-        certificate held (``pin_identity``: REPINNED, the Mender device id carried over).
+        Identity pins: a bootstrap certificate never pins one (the edge admits it nowhere but EST). A
+        certificate for the key of the one it replaces (a renewal: the key stays in its TPM) takes over that
+        one's pin here, in the same transaction: else the edges' cut-off would find a revoked certificate's
+        pin and reject the device's key, the live one, in Mender. For another key, the first auth request of
+        ``cert`` takes the identity over (``pin_identity``: REPINNED, the Mender device id carried over), and
+        the old key's auth set is cut off.
         """
         serial = normalize_serial(serial)
         public_key = _spki_pem(cert)
@@ -559,6 +577,8 @@ class Registry:
                 "INSERT INTO enrollments (used_serial, issued_serial, enrolled_at) VALUES (?, ?, ?)",
                 (serial, record.serial, now),
             )
+        if replaced is not None and replaced.public_key == record.public_key:
+            _hand_on_pin(tx, replaced.serial, record.serial, now)
         return EnrollResult(plan.result.verdict, record, plan.result.other)
 
     def enrollment_of(self, serial: str) -> str | None:
