@@ -283,3 +283,20 @@ def test_a_mender_server_that_is_down_is_503_with_retry_after(tmp_path: Path, pk
             return status, retry, answer.status
 
     assert serve(down, steps) == (503, "5", 503)
+
+
+def test_a_service_user_whose_password_is_not_latin_1_logs_in(tmp_path: Path, pki: Path, standin: Any) -> None:
+    """Mender's UI takes any password; the edge's Basic login sends it as UTF-8 (RFC 7617), as curl does."""
+    device = make_device(pki, "UTF-1")
+    identity = {"device_id": "UTF-1"}
+    password = "pässwörd-密码-🔑"
+    standin.users["utf8@example.com"] = password
+    (tmp_path / "utf8-password").write_text(password)
+    given = Flags(pki=pki, upstream=standin.url, username="utf8@example.com",
+                  password_file=tmp_path / "utf8-password", timeout=15)  # fmt: skip
+
+    async def steps(client: TestClient[Any, Any]) -> int:
+        return await auth(client, device, identity)
+
+    assert serve(ServeSettings.from_sources(given, {}), steps) == 200
+    assert standin.device(identity).status == "accepted"

@@ -28,6 +28,7 @@ for an ``http://`` server) names, unless ``NO_PROXY`` lists the server
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json as json_module
 from collections.abc import Iterable, Mapping
@@ -215,13 +216,12 @@ class MenderClient:
 
     async def _call(
         self, path: str, *, body: bytes | None = None, json: Any = None,
-        headers: Mapping[str, str] | list[tuple[str, str]] | None = None, auth: aiohttp.BasicAuth | None = None,
-        method: str = "POST",
+        headers: Mapping[str, str] | list[tuple[str, str]] | None = None, method: str = "POST",
     ) -> Answer:  # fmt: skip
         url = self.base_url + path
         try:
             async with self.session.request(
-                method, url, data=body, json=json, headers=headers, auth=auth, timeout=self.timeout,
+                method, url, data=body, json=json, headers=headers, timeout=self.timeout,
                 allow_redirects=False, proxy=self.proxy.url if self.proxy else None,
             ) as response:  # fmt: skip
                 data = await response.read()
@@ -244,7 +244,7 @@ class MenderClient:
             return self._jwt
 
     async def _login(self, login: Login) -> str:
-        answer = await self._call(LOGIN, auth=aiohttp.BasicAuth(login.username, login.password.reveal()))
+        answer = await self._call(LOGIN, headers={"Authorization": _basic(login.username, login.password.reveal())})
         if answer.status >= 500:
             raise UpstreamUnavailable(f"login: the Mender server answered {answer.status}")
         if answer.status != 200:
@@ -377,3 +377,9 @@ def _same_key(pem: object, key: Any) -> bool:
         return bool(serialization.load_pem_public_key(pem.encode()) == key)
     except (ValueError, UnsupportedAlgorithm):
         return False
+
+
+def _basic(username: str, password: str) -> str:
+    """HTTP Basic credentials (RFC 7617), UTF-8 as browsers and curl send them (aiohttp's BasicAuth is
+    deprecated, and took Latin-1 only)."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
