@@ -327,12 +327,13 @@ class Registry:
         live_kind = Kind(kind) if kind in _LIVE_KINDS else None
         session = self.lease() if status is Status.PENDING else None
         values = self._values(cert, kind, status, delivered_to, session)
-        if not reissue and live_kind is not None:
+        if not reissue and not seen_free and live_kind is not None:
             # Read first, so that a conflict below can only be a race: another station
             # took the device between this read and the insert (and may have delivered it since).
+            # A caller that saw the device free needs no read: any conflict is that race.
             held = self.live(device_id, kind=live_kind)
             if held is not None:
-                raise self._taken(held) if seen_free else self._held(held, kind)
+                raise self._held(held, kind)
         try:
             if not reissue:
                 # One statement, one durable commit: the partial unique index
